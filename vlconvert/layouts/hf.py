@@ -1,0 +1,337 @@
+"""Hugging Face safetensors folders: headers, indexes, streaming reads and streaming writes.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header
+(``{name: {dtype, shape, data_offsets}}``), then raw bytes. Headers are parsed here without touching
+tensor data, so a whole checkpoint can be planned from its metadata and read one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element_size
+from vlconvert.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives on disk and what it is."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data in ``file``
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors header; return its tensors and its ``__metadata__``.
+
+    Raises UserError for a truncated or corrupt file (bad length, bad JSON, offsets past the end).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise UserError(f"'{path}' is truncated or not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise UserError(f"'{path}' is truncated or corrupt: header length {header_len} "
+                                f"does not fit the file size {size}")
+            header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{path}' is corrupt: its safetensors header is not valid JSON") from exc
+    except FileNotFoundError as exc:
+        raise UserError(f"missing shard '{path}'") from exc
+    if not isinstance(header, dict):
+        raise UserError(f"'{path}' is corrupt: its safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_TO_TORCH[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"'{path}' is corrupt: bad header entry for '{name}'") from exc
+        if end - begin != math.prod(shape) * element_size(dtype):
+            raise UserError(f"'{path}' is corrupt: '{name}' has {end - begin} bytes for shape {list(shape)}")
+        data_end = max(data_end, end)
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    if data_start + data_end > size:
+        raise UserError(f"'{path}' is truncated: header needs {data_start + data_end} bytes, file has {size}")
+    return tensors, metadata
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A folder path, or a model id found in the local Hugging Face cache (never downloads)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"'{src}' is a file: give the checkpoint folder")
+        return path
+    if "/" in str(src) and not str(src).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(src), local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any hub error means "not in the local cache"
+            raise UserError(f"'{src}' is neither a folder nor a model in the local Hugging Face cache") from exc
+    raise UserError(f"'{src}' does not exist")
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint folder read lazily: headers at open, tensor data on request."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = resolve_source(folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.shards = self._find_shards()
+        for shard in self.shards:
+            found, _ = read_header(shard)
+            for name, info in found.items():
+                if name in self.tensors:
+                    raise UserError(f"tensor '{name}' is in both '{self.tensors[name].file.name}' and '{shard.name}'")
+                self.tensors[name] = info
+        self._check_index()
+        self._handles: dict[Path, object] = {}
+
+    def _find_shards(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"'{index}' is corrupt: no valid weight_map") from exc
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.folder / n).is_file()]
+            if missing:
+                raise UserError(f"missing shard '{self.folder / missing[0]}' listed in {INDEX_NAME}"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            self._weight_map = weight_map
+            return [self.folder / n for n in names]
+        self._weight_map = None
+        shards = sorted(self.folder.glob("*.safetensors"))
+        if not shards:
+            raise UserError(f"'{self.folder}' has no safetensors files: is it a Hugging Face checkpoint folder?")
+        return shards
+
+    def _check_index(self) -> None:
+        if self._weight_map is None:
+            return
+        for name, fname in self._weight_map.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise UserError(f"{INDEX_NAME} lists '{name}' in '{fname}' but that file does not hold it")
+            if info.file.name != fname:
+                raise UserError(f"{INDEX_NAME} puts '{name}' in '{fname}' but it is in '{info.file.name}'")
+
+    def config_path(self) -> Path:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise UserError(f"'{self.folder}' has no config.json")
+        return path
+
+    def _handle(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+                raise UserError(f"'{path}' cannot be read as safetensors: {exc}") from exc
+            self._handles[path] = handle
+        return handle
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one whole tensor (memory-mapped file, copied out)."""
+        info = self.tensors[name]
+        return self._handle(info.file).get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` of the first dimension only."""
+        info = self.tensors[name]
+        return self._handle(info.file).get_slice(name)[start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+# ------------------------------------------------------------------------------------------ writer
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor an output file will hold."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal for GB/MB/KB like transformers)."""
+    if isinstance(text, int):
+        return text
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12, "b": 1}
+    s = text.strip().lower()
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError as exc:
+        raise UserError(f"cannot read size '{text}': use e.g. 5GB, 500MB or a byte count") from exc
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into files of at most ``max_shard_size`` bytes (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(count: int) -> list[str]:
+    """transformers' names: ``model.safetensors`` alone, else 1-based ``model-0000i-of-0000N``."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class SafetensorsFileWriter:
+    """Write one safetensors file whose header is known up front, one tensor (or row block) at a time.
+
+    Memory stays at the size of whatever piece is being written; the file is complete only when every
+    planned byte has been written (``close`` checks).
+    """
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tensors = {t.name: t for t in tensors}
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self.offsets: dict[str, int] = {}
+        for t in tensors:
+            header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            self.offsets[t.name] = offset
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.total = offset
+        self.written = 0
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> int:
+        """Write ``tensor`` as the whole of ``name``, or rows starting at ``row_offset``; return bytes."""
+        planned = self.tensors[name]
+        if tensor.dtype != planned.dtype:
+            raise ValueError(f"{name}: writing {tensor.dtype}, planned {planned.dtype}")
+        tensor = tensor.contiguous()
+        if row_offset == 0 and tuple(tensor.shape) == planned.shape:
+            pos = 0
+        else:
+            if tuple(tensor.shape[1:]) != planned.shape[1:] or row_offset + tensor.shape[0] > planned.shape[0]:
+                raise ValueError(f"{name}: rows {row_offset}+{tuple(tensor.shape)} outside {planned.shape}")
+            pos = row_offset * (planned.nbytes // planned.shape[0])
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._f.seek(self.data_start + self.offsets[name] + pos)
+        self._f.write(memoryview(data))
+        self.written += data.nbytes
+        return data.nbytes
+
+    def close(self) -> None:
+        self._f.close()
+        if self.written != self.total:
+            raise RuntimeError(f"{self.path.name}: wrote {self.written} of {self.total} planned bytes")
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write ``model.safetensors.index.json`` (total_size = tensor bytes, as transformers counts)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- assets
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".ckpt", ".gguf", ".h5", ".msgpack")
+_SKIP = {INDEX_NAME, "pytorch_model.bin.index.json", ".metadata"}
+
+
+def asset_files(folder: Path) -> list[Path]:
+    """Every non-weight file of a checkpoint folder (config, tokenizer, processor, templates, docs...)."""
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.name in _SKIP or path.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        out.append(path)
+    return out
+
+
+def copy_assets(src: Path, dst: Path) -> list[str]:
+    """Copy every non-weight file of ``src`` into ``dst`` byte for byte; return their relative names."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"assets folder '{src}' does not exist")
+    copied = []
+    for path in asset_files(src):
+        rel = path.relative_to(src)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / rel)
+        copied.append(str(rel))
+    return copied
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk (best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
