@@ -1,0 +1,64 @@
+"""``vlconvert hf-to-dcp`` and ``vlconvert dcp-to-hf``."""
+
+from __future__ import annotations
+
+import click
+
+from vlconvert.console import Reporter, handle_errors, output_options
+
+
+@click.command("hf-to-dcp")
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--prefix", default="", show_default=True,
+              help="Prepend this to every key, for frameworks that nest the model (e.g. 'model.').")
+@click.option("--dtype", default="keep", show_default=True, help="Cast floating tensors: keep, bf16, fp16, fp32.")
+@click.option("--experts-layout", type=click.Choice(["auto", "released", "transformers5"]), default="auto",
+              show_default=True, help="MoE expert orientation to write; auto = the installed transformers'.")
+@click.option("--no-tied-lm-head", is_flag=True,
+              help="For tied models, do not write lm_head.weight (the model's state dict has it).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@output_options
+@handle_errors
+def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layout: str, no_tied_lm_head: bool,
+                      overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Convert the Hugging Face checkpoint SRC (folder or cached model id) to a DCP folder DST.
+
+    The DCP loads with torch.distributed.checkpoint.load into the model's state dict, built on the
+    meta device or sharded with FSDP2.
+    """
+    from vlconvert.dcp_convert import hf_to_dcp, summary_rows
+
+    reporter = Reporter(as_json, quiet)
+    summary = hf_to_dcp(src, dst, prefix=prefix, dtype=dtype, experts_layout=experts_layout,
+                        tied_lm_head=not no_tied_lm_head, overwrite=overwrite, reporter=reporter)
+    reporter.summary("hf-to-dcp", summary, summary_rows(summary))
+
+
+@click.command("dcp-to-hf")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--assets-dir", required=True, type=click.Path(file_okay=False),
+              help="The original Hugging Face folder: config, tokenizer and processor files are copied from it.")
+@click.option("--dtype", default="config", show_default=True,
+              help="Output dtype: config (the one config.json names), keep, bf16, fp16, fp32.")
+@click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default="released",
+              show_default=True, help="MoE expert orientation to write.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
+@click.option("--prefix", default=None, help="Key prefix to strip (default: detected).")
+@click.option("--allow-missing", is_flag=True, help="Write even if the DCP lacks some model tensors.")
+@click.option("--allow-unexpected", is_flag=True, help="Drop tensors the model does not have instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@output_options
+@handle_errors
+def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_layout: str, max_shard_size: str,
+                      prefix: str | None, allow_missing: bool, allow_unexpected: bool, overwrite: bool,
+                      as_json: bool, quiet: bool) -> None:
+    """Convert the DCP folder SRC (from vlconvert or an FSDP2 training job) to a Hugging Face folder DST."""
+    from vlconvert.dcp_convert import dcp_to_hf, summary_rows
+
+    reporter = Reporter(as_json, quiet)
+    summary = dcp_to_hf(src, dst, assets_dir=assets_dir, dtype=dtype, experts_layout=experts_layout,
+                        max_shard_size=max_shard_size, prefix=prefix, allow_missing=allow_missing,
+                        allow_unexpected=allow_unexpected, overwrite=overwrite, reporter=reporter)
+    reporter.summary("dcp-to-hf", summary, summary_rows(summary))

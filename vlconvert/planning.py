@@ -1,0 +1,551 @@
+"""``vlconvert plan``: what a conversion would write, computed from the meta-device skeleton alone.
+
+Nothing here reads tensor data or allocates weight memory: the skeleton gives every key, shape and
+dtype; the output layouts (HF shards, a DCP folder, Megatron rank folders) are computed from it.
+Megatron per-rank sizes follow the split rules of ``reference/megatron-layout.md`` §4: column-parallel
+tensors split on dim 0, row-parallel on dim 1, gate and up split separately (same bytes), vocab rows
+padded to a multiple of ``make_vocab_size_divisible_by * TP``, experts in contiguous EP blocks and
+split by expert-TP, every EP folder repeating the non-expert tensors, the vision tower and the
+embedding on the first pipeline stage, the final norm and output layer on the last.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlconvert.dtypes import dtype_name, element_size, parse_dtype
+from vlconvert.errors import UserError
+from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
+from vlconvert.models.qwen3vl import EMBED, LM_HEAD, Skeleton, build_skeleton, is_expert, load_config
+
+TARGETS = ("hf", "dcp", "megatron")
+DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+PROBE_BYTES = 64 * 2**20
+_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+
+# Megatron tensor-parallel split of each canonical (HF) tensor, by name suffix.
+_COLUMN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+           "mlp.gate_proj.weight", "mlp.up_proj.weight", "attn.qkv.weight", "attn.qkv.bias",
+           "linear_fc1.weight", "linear_fc1.bias")
+_ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "attn.proj.weight", "linear_fc2.weight")
+
+
+@dataclass
+class Check:
+    """One validation of the plan: ``ok`` False with ``blocking`` True makes the plan fail."""
+
+    name: str
+    ok: bool
+    message: str
+    blocking: bool = True
+
+
+@dataclass
+class FilePlan:
+    """One output file (HF shard, DCP data file)."""
+
+    name: str
+    bytes: int
+    tensors: int
+
+
+@dataclass
+class RankPlan:
+    """One Megatron rank folder: what it holds."""
+
+    folder: str
+    tp: int
+    pp: int
+    ep: int
+    bytes: int
+    tensors: int
+    layers: list[int]  # global [first, last] decoder layers held (empty when none)
+    experts: list[int]  # global [first, last] experts held per MoE layer (empty for dense)
+
+
+@dataclass
+class Plan:
+    """Everything ``vlconvert plan`` reports; ``to_dict`` is the ``--json`` output."""
+
+    to: str
+    family: str
+    model: str | None
+    dtype: str
+    tensor_count: int
+    config_bytes: int  # sum over the config's shapes at the output dtype (each tensor once)
+    total_bytes: int  # bytes the conversion writes (tensor data; Megatron: summed over rank folders)
+    files: list[FilePlan] = field(default_factory=list)
+    ranks: list[RankPlan] = field(default_factory=list)
+    parallel: dict[str, Any] = field(default_factory=dict)
+    vocab: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, Any] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    disk: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok or not c.blocking for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and c.blocking]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+# ------------------------------------------------------------------------------------ output tensors
+def output_dtype(skeleton: Skeleton, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype a conversion writes: the one asked for, else the config's, else bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return parse_dtype(dtype) or skeleton.info.dtype or torch.bfloat16
+
+
+def canonical_tensors(skeleton: Skeleton, dtype: torch.dtype) -> list[PlannedTensor]:
+    """The tensors a Hugging Face folder of this config holds (released expert orientation)."""
+    return [PlannedTensor(n, dtype, skeleton.shape_in(n, "released")) for n in skeleton.hf_keys()]
+
+
+def config_bytes(skeleton: Skeleton, dtype: torch.dtype | None = None) -> int:
+    """Sum over the config's shapes (each HF tensor once) at ``dtype`` (default: the config's)."""
+    dtype = dtype or output_dtype(skeleton, None)
+    return sum(t.nbytes for t in canonical_tensors(skeleton, dtype))
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index of a canonical name, or None."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------------- pipeline stages
+def stage_layer_counts(layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Decoder layers per pipeline stage, as Megatron-LM splits them (first/last counts optional).
+
+    Raises ValueError with the reason when the split is impossible or uneven without counts.
+    """
+    if pp < 1:
+        raise ValueError("pp must be at least 1")
+    if pp == 1:
+        if first not in (None, layers) or last not in (None, layers):
+            raise ValueError("--pp-first-layers/--pp-last-layers need pp > 1")
+        return [layers]
+    if first is None and last is None:
+        if layers % pp:
+            raise ValueError(f"{layers} layers do not divide by pp {pp}")
+        return [layers // pp] * pp
+    if pp == 2:
+        f = first if first is not None else layers - last
+        la = last if last is not None else layers - first
+        if f + la != layers or f < 1 or la < 1:
+            raise ValueError(f"first {f} + last {la} must be {layers} layers at pp 2")
+        return [f, la]
+    middle = pp - (first is not None) - (last is not None)
+    rest = layers - (first or 0) - (last or 0)
+    if rest < middle or rest % middle:
+        raise ValueError(f"the {rest} layers left after the first/last stages do not divide evenly "
+                         f"by the other {middle} stages")
+    m = rest // middle
+    counts = [first if first is not None else m] + [m] * (pp - 2) + [last if last is not None else m]
+    if min(counts) < 1:
+        raise ValueError("every stage needs at least one layer")
+    return counts
+
+
+def stage_costs(counts: list[int], layer_bytes: list[int], first_extra: int, last_extra: int) -> list[int]:
+    """Bytes per pipeline stage for given layer counts (extras: vision+embedding first, head last)."""
+    costs, start = [], 0
+    for count in counts:
+        costs.append(sum(layer_bytes[start:start + count]))
+        start += count
+    costs[0] += first_extra
+    costs[-1] += last_extra
+    return costs
+
+
+def propose_pp_split(layer_bytes: list[int], pp: int, first_extra: int, last_extra: int
+                     ) -> tuple[int, int, list[int], list[int]] | None:
+    """First/last-stage layer counts that minimise the largest stage (ties: the most even stages).
+
+    Returns (first, last, counts, stage bytes), or None for pp < 2 or too few layers.
+    """
+    layers = len(layer_bytes)
+    if pp < 2 or layers < pp:
+        return None
+    best = None
+    for first in range(1, layers):
+        for last in range(1, layers - first + 1):
+            try:
+                counts = stage_layer_counts(layers, pp, first, last)
+            except ValueError:
+                continue
+            costs = stage_costs(counts, layer_bytes, first_extra, last_extra)
+            key = (max(costs), max(costs) - min(costs), abs(first - last))
+            if best is None or key < best[0]:
+                best = (key, first, last, counts, costs)
+    if best is None:
+        return None
+    return best[1], best[2], best[3], best[4]
+
+
+# ----------------------------------------------------------------------------------------- vocab
+def padded_vocab(vocab: int, tp: int, divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+                 padded_size: int | None = None) -> int:
+    """Megatron-LM's padded vocab rows: ceil(V / (divisor*TP)) * divisor*TP, or the explicit size."""
+    if padded_size:
+        return padded_size
+    multiple = max(1, divisible_by) * tp
+    return math.ceil(vocab / multiple) * multiple
+
+
+# -------------------------------------------------------------------------------------- disk speed
+def measure_disk_speed(folder: str | Path, size: int = PROBE_BYTES) -> tuple[float, Path]:
+    """Write ``size`` bytes into ``folder`` (or its nearest existing parent), fsync, delete.
+
+    Returns (bytes per second, folder probed).
+    """
+    probe_dir = existing_parent(folder)
+    path = probe_dir / f".vlconvert-disk-probe-{os.getpid()}"
+    block = os.urandom(4 * 2**20)
+    written = 0
+    try:
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            while written < size:
+                n = min(len(block), size - written)
+                f.write(block[:n])
+                written += n
+            f.flush()
+            os.fsync(f.fileno())
+        elapsed = max(time.perf_counter() - start, 1e-6)
+    except OSError as exc:
+        raise UserError(f"cannot write a disk-speed probe in '{probe_dir}': {exc.strerror}") from exc
+    finally:
+        path.unlink(missing_ok=True)
+    return written / elapsed, probe_dir
+
+
+def existing_parent(folder: str | Path) -> Path:
+    """``folder`` itself if it exists, else its nearest existing ancestor."""
+    path = Path(folder).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+# ------------------------------------------------------------------------------------- the planners
+def _hf_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, max_shard_size: int) -> None:
+    tensors = canonical_tensors(skeleton, dtype)
+    shards = plan_shards(tensors, max_shard_size)
+    names = shard_file_names(len(shards))
+    plan.files = [FilePlan(n, sum(t.nbytes for t in s), len(s)) for n, s in zip(names, shards, strict=True)]
+    plan.total_bytes = sum(f.bytes for f in plan.files)
+    plan.notes.append(f"experts in the released orientation; shards of at most {max_shard_size:,} bytes; "
+                      "plus model.safetensors.index.json and the assets copied from --assets-dir")
+
+
+def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout: str) -> None:
+    tensors = [PlannedTensor(n, dtype, skeleton.shape_in(n, experts_layout)) for n in skeleton.hf_keys()]
+    total = sum(t.nbytes for t in tensors)
+    plan.files = [FilePlan("__0_0.distcp", total, len(tensors)), FilePlan(".metadata", 0, 0)]
+    plan.total_bytes = total
+    plan.experts["layout"] = experts_layout if skeleton.info.is_moe else None
+    plan.notes.append("one torch.save record per tensor (a few hundred bytes of zip framing each, not counted); "
+                      f"experts in the '{experts_layout}' orientation")
+
+
+def _megatron_split(name: str) -> str:
+    if name in (EMBED, LM_HEAD):
+        return "vocab"
+    if is_expert(name):
+        return "expert_fc1" if name.endswith("gate_up_proj") else "expert_fc2"
+    if name.endswith(_COLUMN):
+        return "column"
+    if name.endswith(_ROW):
+        return "row"
+    return "replicated"
+
+
+def _div(n: int, d: int, what: str, checks: list[Check], seen: set[str]) -> int:
+    if n % d:
+        if what not in seen:
+            seen.add(what)
+            checks.append(Check(f"divisible:{what}", False, f"{what} = {n} does not divide by {d}"))
+        return math.ceil(n / d)
+    return n // d
+
+
+def _megatron_checks(info, tp: int, pp: int, ep: int, etp: int, checks: list[Check]) -> None:
+    def add(name: str, ok: bool, message: str, blocking: bool = True) -> None:
+        checks.append(Check(name, ok, message, blocking))
+
+    for label, value in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", etp)):
+        if value < 1:
+            raise UserError(f"--{label} must be at least 1")
+    add("heads % tp", info.heads % tp == 0, f"{info.heads} attention heads {'' if info.heads % tp == 0 else 'not '}"
+        f"divisible by tp {tp}")
+    g = info.kv_heads
+    kv_ok = g % tp == 0 or tp % g == 0
+    add("kv groups vs tp", kv_ok, f"{g} KV groups must be a multiple or a divisor of tp {tp}: "
+        + ("ok" if kv_ok else "fails (Megatron's rule)"))
+    if kv_ok and tp > g:
+        add("tp > kv groups", False, f"tp {tp} > {g} KV groups: ranks hold row slices inside a group; needs "
+            "Megatron-LM with 'Support TP greater than num_kv_heads' (f7dfb99795, 2025-12)", blocking=False)
+    add("vision heads % tp", info.vision_heads % tp == 0,
+        f"{info.vision_heads} vision heads {'' if info.vision_heads % tp == 0 else 'not '}divisible by tp {tp}")
+    if info.is_moe:
+        add("experts % ep", info.experts % ep == 0,
+            f"{info.experts} experts {'' if info.experts % ep == 0 else 'not '}divisible by ep {ep}"
+            + (f": {info.experts // ep} per EP rank" if info.experts % ep == 0 else ""))
+        add("tp % etp", tp % etp == 0 and etp <= tp,
+            f"expert TP {etp} must divide tp {tp} (expert shard of folder mp_rank_t is t % etp)")
+        add("moe ffn % etp", info.moe_intermediate % etp == 0,
+            f"moe_intermediate_size {info.moe_intermediate} by etp {etp}")
+    elif ep != 1 or etp not in (1, tp):
+        add("ep on dense", False, f"ep {ep} / etp {etp} given for a dense model: use ep 1")
+    if pp > info.layers:
+        raise UserError(f"--pp {pp} is more than the {info.layers} decoder layers")
+
+
+def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
+                   first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
+    info = skeleton.info
+    checks = plan.checks
+    _megatron_checks(info, tp, pp, ep, etp, checks)
+    esize = element_size(dtype)
+    tensors = canonical_tensors(skeleton, dtype)
+
+    # vocab padding
+    rows = padded_vocab(info.vocab, tp, divisible_by, padded_size)
+    if rows < info.vocab:
+        checks.append(Check("padded vocab", False, f"padded vocab {rows} is smaller than the {info.vocab} rows"))
+    if rows % tp:
+        checks.append(Check("padded vocab % tp", False, f"padded vocab {rows} does not divide by tp {tp}"))
+    pad_rows = max(0, rows - info.vocab)
+    vocab_tensors = 1 if info.tied else 2
+    plan.vocab = {"rows": info.vocab, "padded_rows": rows, "pad_rows": pad_rows,
+                  "divisible_by": None if padded_size else divisible_by * tp,
+                  "pad_bytes": pad_rows * info.hidden * esize * vocab_tensors}
+
+    # pipeline stages
+    layer_bytes = [0] * info.layers
+    first_extra = last_extra = 0
+    for t in tensors:
+        layer = layer_of(t.name)
+        if layer is not None:
+            layer_bytes[layer] += t.nbytes
+        elif t.name.startswith("model.visual.") or t.name == EMBED:
+            first_extra += t.nbytes
+        else:
+            last_extra += t.nbytes
+    if info.tied and pp > 1:
+        last_extra += info.vocab * info.hidden * esize  # the last stage keeps its own output_layer copy
+    proposal = propose_pp_split(layer_bytes, pp, first_extra, last_extra)
+    source = "given" if (first is not None or last is not None) else "even"
+    try:
+        counts = stage_layer_counts(info.layers, pp, first, last)
+        checks.append(Check("pp layers", True, f"{info.layers} layers over pp {pp}: {counts}"))
+    except ValueError as exc:
+        hint = ""
+        if proposal is not None:
+            hint = f"; use --pp-first-layers {proposal[0]} --pp-last-layers {proposal[1]} (stages {proposal[2]})"
+        checks.append(Check("pp layers", False, f"{exc}{hint}"))
+        if proposal is None:
+            counts = [math.ceil(info.layers / pp)] * pp
+            counts[-1] = info.layers - sum(counts[:-1])
+            source = "invalid"
+        else:
+            counts, source = proposal[2], "proposed"
+    plan.pipeline = {"layers": info.layers, "stage_layers": counts, "source": source,
+                     "stage_bytes": stage_costs(counts, layer_bytes, first_extra, last_extra) if pp else []}
+    if proposal is not None:
+        plan.pipeline["proposal"] = {"pp_first_layers": proposal[0], "pp_last_layers": proposal[1],
+                                     "stage_layers": proposal[2], "stage_bytes": proposal[3]}
+    stage_of: list[int] = []
+    for s, c in enumerate(counts):
+        stage_of += [s] * c
+    starts = [sum(counts[:s]) for s in range(pp)]
+
+    # per-tensor bytes in one TP rank of one (stage, EP) folder
+    seen: set[str] = set()
+    per_stage = [0] * pp  # non-expert bytes in each folder of the stage
+    per_stage_n = [0] * pp
+    expert_stage = [0] * pp  # expert bytes in each folder of the stage
+    expert_stage_n = [0] * pp
+    unique = 0
+    local_experts = info.experts // ep if info.is_moe and info.experts % ep == 0 else \
+        (math.ceil(info.experts / ep) if info.is_moe else 0)
+    for t in tensors:
+        layer = layer_of(t.name)
+        if layer is not None:
+            stage = stage_of[layer]
+        elif t.name.startswith("model.visual.") or t.name == EMBED:
+            stage = 0
+        else:
+            stage = pp - 1
+        kind = _megatron_split(t.name)
+        shape = t.shape
+        rest = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if kind == "vocab":
+            b = _div(rows, tp, "padded vocab rows by tp", checks, seen) * rest * esize
+            per_stage[stage] += b
+            per_stage_n[stage] += 1
+            unique += b * tp
+            if t.name == EMBED and info.tied and pp > 1:
+                per_stage[pp - 1] += b
+                per_stage_n[pp - 1] += 1
+                unique += b * tp
+        elif kind == "column":
+            b = _div(shape[0], tp, f"{t.name.split('.')[-2]} rows by tp", checks, seen) * rest * esize
+            per_stage[stage] += b
+            per_stage_n[stage] += 1
+            unique += b * tp
+        elif kind == "row":
+            b = shape[0] * _div(shape[1], tp, f"{t.name.split('.')[-2]} columns by tp", checks, seen) * esize
+            per_stage[stage] += b
+            per_stage_n[stage] += 1
+            unique += b * tp
+        elif kind in ("expert_fc1", "expert_fc2"):
+            # released gate_up [E, H, 2I] -> per expert fc1 [2I/etp, H]; down [E, I, H] -> fc2 [H, I/etp]
+            split = shape[2] if kind == "expert_fc1" else shape[1]
+            other = shape[1] if kind == "expert_fc1" else shape[2]
+            if kind == "expert_fc1":
+                per_expert = 2 * _div(split // 2, etp, "moe ffn by etp", checks, seen) * other * esize
+            else:
+                per_expert = _div(split, etp, "moe ffn by etp", checks, seen) * other * esize
+            expert_stage[stage] += local_experts * per_expert
+            expert_stage_n[stage] += local_experts
+            unique += info.experts * per_expert * etp
+        else:
+            per_stage[stage] += t.nbytes
+            per_stage_n[stage] += 1
+            unique += t.nbytes
+    ranks = []
+    for p in range(pp):
+        layers = [starts[p], starts[p] + counts[p] - 1] if counts[p] else []
+        for e in range(ep):
+            experts = [e * local_experts, (e + 1) * local_experts - 1] if info.is_moe else []
+            for t_rank in range(tp):
+                folder = f"mp_rank_{t_rank:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+                ranks.append(RankPlan(f"release/{folder}/model_optim_rng.pt", t_rank, p, e,
+                                      per_stage[p] + expert_stage[p], per_stage_n[p] + expert_stage_n[p],
+                                      layers, experts))
+    plan.ranks = ranks
+    plan.total_bytes = sum(r.bytes for r in ranks)
+    plan.parallel = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "rank_folders": len(ranks),
+                     "min_gpus": pp * math.lcm(tp, ep * etp)}
+    plan.experts.update({"per_ep_rank": local_experts if info.is_moe else 0, "experts": info.experts,
+                         "expert_bytes_per_folder": expert_stage, "layout": "released→megatron [out, in]"})
+    plan.files = []
+    plan.source.setdefault("unique_bytes", unique)
+    plan.notes.append("bytes are tensor data; each rank file adds pickle/zip framing; every EP folder repeats the "
+                      "non-expert tensors" + ("; expert weights repeat in every TP folder when etp < tp"
+                                              if info.is_moe and etp < tp else ""))
+    plan.notes.append(f"unique bytes (each shard once, incl. vocab padding"
+                      f"{' and the last stage output_layer copy' if info.tied and pp > 1 else ''}): {unique:,}")
+
+
+def _source_checks(plan: Plan, skeleton: Skeleton, source: str | Path, config: Any) -> None:
+    from vlconvert.verify import open_source
+
+    src = open_source(source, config=config)
+    try:
+        expected = {t.name: t.shape for t in canonical_tensors(skeleton, torch.bfloat16)}
+        names = set(src.names())
+        missing = sorted(set(expected) - names)
+        unexpected = sorted(names - set(expected))
+        wrong = []
+        total = 0
+        for name in sorted(names & set(expected)):
+            shape, dtype = src.spec(name)
+            total += math.prod(shape) * element_size(dtype)
+            if tuple(shape) != tuple(expected[name]):
+                wrong.append(f"{name} {list(shape)} (config: {list(expected[name])})")
+        plan.source.update({"path": str(source), "layout": src.layout, "tensors": len(names), "bytes": total})
+        plan.checks.append(Check("source keys", not missing and not unexpected,
+                                 f"{len(missing)} missing, {len(unexpected)} unexpected"
+                                 + (f"; first missing: {missing[0]}" if missing else "")
+                                 + (f"; first unexpected: {unexpected[0]}" if unexpected else "")))
+        plan.checks.append(Check("source shapes", not wrong, f"{len(wrong)} shapes differ from the config"
+                                 + (f"; first: {wrong[0]}" if wrong else "")))
+    finally:
+        close = getattr(src, "close", None)
+        if close:
+            close()
+
+
+def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
+                    etp: int | None = None, pp_first_layers: int | None = None, pp_last_layers: int | None = None,
+                    source: str | Path | None = None, target: str | Path | None = None,
+                    disk_speed: float | None = None, dtype: str | None = None, max_shard_size: str | int = "5GB",
+                    experts_layout: str | None = None, make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+                    padded_vocab_size: int | None = None, probe_bytes: int = PROBE_BYTES) -> Plan:
+    """Plan a conversion to ``to`` ('hf', 'dcp', 'megatron') from a config alone; touch no weights.
+
+    ``config`` defaults to ``source``'s config.json. ``disk_speed`` is in MB/s (10^6 bytes); without it
+    the speed is measured on ``target`` with a short write+fsync probe of ``probe_bytes``.
+    """
+    from vlconvert.inspection import identify_model
+
+    if to not in TARGETS:
+        raise UserError(f"--to must be one of {', '.join(TARGETS)}, not '{to}'")
+    if config is None:
+        if source is None:
+            raise UserError("give --config CONFIG.json (or --source DIR holding a config.json)")
+        config = Path(source) / "config.json"
+        if not config.is_file():
+            raise UserError(f"'{source}' has no config.json: pass --config")
+    info = load_config(config)
+    skeleton = build_skeleton(info)
+    dt = output_dtype(skeleton, dtype)
+    cbytes = config_bytes(skeleton, dt)
+    plan = Plan(to=to, family=info.family, model=identify_model(info), dtype=dtype_name(dt),
+                tensor_count=len(skeleton.hf_keys()), config_bytes=cbytes, total_bytes=0)
+    if to == "hf":
+        _hf_plan(plan, skeleton, dt, parse_size(max_shard_size))
+    elif to == "dcp":
+        _dcp_plan(plan, skeleton, dt, experts_layout or skeleton.runtime_experts)
+    else:
+        _megatron_plan(plan, skeleton, dt, tp, pp, ep, etp if etp is not None else tp, pp_first_layers,
+                       pp_last_layers, make_vocab_size_divisible_by, padded_vocab_size)
+    if to != "megatron" and (tp, pp, ep, etp or 1) != (1, 1, 1, 1):
+        plan.notes.append(f"--tp/--pp/--ep apply to --to megatron only; ignored for {to}")
+    if source is not None:
+        _source_checks(plan, skeleton, source, config)
+
+    # disk: free space and speed
+    if target is not None:
+        probe_dir = existing_parent(target)
+        free = shutil.disk_usage(probe_dir).free
+        plan.disk.update({"target": str(target), "free_bytes": free})
+        plan.checks.append(Check("free disk", free >= plan.total_bytes,
+                                 f"{free / 1e9:,.1f} GB free in '{probe_dir}', {plan.total_bytes / 1e9:,.1f} GB needed"))
+        if Path(target).exists():
+            plan.checks.append(Check("target free", False, f"'{target}' exists: the conversion refuses it "
+                                     "unless --overwrite", blocking=False))
+    if disk_speed is not None:
+        if disk_speed <= 0:
+            raise UserError("--disk-speed must be positive (MB/s)")
+        plan.disk.update({"speed_mb_s": float(disk_speed), "speed_source": "given"})
+    elif target is not None:
+        speed, where = measure_disk_speed(target, probe_bytes)
+        plan.disk.update({"speed_mb_s": round(speed / 1e6, 1), "speed_source": f"measured in '{where}' "
+                          f"({probe_bytes / 2**20:.0f} MiB write+fsync)"})
+    if "speed_mb_s" in plan.disk:
+        plan.disk["estimated_seconds"] = round(plan.total_bytes / (plan.disk["speed_mb_s"] * 1e6), 1)
+    return plan

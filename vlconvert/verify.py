@@ -1,0 +1,225 @@
+"""``vlconvert verify A B``: compare two checkpoints of any layouts tensor by tensor, streaming.
+
+Both sides are opened as :class:`~vlconvert.layouts.canonical.CanonicalSource` (HF names, released
+expert orientation), so an HF folder, a DCP and Megatron rank folders at any TP/PP/EP compare directly.
+One tensor pair is in memory at a time; the difference is computed in row blocks so that a 3 GB expert
+tensor does not need another 6 GB of float64.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlconvert.dtypes import dtype_name
+from vlconvert.errors import UserError
+from vlconvert.layouts.canonical import CanonicalSource, detect_layout
+from vlconvert.models.qwen3vl import Skeleton
+
+_BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float64)
+
+
+def _construct(cls: type, path: Path, **kwargs: Any) -> Any:
+    """Call ``cls(path, **kwargs)`` with only the keyword arguments its constructor accepts."""
+    params = _inspect.signature(cls).parameters
+    accepts_any = any(p.kind is _inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return cls(path, **{k: v for k, v in kwargs.items() if v is not None and (accepts_any or k in params)})
+
+
+def open_source(path: str | Path, config: str | Path | dict | None = None, assets_dir: str | Path | None = None,
+                skeleton: Skeleton | None = None, experts_layout: str | None = None) -> CanonicalSource:
+    """Open any checkpoint folder as a CanonicalSource (layout detected from its files)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist")
+    if config is None and assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
+        config = Path(assets_dir) / "config.json"
+    layout = detect_layout(path)
+    if layout == "hf":
+        from vlconvert.layouts.hf_canonical import HFCanonical
+
+        return HFCanonical(path, config=config, experts_layout=experts_layout, skeleton=skeleton)
+    if layout == "dcp":
+        try:
+            from vlconvert.layouts.dcp import DCPCheckpoint  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise UserError(f"'{path}' is a DCP checkpoint, but this vlconvert has no DCP canonical reader "
+                            "(vlconvert.layouts.dcp.DCPCheckpoint)") from exc
+        return _construct(DCPCheckpoint, path, config=config, assets_dir=assets_dir, skeleton=skeleton)
+    if layout == "megatron":
+        try:
+            from vlconvert.layouts.megatron import MegatronCheckpoint  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise UserError(f"'{path}' is a Megatron checkpoint, but this vlconvert has no Megatron reader "
+                            "(vlconvert.layouts.megatron.MegatronCheckpoint)") from exc
+        return _construct(MegatronCheckpoint, path, config=config, assets_dir=assets_dir, skeleton=skeleton)
+    raise UserError(f"'{path}' holds no safetensors, DCP (.metadata) or Megatron (mp_rank_*) checkpoint")
+
+
+@dataclass
+class TensorResult:
+    """The comparison of one canonical tensor."""
+
+    name: str
+    status: str  # equal | within_tolerance | mismatch | shape_mismatch | missing_in_a | missing_in_b
+    max_abs_diff: float | None = None
+    shape_a: list[int] | None = None
+    shape_b: list[int] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("equal", "within_tolerance")
+
+
+@dataclass
+class VerifyReport:
+    """Every tensor's result and the totals; ``ok`` is False on any mismatch, missing or extra tensor."""
+
+    a: str
+    b: str
+    layout_a: str
+    layout_b: str
+    tolerance: float
+    tensors: list[TensorResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.tensors)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.status] = out.get(t.status, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "layout_a": self.layout_a, "layout_b": self.layout_b,
+                "tolerance": self.tolerance, "ok": self.ok, "counts": self.counts(),
+                "max_abs_diff": max((t.max_abs_diff for t in self.tensors if t.max_abs_diff is not None),
+                                    default=None),
+                "tensors": [asdict(t) for t in self.tensors]}
+
+
+def bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so -0.0 != 0.0 and NaN payloads count)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if x.numel() == 0:
+        return True
+    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
+
+
+def max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest |x - y| in float64, in row blocks; NaN in both at one place counts as equal, in one as inf."""
+    if x.numel() == 0:
+        return 0.0
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    worst = 0.0
+    for start in range(0, xf.numel(), _BLOCK_ELEMENTS):
+        a = xf[start:start + _BLOCK_ELEMENTS].to(torch.float64)
+        b = yf[start:start + _BLOCK_ELEMENTS].to(torch.float64)
+        diff = (a - b).abs()
+        both_nan = torch.isnan(a) & torch.isnan(b)
+        same_inf = torch.isinf(a) & (a == b)
+        diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
+        diff = torch.nan_to_num(diff, nan=math.inf)
+        worst = max(worst, float(diff.max()))
+    return worst
+
+
+def compare_tensors(name: str, x: torch.Tensor, y: torch.Tensor, tolerance: float = 0.0) -> TensorResult:
+    """Compare one pair: equal (bitwise for one dtype, exact values across dtypes), within tolerance, or not."""
+    result = TensorResult(name, "equal", 0.0, list(x.shape), list(y.shape), dtype_name(x.dtype), dtype_name(y.dtype))
+    if tuple(x.shape) != tuple(y.shape):
+        result.status, result.max_abs_diff = "shape_mismatch", None
+        return result
+    if x.dtype == y.dtype and bitwise_equal(x, y):
+        return result
+    diff = max_abs_diff(x, y)
+    result.max_abs_diff = diff
+    if diff == 0.0 and x.dtype != y.dtype:
+        result.status = "equal"
+    elif tolerance > 0 and diff <= tolerance:
+        result.status = "within_tolerance"
+    else:
+        result.status = "mismatch"
+    return result
+
+
+def verify_sources(a: CanonicalSource, b: CanonicalSource, tolerance: float = 0.0,
+                   on_tensor: Callable[[TensorResult, int], None] | None = None,
+                   names: list[str] | None = None) -> list[TensorResult]:
+    """Compare two open sources over the union of their names, one tensor pair at a time.
+
+    ``on_tensor(result, nbytes_of_a)`` is called after each tensor (for progress bars).
+    """
+    names_a, names_b = set(a.names()), set(b.names())
+    results = []
+    for name in names or sorted(names_a | names_b):
+        if name not in names_b:
+            shape, dtype = a.spec(name)
+            r = TensorResult(name, "missing_in_b", None, list(shape), None, dtype_name(dtype), None)
+            nbytes = 0
+        elif name not in names_a:
+            shape, dtype = b.spec(name)
+            r = TensorResult(name, "missing_in_a", None, None, list(shape), None, dtype_name(dtype))
+            nbytes = 0
+        else:
+            shape_a, dtype_a = a.spec(name)
+            shape_b, dtype_b = b.spec(name)
+            if tuple(shape_a) != tuple(shape_b):
+                r = TensorResult(name, "shape_mismatch", None, list(shape_a), list(shape_b),
+                                 dtype_name(dtype_a), dtype_name(dtype_b))
+                nbytes = 0
+            else:
+                x = a.read(name)
+                y = b.read(name)
+                r = compare_tensors(name, x, y, tolerance)
+                nbytes = x.numel() * x.element_size()
+                del x, y
+        results.append(r)
+        if on_tensor is not None:
+            on_tensor(r, nbytes)
+    return results
+
+
+def source_bytes(src: CanonicalSource) -> int:
+    """Canonical bytes of every tensor of ``src`` (metadata only)."""
+    total = 0
+    for name in src.names():
+        shape, dtype = src.spec(name)
+        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def verify(a: str | Path, b: str | Path, tolerance: float = 0.0, config: str | Path | None = None,
+           assets_dir: str | Path | None = None,
+           on_tensor: Callable[[TensorResult, int], None] | None = None) -> VerifyReport:
+    """Compare checkpoints ``a`` and ``b`` (any layouts); ``config``/``assets_dir`` for layouts without one."""
+    if config is None and assets_dir is None:
+        # a side without its own config.json (DCP, Megatron) borrows the other side's
+        own = [Path(p) / "config.json" for p in (a, b)]
+        shared = next((c for c in own if c.is_file()), None)
+        cfg_a = None if own[0].is_file() else shared
+        cfg_b = None if own[1].is_file() else shared
+    else:
+        cfg_a = cfg_b = config
+    src_a = open_source(a, config=cfg_a, assets_dir=assets_dir)
+    src_b = open_source(b, config=cfg_b, assets_dir=assets_dir)
+    try:
+        report = VerifyReport(str(a), str(b), src_a.layout, src_b.layout, tolerance)
+        report.tensors = verify_sources(src_a, src_b, tolerance, on_tensor)
+        return report
+    finally:
+        for src in (src_a, src_b):
+            close = getattr(src, "close", None)
+            if close:
+                close()
