@@ -83,12 +83,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--make-source", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_source:
+        print(*make_source(args.make_source, args.layers))
+        return
     work = Path(tempfile.mkdtemp(prefix="vlconvert-bench-", dir=args.workdir))
     try:
         src = work / "hf"
-        total, largest = make_source(src, args.layers)
         py = sys.executable
+        # a separate process: a child inherits its parent's peak RSS across fork+exec on Linux
+        made = subprocess.run([py, __file__, "--make-source", str(src), "--layers", str(args.layers)],
+                              check=True, capture_output=True, text=True)
+        total, largest = (int(x) for x in made.stdout.split())
         rows = []
         cp_s, cp_rss = timed(["cp", "-r", str(src), str(work / "copy")])
         rows.append(("cp -r (baseline)", cp_s, cp_rss))

@@ -111,7 +111,7 @@ def test_dcp_loads_into_meta_built_model_state_dict_with_exact_logits(name, dcps
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
     reference = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    for (bname, buf), ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+    for buf, ref in zip(model.buffers(), reference.buffers(), strict=True):
         buf.copy_(ref)  # non-persistent rotary buffers are never in a checkpoint
     state = model.state_dict()
     dcp.load(state, checkpoint_id=str(dcps[name]))  # strict: every model key must be in the DCP

@@ -46,7 +46,8 @@ def test_moe_fixture_orientations_and_non_square_sizes():
 def test_fixture_tokenizer_has_the_qwen3_vl_added_token_table():
     tok = AutoTokenizer.from_pretrained(FIX / "tiny-dense-tied")
     assert len(tok) == 2026
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|image_pad|>", "<think>", "</think>"]) == [2000, 2012, 2024, 2025]
+    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|image_pad|>", "<think>", "</think>"])
+    assert ids == [2000, 2012, 2024, 2025]
     cfg = json.loads((FIX / "tiny-dense-tied" / "config.json").read_text())
     assert cfg["image_token_id"] == 2012 and cfg["text_config"]["vocab_size"] == 2048
     text = "Hello, 世界! def f(x): return x**2"

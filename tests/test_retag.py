@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fixtures.make_fixtures import build_checkpoint  # noqa: E402
-from fixtures.templates import THINKING  # noqa: E402
-from vlconvert import retag  # noqa: E402
-from vlconvert.cli import main  # noqa: E402
-from vlconvert.errors import UserError  # noqa: E402
-from vlconvert.retag import (RECORD_NAME, Tags, resolve_tags, retag_folder, retag_jsonl,  # noqa: E402
-                             think_tag_report)
+from fixtures.make_fixtures import build_checkpoint  # the repo root is on sys.path (tests/conftest.py)
+from fixtures.templates import THINKING
+from vlconvert import retag
+from vlconvert.cli import main
+from vlconvert.errors import UserError
+from vlconvert.retag import RECORD_NAME, Tags, resolve_tags, retag_folder, retag_jsonl, think_tag_report
 
 THINK, END_THINK = 151667, 151668
 FIRST_ADDED = 151643
@@ -390,12 +386,20 @@ def test_errors(moe: Path, tied: Path, work: Path) -> None:
         retag_folder(half, work / "e4", tags=NEW)
     with pytest.raises(UserError, match="already exists"):
         retag_folder(tied, work / "half", tags=NEW)
-    for name in ("e1", "e2", "e3", "e4"):
+    big = work / "big-vocab"
+    shutil.copytree(tied, big)
+    tok = json.loads((big / "tokenizer.json").read_text())
+    tok["added_tokens"].append({**tok["added_tokens"][-1], "id": ROWS, "content": "<|extra|>"})
+    (big / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UserError, match=f"can produce id {ROWS} but .* has only {ROWS} rows"):
+        retag_folder(big, work / "e5", tags=NEW)
+    for name in ("e1", "e2", "e3", "e4", "e5"):
         assert not (work / name).exists()
     assert not [p for p in work.iterdir() if ".partial" in p.name]
 
 
-def test_in_place_is_atomic(tied: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_place_is_atomic(tied: Path, special_tied: tuple[Path, dict], work: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     folder = work / "inplace"
     shutil.copytree(tied, folder)
     original = tree_hashes(folder)
@@ -412,10 +416,9 @@ def test_in_place_is_atomic(tied: Path, work: Path, monkeypatch: pytest.MonkeyPa
     summary = retag_folder(folder, None, tags=NEW, strategy="special", in_place=True)
     assert summary["changed"] is True and (folder / RECORD_NAME).is_file()
     assert tokenizer(folder).encode("</thinking>", add_special_tokens=False) == [END_THINK]
-    reference = tree_hashes(work / "tied-special") if (work / "tied-special").exists() else None
-    if reference is not None:  # the in-place result equals the --out result, file for file
-        assert {k: v for k, v in tree_hashes(folder).items() if k != RECORD_NAME} == \
-            {k: v for k, v in reference.items() if k != RECORD_NAME}
+    reference = tree_hashes(special_tied[0])  # the in-place result equals the --out result, file for file
+    assert {k: v for k, v in tree_hashes(folder).items() if k != RECORD_NAME} == \
+        {k: v for k, v in reference.items() if k != RECORD_NAME}
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".inplace")) == []
 
 
@@ -525,5 +528,32 @@ def test_cli(tied: Path, work: Path) -> None:
     assert result.exit_code == 1 and "not balanced" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (work / "cli-bad").exists()
 
+    taken = work / "taken.jsonl"
+    taken.write_text("")
+    result = runner.invoke(main, ["retag-think", str(tied), "--out", str(work / "cli-data"), "--data", str(data),
+                                  "--data-out", str(taken)])
+    assert result.exit_code == 1 and "already exists" in result.stderr and not (work / "cli-data").exists()
+
     result = runner.invoke(main, ["retag-think", str(tied), "--out", str(work / "x"), "--in-place"])
     assert result.exit_code == 1 and "exactly one of" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny-dense-tied", "tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"])
+def test_committed_fixtures(name: str, fixtures_dir: Path, tmp_path: Path) -> None:
+    """The committed tiny-vocab fixtures (think tags at 2024/2025, 2048 rows), transformers-5 layout included."""
+    src = fixtures_dir / name
+    before = tree_hashes(src)
+    summary = retag_folder(src, tmp_path / "special", tags=NEW, strategy="special")
+    plain_summary = retag_folder(src, tmp_path / "plain", tags=NEW, strategy="plain")
+    assert tree_hashes(src) == before
+    assert summary["ids"] == {"<think>": 2024, "</think>": 2025} and plain_summary["len_tokenizer_after"] == 2024
+    tok = tokenizer(tmp_path / "special")
+    assert tok.encode("<thinking></thinking>", add_special_tokens=False) == [2024, 2025]
+    old, new = all_tensors(src), all_tensors(tmp_path / "special")
+    pieces = summary["pieces"]["</thinking>"]
+    for matrix in summary["rows_changed"]:
+        expected = old[matrix][pieces].float().mean(dim=0).to(old[matrix].dtype)
+        assert torch.equal(new[matrix][2025], expected)
+    assert (HEAD in summary["rows_changed"]) == (name != "tiny-dense-tied")
+    plain_ids = tokenizer(tmp_path / "plain").encode("<think>x</think>", add_special_tokens=False)
+    assert max(plain_ids) < 2000

@@ -20,11 +20,29 @@ from vlconvert.console import Reporter
 from vlconvert.dtypes import dtype_name, parse_dtype
 from vlconvert.errors import UserError
 from vlconvert.layouts.dcp import DCPReader, DCPTensor, DCPWriter, is_row_slab
-from vlconvert.layouts.hf import (HFCheckpoint, PlannedTensor, SafetensorsFileWriter, asset_files, copy_assets,
-                                  parse_size, plan_shards, shard_file_names, write_index)
+from vlconvert.layouts.hf import (
+    HFCheckpoint,
+    PlannedTensor,
+    SafetensorsFileWriter,
+    asset_files,
+    copy_assets,
+    parse_size,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
 from vlconvert.layouts.publish import staged_output
-from vlconvert.models.qwen3vl import (EMBED, EXPERT_LAYOUTS, LM_HEAD, Skeleton, build_skeleton, convert_expert,
-                                      expert_layout_of, is_expert, read_config_json)
+from vlconvert.models.qwen3vl import (
+    EMBED,
+    EXPERT_LAYOUTS,
+    LM_HEAD,
+    Skeleton,
+    build_skeleton,
+    convert_expert,
+    expert_layout_of,
+    is_expert,
+    read_config_json,
+)
 
 WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module", "module"})
 NON_MODEL_ROOTS = frozenset({"optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader",

@@ -708,8 +708,7 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
         needed = rewrite_bytes + sum(len(t.encode()) for t in plan.files.values())
         if not link:
             needed += sum(p.stat().st_size for p in src_path.rglob("*") if p.is_file())
-        info(f"retagging {src_path} -> {dst_path} ({strategy}: {OLD_OPEN}->{tags.open}, "
-             f"{OLD_CLOSE}->{tags.close})")
+        info(f"retagging {src_path} -> {dst_path} ({strategy})")
         with staged_output(dst_path, overwrite=overwrite or in_place, needed_bytes=needed) as stage:
             for path in sorted(src_path.rglob("*")):
                 rel = path.relative_to(src_path)
@@ -762,11 +761,8 @@ def retag_record(obj: Any, tags: Tags) -> tuple[Any, int, int]:
     return _retag_obj(obj, tags, counts), counts[0], counts[1]
 
 
-def retag_jsonl(src: str | Path, dst: str | Path, tags: Tags, *, overwrite: bool = False) -> dict:
-    """Stream a JSONL file line by line, replacing the tags; lines without a tag are kept byte for byte.
-
-    The output is written to a temporary sibling and renamed only when complete.
-    """
+def check_jsonl_paths(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> None:
+    """Fail early (before any checkpoint is written) on an unusable --data / --data-out pair."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise UserError(f"--data '{src}' does not exist")
@@ -776,6 +772,15 @@ def retag_jsonl(src: str | Path, dst: str | Path, tags: Tags, *, overwrite: bool
         raise UserError(f"--data-out '{dst}' already exists: choose another path or pass --overwrite")
     if not dst.absolute().parent.is_dir():
         raise UserError(f"--data-out parent folder '{dst.absolute().parent}' does not exist")
+
+
+def retag_jsonl(src: str | Path, dst: str | Path, tags: Tags, *, overwrite: bool = False) -> dict:
+    """Stream a JSONL file line by line, replacing the tags; lines without a tag are kept byte for byte.
+
+    The output is written to a temporary sibling and renamed only when complete.
+    """
+    src, dst = Path(src), Path(dst)
+    check_jsonl_paths(src, dst, overwrite=overwrite)
     tmp = dst.absolute().parent / f".{dst.name}.partial-{os.getpid()}"
     stats = {"data": str(src), "data_out": str(dst), "lines": 0, "records": 0, "records_changed": 0,
              "opening_replaced": 0, "closing_replaced": 0, "records_unbalanced": 0}

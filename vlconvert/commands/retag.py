@@ -54,7 +54,14 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     the output, and running again is a no-op.
     """
     from vlconvert.layouts.hf import resolve_source
-    from vlconvert.retag import resolve_tags, retag_folder, retag_jsonl, summary_rows, think_tag_report
+    from vlconvert.retag import (
+        check_jsonl_paths,
+        resolve_tags,
+        retag_folder,
+        retag_jsonl,
+        summary_rows,
+        think_tag_report,
+    )
 
     reporter = Reporter(as_json, quiet)
     if check:
@@ -71,6 +78,8 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     if bool(dst) == in_place:
         raise UserError("give exactly one of --out DST and --in-place")
     tags_pair = resolve_tags(open_tag, close_tag)
+    if data and data_out:
+        check_jsonl_paths(data, data_out, overwrite=overwrite)
 
     def progress(description: str, total: int):
         return reporter.bytes_progress(description, total)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element_size
 from vlconvert.errors import UserError
@@ -154,27 +153,59 @@ class HFCheckpoint:
             raise UserError(f"'{self.folder}' has no config.json")
         return path
 
-    def _handle(self, path: Path):
+    def _file(self, path: Path):
         handle = self._handles.get(path)
         if handle is None:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
-                raise UserError(f"'{path}' cannot be read as safetensors: {exc}") from exc
-            self._handles[path] = handle
+            handle = self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
         return handle
 
+    def _read_bytes(self, path: Path, start: int, nbytes: int) -> torch.Tensor:
+        """Read a byte range into fresh memory with plain reads (no mmap: RSS stays the tensor's size)."""
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        f = self._file(path)
+        f.seek(start)
+        view = memoryview(buffer.numpy())
+        got = 0
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise UserError(f"'{path}' is truncated: ended while reading tensor data")
+            got += n
+        return buffer
+
     def read(self, name: str) -> torch.Tensor:
-        """Read one whole tensor (memory-mapped file, copied out)."""
+        """Read one whole tensor."""
         info = self.tensors[name]
-        return self._handle(info.file).get_tensor(name)
+        return self._read_bytes(info.file, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Read rows ``start:stop`` of the first dimension only."""
+        """Read rows ``start:stop`` of the first dimension only (a contiguous byte range)."""
         info = self.tensors[name]
-        return self._handle(info.file).get_slice(name)[start:stop]
+        if not info.shape:
+            raise ValueError(f"{name} is a scalar")
+        start, stop = max(0, start), min(stop, info.shape[0])
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        data = self._read_bytes(info.file, info.start + start * row, max(0, stop - start) * row)
+        return data.view(info.dtype).reshape((max(0, stop - start), *info.shape[1:]))
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Read ``tensor[index]`` (basic slices): only the rows the first slice names are read."""
+        info = self.tensors[name]
+        first = index[0] if index else slice(None)
+        start, stop, step = first.indices(info.shape[0])
+        rows = self.read_rows(name, start, stop) if step == 1 else self.read(name)[first]
+        rest = (slice(None), *index[1:]) if step == 1 else (slice(None), *index[1:])
+        return rows[rest].clone() if len(index) > 1 else rows
+
+    def _handle(self, path: Path):
+        """A safetensors handle (kept for callers that slice through safetensors; prefer read_slice)."""
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt")
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     @property
