@@ -17,8 +17,16 @@ from typing import Any
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
 from vlconvert.layouts.canonical import detect_layout
-from vlconvert.models.qwen3vl import (EMBED, LM_HEAD, ModelInfo, Skeleton, build_skeleton, expert_layout_of,
-                                      is_expert, load_config)
+from vlconvert.models.qwen3vl import (
+    EMBED,
+    LM_HEAD,
+    ModelInfo,
+    Skeleton,
+    build_skeleton,
+    expert_layout_of,
+    is_expert,
+    load_config,
+)
 
 # The six released sizes (reference/qwen3vl-hf.md §1.2-1.3): the dims that tell them apart.
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
@@ -99,7 +107,7 @@ def dims_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     return dims
 
 
-def think_tag_state(folder: Path) -> dict[str, Any]:
+def think_tag_state(folder: Path, rows: bool = False) -> dict[str, Any]:
     """The tokenizer's ``<think>``/``</think>`` state; uses ``vlconvert.retag.think_tag_report`` if present."""
     try:
         from vlconvert.retag import think_tag_report  # type: ignore[attr-defined]
@@ -107,7 +115,7 @@ def think_tag_state(folder: Path) -> dict[str, Any]:
         think_tag_report = None
     if think_tag_report is not None:
         try:
-            return dict(think_tag_report(folder))
+            return dict(think_tag_report(folder, weights=rows))
         except UserError as exc:
             return {"error": str(exc)}
     path = Path(folder) / "tokenizer.json"
@@ -154,8 +162,12 @@ def _find_config(path: Path, config: str | Path | None, assets_dir: str | Path |
 
 
 def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
-                       assets_dir: str | Path | None = None) -> dict[str, Any]:
-    """Describe a checkpoint folder from metadata only; see the module docstring for what is reported."""
+                       assets_dir: str | Path | None = None, rows: bool = False) -> dict[str, Any]:
+    """Describe a checkpoint folder from metadata only; see the module docstring for what is reported.
+
+    ``rows=True`` also reads the embedding matrices of an HF folder to compare the think tags' rows
+    with trained rows (norm against the median row norm).
+    """
     from vlconvert.verify import open_source
 
     path = Path(path)
@@ -168,6 +180,9 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
     info = load_config(cfg_path) if cfg_path else None
     skeleton = build_skeleton(info) if info else None
     src = open_source(path, config=cfg_path, skeleton=skeleton)
+    if info is None and getattr(src, "skeleton", None) is not None:  # e.g. config kept in Megatron metadata
+        skeleton = src.skeleton
+        info = skeleton.info
     issues: list[str] = []
     try:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -176,7 +191,8 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
             shape, dtype = src.spec(name)
             shapes[name] = tuple(shape)
             dtypes[dtype_name(dtype)] += math.prod(shape) * element_size(dtype)
-        report: dict[str, Any] = {"path": str(path), "layout": layout, "config": str(cfg_path) if cfg_path else None,
+        config_text = str(cfg_path) if cfg_path else ("from checkpoint metadata" if info else None)
+        report: dict[str, Any] = {"path": str(path), "layout": layout, "config": config_text,
                                   "tensors": len(shapes), "bytes": sum(dtypes.values()),
                                   "dtypes": dict(dtypes.most_common())}
         report.update(_layout_details(src, layout, skeleton, issues))
@@ -206,7 +222,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
             issues.append(f"config dtype is {dtype_name(info.dtype)}, tensors are stored as {', '.join(dtypes)}")
         issues.extend(_compare_with_skeleton(shapes, skeleton))
     tok_dir = path if (path / "tokenizer.json").is_file() else (Path(assets_dir) if assets_dir else None)
-    report["think_tags"] = think_tag_state(tok_dir) if tok_dir else {"tokenizer": None}
+    report["think_tags"] = think_tag_state(tok_dir, rows=rows) if tok_dir else {"tokenizer": None}
     max_id = report["think_tags"].get("max_added_id")
     rows = dims.get("vocab_rows")
     if isinstance(max_id, int) and rows is not None and max_id >= rows:
@@ -252,6 +268,17 @@ def _layout_details(src: Any, layout: str, skeleton: Skeleton | None, issues: li
             except (KeyError, TypeError, ValueError, json.JSONDecodeError):
                 issues.append("model.safetensors.index.json has no metadata.total_size")
         return out
+    opened = getattr(src, "opened", None)
+    if layout == "megatron" and opened is not None:
+        mp = opened.plan
+        out["parallel"] = {"tp": mp.tp, "pp": mp.pp, "ep": mp.ep, "etp": mp.etp, "stage_layers": mp.stage_layers,
+                           "padded_vocab": mp.padded_vocab, "spec": mp.spec, "experts": mp.experts}
+        out["files"] = len(opened.files)
+        out["iteration"] = opened.layout.iteration
+        out["notes"] = list(opened.notes)
+        if skeleton is not None and skeleton.info.is_moe:
+            out["experts_orientation"] = f"megatron per-expert [out, in] ({mp.experts})"
+        return out
     for attr in ("parallel_sizes", "parallel"):
         value = getattr(src, attr, None)
         if value is not None:
@@ -278,7 +305,7 @@ def _dcp_details(src: Any, skeleton: Skeleton | None) -> dict[str, Any]:
 
     reader = getattr(src, "reader", None)
     if not isinstance(reader, DCPReader):
-        reader = DCPReader(getattr(src, "folder"))
+        reader = DCPReader(src.folder)
     files = {c.file.name for t in reader.tensors.values() for c in t.chunks}
     ranks = {int(m.group(1)) for f in files if (m := re.match(r"__(\d+)_\d+\.distcp$", f))}
     max_chunks = max((len(t.chunks) for t in reader.tensors.values()), default=0)

@@ -24,12 +24,14 @@ import torch
 
 from vlconvert.dtypes import dtype_name, element_size, parse_dtype
 from vlconvert.errors import UserError
+from vlconvert.layouts.canonical import detect_layout
 from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD, Skeleton, build_skeleton, is_expert, load_config
 
 TARGETS = ("hf", "dcp", "megatron")
 DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 PROBE_BYTES = 64 * 2**20
+RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around a DCP tensor (dcp_convert measures ~1.5 KB)
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 # Megatron tensor-parallel split of each canonical (HF) tensor, by name suffix.
@@ -259,14 +261,40 @@ def _hf_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, max_shard_size:
                       "plus model.safetensors.index.json and the assets copied from --assets-dir")
 
 
-def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout: str) -> None:
-    tensors = [PlannedTensor(n, dtype, skeleton.shape_in(n, experts_layout)) for n in skeleton.hf_keys()]
-    total = sum(t.nbytes for t in tensors)
-    plan.files = [FilePlan("__0_0.distcp", total, len(tensors)), FilePlan(".metadata", 0, 0)]
-    plan.total_bytes = total
+def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout: str,
+              source: str | Path | None) -> None:
+    """As ``hf_to_dcp`` writes: every model key (tied models get an lm_head copy), one data file per
+    source shard (``__0_{i}.distcp``), experts in ``experts_layout``."""
+    tensors = [PlannedTensor(n, dtype, skeleton.shape_in(n, experts_layout)) for n in skeleton.tensors]
+    file_of: dict[str, int] = {}
+    if source is not None and detect_layout(Path(source)) == "hf":
+        from vlconvert.layouts.hf import HFCheckpoint
+
+        ckpt = HFCheckpoint(source)
+        index = {f: i for i, f in enumerate(ckpt.shards)}
+        for t in tensors:
+            src_name = EMBED if (t.name == LM_HEAD and skeleton.info.tied) else t.name
+            if src_name in ckpt.tensors:
+                file_of[t.name] = index[ckpt.tensors[src_name].file]
+        ckpt.close()
+    files: dict[int, FilePlan] = {}
+    for t in tensors:
+        i = file_of.get(t.name, 0)
+        f = files.setdefault(i, FilePlan(f"__0_{i}.distcp", 0, 0))
+        f.bytes += t.nbytes
+        f.tensors += 1
+    plan.files = [files[i] for i in sorted(files)] + [FilePlan(".metadata", 0, 0), FilePlan("config.json", 0, 0)]
+    plan.total_bytes = sum(t.nbytes for t in tensors)
+    plan.tensor_count = len(tensors)
     plan.experts["layout"] = experts_layout if skeleton.info.is_moe else None
-    plan.notes.append("one torch.save record per tensor (a few hundred bytes of zip framing each, not counted); "
-                      f"experts in the '{experts_layout}' orientation")
+    if skeleton.info.tied:
+        plan.notes.append("tied model: lm_head.weight is written as a copy of the embedding (as dcp.save of the "
+                          "model's state dict does), so the DCP holds one tensor more than the HF folder")
+    if not file_of:
+        plan.notes.append("hf-to-dcp writes one data file per source shard: give --source for the split")
+    plan.notes.append(f"one torch.save record per tensor (~{RECORD_OVERHEAD} bytes of framing each, not counted "
+                      "in the tensor bytes)" + (f"; experts in the '{experts_layout}' orientation"
+                                                if skeleton.info.is_moe else ""))
 
 
 def _megatron_split(name: str) -> str:
@@ -458,6 +486,38 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
                                               if info.is_moe and etp < tp else ""))
     plan.notes.append(f"unique bytes (each shard once, incl. vocab padding"
                       f"{' and the last stage output_layer copy' if info.tied and pp > 1 else ''}): {unique:,}")
+    if plan.ok and source in ("even", "given"):
+        _cross_check_megatron(plan, skeleton, dtype, tp, pp, ep, etp, first, last, divisible_by, padded_size)
+
+
+def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
+                          first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
+    """Take per-rank tensor counts from the converter's own rank planner (``plan_megatron_ranks``) and
+    check that its per-rank bytes equal the ones computed here from the split rules."""
+    try:
+        from vlconvert.megatron_convert import plan_megatron_ranks
+    except ImportError:
+        plan.notes.append("megatron converter not installed: per-rank bytes from the split rules only")
+        return
+    try:
+        theirs = plan_megatron_ranks(skeleton, tp, pp, ep, etp, dtype=dtype, padded_vocab_size=padded_size,
+                                     make_vocab_size_divisible_by=divisible_by, pp_first_layers=first,
+                                     pp_last_layers=last)
+    except UserError as exc:
+        plan.checks.append(Check("megatron converter", False, f"hf-to-megatron refuses these sizes: {exc}"))
+        return
+    by_rank = {(r.tp, r.pp, r.ep): r for r in theirs.ranks}
+    differ = []
+    for r in plan.ranks:
+        other = by_rank.get((r.tp, r.pp, r.ep))
+        if other is None or other.nbytes != r.bytes:
+            differ.append(r.folder)
+            continue
+        r.tensors = len(other.tensors)
+    plan.checks.append(Check("rank bytes vs converter", not differ and len(by_rank) == len(plan.ranks),
+                             "per-rank bytes equal hf-to-megatron's own rank plan" if not differ else
+                             f"{len(differ)} rank files differ from hf-to-megatron's plan (first: {differ[0]})"))
+    plan.parallel["training_flags"] = theirs.training_flags()
 
 
 def _source_checks(plan: Plan, skeleton: Skeleton, source: str | Path, config: Any) -> None:
@@ -519,7 +579,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
     if to == "hf":
         _hf_plan(plan, skeleton, dt, parse_size(max_shard_size))
     elif to == "dcp":
-        _dcp_plan(plan, skeleton, dt, experts_layout or skeleton.runtime_experts)
+        _dcp_plan(plan, skeleton, dt, experts_layout or skeleton.runtime_experts, source)
     else:
         _megatron_plan(plan, skeleton, dt, tp, pp, ep, etp if etp is not None else tp, pp_first_layers,
                        pp_last_layers, make_vocab_size_divisible_by, padded_vocab_size)
@@ -534,7 +594,8 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
         free = shutil.disk_usage(probe_dir).free
         plan.disk.update({"target": str(target), "free_bytes": free})
         plan.checks.append(Check("free disk", free >= plan.total_bytes,
-                                 f"{free / 1e9:,.1f} GB free in '{probe_dir}', {plan.total_bytes / 1e9:,.1f} GB needed"))
+                                 f"{free / 1e9:,.1f} GB free in '{probe_dir}', "
+                                 f"{plan.total_bytes / 1e9:,.1f} GB needed"))
         if Path(target).exists():
             plan.checks.append(Check("target free", False, f"'{target}' exists: the conversion refuses it "
                                      "unless --overwrite", blocking=False))

@@ -825,13 +825,18 @@ def _row_norms(ckpt: HFCheckpoint, name: str) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def think_tag_report(folder: str | Path, tags: list[str] | None = None) -> dict:
+class _SkipWeights(Exception):
+    """Internal: the caller asked for tokenizer facts only."""
+
+
+def think_tag_report(folder: str | Path, tags: list[str] | None = None, *, weights: bool = True) -> dict:
     """Are a folder's think tags atomic tokens, and do their embedding rows look trained?
 
     Checks ``<think>``/``</think>``, the tags a retag record names, and ``tags``. For every id a tag encodes
     to, gives the input-embedding (and untied lm_head) row norm and its ratio to the median norm of the
     ordinary-vocabulary rows; a ratio under :data:`LOW_NORM_RATIO` is flagged ``looks_untrained``.
     Never raises for a missing tokenizer or missing weights: the dict says what was not found.
+    ``weights=False`` skips the row norms (reads tokenizer files only).
     """
     folder = Path(folder)
     report: dict[str, Any] = {"folder": str(folder), "tokenizer": None, "record": read_record(folder),
@@ -855,6 +860,8 @@ def think_tag_report(folder: str | Path, tags: list[str] | None = None) -> dict:
 
     norms: dict[str, torch.Tensor] = {}
     try:
+        if not weights:
+            raise _SkipWeights
         ckpt = HFCheckpoint(folder)
         embed, head = _embedding_names(ckpt.tensors)
         for key, name in (("embedding", embed), ("lm_head", head)):
@@ -866,6 +873,8 @@ def think_tag_report(folder: str | Path, tags: list[str] | None = None) -> dict:
         ckpt.close()
     except UserError as exc:
         report["weights_error"] = str(exc)
+    except _SkipWeights:
+        report["weights"] = "not read (row norms: vlconvert retag-think --check, or inspect --rows)"
 
     verdicts = []
     for name in names:

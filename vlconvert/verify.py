@@ -48,9 +48,8 @@ def open_source(path: str | Path, config: str | Path | dict | None = None, asset
     if layout == "dcp":
         try:
             from vlconvert.layouts.dcp import DCPCheckpoint  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise UserError(f"'{path}' is a DCP checkpoint, but this vlconvert has no DCP canonical reader "
-                            "(vlconvert.layouts.dcp.DCPCheckpoint)") from exc
+        except ImportError:
+            return DCPCanonical(path, config=config, skeleton=skeleton)
         return _construct(DCPCheckpoint, path, config=config, assets_dir=assets_dir, skeleton=skeleton)
     if layout == "megatron":
         try:
@@ -60,6 +59,79 @@ def open_source(path: str | Path, config: str | Path | dict | None = None, asset
                             "(vlconvert.layouts.megatron.MegatronCheckpoint)") from exc
         return _construct(MegatronCheckpoint, path, config=config, assets_dir=assets_dir, skeleton=skeleton)
     raise UserError(f"'{path}' holds no safetensors, DCP (.metadata) or Megatron (mp_rank_*) checkpoint")
+
+
+class DCPCanonical:
+    """A DCP folder (vlconvert's or FSDP2 training's) as canonical tensors, built on the DCP layout's
+    reader and key mapping; used when ``vlconvert.layouts.dcp`` offers no ``DCPCheckpoint``."""
+
+    layout = "dcp"
+
+    def __init__(self, folder: str | Path, config: str | Path | dict | None = None,
+                 skeleton: Skeleton | None = None):
+        from vlconvert.dcp_convert import map_dcp_keys
+        from vlconvert.layouts.dcp import DCPReader
+        from vlconvert.models.qwen3vl import LM_HEAD, build_skeleton
+
+        self.folder = Path(folder)
+        self.reader = DCPReader(self.folder)
+        if skeleton is None:
+            if config is None and (self.folder / "config.json").is_file():
+                config = self.folder / "config.json"
+            if config is None:
+                raise UserError(f"'{folder}' is a DCP without config.json: pass --config or --assets-dir")
+            skeleton = build_skeleton(config)
+        self.skeleton = skeleton
+        mapping = map_dcp_keys(self.reader, set(skeleton.tensors))
+        self.keys = {n: k for n, k in mapping.mapped.items() if not (skeleton.info.tied and n == LM_HEAD)}
+        self.keys.update({k: k for k in mapping.unexpected})  # shown as extra tensors by verify
+        self.prefix = mapping.prefix
+        self._expert: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.keys)
+
+    def _expert_layout(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
+        from vlconvert.models.qwen3vl import expert_layout_of, is_expert
+
+        if not is_expert(name) or name not in self.skeleton.tensors:
+            return None
+        if name not in self._expert:
+            shape = self.reader.tensors[self.keys[name]].shape
+            sk = self.skeleton
+            if len(shape) == 3:
+                self._expert[name] = (expert_layout_of(name, shape, sk, sk.runtime_experts), None)
+            else:  # a 2-D (E*in, out) view of the 3-D tensor
+                for layout in ("released", "transformers5"):
+                    shape3 = sk.shape_in(name, layout)
+                    if tuple(shape) == (shape3[0] * shape3[1], shape3[2]):
+                        self._expert[name] = (layout, shape3)
+                        break
+                else:
+                    raise UserError(f"'{self.keys[name]}' has shape {list(shape)}, not an expert tensor of this config")
+        return self._expert[name]
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self.reader.tensors[self.keys[name]]
+        expert = self._expert_layout(name)
+        if expert is None:
+            return tuple(entry.shape), entry.dtype
+        return self.skeleton.shape_in(name, "released"), entry.dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        from vlconvert.models.qwen3vl import convert_expert
+
+        tensor = self.reader.read(self.keys[name])
+        expert = self._expert_layout(name)
+        if expert is not None:
+            layout, view = expert
+            if view is not None:
+                tensor = tensor.reshape(view)
+            tensor = convert_expert(tensor, layout, "released").contiguous()
+        return tensor
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 @dataclass
@@ -200,20 +272,24 @@ def source_bytes(src: CanonicalSource) -> int:
     return total
 
 
-def verify(a: str | Path, b: str | Path, tolerance: float = 0.0, config: str | Path | None = None,
-           assets_dir: str | Path | None = None,
-           on_tensor: Callable[[TensorResult, int], None] | None = None) -> VerifyReport:
-    """Compare checkpoints ``a`` and ``b`` (any layouts); ``config``/``assets_dir`` for layouts without one."""
+def open_pair(a: str | Path, b: str | Path, config: str | Path | None = None,
+              assets_dir: str | Path | None = None) -> tuple[CanonicalSource, CanonicalSource]:
+    """Open both sides; without ``config``/``assets_dir`` a side lacking config.json borrows the other's."""
     if config is None and assets_dir is None:
-        # a side without its own config.json (DCP, Megatron) borrows the other side's
         own = [Path(p) / "config.json" for p in (a, b)]
         shared = next((c for c in own if c.is_file()), None)
         cfg_a = None if own[0].is_file() else shared
         cfg_b = None if own[1].is_file() else shared
     else:
         cfg_a = cfg_b = config
-    src_a = open_source(a, config=cfg_a, assets_dir=assets_dir)
-    src_b = open_source(b, config=cfg_b, assets_dir=assets_dir)
+    return open_source(a, config=cfg_a, assets_dir=assets_dir), open_source(b, config=cfg_b, assets_dir=assets_dir)
+
+
+def verify(a: str | Path, b: str | Path, tolerance: float = 0.0, config: str | Path | None = None,
+           assets_dir: str | Path | None = None,
+           on_tensor: Callable[[TensorResult, int], None] | None = None) -> VerifyReport:
+    """Compare checkpoints ``a`` and ``b`` (any layouts); ``config``/``assets_dir`` for layouts without one."""
+    src_a, src_b = open_pair(a, b, config, assets_dir)
     try:
         report = VerifyReport(str(a), str(b), src_a.layout, src_b.layout, tolerance)
         report.tensors = verify_sources(src_a, src_b, tolerance, on_tensor)

@@ -32,8 +32,6 @@ def doctor_command(target, config, to, tp, pp, ep, as_json, quiet) -> None:
     Exits 1 when a blocking trap is found."""
     reporter = Reporter(as_json, quiet)
     options = {"tp": tp, "pp": pp, "ep": ep} if to == "megatron" else {}
-    if to == "megatron" and pp > 1:
-        options["pp_first_layers"] = None
     findings = run_doctor(target=target, config=config, to=to, **options)
     if as_json:
         reporter.summary("doctor", findings_dict(findings))

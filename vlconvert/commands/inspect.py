@@ -15,14 +15,17 @@ from vlconvert.inspection import inspect_checkpoint
               help="config.json for folders without one (DCP, Megatron).")
 @click.option("--assets-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Original HF folder: its config.json and tokenizer are used when PATH has none.")
+@click.option("--rows", is_flag=True,
+              help="Also read the embedding matrices: think-tag rows' norm against the median trained row.")
 @output_options
 @handle_errors
-def inspect_command(path, config, assets_dir, as_json, quiet) -> None:
+def inspect_command(path, config, assets_dir, rows, as_json, quiet) -> None:
     """Describe PATH (HF, DCP or Megatron): model family and size, parallel sizes, dtypes, parameter
     counts (total; active per token for MoE), tied embeddings, expert orientation, think tags, and
-    anything inconsistent with the config. Reads metadata only; exits 1 on an inconsistency."""
+    anything inconsistent with the config. Reads metadata only (unless --rows); exits 1 on an
+    inconsistency."""
     reporter = Reporter(as_json, quiet)
-    report = inspect_checkpoint(path, config=config, assets_dir=assets_dir)
+    report = inspect_checkpoint(path, config=config, assets_dir=assets_dir, rows=rows)
     if as_json:
         reporter.summary("inspect", report)
     elif reporter.show:
@@ -52,7 +55,10 @@ def render_report(report: dict) -> None:
     if report.get("experts_orientation") or report.get("experts_orientation_stored"):
         table.add_row("experts", str(report.get("experts_orientation") or report.get("experts_orientation_stored")))
     tags = report["think_tags"]
-    table.add_row("think tags", ", ".join(f"{k}: {v}" for k, v in tags.items()))
+    if "verdict" in tags:
+        table.add_row("think tags", str(tags["verdict"]))
+    else:
+        table.add_row("think tags", ", ".join(f"{k}: {v}" for k, v in tags.items()))
     for issue in report["inconsistencies"] or ["none"]:
         table.add_row("inconsistency", f"[red]{issue}[/]" if issue != "none" else "none")
     stdout.print(table)

@@ -71,6 +71,8 @@ def render_plan(plan: Plan, show_all: bool = False) -> None:
         p = plan.parallel
         head.add_row("parallel", f"tp {p['tp']} pp {p['pp']} ep {p['ep']} etp {p['etp']}: "
                      f"{p['rank_folders']} rank folders, at least {p['min_gpus']} GPUs")
+        if p.get("training_flags"):
+            head.add_row("train with", p["training_flags"])
     if plan.experts.get("experts"):
         e = plan.experts
         head.add_row("experts", f"{e['experts']} per layer, {e['per_ep_rank']} per EP rank")

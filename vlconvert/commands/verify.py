@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
-from vlconvert.verify import TensorResult, VerifyReport, open_source, source_bytes, verify_sources
+from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 
 
 @click.command("verify")
@@ -26,17 +26,8 @@ from vlconvert.verify import TensorResult, VerifyReport, open_source, source_byt
 def verify_command(a, b, tolerance, config, assets_dir, show_all, as_json, quiet) -> None:
     """Compare checkpoints A and B (HF, DCP, Megatron at any TP/PP/EP) tensor by tensor in canonical HF
     naming, one tensor pair in memory at a time. Exits 1 on any mismatch, missing or extra tensor."""
-    from pathlib import Path
-
     reporter = Reporter(as_json, quiet)
-    if config is None and assets_dir is None:
-        own = [Path(p) / "config.json" for p in (a, b)]
-        shared = next((c for c in own if c.is_file()), None)
-        cfg = [None if c.is_file() else shared for c in own]
-    else:
-        cfg = [config, config]
-    src_a = open_source(a, config=cfg[0], assets_dir=assets_dir)
-    src_b = open_source(b, config=cfg[1], assets_dir=assets_dir)
+    src_a, src_b = open_pair(a, b, config, assets_dir)
     report = VerifyReport(str(a), str(b), src_a.layout, src_b.layout, tolerance)
     reporter.info(f"comparing {a} ({src_a.layout}) with {b} ({src_b.layout})")
     with reporter.bytes_progress("verify", source_bytes(src_a)) as advance:

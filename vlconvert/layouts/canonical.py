@@ -2,8 +2,9 @@
 
 Canonical naming = the Hugging Face on-disk names (``model.language_model.*``, ``model.visual.*``,
 ``lm_head.weight`` only when untied) with MoE experts in the **released** orientation
-(``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]). Each layout module provides a class with
-this shape; ``open_canonical`` picks the right one for a path.
+(``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]). Each layout provides a class with this
+shape (``HFCanonical``, ``DCPCanonical``, ``MegatronCheckpoint``); ``vlconvert.verify.open_source``
+picks the right one for a path.
 """
 
 from __future__ import annotations

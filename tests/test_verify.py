@@ -1,0 +1,166 @@
+"""``vlconvert verify``: tensor by tensor across layouts; a flipped bit, a transposed expert, a missing tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vlconvert.cli import main
+from vlconvert.layouts.hf import read_header
+from vlconvert.verify import compare_tensors, verify
+
+GATE_UP = "model.language_model.layers.1.mlp.experts.gate_up_proj"
+
+
+def _cli(*args, expect: int = 0) -> dict:
+    result = CliRunner().invoke(main, ["verify", *[str(a) for a in args], "--json"], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return json.loads(result.stdout)
+
+
+def _shard_of(folder: Path, name: str) -> Path:
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def rewrite_tensor(folder: Path, name: str, change) -> None:
+    """Replace ``name`` in its shard by ``change(tensor)`` (None drops it) and fix the index."""
+    shard = _shard_of(folder, name)
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    new = change(tensors[name])
+    if new is None:
+        removed = tensors.pop(name)
+        index_path = folder / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text())
+        del index["weight_map"][name]
+        index["metadata"]["total_size"] -= removed.nbytes
+        index_path.write_text(json.dumps(index))
+    else:
+        tensors[name] = new
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def copy_without(src: Path, dst: Path, name: str) -> Path:
+    """A copy of an HF folder lacking tensor ``name``."""
+    shutil.copytree(src, dst)
+    rewrite_tensor(dst, name, lambda t: None)
+    return dst
+
+
+def test_same_weights_in_both_expert_orientations_are_equal(fixtures_dir: Path) -> None:
+    data = _cli(fixtures_dir / "tiny-moe", fixtures_dir / "tiny-moe-tf5")
+    assert data["ok"] and data["counts"] == {"equal": 70} and data["max_abs_diff"] == 0.0
+    assert data["layout_a"] == data["layout_b"] == "hf"
+
+
+def test_single_flipped_bit_is_found(tmp_path: Path, fixtures_dir: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(fixtures_dir / "tiny-dense-untied", copy)
+    name = "model.language_model.layers.0.self_attn.o_proj.weight"
+    tensors, _ = read_header(_shard_of(copy, name))
+    info = tensors[name]
+    with open(info.file, "r+b") as f:  # flip the lowest mantissa bit of element 37, in place
+        f.seek(info.start + 2 * 37)
+        byte = f.read(1)[0]
+        f.seek(info.start + 2 * 37)
+        f.write(bytes([byte ^ 0x01]))
+    data = _cli(fixtures_dir / "tiny-dense-untied", copy, expect=1)
+    bad = [t for t in data["tensors"] if t["status"] != "equal"]
+    assert [(t["name"], t["status"]) for t in bad] == [(name, "mismatch")]
+    assert 0 < bad[0]["max_abs_diff"] < 1e-2
+    # a tolerance above that difference accepts it, and says so
+    ok = _cli(fixtures_dir / "tiny-dense-untied", copy, "--tolerance", "0.01")
+    assert ok["counts"]["within_tolerance"] == 1
+
+
+def test_transposed_expert_is_found(tmp_path: Path, fixtures_dir: Path) -> None:
+    """The classic converter bug: experts written transposed but reshaped back to the expected shape."""
+    copy = tmp_path / "copy"
+    shutil.copytree(fixtures_dir / "tiny-moe", copy)
+    rewrite_tensor(copy, GATE_UP, lambda t: t.transpose(1, 2).contiguous().reshape(t.shape))
+    data = _cli(fixtures_dir / "tiny-moe-tf5", copy, expect=1)
+    bad = {t["name"]: t for t in data["tensors"] if t["status"] != "equal"}
+    assert list(bad) == [GATE_UP] and bad[GATE_UP]["status"] == "mismatch" and bad[GATE_UP]["max_abs_diff"] > 0
+
+
+def test_one_transposed_expert_in_released_orientation_is_found(tmp_path: Path, fixtures_dir: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(fixtures_dir / "tiny-moe", copy)
+    down = "model.language_model.layers.0.mlp.experts.down_proj"
+
+    def swap_expert(t: torch.Tensor) -> torch.Tensor:  # expert 3 stored as expert 4's and vice versa
+        t = t.clone()
+        t[[3, 4]] = t[[4, 3]]
+        return t
+    rewrite_tensor(copy, down, swap_expert)
+    data = _cli(copy, fixtures_dir / "tiny-moe", expect=1)
+    assert [t["name"] for t in data["tensors"] if t["status"] == "mismatch"] == [down]
+
+
+def test_missing_tensor_is_found(tmp_path: Path, fixtures_dir: Path) -> None:
+    name = "model.visual.merger.linear_fc2.bias"
+    copy = copy_without(fixtures_dir / "tiny-dense-tied", tmp_path / "copy", name)
+    data = _cli(fixtures_dir / "tiny-dense-tied", copy, expect=1)
+    bad = [(t["name"], t["status"]) for t in data["tensors"] if t["status"] != "equal"]
+    assert bad == [(name, "missing_in_b")]
+    data = _cli(copy, fixtures_dir / "tiny-dense-tied", expect=1)
+    assert [(t["name"], t["status"]) for t in data["tensors"] if t["status"] != "equal"] == [(name, "missing_in_a")]
+
+
+def test_dtype_change_needs_no_tolerance_when_exact(tmp_path: Path, fixtures_dir: Path) -> None:
+    copy = tmp_path / "fp32"
+    shutil.copytree(fixtures_dir / "tiny-dense-tied", copy)
+    for shard in copy.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+        name = "model.language_model.norm.weight"
+        if name in tensors:
+            tensors[name] = tensors[name] + 1e-3  # one real change, not representable in bf16
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = copy / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["metadata"]["total_size"] *= 2
+    index.write_text(json.dumps(data))
+    report = verify(fixtures_dir / "tiny-dense-tied", copy)
+    statuses = {t.name: t.status for t in report.tensors}
+    assert statuses.pop("model.language_model.norm.weight") == "mismatch"
+    assert set(statuses.values()) == {"equal"}  # bf16 -> fp32 is exact
+    assert verify(fixtures_dir / "tiny-dense-tied", copy, tolerance=2e-3).ok
+
+
+def test_compare_tensors_bits_and_nans() -> None:
+    z = torch.zeros(4)
+    assert compare_tensors("x", z, -z).status == "mismatch"  # -0.0 differs in bits
+    n = torch.tensor([1.0, float("nan")])
+    assert compare_tensors("x", n, n.clone()).status == "equal"
+    r = compare_tensors("x", n, torch.tensor([1.0, 2.0]))
+    assert r.status == "mismatch" and r.max_abs_diff == float("inf")
+    assert compare_tensors("x", torch.ones(2, 3), torch.ones(3, 2)).status == "shape_mismatch"
+
+
+@pytest.mark.parametrize("fixture", ["tiny-moe", "tiny-dense-tied"])
+def test_hf_against_dcp_and_megatron(tmp_path: Path, fixtures_dir: Path, fixture: str) -> None:
+    from vlconvert.dcp_convert import hf_to_dcp
+    from vlconvert.megatron_convert import hf_to_megatron
+
+    src = fixtures_dir / fixture
+    hf_to_dcp(src, tmp_path / "dcp")
+    hf_to_megatron(src, tmp_path / "meg", tp=2, pp=2, ep=2 if "moe" in fixture else 1)
+    for a, b in ((src, tmp_path / "dcp"), (src, tmp_path / "meg"), (tmp_path / "meg", tmp_path / "dcp")):
+        data = _cli(a, b)
+        assert data["ok"] and set(data["counts"]) == {"equal"}
+    # one flipped element in the HF source shows up against both converted layouts
+    copy = tmp_path / "bad"
+    shutil.copytree(src, copy)
+    name = "model.language_model.embed_tokens.weight"
+    rewrite_tensor(copy, name, lambda t: t.index_put((torch.tensor([5]), torch.tensor([7])), -t[5, 7] - 1))
+    for other in (tmp_path / "dcp", tmp_path / "meg"):
+        data = _cli(copy, other, expect=1)
+        assert [t["name"] for t in data["tensors"] if t["status"] != "equal"] == [name]
