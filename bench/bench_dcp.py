@@ -3,7 +3,7 @@
 Generates (on demand, not committed) a checkpoint with full-size Qwen3-VL-8B shapes for the
 embedding, lm_head and N decoder layers, then measures wall time and peak RSS of:
 
-* ``cp -r`` of the same bytes (the disk's own speed),
+* ``cp -r`` + ``sync`` of the same bytes (the disk's own speed),
 * ``vlconvert hf-to-dcp`` vs the torch-only way (``safetensors.load_file`` of everything + ``dcp.save``),
 * ``vlconvert dcp-to-hf`` vs ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``.
 
@@ -97,8 +97,9 @@ def main() -> None:
                               check=True, capture_output=True, text=True)
         total, largest = (int(x) for x in made.stdout.split())
         rows = []
-        cp_s, cp_rss = timed(["cp", "-r", str(src), str(work / "copy")])
-        rows.append(("cp -r (baseline)", cp_s, cp_rss))
+        # cp + sync: vlconvert fsyncs what it writes, so the baseline flushes too
+        cp_s, cp_rss = timed(["sh", "-c", f"cp -r --reflink=never '{src}' '{work / 'copy'}' && sync"])
+        rows.append(("cp -r + sync (baseline)", cp_s, cp_rss))
         s, rss = timed([py, "-m", "vlconvert.cli", "hf-to-dcp", str(src), str(work / "dcp"), "-q"])
         rows.append(("vlconvert hf-to-dcp", s, rss))
         t_s, t_rss = timed([py, "-c", TORCH_HF_TO_DCP, str(src), str(work / "dcp-torch")])

@@ -50,6 +50,9 @@ def torchrun(nproc: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("rendezvous", "Address already in use", "Connection")):
+        # the standalone rendezvous picks a free port that another process can take first: run once more
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

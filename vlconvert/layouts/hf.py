@@ -197,12 +197,6 @@ class HFCheckpoint:
         rest = (slice(None), *index[1:]) if step == 1 else (slice(None), *index[1:])
         return rows[rest].clone() if len(index) > 1 else rows
 
-    def _handle(self, path: Path):
-        """A safetensors handle (kept for callers that slice through safetensors; prefer read_slice)."""
-        from safetensors import safe_open
-
-        return safe_open(str(path), framework="pt")
-
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()

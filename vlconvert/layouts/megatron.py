@@ -345,11 +345,15 @@ class RankFile:
         if info is None or (offset + count) * size > info.file_size:
             raise UserError(f"'{self.path}' is truncated or corrupt: tensor bytes outside record '{t.key}'")
         view = out.view(torch.uint8).numpy()
+        mv = memoryview(view)
+        got = 0
         with open(self.path, "rb") as f:
             f.seek(self._data_start(t.key) + offset * size)
-            got = f.readinto(memoryview(view))
-        if got != view.nbytes:
-            raise UserError(f"'{self.path}' is truncated: record '{t.key}' ends early")
+            while got < view.nbytes:
+                n = f.readinto(mv[got:])
+                if not n:
+                    raise UserError(f"'{self.path}' is truncated: record '{t.key}' ends early")
+                got += n
         return out
 
 

@@ -1,0 +1,149 @@
+"""``hf-to-megatron``, ``megatron-to-hf`` and ``reshard``: Megatron-Core legacy (torch) checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vlconvert.console import Reporter, handle_errors, human_bytes, output_options
+from vlconvert.dtypes import dtype_name, parse_dtype
+
+
+def _parallel_options(func):
+    opts = [
+        click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size."),
+        click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel size."),
+        click.option("--ep", type=int, default=1, show_default=True, help="Expert-parallel size (MoE only)."),
+        click.option("--etp", type=int, default=None, help="Expert tensor-parallel size (default: --tp)."),
+        click.option("--pp-first-layers", type=int, default=None,
+                     help="Decoder layers on the first stage (Megatron-LM --decoder-first-pipeline-num-layers)."),
+        click.option("--pp-last-layers", type=int, default=None,
+                     help="Decoder layers on the last stage (Megatron-LM --decoder-last-pipeline-num-layers)."),
+        click.option("--make-vocab-size-divisible-by", type=int, default=128, show_default=True,
+                     help="Pad the vocabulary to a multiple of this times --tp, as Megatron-LM does."),
+        click.option("--padded-vocab-size", type=int, default=None,
+                     help="Exact padded vocabulary rows (overrides --make-vocab-size-divisible-by)."),
+        click.option("--iteration", type=int, default=None,
+                     help="Write iter_NNNNNNN/ with this number instead of release/."),
+        click.option("--dtype", default=None, help="Cast weights (bf16, fp16, fp32); default keeps the source's."),
+        click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _report(rep: Reporter, title: str, result, extra_rows: list[tuple[str, str]] | None = None) -> None:
+    plan = result.plan
+    data = {"output": str(result.output), "files": result.files, "bytes": result.bytes,
+            "seconds": round(rep.elapsed, 3), "notes": result.notes}
+    rows = [("output", str(result.output)), ("files", str(result.files)), ("weights", human_bytes(result.bytes)),
+            ("time", f"{rep.elapsed:.1f} s")]
+    if plan is not None:
+        data.update({"tp": plan.tp, "pp": plan.pp, "ep": plan.ep, "etp": plan.etp, "spec": plan.spec,
+                     "experts": plan.experts, "stage_layers": plan.stage_layers, "vocab": plan.vocab,
+                     "padded_vocab": plan.padded_vocab, "megatron_flags": plan.training_flags()})
+        rows.append(("parallel", f"TP={plan.tp} PP={plan.pp} EP={plan.ep} ETP={plan.etp} "
+                                 f"(layers per stage {plan.stage_layers})"))
+        rows.append(("layout", f"spec {plan.spec}, experts {plan.experts}, vocab {plan.vocab} -> {plan.padded_vocab}"))
+    rows += extra_rows or []
+    rows += [("note", n) for n in result.notes]
+    data.update(result.extra)
+    rep.summary(title, data, rows)
+
+
+def _factory(rep: Reporter):
+    return lambda description, total: rep.bytes_progress(description, total)
+
+
+@click.command("hf-to-megatron")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@_parallel_options
+@click.option("--spec", type=click.Choice(["te", "local"]), default="te", show_default=True,
+              help="te: input norms fused into linear_qkv/linear_fc1 (Transformer Engine); local: separate norms.")
+@click.option("--experts", "experts", type=click.Choice(["grouped", "sequential"]), default="grouped",
+              show_default=True, help="grouped: experts.linear_fc1.weight{i} (TEGroupedMLP); "
+                                      "sequential: experts.local_experts.{i}.* (SequentialMLP).")
+@output_options
+@handle_errors
+def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None,
+                           pp_first_layers: int | None, pp_last_layers: int | None,
+                           make_vocab_size_divisible_by: int, padded_vocab_size: int | None, iteration: int | None,
+                           dtype: str | None, overwrite: bool, spec: str, experts: str, as_json: bool,
+                           quiet: bool) -> None:
+    """Convert a Hugging Face Qwen3-VL(-MoE) folder SRC to Megatron-Core legacy rank files in DST.
+
+    Writes DST/latest_checkpointed_iteration.txt and DST/release/mp_rank_*/model_optim_rng.pt with
+    Megatron-Bridge names (language_model.*, vision_model.*). Example:
+
+      vlconvert hf-to-megatron Qwen3-VL-30B-A3B-Instruct out --tp 2 --pp 2 --ep 8
+    """
+    from vlconvert.megatron_convert import hf_to_megatron
+
+    rep = Reporter(as_json, quiet)
+    result = hf_to_megatron(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                            dtype=parse_dtype(dtype), padded_vocab_size=padded_vocab_size,
+                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                            pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, overwrite=overwrite,
+                            iteration=iteration, progress_factory=_factory(rep))
+    _report(rep, "hf-to-megatron", result, [("train with", result.plan.training_flags())])
+
+
+@click.command("megatron-to-hf")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--assets-dir", required=True, type=click.Path(path_type=Path),
+              help="The original Hugging Face folder: config, tokenizer and processor files are copied byte for "
+                   "byte from it.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
+@click.option("--dtype", default=None, help="Cast weights (bf16, fp16, fp32); default keeps the stored dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@output_options
+@handle_errors
+def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_size: str, dtype: str | None,
+                           overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Convert Megatron-Core legacy rank files SRC back to a Hugging Face folder DST.
+
+    TP/PP/EP/ETP, spec, expert style and vocabulary padding are detected from the folders and tensors
+    (mp_rank_XX_YYY is read as EP when that folder holds the word embeddings, else as PP). Experts are
+    written in the released orientation ([E, H, 2I] / [E, I, H]).
+    """
+    from vlconvert.megatron_convert import megatron_to_hf
+
+    rep = Reporter(as_json, quiet)
+    result = megatron_to_hf(src, dst, assets_dir=assets_dir, max_shard_size=max_shard_size,
+                            dtype=parse_dtype(dtype), overwrite=overwrite, progress_factory=_factory(rep))
+    if dtype:
+        result.notes.append(f"cast to {dtype_name(parse_dtype(dtype))}")
+    _report(rep, "megatron-to-hf", result, [("assets copied", str(len(result.extra.get("assets", []))))])
+
+
+@click.command("reshard")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@_parallel_options
+@click.option("--spec", type=click.Choice(["te", "local"]), default=None, help="Output spec (default: the source's).")
+@click.option("--experts", "experts", type=click.Choice(["grouped", "sequential"]), default=None,
+              help="Output expert style (default: the source's).")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="HF config.json or folder, for checkpoints vlconvert did not write.")
+@output_options
+@handle_errors
+def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None, pp_first_layers: int | None,
+                    pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
+                    iteration: int | None, dtype: str | None, overwrite: bool, spec: str | None,
+                    experts: str | None, config: Path | None, as_json: bool, quiet: bool) -> None:
+    """Change the TP/PP/EP sizes of Megatron checkpoint SRC into DST, without a detour through HF.
+
+    The result is byte-identical to converting the original HF folder to the new sizes directly.
+    """
+    from vlconvert.megatron_convert import reshard
+
+    rep = Reporter(as_json, quiet)
+    result = reshard(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts, dtype=parse_dtype(dtype),
+                     padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                     pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, config=config,
+                     overwrite=overwrite, iteration=iteration, progress_factory=_factory(rep))
+    _report(rep, "reshard", result, [("train with", result.plan.training_flags())])
