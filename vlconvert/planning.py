@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vlconvert import ops
 from vlconvert.dtypes import dtype_name, element_size, parse_dtype
 from vlconvert.errors import UserError
 from vlconvert.layouts.canonical import detect_layout
@@ -137,36 +138,15 @@ def layer_of(name: str) -> int | None:
 
 # ----------------------------------------------------------------------------------- pipeline stages
 def stage_layer_counts(layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
-    """Decoder layers per pipeline stage, as Megatron-LM splits them (first/last counts optional).
-
-    Raises ValueError with the reason when the split is impossible or uneven without counts.
-    """
-    if pp < 1:
-        raise ValueError("pp must be at least 1")
-    if pp == 1:
-        if first not in (None, layers) or last not in (None, layers):
-            raise ValueError("--pp-first-layers/--pp-last-layers need pp > 1")
-        return [layers]
-    if first is None and last is None:
-        if layers % pp:
-            raise ValueError(f"{layers} layers do not divide by pp {pp}")
-        return [layers // pp] * pp
-    if pp == 2:
-        f = first if first is not None else layers - last
-        la = last if last is not None else layers - first
-        if f + la != layers or f < 1 or la < 1:
-            raise ValueError(f"first {f} + last {la} must be {layers} layers at pp 2")
-        return [f, la]
-    middle = pp - (first is not None) - (last is not None)
-    rest = layers - (first or 0) - (last or 0)
-    if rest < middle or rest % middle:
-        raise ValueError(f"the {rest} layers left after the first/last stages do not divide evenly "
-                         f"by the other {middle} stages")
-    m = rest // middle
-    counts = [first if first is not None else m] + [m] * (pp - 2) + [last if last is not None else m]
-    if min(counts) < 1:
-        raise ValueError("every stage needs at least one layer")
-    return counts
+    """Decoder layers per pipeline stage: :func:`vlconvert.ops.pipeline_layers` (the rule the Megatron
+    converter applies), raising ValueError, a failed plan check, instead of a user error."""
+    if first is None and last is None and pp > 1 and layers % pp:
+        # the plan proposes balanced counts itself (propose_pp_split), so no generic suggestion here
+        raise ValueError(f"{layers} layers do not divide by pp {pp}")
+    try:
+        return ops.pipeline_layers(layers, pp, first, last)
+    except UserError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def stage_costs(counts: list[int], layer_bytes: list[int], first_extra: int, last_extra: int) -> list[int]:
@@ -203,16 +183,6 @@ def propose_pp_split(layer_bytes: list[int], pp: int, first_extra: int, last_ext
     if best is None:
         return None
     return best[1], best[2], best[3], best[4]
-
-
-# ----------------------------------------------------------------------------------------- vocab
-def padded_vocab(vocab: int, tp: int, divisible_by: int = DEFAULT_VOCAB_DIVISOR,
-                 padded_size: int | None = None) -> int:
-    """Megatron-LM's padded vocab rows: ceil(V / (divisor*TP)) * divisor*TP, or the explicit size."""
-    if padded_size:
-        return padded_size
-    multiple = max(1, divisible_by) * tp
-    return math.ceil(vocab / multiple) * multiple
 
 
 # -------------------------------------------------------------------------------------- disk speed
@@ -359,11 +329,11 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
     tensors = canonical_tensors(skeleton, dtype)
 
     # vocab padding
-    rows = padded_vocab(info.vocab, tp, divisible_by, padded_size)
-    if rows < info.vocab:
-        checks.append(Check("padded vocab", False, f"padded vocab {rows} is smaller than the {info.vocab} rows"))
-    if rows % tp:
-        checks.append(Check("padded vocab % tp", False, f"padded vocab {rows} does not divide by tp {tp}"))
+    try:
+        rows = ops.padded_vocab_size(info.vocab, tp, divisible_by, padded_size)
+    except UserError as exc:  # an explicit size smaller than the vocabulary or not divisible by tp
+        checks.append(Check("padded vocab", False, str(exc)))
+        rows = padded_size or info.vocab
     pad_rows = max(0, rows - info.vocab)
     vocab_tensors = 1 if info.tied else 2
     plan.vocab = {"rows": info.vocab, "padded_rows": rows, "pad_rows": pad_rows,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -346,17 +345,3 @@ def copy_assets(src: Path, dst: Path) -> list[str]:
         shutil.copyfile(path, dst / rel)
         copied.append(str(rel))
     return copied
-
-
-def fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries to disk (best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -25,12 +25,11 @@ import collections
 import hashlib
 import io
 import math
-import os
 import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -450,23 +449,6 @@ def scan_ranks(root: Path, resolve_two_part: Callable[[dict[tuple[int, int], Pat
 def write_tracker(root: Path, iteration: int | None) -> None:
     """Write ``latest_checkpointed_iteration.txt``."""
     (Path(root) / TRACKER).write_text("release" if iteration is None else str(iteration))
-
-
-def rank_files_in(root: Path) -> Iterable[Path]:
-    """Every rank file under a checkpoint root (for size reports)."""
-    return sorted(Path(root).rglob(RANK_FILE))
-
-
-def fsync_file(path: Path) -> None:
-    """Flush one file to disk (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def __getattr__(name: str):

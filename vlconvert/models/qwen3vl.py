@@ -76,6 +76,8 @@ def load_config(path_or_dict: str | Path | dict) -> ModelInfo:
     """Read a Qwen3-VL / Qwen3-VL-MoE config.json (4.57 or 5.x style) into :class:`ModelInfo`."""
     raw = path_or_dict if isinstance(path_or_dict, dict) else read_config_json(path_or_dict)
     family = raw.get("model_type")
+    if family is None:
+        raise UserError("the config has no model_type: is it a Qwen3-VL config.json?")
     if family not in FAMILIES:
         raise UserError(f"model_type '{family}' is not supported: vlconvert handles {', '.join(FAMILIES)}")
     text = raw.get("text_config") or {}
