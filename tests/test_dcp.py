@@ -347,3 +347,40 @@ def test_metadata_with_foreign_pickle_is_refused(tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(os.system))  # would run code if unpickled freely
     line = error_line("dcp-to-hf", folder, tmp_path / "o", "--assets-dir", FIX / "tiny-moe")
     assert "refusing to load posix.system" in line
+
+
+def test_mindspeed_style_dcp_with_2d_expert_views(tmp_path):
+    """MindSpeed-MM keeps HF keys under 'model.model.' and views fused experts as 2-D (E*in, out)."""
+    original = load_hf_tensors(FIX / "tiny-moe")  # released orientation [E, H, 2I] / [E, I, H]
+    state = {}
+    for key, tensor in original.items():
+        if key.endswith(("gate_up_proj", "down_proj")):
+            tensor = tensor.reshape(-1, tensor.shape[-1])
+        state["model." + key] = tensor.float()
+    dcp.save({"model": state}, checkpoint_id=str(tmp_path / "dcp"))
+    summary = dcp_to_hf(tmp_path / "dcp", tmp_path / "hf", assets_dir=FIX / "tiny-moe")
+    assert summary["prefix"] == "model.model."
+    result = load_hf_tensors(tmp_path / "hf")
+    for key, tensor in original.items():
+        assert tensor_bytes(result[key]) == tensor_bytes(tensor), key
+
+
+def test_disk_full_mid_write_publishes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import vlconvert.dcp_convert as conv
+
+    calls = {"n": 0}
+    real_write = conv.SafetensorsFileWriter.write
+
+    def full_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    hf_to_dcp(FIX / "tiny-dense-tied", tmp_path / "dcp")
+    monkeypatch.setattr(conv.SafetensorsFileWriter, "write", full_disk)
+    line = error_line("dcp-to-hf", tmp_path / "dcp", tmp_path / "out", "--assets-dir", FIX / "tiny-dense-tied")
+    assert "disk full" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp"]

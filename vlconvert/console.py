@@ -78,7 +78,7 @@ class Reporter:
             yield lambda n: None
             return
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=False)
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True)
         with progress:
             task = progress.add_task(description, total=total)
             yield lambda n: progress.advance(task, n)
