@@ -101,19 +101,28 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/vlbench"))
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--make-source", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], args.child[1:])
         return
+    if args.make_source:
+        print(*make_source(args.make_source, args.model, args.layers, args.vision_depth))
+        return
     shutil.rmtree(args.work, ignore_errors=True)
     src = args.work / "hf"
     t0 = time.perf_counter()
-    total, largest = make_source(src, args.model, args.layers, args.vision_depth)
+    # generated in its own process: a child inherits its parent's peak RSS across fork+exec on Linux,
+    # so the parent stays small and each measured child reports only its own peak
+    made = subprocess.run([sys.executable, __file__, "--make-source", str(src), "--model", args.model,
+                           "--layers", str(args.layers), "--vision-depth", str(args.vision_depth)],
+                          check=True, capture_output=True, text=True)
+    total, largest = (int(x) for x in made.stdout.split()[-2:])
     print(f"generated {total / 1e9:.2f} GB ({args.model} shapes, {args.layers} layers) in "
           f"{time.perf_counter() - t0:.1f} s; largest tensor {largest / 2**20:.0f} MiB", flush=True)
     subprocess.run(["sync"], check=False)
     t0 = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(args.work / "cp")], check=True)
+    subprocess.run(["cp", "-r", "--reflink=never", str(src), str(args.work / "cp")], check=True)
     subprocess.run(["sync"], check=False)
     cp_s = time.perf_counter() - t0
     rows = [{"step": "cp -r (HF folder)", "seconds": cp_s, "bytes": total, "peak_rss": 0, "files": 0}]
