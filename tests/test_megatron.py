@@ -244,3 +244,16 @@ def test_restricted_unpickler_never_calls_unknown_globals(tmp_path: Path) -> Non
     with pytest.raises(UserError, match="not a tensor"):
         mlay.RankFile(tmp_path / "evil2.pt")
     assert pickle  # noqa: B018
+
+
+def test_uneven_pipeline_refusal_names_the_balanced_counts_plan_proposes(tmp_path):
+    from vlconvert.megatron_convert import plan_megatron_ranks
+    from vlconvert.planning import plan_conversion
+
+    config = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "Qwen3-VL-235B-A22B-Instruct.json"
+    with pytest.raises(UserError, match="--pp-first-layers 11 --pp-last-layers 11"):
+        plan_megatron_ranks(config, 4, 8, 16)
+    proposal = plan_conversion(config, "megatron", tp=4, pp=8, ep=16).pipeline["proposal"]
+    assert (proposal["pp_first_layers"], proposal["pp_last_layers"]) == (11, 11)
+    accepted = plan_megatron_ranks(config, 4, 8, 16, pp_first_layers=11, pp_last_layers=11)
+    assert accepted.stage_layers == [11, 12, 12, 12, 12, 12, 12, 11]

@@ -160,7 +160,19 @@ def plan_megatron_ranks(model: Skeleton | ModelInfo | dict | str | Path, tp: int
         raise UserError(f"--etp {etp} must divide --tp {tp} (each TP folder holds expert-TP rank tp % etp)")
     if info.is_moe:
         ops.local_experts(info.experts, ep, 0)
-    stage_layers = ops.pipeline_layers(info.layers, pp, pp_first_layers, pp_last_layers)
+    try:
+        stage_layers = ops.pipeline_layers(info.layers, pp, pp_first_layers, pp_last_layers)
+    except UserError as exc:
+        if pp_first_layers is not None or pp_last_layers is not None:
+            raise
+        from vlconvert.planning import balanced_pp_split  # planning imports this module
+
+        proposal = balanced_pp_split(sk, pp, dtype)
+        if proposal is None:
+            raise
+        raise UserError(f"{info.layers} layers do not split evenly over --pp {pp}: pass --pp-first-layers "
+                        f"{proposal[0]} --pp-last-layers {proposal[1]} (stages {proposal[2]}, balanced for the "
+                        "vision tower and embedding on the first stage)") from exc
     vocab = sk.shape_in(EMBED, "released")[0]
     padded = ops.padded_vocab_size(vocab, tp, make_vocab_size_divisible_by, padded_vocab_size)
     params = megatron_params(sk, spec=spec, experts=experts, padded_vocab=padded)

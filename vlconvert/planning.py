@@ -160,6 +160,35 @@ def stage_costs(counts: list[int], layer_bytes: list[int], first_extra: int, las
     return costs
 
 
+def stage_bytes_inputs(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = None
+                       ) -> tuple[list[int], int, int]:
+    """Bytes per decoder layer, plus what the first stage (vision tower, embedding) and the last stage
+    (final norm, output layer: its own copy when embeddings are tied) carry besides layers."""
+    info = skeleton.info
+    dtype = dtype or info.dtype or torch.bfloat16
+    layer_bytes = [0] * info.layers
+    first_extra = last_extra = 0
+    for t in canonical_tensors(skeleton, dtype):
+        layer = layer_of(t.name)
+        if layer is not None:
+            layer_bytes[layer] += t.nbytes
+        elif t.name.startswith("model.visual.") or t.name == EMBED:
+            first_extra += t.nbytes
+        else:
+            last_extra += t.nbytes
+    if info.tied and pp > 1:
+        last_extra += info.vocab * info.hidden * element_size(dtype)
+    return layer_bytes, first_extra, last_extra
+
+
+def balanced_pp_split(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = None
+                      ) -> tuple[int, int, list[int], list[int]] | None:
+    """First/last-stage layer counts balancing bytes per pipeline stage for this model (see
+    :func:`propose_pp_split`); returns (first, last, counts, stage bytes) or None."""
+    layer_bytes, first_extra, last_extra = stage_bytes_inputs(skeleton, pp, dtype)
+    return propose_pp_split(layer_bytes, pp, first_extra, last_extra)
+
+
 def propose_pp_split(layer_bytes: list[int], pp: int, first_extra: int, last_extra: int
                      ) -> tuple[int, int, list[int], list[int]] | None:
     """First/last-stage layer counts that minimise the largest stage (ties: the most even stages).
@@ -341,18 +370,7 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
                   "pad_bytes": pad_rows * info.hidden * esize * vocab_tensors}
 
     # pipeline stages
-    layer_bytes = [0] * info.layers
-    first_extra = last_extra = 0
-    for t in tensors:
-        layer = layer_of(t.name)
-        if layer is not None:
-            layer_bytes[layer] += t.nbytes
-        elif t.name.startswith("model.visual.") or t.name == EMBED:
-            first_extra += t.nbytes
-        else:
-            last_extra += t.nbytes
-    if info.tied and pp > 1:
-        last_extra += info.vocab * info.hidden * esize  # the last stage keeps its own output_layer copy
+    layer_bytes, first_extra, last_extra = stage_bytes_inputs(skeleton, pp, dtype)
     proposal = propose_pp_split(layer_bytes, pp, first_extra, last_extra)
     source = "given" if (first is not None or last is not None) else "even"
     try:
