@@ -335,6 +335,8 @@ def test_model_id_from_local_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     summary = hf_to_dcp("Qwen/Tiny-VL", tmp_path / "out")
     assert summary["source"] == str(snap)
+    dcp_to_hf(tmp_path / "out", tmp_path / "back", assets_dir="Qwen/Tiny-VL")  # assets from the cache too
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (snap / "tokenizer.json").read_bytes()
     with pytest.raises(UserError, match="local Hugging Face cache"):
         hf_to_dcp("Qwen/Not-There", tmp_path / "out2")
 

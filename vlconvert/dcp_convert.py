@@ -28,6 +28,7 @@ from vlconvert.layouts.hf import (
     copy_assets,
     parse_size,
     plan_shards,
+    resolve_source,
     shard_file_names,
     write_index,
 )
@@ -248,9 +249,10 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, dtype
     Keys are checked against the meta-device skeleton of the assets' config before anything is written.
     """
     reporter = reporter or Reporter(quiet=True)
-    assets = Path(assets_dir)
-    if not assets.is_dir():
-        raise UserError(f"assets folder '{assets}' does not exist")
+    try:
+        assets = resolve_source(assets_dir)  # a folder, or a model id in the local Hugging Face cache
+    except UserError as exc:
+        raise UserError(f"assets folder '{assets_dir}' does not exist (nor is it a cached model id)") from exc
     config = read_config_json(assets / "config.json")
     skeleton = build_skeleton(config)
     target_layout = _resolve_experts_layout(experts_layout, skeleton)

@@ -38,8 +38,9 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.command("dcp-to-hf")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--assets-dir", required=True, type=click.Path(file_okay=False),
-              help="The original Hugging Face folder: config, tokenizer and processor files are copied from it.")
+@click.option("--assets-dir", required=True,
+              help="The original Hugging Face folder (or cached model id): config, tokenizer and processor "
+                   "files are copied from it.")
 @click.option("--dtype", default="config", show_default=True,
               help="Output dtype: config (the one config.json names), keep, bf16, fp16, fp32.")
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default="released",
