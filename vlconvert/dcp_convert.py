@@ -186,13 +186,17 @@ def hf_to_dcp(src: str | Path, dst: str | Path, *, prefix: str = "", dtype: str 
     with staged_output(dst, overwrite=overwrite, needed_bytes=total_out + _RECORD_OVERHEAD * len(plan)) as stage:
         writer = DCPWriter(stage)
         current_file = None
+        previous: tuple[str, torch.Tensor] | None = None  # a tied lm_head follows its embedding: read once
         with reporter.bytes_progress("hf-to-dcp", total_in) as advance:
             for name, source, layout in plan:
                 shard = ckpt.tensors[source].file
                 if shard != current_file:
                     writer.open_file(f"__0_{file_index[shard]}.distcp")
                     current_file = shard
-                tensor = ckpt.read(source)
+                if previous is not None and previous[0] != source:
+                    previous = None  # drop it before reading the next tensor: one tensor in memory
+                tensor = previous[1] if previous is not None else ckpt.read(source)
+                previous = (source, tensor) if source == EMBED and skeleton.info.tied else None
                 if layout is not None:
                     tensor = convert_expert(tensor, layout, target_layout)
                 key = prefix + name
@@ -224,18 +228,24 @@ class _TensorRecipe:
     view_as: tuple[int, ...] | None  # 3-D shape to view a 2-D stored expert as
 
 
-def _expert_recipe(name: str, entry: DCPTensor, skeleton: Skeleton) -> _TensorRecipe:
-    runtime = skeleton.tensors[name].shape
-    if len(entry.shape) == 3:
-        return _TensorRecipe(name, entry, expert_layout_of(name, entry.shape, skeleton, skeleton.runtime_experts),
-                             None)
-    # 2-D views such as MindSpeed's (E*in, out) of the stored 3-D tensor
-    for layout in (skeleton.runtime_experts, "released" if skeleton.runtime_experts != "released" else "transformers5"):
+def stored_expert_layout(name: str, shape: tuple[int, ...], skeleton: Skeleton
+                         ) -> tuple[str, tuple[int, ...] | None]:
+    """Orientation of an expert tensor as a DCP stores it, and the 3-D shape to view it as when it is a
+    2-D ``(E*in, out)`` view (MindSpeed-MM); square tensors are taken in the run-time layout."""
+    if len(shape) == 3:
+        return expert_layout_of(name, shape, skeleton, skeleton.runtime_experts), None
+    other = "released" if skeleton.runtime_experts != "released" else "transformers5"
+    for layout in (skeleton.runtime_experts, other):
         shape3 = skeleton.shape_in(name, layout)
-        if entry.shape == (shape3[0] * shape3[1], shape3[2]):
-            return _TensorRecipe(name, entry, layout, shape3)
-    raise UserError(f"'{entry.key}' has shape {list(entry.shape)}, the config expects {list(runtime)} "
-                    "(or its transpose)")
+        if tuple(shape) == (shape3[0] * shape3[1], shape3[2]):
+            return layout, shape3
+    raise UserError(f"'{name}' is stored with shape {list(shape)}, the config expects "
+                    f"{list(skeleton.tensors[name].shape)} (or its transpose)")
+
+
+def _expert_recipe(name: str, entry: DCPTensor, skeleton: Skeleton) -> _TensorRecipe:
+    layout, view_as = stored_expert_layout(name, entry.shape, skeleton)
+    return _TensorRecipe(name, entry, layout, view_as)
 
 
 def dcp_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, dtype: str | None = "config",

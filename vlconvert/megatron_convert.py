@@ -687,7 +687,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, 
                 if ok:
                     writer.close()
                 else:
-                    writer._f.close()  # noqa: SLF001 - the staged folder is removed anyway
+                    writer.abort()  # keep the original error; the staged folder is removed anyway
         if len(fnames) > 1:
             write_index(stage, weight_map, total)
         elif (stage / "model.safetensors.index.json").exists():

@@ -461,8 +461,10 @@ def _write_patched_shard(ckpt: HFCheckpoint, shard: Path, dst: Path, patches: di
                     if start <= row < stop:
                         block[row - start] = value
                 advance(writer.write(t.name, block, row_offset=start))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()  # keep the original error; the staged output is discarded
+        raise
+    writer.close()
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> str:

@@ -92,23 +92,14 @@ class DCPCanonical:
         return sorted(self.keys)
 
     def _expert_layout(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
-        from vlconvert.models.qwen3vl import expert_layout_of, is_expert
+        from vlconvert.dcp_convert import stored_expert_layout
+        from vlconvert.models.qwen3vl import is_expert
 
         if not is_expert(name) or name not in self.skeleton.tensors:
             return None
         if name not in self._expert:
             shape = self.reader.tensors[self.keys[name]].shape
-            sk = self.skeleton
-            if len(shape) == 3:
-                self._expert[name] = (expert_layout_of(name, shape, sk, sk.runtime_experts), None)
-            else:  # a 2-D (E*in, out) view of the 3-D tensor
-                for layout in ("released", "transformers5"):
-                    shape3 = sk.shape_in(name, layout)
-                    if tuple(shape) == (shape3[0] * shape3[1], shape3[2]):
-                        self._expert[name] = (layout, shape3)
-                        break
-                else:
-                    raise UserError(f"'{self.keys[name]}' has shape {list(shape)}, not an expert tensor of this config")
+            self._expert[name] = stored_expert_layout(name, shape, self.skeleton)
         return self._expert[name]
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:

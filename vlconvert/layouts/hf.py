@@ -303,6 +303,10 @@ class SafetensorsFileWriter:
         self.written += data.nbytes
         return data.nbytes
 
+    def abort(self) -> None:
+        """Close the file after a failure without checking it (the caller discards it)."""
+        self._f.close()
+
     def close(self) -> None:
         self._f.close()
         if self.written != self.total:
