@@ -84,5 +84,8 @@ if __name__ == "__main__":
             load(*sys.argv[2:5])
         else:
             save(*sys.argv[2:4])
+        # every rank finishes its work before any tears gloo down: a rank that destroys the group while
+        # another is still busy can abort ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
