@@ -294,8 +294,8 @@ def test_missing_and_unexpected_keys(tmp_path):
 
 
 def test_interrupted_run_and_full_disk_publish_nothing(tmp_path, monkeypatch):
-    import vlconvert.dcp_convert as conv
-    import vlconvert.layouts.publish as publish
+    import vlconvert.layouts.dcp as conv
+    import vlconvert.publish as publish
 
     calls = {"n": 0}
     real_write = conv.DCPWriter.write
@@ -370,7 +370,7 @@ def test_mindspeed_style_dcp_with_2d_expert_views(tmp_path):
 def test_disk_full_mid_write_publishes_nothing(tmp_path, monkeypatch):
     import errno
 
-    import vlconvert.dcp_convert as conv
+    import vlconvert.layouts.hf as conv
 
     calls = {"n": 0}
     real_write = conv.SafetensorsFileWriter.write

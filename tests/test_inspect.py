@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from vlconvert.cli import main
 from vlconvert.inspection import KNOWN_MODELS, identify_model, skeleton_parameter_counts
-from vlconvert.layouts.canonical import detect_layout
 from vlconvert.models.qwen3vl import build_skeleton, load_config
+from vlconvert.sources import detect_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "fixtures" / "configs"

@@ -23,7 +23,6 @@ from vlconvert.megatron_convert import (
     plan_megatron_ranks,
     reshard,
 )
-from vlconvert.models.qwen3vl import build_skeleton
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -110,14 +109,9 @@ def test_reshard_equals_direct(tmp_path: Path) -> None:
 
 def test_two_part_folder_names_detected_from_tensors(tmp_path: Path) -> None:
     """mp_rank_00_001: EP rank (no PP) vs PP rank (no EP), told apart without vlconvert metadata."""
-    from vlconvert.megatron_convert import HFSourceReader, write_megatron
-
-    ckpt = HFCheckpoint(FIX / "tiny-moe")
-    sk = build_skeleton(ckpt.config_path())
     for kw, want in ((dict(ep=2), "ep"), (dict(pp=2), "pp")):
         dst = tmp_path / want
-        plan = plan_megatron_ranks(sk, **kw)
-        write_megatron(plan, HFSourceReader(ckpt, sk), dst, metadata=False)
+        hf_to_megatron(FIX / "tiny-moe", dst, metadata=False, **kw)
         assert (dst / "release/mp_rank_00_001").is_dir()
         assert mlay.RankFile(dst / "release/mp_rank_00_001/model_optim_rng.pt").meta is None
         with pytest.raises(UserError, match="no model config"):

@@ -14,6 +14,7 @@ from vlconvert import __version__
 
 # command name -> "module:function" under vlconvert.commands
 COMMANDS: dict[str, str] = {
+    "convert": "convert:convert_command",
     "hf-to-dcp": "dcp:hf_to_dcp_command",
     "dcp-to-hf": "dcp:dcp_to_hf_command",
     "hf-to-megatron": "megatron:hf_to_megatron_command",
@@ -27,11 +28,12 @@ COMMANDS: dict[str, str] = {
 }
 
 _SUMMARIES = {
-    "hf-to-dcp": "Convert a Hugging Face checkpoint to a PyTorch Distributed Checkpoint.",
-    "dcp-to-hf": "Convert a DCP (vlconvert or FSDP2 training) back to a Hugging Face folder.",
-    "hf-to-megatron": "Convert a Hugging Face checkpoint to Megatron-Core legacy rank files.",
-    "megatron-to-hf": "Convert Megatron-Core legacy rank files back to a Hugging Face folder.",
-    "reshard": "Change the TP/PP/EP sizes of a Megatron checkpoint directly.",
+    "convert": "Any layout to any layout (HF, DCP, Megatron) in one pass.",
+    "hf-to-dcp": "= convert --to dcp from a Hugging Face checkpoint.",
+    "dcp-to-hf": "= convert --to hf from a DCP (vlconvert or FSDP2 training); --dtype config.",
+    "hf-to-megatron": "= convert --to megatron from a Hugging Face checkpoint.",
+    "megatron-to-hf": "= convert --to hf from Megatron-Core legacy rank files.",
+    "reshard": "= convert --to megatron from a Megatron checkpoint (new TP/PP/EP sizes).",
     "retag-think": "Rename untrained <think> specials to plain-word tags, consistently.",
     "plan": "Show what a conversion would write, and check it, before touching a byte.",
     "inspect": "Describe a checkpoint folder (layout, model, parallel sizes, dtypes, tokenizer).",
@@ -67,10 +69,14 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vlconvert")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def main(debug: bool = False) -> None:
     """Convert Qwen3-VL checkpoints between Hugging Face, DCP (FSDP2) and Megatron layouts, and repair
     their tokenizers before RL. Every command streams tensor by tensor and publishes its output only
     when complete."""
+    from vlconvert import console
+
+    console.DEBUG = debug
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -21,33 +22,58 @@ stderr = Console(stderr=True)
 stdout = Console()
 
 
+DEBUG = False  # set by --debug (group or command): show tracebacks instead of one line
+
+
 def output_options(func: Callable) -> Callable:
-    """Add ``--json`` and ``--quiet`` to a command."""
+    """Add ``--json``, ``--quiet`` and ``--debug`` to a command."""
+    func = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")(func)
     func = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(func)
     func = click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON object (the summary) on stdout; progress goes nowhere.")(func)
     return func
 
 
+def fail(message: str, code: int = 1) -> None:
+    """Print ``message`` as one plain line on stderr (no markup, never wrapped) and exit with ``code``."""
+    line = " ".join(str(message).split())
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """Turn UserError, Ctrl-C and a full disk into one line on stderr and a non-zero exit."""
+    """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug).
+
+    UserError: its message, exit 1. Ctrl-C: exit 130. A full disk and other OS errors: one line naming
+    the file, exit 1. Anything else is a bug: one line saying so, exit 1.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.pop("debug", False) or DEBUG
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-            sys.exit(1)
+            if debug:
+                raise
+            fail(f"error: {exc}")
         except KeyboardInterrupt:
-            stderr.print("[bold red]interrupted:[/] nothing was published", highlight=False)
-            sys.exit(130)
+            if debug:
+                raise
+            fail("interrupted: nothing was published", 130)
         except OSError as exc:
-            if exc.errno == 28:
-                stderr.print("[bold red]error:[/] disk full: nothing was published", highlight=False)
-            else:
-                stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=False)
-            sys.exit(1)
+            if debug:
+                raise
+            if exc.errno == errno.ENOSPC:
+                fail("error: disk full: nothing was published; free space and rerun")
+            where = f" '{exc.filename}'" if exc.filename else ""
+            fail(f"error: {exc.strerror or exc}{where}")
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if debug:
+                raise
+            fail(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
+                 "and report it")
 
     return wrapper
 

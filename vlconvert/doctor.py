@@ -62,7 +62,7 @@ def collect_facts() -> EnvFacts:
         import transformers
 
         tf_version = transformers.__version__
-        from vlconvert.models.qwen3vl import runtime_experts_layout
+        from vlconvert.models.qwen3vl import measured_runtime_experts_layout as runtime_experts_layout
 
         runtime = runtime_experts_layout()
         try:

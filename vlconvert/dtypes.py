@@ -36,4 +36,4 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def element_size(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize

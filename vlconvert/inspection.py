@@ -16,7 +16,6 @@ from typing import Any
 
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
-from vlconvert.layouts.canonical import detect_layout
 from vlconvert.models.qwen3vl import (
     EMBED,
     LM_HEAD,
@@ -27,6 +26,7 @@ from vlconvert.models.qwen3vl import (
     is_expert,
     load_config,
 )
+from vlconvert.sources import MegatronSource, detect_layout, open_source
 
 # The six released sizes (reference/qwen3vl-hf.md §1.2-1.3): the dims that tell them apart.
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
@@ -88,7 +88,7 @@ def skeleton_parameter_counts(skeleton: Skeleton) -> dict[str, int]:
 def dims_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Model dims read off canonical tensor names and shapes (for folders without a config)."""
     dims: dict[str, Any] = {}
-    if EMBED in shapes:
+    if EMBED in shapes and len(shapes[EMBED]) == 2:
         dims["hidden"] = shapes[EMBED][1]
         dims["vocab_rows"] = shapes[EMBED][0]
     layers = {int(m.group(1)) for n in shapes if n.startswith("model.language_model.") and (m := _LAYER.search(n))}
@@ -168,8 +168,6 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
     ``rows=True`` also reads the embedding matrices of an HF folder to compare the think tags' rows
     with trained rows (norm against the median row norm).
     """
-    from vlconvert.verify import open_source
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"'{path}' does not exist or is not a folder")
@@ -268,14 +266,13 @@ def _layout_details(src: Any, layout: str, skeleton: Skeleton | None, issues: li
             except (KeyError, TypeError, ValueError, json.JSONDecodeError):
                 issues.append("model.safetensors.index.json has no metadata.total_size")
         return out
-    opened = getattr(src, "opened", None)
-    if layout == "megatron" and opened is not None:
-        mp = opened.plan
+    if isinstance(src, MegatronSource):
+        mp = src.plan
         out["parallel"] = {"tp": mp.tp, "pp": mp.pp, "ep": mp.ep, "etp": mp.etp, "stage_layers": mp.stage_layers,
                            "padded_vocab": mp.padded_vocab, "spec": mp.spec, "experts": mp.experts}
-        out["files"] = len(opened.files)
-        out["iteration"] = opened.layout.iteration
-        out["notes"] = list(opened.notes)
+        out["files"] = len(src.files)
+        out["iteration"] = src.layout_info.iteration
+        out["notes"] = list(src.notes)
         if skeleton is not None and skeleton.info.is_moe:
             out["experts_orientation"] = f"megatron per-expert [out, in] ({mp.experts})"
         return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,17 +22,27 @@ from typing import Any
 import torch
 
 from vlconvert import ops
-from vlconvert.dtypes import dtype_name, element_size, parse_dtype
+from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
-from vlconvert.layouts.canonical import detect_layout
 from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD, Skeleton, build_skeleton, is_expert, load_config
+from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the plan command's split rules
+    balanced_pp_split,
+    canonical_tensors,
+    config_bytes,
+    layer_of,
+    output_dtype,
+    propose_pp_split,
+    stage_bytes_inputs,
+    stage_costs,
+    stage_layer_counts,
+)
+from vlconvert.sources import detect_layout, open_source
 
 TARGETS = ("hf", "dcp", "megatron")
 DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 PROBE_BYTES = 64 * 2**20
 RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around a DCP tensor (dcp_convert measures ~1.5 KB)
-_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 # Megatron tensor-parallel split of each canonical (HF) tensor, by name suffix.
 _COLUMN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -109,109 +118,6 @@ class Plan:
         data = asdict(self)
         data["ok"] = self.ok
         return data
-
-
-# ------------------------------------------------------------------------------------ output tensors
-def output_dtype(skeleton: Skeleton, dtype: str | torch.dtype | None) -> torch.dtype:
-    """The dtype a conversion writes: the one asked for, else the config's, else bf16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return parse_dtype(dtype) or skeleton.info.dtype or torch.bfloat16
-
-
-def canonical_tensors(skeleton: Skeleton, dtype: torch.dtype) -> list[PlannedTensor]:
-    """The tensors a Hugging Face folder of this config holds (released expert orientation)."""
-    return [PlannedTensor(n, dtype, skeleton.shape_in(n, "released")) for n in skeleton.hf_keys()]
-
-
-def config_bytes(skeleton: Skeleton, dtype: torch.dtype | None = None) -> int:
-    """Sum over the config's shapes (each HF tensor once) at ``dtype`` (default: the config's)."""
-    dtype = dtype or output_dtype(skeleton, None)
-    return sum(t.nbytes for t in canonical_tensors(skeleton, dtype))
-
-
-def layer_of(name: str) -> int | None:
-    """The decoder layer index of a canonical name, or None."""
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
-# ----------------------------------------------------------------------------------- pipeline stages
-def stage_layer_counts(layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
-    """Decoder layers per pipeline stage: :func:`vlconvert.ops.pipeline_layers` (the rule the Megatron
-    converter applies), raising ValueError, a failed plan check, instead of a user error."""
-    if first is None and last is None and pp > 1 and layers % pp:
-        # the plan proposes balanced counts itself (propose_pp_split), so no generic suggestion here
-        raise ValueError(f"{layers} layers do not divide by pp {pp}")
-    try:
-        return ops.pipeline_layers(layers, pp, first, last)
-    except UserError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-def stage_costs(counts: list[int], layer_bytes: list[int], first_extra: int, last_extra: int) -> list[int]:
-    """Bytes per pipeline stage for given layer counts (extras: vision+embedding first, head last)."""
-    costs, start = [], 0
-    for count in counts:
-        costs.append(sum(layer_bytes[start:start + count]))
-        start += count
-    costs[0] += first_extra
-    costs[-1] += last_extra
-    return costs
-
-
-def stage_bytes_inputs(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = None
-                       ) -> tuple[list[int], int, int]:
-    """Bytes per decoder layer, plus what the first stage (vision tower, embedding) and the last stage
-    (final norm, output layer: its own copy when embeddings are tied) carry besides layers."""
-    info = skeleton.info
-    dtype = dtype or info.dtype or torch.bfloat16
-    layer_bytes = [0] * info.layers
-    first_extra = last_extra = 0
-    for t in canonical_tensors(skeleton, dtype):
-        layer = layer_of(t.name)
-        if layer is not None:
-            layer_bytes[layer] += t.nbytes
-        elif t.name.startswith("model.visual.") or t.name == EMBED:
-            first_extra += t.nbytes
-        else:
-            last_extra += t.nbytes
-    if info.tied and pp > 1:
-        last_extra += info.vocab * info.hidden * element_size(dtype)
-    return layer_bytes, first_extra, last_extra
-
-
-def balanced_pp_split(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = None
-                      ) -> tuple[int, int, list[int], list[int]] | None:
-    """First/last-stage layer counts balancing bytes per pipeline stage for this model (see
-    :func:`propose_pp_split`); returns (first, last, counts, stage bytes) or None."""
-    layer_bytes, first_extra, last_extra = stage_bytes_inputs(skeleton, pp, dtype)
-    return propose_pp_split(layer_bytes, pp, first_extra, last_extra)
-
-
-def propose_pp_split(layer_bytes: list[int], pp: int, first_extra: int, last_extra: int
-                     ) -> tuple[int, int, list[int], list[int]] | None:
-    """First/last-stage layer counts that minimise the largest stage (ties: the most even stages).
-
-    Returns (first, last, counts, stage bytes), or None for pp < 2 or too few layers.
-    """
-    layers = len(layer_bytes)
-    if pp < 2 or layers < pp:
-        return None
-    best = None
-    for first in range(1, layers):
-        for last in range(1, layers - first + 1):
-            try:
-                counts = stage_layer_counts(layers, pp, first, last)
-            except ValueError:
-                continue
-            costs = stage_costs(counts, layer_bytes, first_extra, last_extra)
-            key = (max(costs), max(costs) - min(costs), abs(first - last))
-            if best is None or key < best[0]:
-                best = (key, first, last, counts, costs)
-    if best is None:
-        return None
-    return best[1], best[2], best[3], best[4]
 
 
 # -------------------------------------------------------------------------------------- disk speed
@@ -483,7 +389,7 @@ def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp
     """Take per-rank tensor counts from the converter's own rank planner (``plan_megatron_ranks``) and
     check that its per-rank bytes equal the ones computed here from the split rules."""
     try:
-        from vlconvert.megatron_convert import plan_megatron_ranks
+        from vlconvert.models.qwen3vl_megatron import plan_megatron_ranks
     except ImportError:
         plan.notes.append("megatron converter not installed: per-rank bytes from the split rules only")
         return
@@ -509,8 +415,6 @@ def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp
 
 
 def _source_checks(plan: Plan, skeleton: Skeleton, source: str | Path, config: Any) -> None:
-    from vlconvert.verify import open_source
-
     src = open_source(source, config=config)
     try:
         expected = {t.name: t.shape for t in canonical_tensors(skeleton, torch.bfloat16)}

@@ -21,7 +21,6 @@ import copy
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vlconvert import __version__
+from vlconvert import __version__, publish
 from vlconvert.errors import UserError
 from vlconvert.layouts.hf import (
     INDEX_NAME,
@@ -40,7 +39,6 @@ from vlconvert.layouts.hf import (
     read_header,
     resolve_source,
 )
-from vlconvert.layouts.publish import staged_output
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD
 
 OLD_OPEN = "<think>"
@@ -360,34 +358,120 @@ def _paths_containing(obj: Any, needle: str, path: str = "") -> Iterator[str]:
 
 
 # -------------------------------------------------------------------------------- tokenization
-def ordinary_tokenizer(tok_json: dict):
-    """A ``tokenizers.Tokenizer`` with the same rules but no added tokens: the ordinary vocabulary only."""
+def _tokenizer_from(tok_json: dict, path: Path | None):
+    """``Tokenizer.from_str`` with its failures (errors and Rust panics alike) as one UserError."""
     from tokenizers import Tokenizer
 
+    try:
+        return Tokenizer.from_str(json.dumps(tok_json, ensure_ascii=False))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a malformed file can make the Rust side panic
+        raise UserError(f"'{path or TOKENIZER_JSON}' cannot be loaded by the tokenizers library: "
+                        f"{_one_line(exc, 120)}") from exc
+
+
+def ordinary_tokenizer(tok_json: dict, path: Path | None = None):
+    """A ``tokenizers.Tokenizer`` with the same rules but no added tokens: the ordinary vocabulary only."""
     bare = dict(tok_json)
     bare["added_tokens"] = []
-    return Tokenizer.from_str(json.dumps(bare, ensure_ascii=False))
+    return _tokenizer_from(bare, path)
 
 
-def full_tokenizer(tok_json: dict):
+def full_tokenizer(tok_json: dict, path: Path | None = None):
     """A ``tokenizers.Tokenizer`` for a tokenizer.json dict as written."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(json.dumps(tok_json, ensure_ascii=False))
+    return _tokenizer_from(tok_json, path)
 
 
-def tag_pieces(tok_json: dict, tags: Tags) -> dict[str, list[int]]:
+def tag_pieces(tok_json: dict, tags: Tags, path: Path | None = None) -> dict[str, list[int]]:
     """The ordinary-vocabulary ids each new tag splits into."""
-    bare = ordinary_tokenizer(tok_json)
+    bare = ordinary_tokenizer(tok_json, path)
     return {tag: bare.encode(tag, add_special_tokens=False).ids for tag in (tags.open, tags.close)}
 
 
 # -------------------------------------------------------------------------------- file helpers
-def _read_json(path: Path) -> Any:
+def _one_line(value: object, limit: int = 160, quote: bool = False) -> str:
+    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
+    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
+    if isinstance(value, (list, tuple)) and len(value) > 16:
+        value = [*value[:16], "..."]
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"'{path}' is not valid JSON") from exc
+        flat = " ".join((repr(value) if quote else str(value)).split())
+    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
+        flat = f"<{type(value).__name__}>"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file with universal newlines (as ``read_text``), or one UserError naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"'{path}' is not valid UTF-8 text (byte {exc.start})") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """``json.loads`` with every failure as one UserError naming ``path``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"'{path}' is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise UserError(f"'{path}' is not usable JSON: nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer literal longer than Python converts
+        raise UserError(f"'{path}' is not usable JSON ({_one_line(exc, 80)})") from exc
+
+
+def _read_json(path: Path) -> Any:
+    return _parse_json(path, _read_text(path))
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _json_object(path: Path, text: str) -> dict:
+    """The JSON object ``text`` of file ``path``; UserError when it is another JSON type."""
+    obj = _parse_json(path, text)
+    if not isinstance(obj, dict):
+        raise UserError(f"'{path}' holds {_json_kind(obj)} where a JSON object belongs")
+    return obj
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_tokenizer_json(path: Path, tok: dict) -> None:
+    """The parts of a tokenizer.json this module reads must have the types the format gives them."""
+    added = tok.get("added_tokens")
+    if added is not None and not isinstance(added, list):
+        raise UserError(f"'{path}': added_tokens is {_json_kind(added)}, not a list")
+    for i, entry in enumerate(added or []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str) and _is_id(entry.get("id"))):
+            raise UserError(f"'{path}': added_tokens[{i}] is not an object with a string content and an integer id")
+    model = tok.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise UserError(f"'{path}': model is {_json_kind(model)}, not an object")
+    vocab = (model or {}).get("vocab")
+    if vocab is not None and not isinstance(vocab, (dict, list)):
+        raise UserError(f"'{path}': model.vocab is {_json_kind(vocab)}, not an object or a list")
+    if isinstance(vocab, dict) and not all(_is_id(v) for v in vocab.values()):
+        raise UserError(f"'{path}': model.vocab has a value that is not a token id")
+
+
+def _read_tokenizer_json(path: Path) -> tuple[str, dict]:
+    """(text, checked dict) of a tokenizer.json."""
+    text = _read_text(path)
+    tok = _json_object(path, text)
+    _check_tokenizer_json(path, tok)
+    return text, tok
 
 
 def _dump_like(obj: Any, original: str) -> str:
@@ -403,9 +487,7 @@ def _dump_like(obj: Any, original: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
+    publish.write_bytes(path, text.encode("utf-8"))
 
 
 def _is_template_file(rel: Path) -> bool:
@@ -426,6 +508,10 @@ def _embedding_names(tensors: dict) -> tuple[str, str | None]:
     if head is None:
         found = [k for k in tensors if k.endswith("lm_head.weight")]
         head = found[0] if len(found) == 1 else None
+    for name in (embed, head):
+        info = tensors[name] if name is not None else None
+        if info is not None and (len(info.shape) != 2 or 0 in info.shape):
+            raise UserError(f"'{info.file}' stores '{name}' with shape {list(info.shape)}, not a [rows, hidden] matrix")
     return embed, head
 
 
@@ -468,14 +554,13 @@ def _write_patched_shard(ckpt: HFCheckpoint, shard: Path, dst: Path, patches: di
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> str:
-    dst.parent.mkdir(parents=True, exist_ok=True)
     if link:
         try:
-            os.link(src, dst)
+            publish.link_file(src, dst)
             return "linked"
         except OSError:
             pass
-    shutil.copyfile(src, dst)
+    publish.copy_file(src, dst)
     return "copied"
 
 
@@ -510,8 +595,7 @@ def plan_tokenizer_rewrite(folder: Path, tags: Tags, strategy: str) -> Tokenizer
     tok_path = folder / TOKENIZER_JSON
     if not tok_path.is_file():
         raise UserError(f"'{folder}' has no {TOKENIZER_JSON}: retag-think needs the checkpoint's tokenizer")
-    tok_raw = tok_path.read_text(encoding="utf-8")
-    tok = _read_json(tok_path)
+    tok_raw, tok = _read_tokenizer_json(tok_path)
     added = added_token_ids(tok)
     present = [t for t in (OLD_OPEN, OLD_CLOSE) if t in added]
     if not present:
@@ -534,7 +618,7 @@ def plan_tokenizer_rewrite(folder: Path, tags: Tags, strategy: str) -> Tokenizer
     mapping: dict[str, str | None] = ({OLD_OPEN: None, OLD_CLOSE: None} if strategy == "plain"
                                       else dict(tags.mapping()))
     first = first_added_id(tok)
-    pieces = tag_pieces(tok, tags)
+    pieces = tag_pieces(tok, tags, tok_path)
     for tag, ids in pieces.items():
         if not ids or max(ids) >= first:
             raise UserError(f"'{tag}' does not split into ordinary vocabulary pieces ({ids})")
@@ -548,8 +632,8 @@ def plan_tokenizer_rewrite(folder: Path, tags: Tags, strategy: str) -> Tokenizer
 
     cfg_path = folder / TOKENIZER_CONFIG
     if cfg_path.is_file():
-        raw = cfg_path.read_text(encoding="utf-8")
-        new_cfg, ch, n = rewrite_tokenizer_config(_read_json(cfg_path), mapping, tags)
+        raw = _read_text(cfg_path)
+        new_cfg, ch, n = rewrite_tokenizer_config(_json_object(cfg_path, raw), mapping, tags)
         files[TOKENIZER_CONFIG] = _dump_like(new_cfg, raw)
         changes += [f"{TOKENIZER_CONFIG}: {c}" for c in ch]
         if "chat_template" in new_cfg:
@@ -558,22 +642,25 @@ def plan_tokenizer_rewrite(folder: Path, tags: Tags, strategy: str) -> Tokenizer
     for name, func in simple:
         path = folder / name
         if path.is_file():
-            raw = path.read_text(encoding="utf-8")
-            new_obj, ch = func(_read_json(path), mapping)
+            raw = _read_text(path)
+            obj = _json_object(path, raw)
+            if name == ADDED_TOKENS_JSON and not all(_is_id(v) for v in obj.values()):
+                raise UserError(f"'{path}' is not an object of token -> integer id")
+            new_obj, ch = func(obj, mapping)
             files[name] = _dump_like(new_obj, raw)
             changes += ch
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if not path.is_file() or not _is_template_file(rel) or any(p.startswith(".") for p in rel.parts):
             continue
-        raw = path.read_text(encoding="utf-8")
+        raw = _read_text(path)
         if rel.suffix == ".jinja":
             text, n = rewrite_template(raw, tags)
             files[str(rel)] = text
             templates[str(rel)] = n
         else:
-            obj = _read_json(path)
-            if isinstance(obj, dict) and "chat_template" in obj:
+            obj = _json_object(path, raw)
+            if "chat_template" in obj:
                 obj = dict(obj)
                 obj["chat_template"], n = rewrite_template_value(obj["chat_template"], tags)
                 files[str(rel)] = _dump_like(obj, raw)
@@ -588,7 +675,7 @@ def plan_tokenizer_rewrite(folder: Path, tags: Tags, strategy: str) -> Tokenizer
                     where = ", at " + ", ".join(list(_paths_containing(json.loads(text), old))[:3])
                 raise UserError(f"'{folder / rel}' still mentions {old} after the rewrite{where}: "
                                 "this file has a use of the tag that retag-think does not know how to rewrite")
-    new_full = full_tokenizer(new_tok)
+    new_full = full_tokenizer(new_tok, tok_path)
     if strategy == "plain":
         for tag in (tags.open, tags.close, OLD_OPEN, OLD_CLOSE):
             ids = new_full.encode(tag, add_special_tokens=False).ids
@@ -621,7 +708,7 @@ def _already_done(folder: Path, tags: Tags, strategy: str) -> dict | None:
         raise UserError(f"'{folder}' was already retagged ({record.get('strategy')}: "
                         f"{' '.join(record.get('new') or [])}); start from the original checkpoint to choose "
                         "other tags or another strategy")
-    added = added_token_ids(_read_json(tok_path))
+    added = added_token_ids(_read_tokenizer_json(tok_path)[1])
     if strategy == "plain":
         ok = OLD_OPEN not in added and OLD_CLOSE not in added and tags.open not in added and tags.close not in added
     else:
@@ -711,10 +798,12 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
         if not link:
             needed += sum(p.stat().st_size for p in src_path.rglob("*") if p.is_file())
         info(f"retagging {src_path} -> {dst_path} ({strategy})")
-        with staged_output(dst_path, overwrite=overwrite or in_place, needed_bytes=needed) as stage:
+        inputs = {} if in_place else {"SRC": src_path}  # --in-place replaces SRC on purpose, atomically
+        with publish.staged_output(dst_path, inputs=inputs, overwrite=overwrite or in_place,
+                                   needed_bytes=needed, info=info) as stage:
             for path in sorted(src_path.rglob("*")):
                 rel = path.relative_to(src_path)
-                if path.is_dir() or str(rel) in rewritten:
+                if path.is_dir() or str(rel) in rewritten or str(rel) == publish.MANIFEST_NAME:
                     continue
                 how = _link_or_copy(path, stage / rel, link and path.name.endswith(WEIGHT_SUFFIXES))
                 summary[f"files_{how}"] += 1
@@ -776,6 +865,88 @@ def check_jsonl_paths(src: str | Path, dst: str | Path, *, overwrite: bool = Fal
         raise UserError(f"--data-out parent folder '{dst.absolute().parent}' does not exist")
 
 
+def _bad_utf8_line(src: Path) -> int:
+    """The number of the first line of ``src`` that is not valid UTF-8 (0 if none)."""
+    with open(src, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+def _retag_line(src: Path, number: int, body: str, tags: Tags) -> tuple[Any, str | None, int, int]:
+    """Parse one non-blank JSONL line; return (record, new text or None when untouched, openings, closings)."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"'{src}' line {number} is not valid JSON: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise UserError(f"'{src}' line {number} is nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer literal longer than Python converts
+        raise UserError(f"'{src}' line {number} is not usable JSON: {_one_line(exc, 80)}") from exc
+    if not _OLD_TAG_RE.search(body):
+        return obj, None, 0, 0
+    try:
+        new, n_open, n_close = retag_record(obj, tags)
+        text = json.dumps(new, ensure_ascii=False) if n_open or n_close else None
+        if text is not None:
+            text.encode("utf-8")
+    except RecursionError as exc:
+        raise UserError(f"'{src}' line {number} is nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        raise UserError(f"'{src}' line {number} holds a lone surrogate escape, which cannot be written as "
+                        "UTF-8") from exc
+    return new, text, n_open, n_close
+
+
+def _scan_jsonl(src: Path, tags: Tags, fout: Any = None, dst: Path | None = None) -> dict:
+    """Read every line of ``src`` and retag it, writing to ``fout`` when given; return the stats.
+
+    Every way a line can be unusable (bad UTF-8, bad JSON, too deep, unwritable) is a UserError naming it.
+    """
+    stats = {"data": str(src), "data_out": str(dst) if dst is not None else None, "lines": 0, "records": 0,
+             "records_changed": 0, "opening_replaced": 0, "closing_replaced": 0, "records_unbalanced": 0}
+    try:
+        with open(src, encoding="utf-8", newline="") as fin:
+            for number, line in enumerate(fin, start=1):
+                stats["lines"] += 1
+                body = line.rstrip("\r\n")
+                if not body.strip():
+                    if fout is not None:
+                        fout.write(line)
+                    continue
+                stats["records"] += 1
+                _, text, n_open, n_close = _retag_line(src, number, body, tags)
+                if text is not None:
+                    stats["records_changed"] += 1
+                    stats["opening_replaced"] += n_open
+                    stats["closing_replaced"] += n_close
+                    if n_open != n_close:
+                        stats["records_unbalanced"] += 1
+                if fout is not None:
+                    fout.write(line if text is None else text + line[len(body):])
+    except UnicodeDecodeError as exc:
+        raise UserError(f"'{src}' line {_bad_utf8_line(src)} is not valid UTF-8") from exc
+    except OSError as exc:
+        if fout is not None:
+            raise
+        raise UserError(f"cannot read '{src}': {exc.strerror or exc}") from exc
+    return stats
+
+
+def validate_jsonl(src: str | Path, tags: Tags) -> dict:
+    """Dry-run :func:`retag_jsonl` over ``src`` (nothing written): UserError for the first unusable line.
+
+    Call it before publishing anything else, so a broken ``--data`` file fails the whole command early.
+    """
+    src = Path(src)
+    if not src.is_file():
+        raise UserError(f"--data '{src}' does not exist")
+    return _scan_jsonl(src, tags)
+
+
 def retag_jsonl(src: str | Path, dst: str | Path, tags: Tags, *, overwrite: bool = False) -> dict:
     """Stream a JSONL file line by line, replacing the tags; lines without a tag are kept byte for byte.
 
@@ -784,34 +955,9 @@ def retag_jsonl(src: str | Path, dst: str | Path, tags: Tags, *, overwrite: bool
     src, dst = Path(src), Path(dst)
     check_jsonl_paths(src, dst, overwrite=overwrite)
     tmp = dst.absolute().parent / f".{dst.name}.partial-{os.getpid()}"
-    stats = {"data": str(src), "data_out": str(dst), "lines": 0, "records": 0, "records_changed": 0,
-             "opening_replaced": 0, "closing_replaced": 0, "records_unbalanced": 0}
     try:
-        with open(src, encoding="utf-8", newline="") as fin, open(tmp, "w", encoding="utf-8", newline="") as fout:
-            for number, line in enumerate(fin, start=1):
-                stats["lines"] += 1
-                body = line.rstrip("\r\n")
-                if not body.strip():
-                    fout.write(line)
-                    continue
-                try:
-                    obj = json.loads(body)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"'{src}' line {number} is not valid JSON: {exc.msg}") from exc
-                stats["records"] += 1
-                if not _OLD_TAG_RE.search(body):
-                    fout.write(line)
-                    continue
-                new, n_open, n_close = retag_record(obj, tags)
-                if n_open or n_close:
-                    stats["records_changed"] += 1
-                    stats["opening_replaced"] += n_open
-                    stats["closing_replaced"] += n_close
-                    if n_open != n_close:
-                        stats["records_unbalanced"] += 1
-                    fout.write(json.dumps(new, ensure_ascii=False) + line[len(body):])
-                else:
-                    fout.write(line)
+        with open(tmp, "w", encoding="utf-8", newline="") as fout:
+            stats = _scan_jsonl(src, tags, fout, dst)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -847,7 +993,7 @@ def think_tag_report(folder: str | Path, tags: list[str] | None = None, *, weigh
     if not tok_path.is_file():
         report["verdict"] = f"no {TOKENIZER_JSON}"
         return report
-    tok = _read_json(tok_path)
+    _, tok = _read_tokenizer_json(tok_path)
     report["tokenizer"] = str(tok_path)
     first = first_added_id(tok)
     report["first_added_id"] = first
@@ -858,7 +1004,7 @@ def think_tag_report(folder: str | Path, tags: list[str] | None = None, *, weigh
         names += [t for t in report["record"].get("new") or [] if isinstance(t, str)]
     names += list(tags or [])
     names = list(dict.fromkeys(names))
-    full = full_tokenizer(tok)
+    full = full_tokenizer(tok, tok_path)
 
     norms: dict[str, torch.Tensor] = {}
     try:

@@ -1,6 +1,6 @@
 """``vlconvert verify A B``: compare two checkpoints of any layouts tensor by tensor, streaming.
 
-Both sides are opened as :class:`~vlconvert.layouts.canonical.CanonicalSource` (HF names, released
+Both sides are opened as :class:`~vlconvert.sources.Source` (HF names, released
 expert orientation), so an HF folder, a DCP and Megatron rank folders at any TP/PP/EP compare directly.
 One tensor pair is in memory at a time; the difference is computed in row blocks so that a 3 GB expert
 tensor does not need another 6 GB of float64.
@@ -8,7 +8,6 @@ tensor does not need another 6 GB of float64.
 
 from __future__ import annotations
 
-import inspect as _inspect
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,112 +16,28 @@ from typing import Any
 
 import torch
 
+from vlconvert import sources
 from vlconvert.dtypes import dtype_name
 from vlconvert.errors import UserError
-from vlconvert.layouts.canonical import CanonicalSource, detect_layout
 from vlconvert.models.qwen3vl import Skeleton
+from vlconvert.sources import Source
 
 _BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float64)
 
 
-def _construct(cls: type, path: Path, **kwargs: Any) -> Any:
-    """Call ``cls(path, **kwargs)`` with only the keyword arguments its constructor accepts."""
-    params = _inspect.signature(cls).parameters
-    accepts_any = any(p.kind is _inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return cls(path, **{k: v for k, v in kwargs.items() if v is not None and (accepts_any or k in params)})
-
-
 def open_source(path: str | Path, config: str | Path | dict | None = None, assets_dir: str | Path | None = None,
-                skeleton: Skeleton | None = None, experts_layout: str | None = None) -> CanonicalSource:
-    """Open any checkpoint folder as a CanonicalSource (layout detected from its files)."""
+                skeleton: Skeleton | None = None, experts_layout: str | None = None) -> Source:
+    """Open any checkpoint folder as a :class:`~vlconvert.sources.Source` (layout detected from its files)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"'{path}' does not exist")
-    if config is None and assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
-        config = Path(assets_dir) / "config.json"
-    layout = detect_layout(path)
-    if layout == "hf":
-        from vlconvert.layouts.hf_canonical import HFCanonical
-
-        return HFCanonical(path, config=config, experts_layout=experts_layout, skeleton=skeleton)
-    if layout == "dcp":
-        try:
-            from vlconvert.layouts.dcp import DCPCheckpoint  # type: ignore[attr-defined]
-        except ImportError:
-            return DCPCanonical(path, config=config, skeleton=skeleton)
-        return _construct(DCPCheckpoint, path, config=config, assets_dir=assets_dir, skeleton=skeleton)
-    if layout == "megatron":
-        try:
-            from vlconvert.layouts.megatron import MegatronCheckpoint  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise UserError(f"'{path}' is a Megatron checkpoint, but this vlconvert has no Megatron reader "
-                            "(vlconvert.layouts.megatron.MegatronCheckpoint)") from exc
-        return _construct(MegatronCheckpoint, path, config=config, assets_dir=assets_dir, skeleton=skeleton)
-    raise UserError(f"'{path}' holds no safetensors, DCP (.metadata) or Megatron (mp_rank_*) checkpoint")
+    return sources.open_source(path, config=config, assets_dir=assets_dir, skeleton=skeleton,
+                               experts_layout=experts_layout)
 
 
-class DCPCanonical:
-    """A DCP folder (vlconvert's or FSDP2 training's) as canonical tensors, built on the DCP layout's
-    reader and key mapping; used when ``vlconvert.layouts.dcp`` offers no ``DCPCheckpoint``."""
-
-    layout = "dcp"
-
-    def __init__(self, folder: str | Path, config: str | Path | dict | None = None,
-                 skeleton: Skeleton | None = None):
-        from vlconvert.dcp_convert import map_dcp_keys
-        from vlconvert.layouts.dcp import DCPReader
-        from vlconvert.models.qwen3vl import LM_HEAD, build_skeleton
-
-        self.folder = Path(folder)
-        self.reader = DCPReader(self.folder)
-        if skeleton is None:
-            if config is None and (self.folder / "config.json").is_file():
-                config = self.folder / "config.json"
-            if config is None:
-                raise UserError(f"'{folder}' is a DCP without config.json: pass --config or --assets-dir")
-            skeleton = build_skeleton(config)
-        self.skeleton = skeleton
-        mapping = map_dcp_keys(self.reader, set(skeleton.tensors))
-        self.keys = {n: k for n, k in mapping.mapped.items() if not (skeleton.info.tied and n == LM_HEAD)}
-        self.keys.update({k: k for k in mapping.unexpected})  # shown as extra tensors by verify
-        self.prefix = mapping.prefix
-        self._expert: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-
-    def names(self) -> list[str]:
-        return sorted(self.keys)
-
-    def _expert_layout(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
-        from vlconvert.dcp_convert import stored_expert_layout
-        from vlconvert.models.qwen3vl import is_expert
-
-        if not is_expert(name) or name not in self.skeleton.tensors:
-            return None
-        if name not in self._expert:
-            shape = self.reader.tensors[self.keys[name]].shape
-            self._expert[name] = stored_expert_layout(name, shape, self.skeleton)
-        return self._expert[name]
-
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        entry = self.reader.tensors[self.keys[name]]
-        expert = self._expert_layout(name)
-        if expert is None:
-            return tuple(entry.shape), entry.dtype
-        return self.skeleton.shape_in(name, "released"), entry.dtype
-
-    def read(self, name: str) -> torch.Tensor:
-        from vlconvert.models.qwen3vl import convert_expert
-
-        tensor = self.reader.read(self.keys[name])
-        expert = self._expert_layout(name)
-        if expert is not None:
-            layout, view = expert
-            if view is not None:
-                tensor = tensor.reshape(view)
-            tensor = convert_expert(tensor, layout, "released").contiguous()
-        return tensor
-
-    def close(self) -> None:
-        self.reader.close()
+def _all_names(src: Source) -> list[str]:
+    """The model tensors a side holds, and the tensors it holds that the model does not have."""
+    return list(src.names()) + list(src.extra_names())
 
 
 @dataclass
@@ -217,14 +132,14 @@ def compare_tensors(name: str, x: torch.Tensor, y: torch.Tensor, tolerance: floa
     return result
 
 
-def verify_sources(a: CanonicalSource, b: CanonicalSource, tolerance: float = 0.0,
+def verify_sources(a: Source, b: Source, tolerance: float = 0.0,
                    on_tensor: Callable[[TensorResult, int], None] | None = None,
                    names: list[str] | None = None) -> list[TensorResult]:
     """Compare two open sources over the union of their names, one tensor pair at a time.
 
     ``on_tensor(result, nbytes_of_a)`` is called after each tensor (for progress bars).
     """
-    names_a, names_b = set(a.names()), set(b.names())
+    names_a, names_b = set(_all_names(a)), set(_all_names(b))
     results = []
     for name in names or sorted(names_a | names_b):
         if name not in names_b:
@@ -254,17 +169,17 @@ def verify_sources(a: CanonicalSource, b: CanonicalSource, tolerance: float = 0.
     return results
 
 
-def source_bytes(src: CanonicalSource) -> int:
+def source_bytes(src: Source) -> int:
     """Canonical bytes of every tensor of ``src`` (metadata only)."""
     total = 0
-    for name in src.names():
+    for name in _all_names(src):
         shape, dtype = src.spec(name)
         total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return total
 
 
 def open_pair(a: str | Path, b: str | Path, config: str | Path | None = None,
-              assets_dir: str | Path | None = None) -> tuple[CanonicalSource, CanonicalSource]:
+              assets_dir: str | Path | None = None) -> tuple[Source, Source]:
     """Open both sides; without ``config``/``assets_dir`` a side lacking config.json borrows the other's."""
     if config is None and assets_dir is None:
         own = [Path(p) / "config.json" for p in (a, b)]

@@ -18,10 +18,12 @@ from vlconvert.console import Reporter, handle_errors, output_options
 @click.option("--no-tied-lm-head", is_flag=True,
               help="For tied models, do not write lm_head.weight (the model's state dict has it).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True,
+              help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @output_options
 @handle_errors
 def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layout: str, no_tied_lm_head: bool,
-                      overwrite: bool, as_json: bool, quiet: bool) -> None:
+                      overwrite: bool, resume: bool, as_json: bool, quiet: bool) -> None:
     """Convert the Hugging Face checkpoint SRC (folder or cached model id) to a DCP folder DST.
 
     The DCP loads with torch.distributed.checkpoint.load into the model's state dict, built on the
@@ -31,7 +33,8 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 
     reporter = Reporter(as_json, quiet)
     summary = hf_to_dcp(src, dst, prefix=prefix, dtype=dtype, experts_layout=experts_layout,
-                        tied_lm_head=not no_tied_lm_head, overwrite=overwrite, reporter=reporter)
+                        tied_lm_head=not no_tied_lm_head, overwrite=overwrite, resume=resume,
+                        reporter=reporter)
     reporter.summary("hf-to-dcp", summary, summary_rows(summary))
 
 
@@ -50,10 +53,12 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.option("--allow-missing", is_flag=True, help="Write even if the DCP lacks some model tensors.")
 @click.option("--allow-unexpected", is_flag=True, help="Drop tensors the model does not have instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True,
+              help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @output_options
 @handle_errors
 def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_layout: str, max_shard_size: str,
-                      prefix: str | None, allow_missing: bool, allow_unexpected: bool, overwrite: bool,
+                      prefix: str | None, allow_missing: bool, allow_unexpected: bool, overwrite: bool, resume: bool,
                       as_json: bool, quiet: bool) -> None:
     """Convert the DCP folder SRC (from vlconvert or an FSDP2 training job) to a Hugging Face folder DST."""
     from vlconvert.dcp_convert import dcp_to_hf, summary_rows
@@ -61,5 +66,6 @@ def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_l
     reporter = Reporter(as_json, quiet)
     summary = dcp_to_hf(src, dst, assets_dir=assets_dir, dtype=dtype, experts_layout=experts_layout,
                         max_shard_size=max_shard_size, prefix=prefix, allow_missing=allow_missing,
-                        allow_unexpected=allow_unexpected, overwrite=overwrite, reporter=reporter)
+                        allow_unexpected=allow_unexpected, overwrite=overwrite, resume=resume,
+                        reporter=reporter)
     reporter.summary("dcp-to-hf", summary, summary_rows(summary))

@@ -28,6 +28,8 @@ def _parallel_options(func):
                      help="Write iter_NNNNNNN/ with this number instead of release/."),
         click.option("--dtype", default=None, help="Cast weights (bf16, fp16, fp32); default keeps the source's."),
         click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete)."),
+        click.option("--resume", is_flag=True, help="Finish the staged output of an interrupted run of the same "
+                                                    "command, keeping its verified files."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -71,7 +73,7 @@ def _factory(rep: Reporter):
 def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None,
                            pp_first_layers: int | None, pp_last_layers: int | None,
                            make_vocab_size_divisible_by: int, padded_vocab_size: int | None, iteration: int | None,
-                           dtype: str | None, overwrite: bool, spec: str, experts: str, as_json: bool,
+                           dtype: str | None, overwrite: bool, resume: bool, spec: str, experts: str, as_json: bool,
                            quiet: bool) -> None:
     """Convert a Hugging Face Qwen3-VL(-MoE) folder SRC to Megatron-Core legacy rank files in DST.
 
@@ -87,7 +89,7 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
                             dtype=parse_dtype(dtype), padded_vocab_size=padded_vocab_size,
                             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                             pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, overwrite=overwrite,
-                            iteration=iteration, progress_factory=_factory(rep))
+                            iteration=iteration, progress_factory=_factory(rep), resume=resume, info=rep.info)
     _report(rep, "hf-to-megatron", result, [("train with", result.plan.training_flags())])
 
 
@@ -100,10 +102,12 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
 @click.option("--dtype", default=None, help="Cast weights (bf16, fp16, fp32); default keeps the stored dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True,
+              help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @output_options
 @handle_errors
 def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_size: str, dtype: str | None,
-                           overwrite: bool, as_json: bool, quiet: bool) -> None:
+                           overwrite: bool, resume: bool, as_json: bool, quiet: bool) -> None:
     """Convert Megatron-Core legacy rank files SRC back to a Hugging Face folder DST.
 
     TP/PP/EP/ETP, spec, expert style and vocabulary padding are detected from the folders and tensors
@@ -114,7 +118,8 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
 
     rep = Reporter(as_json, quiet)
     result = megatron_to_hf(src, dst, assets_dir=assets_dir, max_shard_size=max_shard_size,
-                            dtype=parse_dtype(dtype), overwrite=overwrite, progress_factory=_factory(rep))
+                            dtype=parse_dtype(dtype), overwrite=overwrite, progress_factory=_factory(rep),
+                            resume=resume, info=rep.info)
     if dtype:
         result.notes.append(f"cast to {dtype_name(parse_dtype(dtype))}")
     _report(rep, "megatron-to-hf", result, [("assets copied", str(len(result.extra.get("assets", []))))])
@@ -133,7 +138,7 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
 @handle_errors
 def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
-                    iteration: int | None, dtype: str | None, overwrite: bool, spec: str | None,
+                    iteration: int | None, dtype: str | None, overwrite: bool, resume: bool, spec: str | None,
                     experts: str | None, config: Path | None, as_json: bool, quiet: bool) -> None:
     """Change the TP/PP/EP sizes of Megatron checkpoint SRC into DST, without a detour through HF.
 
@@ -145,5 +150,6 @@ def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | 
     result = reshard(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts, dtype=parse_dtype(dtype),
                      padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                      pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, config=config,
-                     overwrite=overwrite, iteration=iteration, progress_factory=_factory(rep))
+                     overwrite=overwrite, iteration=iteration, progress_factory=_factory(rep), resume=resume,
+                     info=rep.info)
     _report(rep, "reshard", result, [("train with", result.plan.training_flags())])

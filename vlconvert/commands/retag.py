@@ -61,6 +61,7 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
         retag_jsonl,
         summary_rows,
         think_tag_report,
+        validate_jsonl,
     )
 
     reporter = Reporter(as_json, quiet)
@@ -80,6 +81,7 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     tags_pair = resolve_tags(open_tag, close_tag)
     if data and data_out:
         check_jsonl_paths(data, data_out, overwrite=overwrite)
+        validate_jsonl(data, tags_pair)  # every line checked before the checkpoint is published
 
     def progress(description: str, total: int):
         return reporter.bytes_progress(description, total)

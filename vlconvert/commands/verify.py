@@ -8,12 +8,15 @@ import click
 from rich.table import Table
 
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
+from vlconvert.errors import UserError
 from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 
 
 @click.command("verify")
 @click.argument("a", type=click.Path(exists=True, file_okay=False))
-@click.argument("b", type=click.Path(exists=True, file_okay=False))
+@click.argument("b", type=click.Path(exists=True, file_okay=False), required=False)
+@click.option("--manifest", "manifest", is_flag=True,
+              help="Check folder A against its vlconvert-manifest.json (every file's size and sha256) instead.")
 @click.option("--tolerance", type=float, default=0.0, show_default=True,
               help="Max abs difference accepted (for dtype-changing conversions); 0 = bit-exact.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -23,10 +26,20 @@ from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only the differing ones.")
 @output_options
 @handle_errors
-def verify_command(a, b, tolerance, config, assets_dir, show_all, as_json, quiet) -> None:
+def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_json, quiet) -> None:
     """Compare checkpoints A and B (HF, DCP, Megatron at any TP/PP/EP) tensor by tensor in canonical HF
-    naming, one tensor pair in memory at a time. Exits 1 on any mismatch, missing or extra tensor."""
+    naming, one tensor pair in memory at a time. Exits 1 on any mismatch, missing or extra tensor.
+
+    With --manifest, check the single folder A against the manifest vlconvert wrote into it.
+    """
     reporter = Reporter(as_json, quiet)
+    if manifest:
+        if b is not None:
+            raise UserError("--manifest checks one folder: give only A")
+        check_folder_manifest(a, reporter)
+        return
+    if b is None:
+        raise UserError("give two checkpoints A B to compare, or one folder with --manifest")
     src_a, src_b = open_pair(a, b, config, assets_dir)
     report = VerifyReport(str(a), str(b), src_a.layout, src_b.layout, tolerance)
     reporter.info(f"comparing {a} ({src_a.layout}) with {b} ({src_b.layout})")
@@ -41,6 +54,27 @@ def verify_command(a, b, tolerance, config, assets_dir, show_all, as_json, quiet
     elif reporter.show:
         render_report(report, show_all)
     if not report.ok:
+        sys.exit(1)
+
+
+def check_folder_manifest(folder: str, reporter: Reporter) -> None:
+    """``verify --manifest``: sizes and sha256 of every file against the manifest; exit 1 on any problem."""
+    from vlconvert.publish import check_manifest, read_manifest
+
+    files = read_manifest(folder)
+    with reporter.bytes_progress("verify --manifest", sum(e["size"] for e in files.values())) as advance:
+        problems = check_manifest(folder, advance)
+    data = {"folder": str(folder), "files": len(files), "ok": not problems,
+            "problems": [{"file": f, "problem": p} for f, p in problems]}
+    if reporter.as_json:
+        reporter.summary("verify --manifest", data)
+    elif reporter.show:
+        for rel, problem in problems:
+            stdout.print(f"{rel}: {problem}", markup=False, highlight=False, soft_wrap=True)
+        verdict = "matches its manifest" if not problems else f"DIFFERS from its manifest ({len(problems)} files)"
+        stdout.print(f"{folder}: {verdict} — {len(files)} files checked", markup=False, highlight=False,
+                     soft_wrap=True)
+    if problems:
         sys.exit(1)
 
 

@@ -11,9 +11,11 @@ saves one chunk per rank per tensor. This module writes records one tensor at a 
 from __future__ import annotations
 
 import io
-import os
+import math
 import pickle
+import sys
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +31,16 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
+from vlconvert.layouts.megatron import check_pickle
+from vlconvert.publish import OutputFile, create_file, kept_state
 
 METADATA_NAME = ".metadata"
 DCP_VERSION = "1.0.0"
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                                torch.float8_e4m3fn, torch.float8_e5m2)}
 
 _ALLOWED = {
     ("torch.distributed.checkpoint.metadata", n) for n in (
@@ -56,13 +64,117 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # no lazy submodule imports
+            return vars(torch)[name]
         raise _RefusedClass(f"refusing to load {module}.{name}")
 
 
+_MAX_DIM = 2**62  # far above any real dimension; keeps every product inside torch's int64
+_MAX_METADATA = 2**30
+
+
+def _one_line(value: object, limit: int = 160, quote: bool = False) -> str:
+    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
+    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
+    if isinstance(value, (list, tuple)) and len(value) > 16:
+        value = [*value[:16], "..."]
+    try:
+        flat = " ".join((repr(value) if quote else str(value)).split())
+    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
+        flat = f"<{type(value).__name__}>"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dims(value: object) -> tuple[int, ...] | None:
+    """``value`` as a tuple of non-negative ints (a shape or offsets), or None when it is not one."""
+    if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
+        return None
+    out = tuple(value)
+    return out if all(_is_int(v) and 0 <= v < _MAX_DIM for v in out) else None
+
+
+def _is_file_name(name: object) -> bool:
+    """A plain file name: no folder part, no ``..``, not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and not Path(name).is_absolute())
+
+
+def _check_tensor_entry(path: Path, key: str, entry: TensorStorageMetadata) -> None:
+    """Size, dtype and chunk boxes of one tensor entry of ``.metadata``."""
+    where = f"'{path}' is corrupt: '{_one_line(key, 80)}'"
+    size = _dims(getattr(entry, "size", None))
+    if size is None:
+        raise UserError(f"{where} has a bad size {_one_line(getattr(entry, 'size', None), 60)}")
+    if math.prod(max(d, 1) for d in size) >= _MAX_DIM:
+        raise UserError(f"{where} has a size too large to exist: {list(size)}")
+    props = getattr(entry, "properties", None)
+    dtype = getattr(props, "dtype", None)
+    if not isinstance(props, TensorProperties) or not isinstance(dtype, torch.dtype):
+        raise UserError(f"{where} has no valid dtype ({_one_line(dtype, 40)})")
+    try:
+        element_size(dtype)
+    except Exception as exc:  # noqa: BLE001 - quantized and other storage-less dtypes cannot be read
+        raise UserError(f"{where} has dtype {dtype}, which vlconvert cannot read") from exc
+    chunks = getattr(entry, "chunks", None)
+    if not isinstance(chunks, list):
+        raise UserError(f"{where} has chunks that are not a list")
+    for chunk in chunks:
+        if not isinstance(chunk, ChunkStorageMetadata):
+            raise UserError(f"{where} has a chunk that is not ChunkStorageMetadata")
+        offsets, sizes = _dims(getattr(chunk, "offsets", None)), _dims(getattr(chunk, "sizes", None))
+        if offsets is None or sizes is None or len(offsets) != len(size) or len(sizes) != len(size):
+            raise UserError(f"{where} has a chunk with bad offsets/sizes "
+                            f"{_one_line(getattr(chunk, 'offsets', None), 40)} / "
+                            f"{_one_line(getattr(chunk, 'sizes', None), 40)} for size {list(size)}")
+        if 0 not in sizes and any(o + s > d for o, s, d in zip(offsets, sizes, size, strict=True)):
+            raise UserError(f"{where} has a chunk at {list(offsets)} of {list(sizes)} outside its size {list(size)}")
+
+
+def _check_metadata(path: Path, metadata: Metadata) -> None:
+    """The types and bounds of everything DCPReader uses from an unpickled ``.metadata``."""
+    sdm = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(sdm, dict):
+        raise UserError(f"'{path}' is corrupt: state_dict_metadata is not a dict")
+    for key, entry in sdm.items():
+        if not isinstance(key, str):
+            raise UserError(f"'{path}' is corrupt: a state_dict_metadata key is not a string "
+                            f"({_one_line(key, 40, quote=True)})")
+        if isinstance(entry, TensorStorageMetadata):
+            _check_tensor_entry(path, key, entry)
+        elif not isinstance(entry, BytesStorageMetadata):
+            raise UserError(f"'{path}' is corrupt: '{_one_line(key, 80)}' is neither tensor nor bytes metadata")
+    storage = getattr(metadata, "storage_data", None)
+    if storage is not None and not isinstance(storage, dict):
+        raise UserError(f"'{path}' is corrupt: storage_data is not a dict")
+    for index, info in (storage or {}).items():
+        fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+        if not isinstance(index, MetadataIndex) or not isinstance(fqn, str) or (
+                offset is not None and _dims(offset) is None):
+            raise UserError(f"'{path}' is corrupt: a storage_data key is not a valid MetadataIndex")
+        if not isinstance(info, _StorageInfo):
+            raise UserError(f"'{path}' is corrupt: storage entry of '{_one_line(fqn, 80)}' is not _StorageInfo")
+        rel = getattr(info, "relative_path", None)
+        if not _is_file_name(rel):
+            raise UserError(f"'{path}' is corrupt: storage entry of '{_one_line(fqn, 80)}' names the file "
+                            f"{_one_line(rel, 80, quote=True)}, which is not a file name inside the checkpoint folder")
+        start, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (_is_int(start) and _is_int(length) and start >= 0 and length >= 0):
+            raise UserError(f"'{path}' is corrupt: storage entry of '{_one_line(fqn, 80)}' has offset "
+                            f"{_one_line(start, 30)} and length {_one_line(length, 30)}")
+    planner = getattr(metadata, "planner_data", None)
+    if planner is not None and not isinstance(planner, dict):
+        raise UserError(f"'{path}' is corrupt: planner_data is not a dict")
+
+
 def read_dcp_metadata(folder: Path) -> Metadata:
-    """Read and validate ``folder/.metadata`` with a clear error for a missing or corrupt file."""
+    """Read and validate ``folder/.metadata`` with a clear error for a missing or corrupt file.
+
+    The pickle is read through an allowlist, then every field DCPReader uses is type- and bound-checked.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"'{folder}' does not exist or is not a folder")
@@ -71,14 +183,21 @@ def read_dcp_metadata(folder: Path) -> Metadata:
         hint = " (it looks like a Hugging Face folder: use hf-to-dcp)" if any(folder.glob("*.safetensors")) else ""
         raise UserError(f"'{folder}' is not a DCP checkpoint: no .metadata file{hint}")
     try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        if path.stat().st_size > _MAX_METADATA:
+            raise UserError(f"'{path}' is corrupt: larger than {_MAX_METADATA // 2**20} MiB")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    try:
+        check_pickle(raw)
+        metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
     except _RefusedClass as exc:
-        raise UserError(f"'{path}' holds something other than DCP metadata: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - a truncated pickle raises EOFError, ValueError, ...
-        raise UserError(f"'{path}' is corrupt or truncated ({type(exc).__name__})") from exc
+        raise UserError(f"'{path}' holds something other than DCP metadata: {_one_line(exc, 120)}") from exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt pickle raises EOFError, ValueError, RuntimeError...
+        raise UserError(f"'{path}' is corrupt or truncated ({type(exc).__name__}: {_one_line(exc, 80)})") from exc
     if not isinstance(metadata, Metadata):
         raise UserError(f"'{path}' is not DCP metadata")
+    _check_metadata(path, metadata)
     return metadata
 
 
@@ -91,6 +210,7 @@ class Chunk:
     file: Path
     start: int
     length: int
+    dtype: torch.dtype | None = None  # when set, read_chunk checks the record holds this dtype
 
 
 @dataclass(frozen=True)
@@ -140,45 +260,82 @@ class _FileWindow(io.RawIOBase):
         return got
 
 
+def _check_record(f: io.BufferedReader, chunk: Chunk) -> None:
+    """A chunk's record must be a torch zip whose entries are stored, each within the record's bytes
+    (torch.load would inflate a deflated entry to whatever size its directory claims)."""
+    where = f"'{chunk.file}' is corrupt at byte {chunk.start}"
+    window = _FileWindow(f, chunk.start, chunk.length)
+    if window.read(4) != b"PK\x03\x04":
+        raise UserError(f"{where}: not a torch.save record")
+    try:
+        with zipfile.ZipFile(window) as zf:
+            entries = zf.infolist()
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, struct.error, ValueError...: all mean corrupt
+        raise UserError(f"{where}: the record is not a readable zip ({_one_line(exc, 60)})") from exc
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > chunk.length:
+            raise UserError(f"{where}: record entry '{_one_line(entry.filename, 60)}' is compressed or larger "
+                            "than the record")
+
+
 class DCPReader:
-    """Lazy access to the tensors of a DCP folder; chunk data is read only when asked for."""
+    """Lazy access to the tensors of a DCP folder; chunk data is read only when asked for.
+
+    Opening checks that every chunk has a storage record inside a data file of the folder, large enough
+    for the chunk, and that the chunks of each tensor tile it exactly (no gap, no overlap).
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.metadata = read_dcp_metadata(self.folder)
+        meta_path = self.folder / METADATA_NAME
         self.tensors: dict[str, DCPTensor] = {}
         self.non_tensors: list[str] = []
         storage = self.metadata.storage_data or {}
         by_fqn: dict[str, list[tuple[MetadataIndex, _StorageInfo]]] = {}
         for index, info in storage.items():
             by_fqn.setdefault(index.fqn, []).append((index, info))
-        sizes: dict[Path, int] = {}
+        sizes: dict[str, int] = {}
         for key, entry in self.metadata.state_dict_metadata.items():
             if isinstance(entry, BytesStorageMetadata):
                 self.non_tensors.append(key)
                 continue
             stored = {tuple(i.offset or ()): s for i, s in by_fqn.get(key, [])}
+            dtype = entry.properties.dtype
+            itemsize = element_size(dtype)
             chunks = []
             for meta in entry.chunks:
                 offsets = tuple(meta.offsets)
                 info = stored.get(offsets)
                 if info is None:
-                    raise UserError(f"'{self.folder}/.metadata' lists a chunk of '{key}' at {list(offsets)} "
+                    raise UserError(f"'{meta_path}' lists a chunk of '{_one_line(key, 80)}' at {list(offsets)} "
                                     "with no storage entry: the checkpoint is incomplete")
                 path = self.folder / info.relative_path
-                if path not in sizes:
-                    if not path.is_file():
-                        raise UserError(f"missing DCP data file '{path}'")
-                    sizes[path] = path.stat().st_size
-                if info.offset + info.length > sizes[path]:
-                    raise UserError(f"'{path}' is truncated: '{key}' needs bytes up to "
-                                    f"{info.offset + info.length}, the file has {sizes[path]}")
+                if info.relative_path not in sizes:
+                    sizes[info.relative_path] = self._data_file_size(path)
+                if info.offset + info.length > sizes[info.relative_path]:
+                    raise UserError(f"'{path}' is truncated: '{_one_line(key, 80)}' needs bytes up to "
+                                    f"{info.offset + info.length}, the file has {sizes[info.relative_path]}")
                 if getattr(info, "transform_descriptors", None):
-                    raise UserError(f"'{key}' is stored with transforms {info.transform_descriptors}, "
-                                    "which vlconvert does not read")
-                chunks.append(Chunk(offsets, tuple(meta.sizes), path, info.offset, info.length))
-            self.tensors[key] = DCPTensor(key, tuple(entry.size), entry.properties.dtype, tuple(chunks))
+                    raise UserError(f"'{meta_path}': '{_one_line(key, 80)}' is stored with transforms "
+                                    f"{_one_line(info.transform_descriptors, 60)}, which vlconvert does not read")
+                needed = math.prod(meta.sizes) * itemsize
+                if needed > info.length:
+                    raise UserError(f"'{meta_path}' is corrupt: a chunk of '{_one_line(key, 80)}' needs {needed} "
+                                    f"bytes, its record in '{path}' holds {info.length}")
+                chunks.append(Chunk(offsets, tuple(meta.sizes), path, info.offset, info.length, dtype))
+            _check_tiling(meta_path, key, tuple(entry.size), chunks)
+            self.tensors[key] = DCPTensor(key, tuple(entry.size), dtype, tuple(chunks))
         self._files: dict[Path, io.BufferedReader] = {}
+
+    def _data_file_size(self, path: Path) -> int:
+        """The size of a data file, refusing one missing or linked from outside the folder."""
+        if not path.is_file():
+            raise UserError(f"missing DCP data file '{path}'")
+        target = path.resolve()
+        if not target.is_relative_to(self.folder.resolve()):
+            raise UserError(f"'{path}' links to '{target}', outside the checkpoint folder: refusing to read it")
+        return path.stat().st_size
 
     @property
     def planner_data(self) -> dict:
@@ -188,7 +345,11 @@ class DCPReader:
         """Load one chunk (a ``torch.save`` record) with ``weights_only=True``."""
         f = self._files.get(chunk.file)
         if f is None:
-            f = self._files[chunk.file] = open(chunk.file, "rb")  # noqa: SIM115 - closed in close()
+            try:
+                f = self._files[chunk.file] = open(chunk.file, "rb")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                raise UserError(f"cannot read '{chunk.file}': {exc.strerror or exc}") from exc
+        _check_record(f, chunk)
         try:
             tensor = torch.load(_FileWindow(f, chunk.start, chunk.length), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - corrupt zip records raise RuntimeError, pickle errors...
@@ -198,6 +359,9 @@ class DCPReader:
         if tuple(tensor.shape) != chunk.sizes:
             raise UserError(f"'{chunk.file}' at byte {chunk.start} holds shape {list(tensor.shape)}, "
                             f".metadata says {list(chunk.sizes)}: the checkpoint is inconsistent")
+        if chunk.dtype is not None and tensor.dtype != chunk.dtype:
+            raise UserError(f"'{chunk.file}' at byte {chunk.start} holds {tensor.dtype}, "
+                            f".metadata says {chunk.dtype}: the checkpoint is inconsistent")
         return tensor
 
     def read(self, key: str) -> torch.Tensor:
@@ -224,11 +388,37 @@ def is_row_slab(chunk: Chunk, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 1 and all(o == 0 for o in chunk.offsets[1:]) and chunk.sizes[1:] == shape[1:]
 
 
+def _check_tiling(meta_path: Path, key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+    """The chunks of one tensor cover it exactly: as many elements as the tensor, none twice."""
+    boxes = [c for c in chunks if 0 not in c.sizes]
+    covered = sum(math.prod(c.sizes) for c in boxes)
+    total = math.prod(shape)
+    problem = f"its chunks cover {covered} of its {total} elements" if covered != total else None
+    if problem is None and len(boxes) > 1:
+        if all(is_row_slab(c, shape) for c in boxes):
+            spans = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in boxes)
+            overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+        else:
+            lo = torch.tensor([c.offsets for c in boxes], dtype=torch.int64)
+            hi = lo + torch.tensor([c.sizes for c in boxes], dtype=torch.int64)
+            overlap = False
+            for i in range(0, len(boxes), 128):  # pairwise box intersection, 128 rows at a time
+                inter = (torch.maximum(lo[i:i + 128, None], lo[None]) < torch.minimum(hi[i:i + 128, None], hi[None]))
+                hits = inter.all(-1)
+                hits[torch.arange(hits.shape[0]), torch.arange(i, i + hits.shape[0])] = False
+                overlap = overlap or bool(hits.any())
+        problem = "two of its chunks overlap" if overlap else None
+    if problem:
+        raise UserError(f"'{meta_path}' is corrupt: '{_one_line(key, 80)}' of size {list(shape)}: {problem}")
+
+
 class DCPWriter:
     """Write a single-process DCP one tensor at a time: ``torch.save`` records plus ``.metadata``.
 
     Keys are written as given; ``nesting`` maps a key to its path in the nested state dict (DCP's
-    ``planner_data``), e.g. ``"model.x.weight" -> ("model", "x.weight")``.
+    ``planner_data``), e.g. ``"model.x.weight" -> ("model", "x.weight")``. Each data file journals the
+    records it holds, so ``--resume`` can keep a finished file (``skipping``) and still write ``.metadata``.
+    The output is deterministic: the same tensors give the same bytes, ``.metadata`` included.
     """
 
     def __init__(self, folder: Path):
@@ -236,23 +426,51 @@ class DCPWriter:
         self.state_dict_metadata: dict[str, TensorStorageMetadata] = {}
         self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
         self.planner_data: dict[str, tuple] = {}
-        self._file = None
+        self._file: OutputFile | None = None
         self._file_name = ""
+        self._records: list[dict] = []
+        self.skipping = False  # the current file was kept by --resume: write() only checks the key
         self.files: list[str] = []
 
     def open_file(self, name: str) -> None:
         """Start a new ``.distcp`` data file; later tensors go into it."""
         self._close_file()
         self._file_name = name
-        self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in _close_file
         self.files.append(name)
+        kept = kept_state(self.folder / name)
+        self.skipping = kept is not None
+        if kept is not None:
+            for record in kept.get("records", []):
+                self._add(record["key"], tuple(record["shape"]), _DTYPES[record["dtype"]], record["start"],
+                          record["length"], tuple(record["nesting"]))
+            return
+        self._file = create_file(self.folder / name)
+        self._records = []
+
+    def _add(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, start: int, length: int,
+             nesting: tuple) -> None:
+        if key in self.state_dict_metadata:
+            raise ValueError(f"duplicate key {key}")
+        # pickle shares equal objects only when they are the same object: intern the strings so the
+        # bytes of .metadata do not depend on where a key came from (a fresh write or a --resume journal)
+        key = sys.intern(key)
+        nesting = tuple(sys.intern(part) if isinstance(part, str) else part for part in nesting)
+        size = torch.Size(shape)
+        zeros = torch.Size([0] * len(shape))
+        self.state_dict_metadata[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype), size=size,
+            chunks=[ChunkStorageMetadata(offsets=zeros, sizes=size)])
+        self.storage_data[MetadataIndex(key, zeros, 0)] = _StorageInfo(self._file_name, start, length)
+        self.planner_data[key] = nesting
 
     def write(self, key: str, tensor: torch.Tensor, nesting: tuple | None = None) -> int:
         """Append ``tensor`` as the single chunk of ``key``; return the record's length in bytes."""
+        if self.skipping:
+            if key not in self.state_dict_metadata:
+                raise RuntimeError(f"--resume: '{key}' is not in the kept file {self._file_name}")
+            return self.storage_data[MetadataIndex(key, torch.Size([0] * tensor.dim()), 0)].length
         if self._file is None:
             raise RuntimeError("open_file() first")
-        if key in self.state_dict_metadata:
-            raise ValueError(f"duplicate key {key}")
         tensor = tensor.detach().contiguous()
         start = self._file.tell()
         # CRC32 of every record costs ~10x the write itself; torch.load and dcp.load do not need it
@@ -263,31 +481,34 @@ class DCPWriter:
         finally:
             torch.serialization.set_crc32_options(crc)
         length = self._file.tell() - start
-        zeros = torch.Size([0] * tensor.dim())
-        self.state_dict_metadata[key] = TensorStorageMetadata(
-            properties=TensorProperties.create_from_tensor(tensor), size=tensor.size(),
-            chunks=[ChunkStorageMetadata(offsets=zeros, sizes=tensor.size())])
-        self.storage_data[MetadataIndex(key, zeros, 0)] = _StorageInfo(self._file_name, start, length)
-        self.planner_data[key] = nesting or (key,)
+        nesting = tuple(nesting or (key,))
+        self._add(key, tuple(tensor.shape), tensor.dtype, start, length, nesting)
+        self._records.append({"key": key, "shape": list(tensor.shape), "dtype": str(tensor.dtype),
+                              "start": start, "length": length, "nesting": list(nesting)})
         return length
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._file.state = {"records": self._records}
             self._file.close()
+            self._file = None
+        self.skipping = False
+
+    def abort(self) -> None:
+        """Close the open data file after a failure (the caller discards the folder)."""
+        if self._file is not None:
+            self._file.abort()
             self._file = None
 
     def finish(self) -> None:
-        """Close the data file and write ``.metadata`` (last, so an interrupted write has none)."""
+        """Close the data file and write ``.metadata`` last, with an id derived from its content."""
         self._close_file()
+        table = sorted((k, str(i.offset), s.relative_path, s.offset, s.length) for i, s in self.storage_data.items()
+                       for k in [i.fqn])
+        save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, repr(table)))
         metadata = Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=self.planner_data,
                             storage_data=self.storage_data,
-                            storage_meta=StorageMeta(checkpoint_id=None, save_id=str(uuid.uuid4())),
+                            storage_meta=StorageMeta(checkpoint_id=None, save_id=save_id),
                             version=DCP_VERSION)
-        tmp = self.folder / (METADATA_NAME + ".tmp")
-        with open(tmp, "wb") as f:
+        with create_file(self.folder / METADATA_NAME) as f:
             pickle.dump(metadata, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(self.folder / METADATA_NAME)

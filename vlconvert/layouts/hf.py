@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element_size
 from vlconvert.errors import UserError
+from vlconvert.publish import MANIFEST_NAME, copy_file, create_file, kept_state, write_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,10 +40,67 @@ class TensorInfo:
         return self.end - self.start
 
 
+_MAX_DIM = 2**62  # any real dimension is far below; keeps every product inside torch's int64
+
+
+def _one_line(value: object, limit: int = 160, quote: bool = False) -> str:
+    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
+    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
+    if isinstance(value, (list, tuple)) and len(value) > 16:
+        value = [*value[:16], "..."]
+    try:
+        flat = " ".join((repr(value) if quote else str(value)).split())
+    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
+        flat = f"<{type(value).__name__}>"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_json_bytes(raw: bytes, path: Path, what: str) -> object:
+    """``json.loads`` with every way it can fail turned into one UserError naming ``path``."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"'{path}' is corrupt: its {what} is not valid UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"'{path}' is corrupt: its {what} is not valid JSON (byte {exc.pos}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise UserError(f"'{path}' is corrupt: its {what} is nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer literal longer than Python converts
+        raise UserError(f"'{path}' is corrupt: its {what} is not usable JSON ({_one_line(exc, 80)})") from exc
+
+
+def _header_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """Validate one safetensors header entry; return (dtype, shape, begin, end)."""
+    where = f"'{path}' is corrupt: header entry '{_one_line(name, 80)}'"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where} is not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise UserError(f"{where} has no '{missing[0]}'")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_TO_TORCH:
+        raise UserError(f"{where} has an unknown dtype {_one_line(dtype_name, 40, quote=True)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < _MAX_DIM for d in shape):
+        raise UserError(f"{where} has a bad shape {_one_line(shape, 60)}: "
+                        "expected a list of non-negative integers")
+    if math.prod(max(d, 1) for d in shape) >= _MAX_DIM:
+        raise UserError(f"{where} has a shape too large to exist: {_one_line(shape, 60)}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{where} has bad data_offsets {_one_line(offsets, 60)}: "
+                        "expected [begin, end] with 0 <= begin <= end")
+    return SAFETENSORS_TO_TORCH[dtype_name], tuple(shape), offsets[0], offsets[1]
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one safetensors header; return its tensors and its ``__metadata__``.
 
-    Raises UserError for a truncated or corrupt file (bad length, bad JSON, offsets past the end).
+    Raises UserError for a truncated or corrupt file: bad length, bad JSON, bad entries, tensors that
+    overlap, leave gaps or reach past the end (the rules of the safetensors library itself).
     """
     path = Path(path)
     try:
@@ -56,30 +113,39 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if header_len > _MAX_HEADER or 8 + header_len > size:
                 raise UserError(f"'{path}' is truncated or corrupt: header length {header_len} "
                                 f"does not fit the file size {size}")
-            header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"'{path}' is corrupt: its safetensors header is not valid JSON") from exc
+            raw = f.read(header_len)
     except FileNotFoundError as exc:
         raise UserError(f"missing shard '{path}'") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    header = _parse_json_bytes(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise UserError(f"'{path}' is corrupt: its safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"'{path}' is corrupt: its __metadata__ is not an object of strings")
     data_start = 8 + header_len
+    data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
-    data_end = 0
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_TO_TORCH[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"'{path}' is corrupt: bad header entry for '{name}'") from exc
+        dtype, shape, begin, end = _header_entry(path, name, entry)
         if end - begin != math.prod(shape) * element_size(dtype):
-            raise UserError(f"'{path}' is corrupt: '{name}' has {end - begin} bytes for shape {list(shape)}")
-        data_end = max(data_end, end)
+            raise UserError(f"'{path}' is corrupt: '{_one_line(name, 80)}' has {end - begin} bytes "
+                            f"for shape {list(shape)}")
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
-    if data_start + data_end > size:
-        raise UserError(f"'{path}' is truncated: header needs {data_start + data_end} bytes, file has {size}")
+    expected = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        begin, end = info.start - data_start, info.end - data_start
+        if begin != expected:
+            problem = "overlaps the tensor before it" if begin < expected else f"leaves a gap at byte {expected}"
+            raise UserError(f"'{path}' is corrupt: '{_one_line(info.name, 80)}' at data bytes {begin}-{end} {problem}")
+        expected = end
+    if expected > data_size:
+        raise UserError(f"'{path}' is truncated: header needs {data_start + expected} bytes, file has {size}")
+    if expected < data_size:
+        raise UserError(f"'{path}' is corrupt: {data_size - expected} bytes follow the last tensor")
     return tensors, metadata
 
 
@@ -100,6 +166,33 @@ def resolve_source(src: str | Path) -> Path:
     raise UserError(f"'{src}' does not exist")
 
 
+_MAX_INDEX = 100 * 2**20
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``, checked to be an object of file names."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_INDEX:
+            raise UserError(f"'{path}' is corrupt: larger than {_MAX_INDEX // 2**20} MiB")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    index = _parse_json_bytes(raw, path, "index")
+    if not isinstance(index, dict):
+        raise UserError(f"'{path}' is corrupt: the index is not a JSON object")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UserError(f"'{path}' is corrupt: its weight_map is missing or not an object")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise UserError(f"'{path}' is corrupt: weight_map['{_one_line(bad, 80)}'] is not a file name string")
+    total = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    if isinstance(total, float) and not math.isfinite(total):  # 1e400 parses as inf: no size at all
+        raise UserError(f"'{path}' is corrupt: metadata.total_size is {total}")
+    return weight_map
+
+
 class HFCheckpoint:
     """A Hugging Face checkpoint folder read lazily: headers at open, tensor data on request."""
 
@@ -111,7 +204,8 @@ class HFCheckpoint:
             found, _ = read_header(shard)
             for name, info in found.items():
                 if name in self.tensors:
-                    raise UserError(f"tensor '{name}' is in both '{self.tensors[name].file.name}' and '{shard.name}'")
+                    raise UserError(f"tensor '{_one_line(name, 80)}' is in both '{self.tensors[name].file}' "
+                                    f"and '{shard}'")
                 self.tensors[name] = info
         self._check_index()
         self._handles: dict[Path, object] = {}
@@ -119,32 +213,55 @@ class HFCheckpoint:
     def _find_shards(self) -> list[Path]:
         index = self.folder / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"'{index}' is corrupt: no valid weight_map") from exc
+            weight_map = read_index(index)
             names = sorted(set(weight_map.values()))
+            for name in names:
+                self._check_shard_name(name, index)
             missing = [n for n in names if not (self.folder / n).is_file()]
             if missing:
                 raise UserError(f"missing shard '{self.folder / missing[0]}' listed in {INDEX_NAME}"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
             self._weight_map = weight_map
-            return [self.folder / n for n in names]
-        self._weight_map = None
-        shards = sorted(self.folder.glob("*.safetensors"))
-        if not shards:
-            raise UserError(f"'{self.folder}' has no safetensors files: is it a Hugging Face checkpoint folder?")
+            shards = [self.folder / n for n in names]
+        else:
+            self._weight_map = None
+            shards = sorted(self.folder.glob("*.safetensors"))
+            if not shards:
+                raise UserError(f"'{self.folder}' has no safetensors files: is it a Hugging Face checkpoint folder?")
+        for shard in shards:
+            self._check_inside(shard)
         return shards
+
+    def _check_shard_name(self, name: str, index: Path) -> None:
+        """An index entry must be a plain file name: no folder part, no ``..``, not absolute."""
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+            raise UserError(f"'{index}' is corrupt: weight_map names {_one_line(name, 80, quote=True)}, "
+                            "which is not a file name inside the folder")
+
+    def _check_inside(self, shard: Path) -> None:
+        """Refuse a shard that is a link to a file outside the folder (the Hugging Face cache's
+        ``snapshots/REV/x -> ../../blobs/SHA`` links are allowed)."""
+        if not shard.is_symlink():
+            return
+        target = shard.resolve()
+        home = self.folder.resolve()
+        allowed = [home]
+        if home.parent.name == "snapshots":
+            allowed.append(home.parent.parent / "blobs")
+        if not any(target.is_relative_to(a) for a in allowed):
+            raise UserError(f"'{shard}' links to '{target}', outside the checkpoint folder: refusing to read it")
 
     def _check_index(self) -> None:
         if self._weight_map is None:
             return
+        index = self.folder / INDEX_NAME
         for name, fname in self._weight_map.items():
             info = self.tensors.get(name)
             if info is None:
-                raise UserError(f"{INDEX_NAME} lists '{name}' in '{fname}' but that file does not hold it")
+                raise UserError(f"'{index}' lists '{_one_line(name, 80)}' in '{fname}' but that file does not hold it")
             if info.file.name != fname:
-                raise UserError(f"{INDEX_NAME} puts '{name}' in '{fname}' but it is in '{info.file.name}'")
+                raise UserError(f"'{index}' puts '{_one_line(name, 80)}' in '{fname}' but it is in "
+                                f"'{info.file.name}'")
 
     def config_path(self) -> Path:
         path = self.folder / "config.json"
@@ -282,8 +399,11 @@ class SafetensorsFileWriter:
         self.data_start = 8 + len(raw)
         self.total = offset
         self.written = 0
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        # kept: an earlier run's identical file, checksum verified by --resume; writes are skipped
+        self.kept = kept_state(self.path) is not None
+        self._f = None if self.kept else create_file(self.path)
+        if self._f is not None:
+            self._f.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> int:
         """Write ``tensor`` as the whole of ``name``, or rows starting at ``row_offset``; return bytes."""
@@ -298,16 +418,23 @@ class SafetensorsFileWriter:
                 raise ValueError(f"{name}: rows {row_offset}+{tuple(tensor.shape)} outside {planned.shape}")
             pos = row_offset * (planned.nbytes // planned.shape[0])
         data = tensor.reshape(-1).view(torch.uint8).numpy()
-        self._f.seek(self.data_start + self.offsets[name] + pos)
-        self._f.write(memoryview(data))
         self.written += data.nbytes
+        if self._f is None:
+            return data.nbytes
+        where = self.data_start + self.offsets[name] + pos
+        if self._f.tell() != where:
+            self._f.seek(where)
+        self._f.write(memoryview(data))
         return data.nbytes
 
     def abort(self) -> None:
         """Close the file after a failure without checking it (the caller discards it)."""
-        self._f.close()
+        if self._f is not None:
+            self._f.abort()
 
     def close(self) -> None:
+        if self.kept:
+            return
         self._f.close()
         if self.written != self.total:
             raise RuntimeError(f"{self.path.name}: wrote {self.written} of {self.total} planned bytes")
@@ -316,12 +443,12 @@ class SafetensorsFileWriter:
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     """Write ``model.safetensors.index.json`` (total_size = tensor bytes, as transformers counts)."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_bytes(folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------- assets
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".ckpt", ".gguf", ".h5", ".msgpack")
-_SKIP = {INDEX_NAME, "pytorch_model.bin.index.json", ".metadata"}
+_SKIP = {INDEX_NAME, "pytorch_model.bin.index.json", ".metadata", MANIFEST_NAME}
 
 
 def asset_files(folder: Path) -> list[Path]:
@@ -345,7 +472,6 @@ def copy_assets(src: Path, dst: Path) -> list[str]:
     copied = []
     for path in asset_files(src):
         rel = path.relative_to(src)
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst / rel)
+        copy_file(path, dst / rel)
         copied.append(str(rel))
     return copied

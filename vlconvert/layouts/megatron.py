@@ -14,8 +14,8 @@ allowlist; every other global becomes an inert placeholder and nothing pickled i
 tensor bytes on request, rows at a time, with plain file reads. Files written here load with
 ``torch.load(weights_only=True)``.
 
-This module knows files, not model families; :class:`MegatronCheckpoint` (the canonical reader) lives in
-:mod:`vlconvert.megatron_convert` and is re-exported here.
+This module knows files, not model families; the canonical reader of a Megatron checkpoint
+(:class:`vlconvert.sources.MegatronSource`) combines it with the model's name table.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import argparse
 import collections
 import hashlib
 import io
+import json
 import math
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +40,18 @@ import torch
 
 from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
+from vlconvert.publish import create_file, kept_state, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 META_KEY = "vlconvert"  # extra top-level key with plain-data facts (Megatron ignores unknown keys)
 _ALIGN = 64
-_DATE = (1980, 1, 1, 0, 0, 0)
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, the zip epoch: no clock in the output
 _FOLDER_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+MAX_DATA_PKL = 64 * 2**20  # a rank file's pickled dict; real ones are a few MiB at most
+_MAX_TRACKER = 4096
+_MAX_DIM = 2**62  # far above any real dimension; keeps every product inside torch's int64
 
 _STORAGE_OF: dict[torch.dtype, str] = {
     torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage",
@@ -129,38 +136,156 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
     payload: dict = {"model": model, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
     if extra:
         payload.update(extra)
+    if kept_state(path) is not None:  # --resume kept this rank file (checksum verified)
+        total = sum(e.nbytes for e in entries)
+        if on_bytes:
+            on_bytes(total)
+        return total
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(payload)
     prefix = "archive"
     digest = hashlib.sha1(buf.getvalue()).hexdigest()
     written = 0
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with create_file(path) as f:
+        zf = _ZipStream(f)
         for name, data in ((f"{prefix}/data.pkl", buf.getvalue()), (f"{prefix}/.format_version", b"1"),
                            (f"{prefix}/.storage_alignment", b"64"), (f"{prefix}/byteorder", b"little")):
-            zf.writestr(zipfile.ZipInfo(name, _DATE), data)
+            zf.add(name, data)
         for i, e in enumerate(entries):
             tensor = produce(i, e)
             if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
                 raise RuntimeError(f"{e.name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
                                    f"planned {e.shape} {e.dtype}")
             data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            info = zipfile.ZipInfo(f"{prefix}/data/{i}", _DATE)
-            info.file_size = e.nbytes
-            zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT
-            base = zf.start_dir + 30 + len(info.filename.encode()) + (20 if zip64 else 0) + 4
-            pad = -base % _ALIGN
-            info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # 'FB' padding, as torch does
-            with zf.open(info, "w") as out:
-                if zf.fp.tell() % _ALIGN:  # pragma: no cover - guards the header arithmetic above
-                    raise RuntimeError("storage record is not 64-byte aligned")
-                out.write(memoryview(data))
+            zf.add(f"{prefix}/data/{i}", data)
             written += e.nbytes
             if on_bytes:
                 on_bytes(e.nbytes)
             del tensor, data
-        zf.writestr(zipfile.ZipInfo(f"{prefix}/version", _DATE), b"3\n")
-        zf.writestr(zipfile.ZipInfo(f"{prefix}/.data/serialization_id", _DATE), digest.encode())
+        zf.add(f"{prefix}/version", b"3\n")
+        zf.add(f"{prefix}/.data/serialization_id", digest.encode())
+        zf.close()
     return written
+
+
+class _ZipStream:
+    """A stored (uncompressed) zip archive written strictly front to back, as torch.save lays it out.
+
+    Sizes and CRC-32 are known before each record is written (the bytes are in memory), so no header is
+    patched afterwards and the file can be hashed while it is written. Every record's data starts on a
+    64-byte boundary (an ``FB`` padding extra field, as torch pads). Zip64 fields are used past 4 GiB.
+    """
+
+    _LIMIT = 0xFFFFFFFF
+
+    def __init__(self, f):
+        self.f = f
+        self.pos = 0
+        self.entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
+
+    def _write(self, data) -> None:
+        self.f.write(data)
+        self.pos += len(memoryview(data).cast("B"))
+
+    def add(self, name: str, data) -> None:
+        """Append one record holding ``data`` (bytes or a buffer)."""
+        view = memoryview(data).cast("B")
+        size, crc, raw_name, offset = len(view), zlib.crc32(view), name.encode(), self.pos
+        zip64 = size >= self._LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        pad = -(offset + 30 + len(raw_name) + len(extra) + 4) % _ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        stored = self._LIMIT if zip64 else size
+        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, crc, stored,
+                                stored, len(raw_name), len(extra)) + raw_name + extra)
+        if self.pos % _ALIGN:  # pragma: no cover - guards the header arithmetic above
+            raise RuntimeError("storage record is not 64-byte aligned")
+        self._write(view)
+        self.entries.append((raw_name, crc, size, offset))
+
+    def close(self) -> None:
+        """Write the central directory and the end records."""
+        start = self.pos
+        for raw_name, crc, size, offset in self.entries:
+            fields = [v for v in (size, size) if v >= self._LIMIT] + ([offset] if offset >= self._LIMIT else [])
+            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            version = 45 if fields else 20
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, 0, 0, 0, _DOS_DATE,
+                                    crc, min(size, self._LIMIT), min(size, self._LIMIT), len(raw_name), len(extra),
+                                    0, 0, 0, 0o600 << 16, min(offset, self._LIMIT)) + raw_name + extra)
+        count, cd_size = len(self.entries), self.pos - start
+        if count >= 0xFFFF or start >= self._LIMIT or cd_size >= self._LIMIT:
+            end64 = self.pos
+            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x032D, 45, 0, 0, count, count, cd_size, start))
+            self._write(struct.pack("<IIQI", 0x07064B50, 0, end64, 1))
+        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                                min(cd_size, self._LIMIT), min(start, self._LIMIT), 0))
+
+
+# ------------------------------------------------------------------------------------ pickle pre-scan
+# CPython's C unpickler grows its memo array to any index a PUT/LONG_BINPUT names: a 9-byte pickle can make
+# it allocate and zero 64 GiB. Every pickle vlconvert unpickles is first walked opcode by opcode (arguments
+# skipped, faster than unpickling) and refused when a memo index exceeds what its size allows.
+def _opcode_table() -> list[tuple[str, int] | None]:
+    """Per opcode byte: ('-', 0) no argument, ('f', n) n bytes, ('c', n) n-byte length then data, ('l', k) k
+    lines; None for a byte that is no opcode."""
+    table: list[tuple[str, int] | None] = [None] * 256
+    counted = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+               pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            kind = ("-", 0)
+        elif arg.n > 0:
+            kind = ("f", arg.n)
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            kind = ("l", 2 if arg.name == "stringnl_noescape_pair" else 1)
+        else:
+            kind = ("c", counted[arg.n])
+        table[ord(op.code)] = kind
+    return table
+
+
+_OPS = _opcode_table()
+
+
+def check_pickle(raw: bytes) -> None:
+    """Walk the opcodes of ``raw``; UnpicklingError for an unknown opcode, a missing STOP or a memo index
+    larger than the pickle could legitimately use (the unpickler would allocate memory for all of them)."""
+    n, i = len(raw), 0
+    limit = n // 2 + 1024  # a memoized object costs at least two bytes of pickle
+    while i < n:
+        op = raw[i]
+        kind = _OPS[op]
+        if kind is None:
+            raise pickle.UnpicklingError(f"unknown opcode 0x{op:02x} at byte {i}")
+        tag, size = kind
+        start = i
+        i += 1
+        if tag == "-":
+            if op == 0x2E:  # STOP
+                return
+        elif tag == "f":
+            if op == 0x72 and int.from_bytes(raw[i:i + 4], "little") > limit:  # LONG_BINPUT
+                raise pickle.UnpicklingError(f"memo index {int.from_bytes(raw[i:i + 4], 'little')} at byte {start}")
+            i += size
+        elif tag == "c":
+            length = int.from_bytes(raw[i:i + size], "little", signed=op in (0x54, 0x8B))  # BINSTRING, LONG4
+            if length < 0:
+                raise pickle.UnpicklingError(f"negative length at byte {start}")
+            i += size + length
+        else:
+            end = i
+            for _ in range(size):
+                end = raw.find(b"\n", end) + 1
+                if end == 0:
+                    raise pickle.UnpicklingError(f"unterminated argument at byte {start}")
+            if op == 0x70:  # PUT
+                text = raw[i:end - 1]
+                if not text.isdigit() or len(text) > 12 or int(text) > limit:
+                    raise pickle.UnpicklingError(f"memo index {text[:20]!r} at byte {start}")
+            i = end
+    raise pickle.UnpicklingError("truncated: no STOP opcode")
 
 
 # --------------------------------------------------------------------------------------------- reader
@@ -200,11 +325,37 @@ class Opaque:
         return f"<unread {self.qualname}>"
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """A storage record reference; made only by ``persistent_load`` (no pickled global names this class)."""
+
+    key: str
+    dtype: torch.dtype
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_line(value: object, limit: int = 160, quote: bool = False) -> str:
+    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
+    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
+    if isinstance(value, (list, tuple)) and len(value) > 16:
+        value = [*value[:16], "..."]
+    try:
+        flat = " ".join((repr(value) if quote else str(value)).split())
+    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
+        flat = f"<{type(value).__name__}>"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_rest) -> LazyTensor:
-    if not isinstance(storage, tuple) or storage[0] != "storage":
+    if not isinstance(storage, _Stored):
         raise pickle.UnpicklingError("tensor without a storage record")
-    return LazyTensor(storage[1], storage[2], int(offset), tuple(int(s) for s in size),
-                      tuple(int(s) for s in stride))
+    if not (_is_int(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+            and all(_is_int(v) for v in (*size, *stride))):
+        raise pickle.UnpicklingError("tensor with a non-integer offset, size or stride")
+    return LazyTensor(storage.key, storage.dtype, offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, *_rest):
@@ -233,15 +384,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 return _StorageType(_DTYPE_OF[name])
             if name in _SAFE_TORCH:
                 return _SAFE_TORCH[name]
-            if isinstance(getattr(torch, name, None), torch.dtype):
-                return getattr(torch, name)
+            if isinstance(vars(torch).get(name), torch.dtype):  # no lazy submodule imports
+                return vars(torch)[name]
         return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        return ("storage", str(pid[2]), pid[1].dtype)
+            raise pickle.UnpicklingError(f"unsupported persistent id {_one_line(pid, 80, quote=True)}")
+        return _Stored(str(pid[2]), pid[1].dtype)
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -250,30 +401,47 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+_META_INTS = ("format", "tp", "pp", "ep", "etp", "vocab", "padded_vocab")
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """The ``vlconvert`` metadata of a rank file must be the plain data vlconvert writes."""
+    where = f"'{path}' has corrupt vlconvert metadata:"
+    bad = next((k for k in _META_INTS if k in meta and not (_is_int(meta[k]) and meta[k] >= 0)), None)
+    if bad is not None:
+        raise UserError(f"{where} '{bad}' is {_one_line(meta[bad], 40, quote=True)}, not a count")
+    layers = meta.get("stage_layers", [])
+    if not isinstance(layers, list) or not all(_is_int(n) and n >= 0 for n in layers):
+        raise UserError(f"{where} stage_layers is not a list of counts")
+    if "hf_config" in meta:
+        text = meta["hf_config"]
+        try:
+            config = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError) as exc:
+            raise UserError(f"{where} hf_config is not valid JSON") from exc
+        if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict)
+                                                   for k in ("text_config", "vision_config")):
+            raise UserError(f"{where} hf_config is not a config object")
+
+
 class RankFile:
-    """One ``model_optim_rng.pt`` read lazily: ``model`` keys and shapes at open, bytes on request."""
+    """One ``model_optim_rng.pt`` read lazily: ``model`` keys and shapes at open, bytes on request.
+
+    Opening reads the zip directory and ``data.pkl`` (at most :data:`MAX_DATA_PKL` bytes, however well
+    it compresses) and checks every model tensor lies inside its stored record.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        raw = self._read_data_pkl()
         try:
-            with zipfile.ZipFile(self.path) as zf:
-                infos = zf.infolist()
-                pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-                if len(pkl) != 1:
-                    raise UserError(f"'{self.path}' is not a torch zip checkpoint (no data.pkl)")
-                prefix = pkl[0].filename[: -len("data.pkl")]
-                raw = zf.read(pkl[0])
-                self._records = {i.filename[len(prefix) + 5:]: i for i in infos
-                                 if i.filename.startswith(prefix + "data/")}
-        except zipfile.BadZipFile as exc:
-            raise UserError(f"'{self.path}' is not a zip-format torch checkpoint (legacy tar/pickle files "
-                            "are not supported: re-save it with a current torch)") from exc
-        except FileNotFoundError as exc:
-            raise UserError(f"missing rank file '{self.path}'") from exc
-        try:
+            check_pickle(raw)
             payload = _RestrictedUnpickler(io.BytesIO(raw)).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-            raise UserError(f"'{self.path}' has a data.pkl vlconvert will not unpickle: {exc}") from exc
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hostile pickles raise anything: EOFError, RuntimeError...
+            raise UserError(f"'{self.path}' has a data.pkl vlconvert will not unpickle "
+                            f"({type(exc).__name__}: {_one_line(exc, 100)})") from exc
         if not isinstance(payload, dict):
             raise UserError(f"'{self.path}' does not hold a checkpoint dict")
         if "model" not in payload:
@@ -283,22 +451,88 @@ class RankFile:
                                 "VPP checkpoints are not supported; convert with one model chunk per stage")
             raise UserError(f"'{self.path}' has no 'model' entry: is it a Megatron model checkpoint?")
         model = payload["model"]
+        if not isinstance(model, dict):
+            raise UserError(f"'{self.path}': its 'model' entry is not a dict ({type(model).__name__})")
         self.tensors: dict[str, LazyTensor] = {}
         self.ignored: list[str] = []
         for name, value in model.items():
+            if not isinstance(name, str):
+                raise UserError(f"'{self.path}': a model entry name is not a string "
+                                f"({_one_line(name, 40, quote=True)})")
             if isinstance(value, LazyTensor):
+                self._check_tensor(name, value)
                 self.tensors[name] = value
             elif name.endswith("_extra_state") or value is None:
                 self.ignored.append(name)
             else:
-                raise UserError(f"'{self.path}': model entry '{name}' is not a tensor ({type(value).__name__})")
+                raise UserError(f"'{self.path}': model entry '{_one_line(name, 80)}' is not a tensor "
+                                f"({type(value).__name__})")
         self.checkpoint_version = payload.get("checkpoint_version")
         self.iteration = payload.get("iteration")
         meta = payload.get(META_KEY)
         self.meta: dict | None = meta if isinstance(meta, dict) else None
+        if self.meta is not None:
+            _check_meta(self.path, self.meta)
         args = payload.get("args")
         self.args: dict = vars(args) if isinstance(args, argparse.Namespace) else {}
         self._offsets: dict[str, int] = {}
+
+    def _read_data_pkl(self) -> bytes:
+        """The zip directory (into ``self._records``) and ``data.pkl``, bounded in size."""
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = zf.infolist()
+                pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+                if len(pkl) != 1:
+                    raise UserError(f"'{self.path}' is not a torch zip checkpoint (no data.pkl)")
+                if pkl[0].file_size > MAX_DATA_PKL:
+                    raise UserError(f"'{self.path}': its data.pkl inflates to {pkl[0].file_size} bytes, more than "
+                                    f"the {MAX_DATA_PKL // 2**20} MiB vlconvert reads")
+                prefix = pkl[0].filename[: -len("data.pkl")]
+                with zf.open(pkl[0]) as f:
+                    raw = f.read(MAX_DATA_PKL + 1)  # enforced while reading too: the directory may lie
+                if len(raw) > MAX_DATA_PKL:
+                    raise UserError(f"'{self.path}': its data.pkl inflates past the {MAX_DATA_PKL // 2**20} MiB "
+                                    "vlconvert reads")
+                self._records = {i.filename[len(prefix) + 5:]: i for i in infos
+                                 if i.filename.startswith(prefix + "data/")}
+        except UserError:
+            raise
+        except FileNotFoundError as exc:
+            raise UserError(f"missing rank file '{self.path}'") from exc
+        except OSError as exc:
+            raise UserError(f"cannot read '{self.path}': {exc.strerror or exc}") from exc
+        except zipfile.BadZipFile as exc:
+            raise UserError(f"'{self.path}' is not a zip-format torch checkpoint or is corrupt "
+                            f"({_one_line(exc, 80)}; legacy tar/pickle files are not supported)") from exc
+        except Exception as exc:  # noqa: BLE001 - a corrupt zip raises zlib.error, struct.error, ValueError...
+            raise UserError(f"'{self.path}' is a corrupt zip ({type(exc).__name__}: {_one_line(exc, 80)})") from exc
+        return raw
+
+    def _check_tensor(self, name: str, t: LazyTensor) -> None:
+        """A model tensor must reference a stored record and lie entirely inside it."""
+        where = f"'{self.path}' is corrupt: tensor '{_one_line(name, 80)}'"
+        shape, stride = getattr(t, "shape", None), getattr(t, "stride", None)
+        if not (isinstance(getattr(t, "key", None), str) and getattr(t, "dtype", None) in _STORAGE_OF
+                and _is_int(getattr(t, "offset", None)) and isinstance(shape, tuple) and isinstance(stride, tuple)
+                and all(_is_int(v) for v in (*shape, *stride))):
+            raise UserError(f"{where} has a malformed storage reference, offset, shape or stride")  # e.g. BUILD
+        info = self._records.get(t.key)
+        if info is None:
+            raise UserError(f"{where} references storage record '{_one_line(t.key, 40)}', which is missing")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UserError(f"'{self.path}': storage record '{_one_line(t.key, 40)}' is compressed")
+        if (len(t.stride) != len(t.shape) or t.offset < 0 or any(not 0 <= d < _MAX_DIM for d in t.shape)
+                or any(s < 0 for s in t.stride)):
+            raise UserError(f"{where} has offset {t.offset}, shape {_one_line(list(t.shape), 60)} and stride "
+                            f"{_one_line(list(t.stride), 60)}")
+        if math.prod(max(d, 1) for d in t.shape) >= _MAX_DIM:
+            raise UserError(f"{where} has a shape too large to exist: {_one_line(list(t.shape), 60)}")
+        if 0 not in t.shape:
+            last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride, strict=True))
+            if (last + 1) * element_size(t.dtype) > info.file_size:
+                raise UserError(f"{where} reaches byte {(last + 1) * element_size(t.dtype)} of storage record "
+                                f"'{_one_line(t.key, 40)}', which holds {info.file_size}")
 
     def _data_start(self, key: str) -> int:
         start = self._offsets.get(key)
@@ -308,11 +542,19 @@ class RankFile:
                 raise UserError(f"'{self.path}' is corrupt: storage record '{key}' is missing")
             if info.compress_type != zipfile.ZIP_STORED:
                 raise UserError(f"'{self.path}': storage record '{key}' is compressed")
-            with open(self.path, "rb") as f:
-                f.seek(info.header_offset)
-                header = f.read(30)
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(info.header_offset)
+                    header = f.read(30)
+                    size = f.seek(0, io.SEEK_END)
+            except OSError as exc:
+                raise UserError(f"cannot read '{self.path}': {exc.strerror or exc}") from exc
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise UserError(f"'{self.path}' is corrupt: no zip header for storage record '{key}'")
             n, m = struct.unpack("<HH", header[26:30])
             start = info.header_offset + 30 + n + m
+            if start + info.file_size > size:
+                raise UserError(f"'{self.path}' is truncated: storage record '{key}' ends past the end of the file")
             self._offsets[key] = start
         return start
 
@@ -373,6 +615,24 @@ class RankLayout:
         return self.folders[(tp, pp, ep)] / RANK_FILE
 
 
+def read_tracker(path: Path) -> str:
+    """The text of ``latest_checkpointed_iteration.txt``: ``release`` or an iteration number (checked)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_TRACKER + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    if len(raw) > _MAX_TRACKER:
+        raise UserError(f"'{path}' is corrupt: over {_MAX_TRACKER} bytes, not an iteration tracker")
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"'{path}' is corrupt: not plain text (byte {exc.start} is 0x{raw[exc.start]:02x})") from exc
+    if text != "release" and not re.fullmatch(r"[0-9]{1,18}", text):
+        raise UserError(f"'{path}' holds {_one_line(text, 40, quote=True)}, neither 'release' nor an iteration number")
+    return text
+
+
 def find_iteration_dir(root: Path) -> tuple[Path, str, list[str]]:
     """The folder holding ``mp_rank_*`` (via the tracker file, or ``root`` itself), and notes."""
     root = Path(root)
@@ -382,13 +642,8 @@ def find_iteration_dir(root: Path) -> tuple[Path, str, list[str]]:
         return root, root.name.removeprefix("iter_"), [f"rank folders found directly in '{root}'"]
     tracker = root / TRACKER
     if tracker.is_file():
-        text = tracker.read_text().strip()
-        sub = "release" if text == "release" else None
-        if sub is None:
-            try:
-                sub = iteration_folder(int(text))
-            except ValueError as exc:
-                raise UserError(f"'{tracker}' holds '{text}', neither 'release' nor an iteration number") from exc
+        text = read_tracker(tracker)
+        sub = "release" if text == "release" else iteration_folder(int(text))
         if not (root / sub).is_dir():
             raise UserError(f"'{tracker}' points to '{sub}', which does not exist in '{root}'")
         return root / sub, text, [f"{TRACKER} says '{text}' -> {sub}/"]
@@ -448,12 +703,4 @@ def scan_ranks(root: Path, resolve_two_part: Callable[[dict[tuple[int, int], Pat
 
 def write_tracker(root: Path, iteration: int | None) -> None:
     """Write ``latest_checkpointed_iteration.txt``."""
-    (Path(root) / TRACKER).write_text("release" if iteration is None else str(iteration))
-
-
-def __getattr__(name: str):
-    if name == "MegatronCheckpoint":  # lazy: it needs the model mapping, which imports this module
-        from vlconvert.megatron_convert import MegatronCheckpoint
-
-        return MegatronCheckpoint
-    raise AttributeError(name)
+    write_bytes(Path(root) / TRACKER, ("release" if iteration is None else str(iteration)).encode())

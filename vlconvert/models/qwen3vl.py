@@ -1,4 +1,8 @@
-"""Qwen3-VL (dense) and Qwen3-VL-MoE: config reading, the meta-device skeleton, expert orientation.
+"""Qwen3-VL (dense) and Qwen3-VL-MoE: config reading, the skeleton (every key, shape and dtype), expert orientation.
+
+The skeleton is computed from config.json in pure Python, mirroring transformers' modules, so no
+command pays for importing transformers' model code; ``tests/test_skeleton.py`` checks it against a
+model built by the installed transformers on the meta device (:func:`_skeleton_from_transformers`).
 
 Key names are the transformers module names, which are also the names on disk in released
 checkpoints (``model.language_model.*``, ``model.visual.*``, ``lm_head.weight``). The only on-disk
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,11 +72,16 @@ def read_config_json(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise UserError(f"config '{path}' does not exist") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
         raise UserError(f"config '{path}' is not valid JSON") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read config '{path}': {exc.strerror}") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"config '{path}' holds a {type(raw).__name__}, not a JSON object")
+    return raw
 
 
 def load_config(path_or_dict: str | Path | dict) -> ModelInfo:
@@ -82,6 +94,9 @@ def load_config(path_or_dict: str | Path | dict) -> ModelInfo:
         raise UserError(f"model_type '{family}' is not supported: vlconvert handles {', '.join(FAMILIES)}")
     text = raw.get("text_config") or {}
     vision = raw.get("vision_config") or {}
+    for key, section in (("text_config", text), ("vision_config", vision)):
+        if not isinstance(section, dict):
+            raise UserError(f"the config's {key} is a {type(section).__name__}, not an object")
     try:
         experts = int(text.get("num_experts", text.get("num_local_experts", 0)) or 0) if family == "qwen3_vl_moe" else 0
         dtype_text = raw.get("dtype") or raw.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
@@ -147,7 +162,138 @@ def is_expert(name: str) -> bool:
     return name.endswith(EXPERT_SUFFIXES)
 
 
-def _meta_model(raw: dict):
+# Class defaults of transformers' Qwen3-VL configs (5.x), used where config.json leaves a field out.
+_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "in_channels": 3,
+    "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584,
+    "num_position_embeddings": 2304, "deepstack_visual_indexes": (8, 16, 24),
+}
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_vl": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "attention_bias": False},
+    "qwen3_vl_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": None, "attention_bias": False,
+                     "decoder_sparse_step": 1, "moe_intermediate_size": 1408, "num_experts": 60,
+                     "mlp_only_layers": None},
+}
+
+
+def _int(section: dict, defaults: dict, key: str) -> int:
+    """An integer field of a config section (or its class default); bools and non-integers are refused."""
+    value = section.get(key, defaults.get(key))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"config field '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _skeleton_shapes(raw: dict, runtime_experts: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the transformers ``*ForConditionalGeneration`` model and its shape, in the
+    model's registration order (vision tower, language model, ``lm_head``), computed from config.json alone.
+
+    Mirrors transformers' Qwen3-VL / Qwen3-VL-MoE modules; ``tests/test_skeleton.py`` checks it against a
+    model built by the installed transformers.
+    """
+    family = raw.get("model_type")
+    vision = {**_VISION_DEFAULTS, **(raw.get("vision_config") or {})}
+    text_defaults = _TEXT_DEFAULTS[family]
+    text = dict(raw.get("text_config") or {})
+    if family == "qwen3_vl_moe" and "num_local_experts" in text:  # transformers maps num_experts onto it
+        text["num_experts"] = text["num_local_experts"]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool) -> None:
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            shapes[f"{name}.bias"] = (n_out,)
+
+    def layer_norm(name: str, dim: int) -> None:
+        shapes[f"{name}.weight"] = (dim,)
+        shapes[f"{name}.bias"] = (dim,)
+
+    # vision tower: model.visual.*
+    hv, iv = _int(vision, {}, "hidden_size"), _int(vision, {}, "intermediate_size")
+    patch, temporal = _int(vision, {}, "patch_size"), _int(vision, {}, "temporal_patch_size")
+    merged = hv * _int(vision, {}, "spatial_merge_size") ** 2
+    out = _int(vision, {}, "out_hidden_size")
+    shapes["model.visual.patch_embed.proj.weight"] = (hv, _int(vision, {}, "in_channels"), temporal, patch, patch)
+    shapes["model.visual.patch_embed.proj.bias"] = (hv,)
+    shapes["model.visual.pos_embed.weight"] = (_int(vision, {}, "num_position_embeddings"), hv)
+    for j in range(_int(vision, {}, "depth")):
+        block = f"model.visual.blocks.{j}"
+        layer_norm(f"{block}.norm1", hv)
+        layer_norm(f"{block}.norm2", hv)
+        linear(f"{block}.attn.qkv", 3 * hv, hv, True)
+        linear(f"{block}.attn.proj", hv, hv, True)
+        linear(f"{block}.mlp.linear_fc1", iv, hv, True)
+        linear(f"{block}.mlp.linear_fc2", hv, iv, True)
+    mergers = [("model.visual.merger", hv)]
+    mergers += [(f"model.visual.deepstack_merger_list.{k}", merged)
+                for k in range(len(vision["deepstack_visual_indexes"]))]
+    for prefix, norm_dim in mergers:  # the main merger norms before the 2x2 shuffle, deepstack ones after
+        layer_norm(f"{prefix}.norm", norm_dim)
+        linear(f"{prefix}.linear_fc1", merged, merged, True)
+        linear(f"{prefix}.linear_fc2", out, merged, True)
+
+    # language model: model.language_model.*
+    h, vocab = _int(text, text_defaults, "hidden_size"), _int(text, text_defaults, "vocab_size")
+    heads = _int(text, text_defaults, "num_attention_heads")
+    kv_heads = text.get("num_key_value_heads", text_defaults["num_key_value_heads"])
+    kv_heads = heads if kv_heads is None else _int({"num_key_value_heads": kv_heads}, {}, "num_key_value_heads")
+    head_dim = text.get("head_dim", text_defaults["head_dim"])
+    head_dim = _int({"head_dim": head_dim}, {}, "head_dim") if head_dim else h // heads
+    bias = bool(text.get("attention_bias", text_defaults["attention_bias"]))
+    inter = _int(text, text_defaults, "intermediate_size")
+    experts = _int(text, text_defaults, "num_experts") if family == "qwen3_vl_moe" else 0
+    if experts > 0:
+        moe_inter = _int(text, text_defaults, "moe_intermediate_size")
+        sparse_step = _int(text, text_defaults, "decoder_sparse_step")
+        mlp_only = set(text.get("mlp_only_layers") or ())
+        if runtime_experts == "transformers5":
+            experts_shapes = {"gate_up_proj": (experts, 2 * moe_inter, h), "down_proj": (experts, h, moe_inter)}
+        else:
+            experts_shapes = {"gate_up_proj": (experts, h, 2 * moe_inter), "down_proj": (experts, moe_inter, h)}
+    shapes["model.language_model.embed_tokens.weight"] = (vocab, h)
+    for i in range(_int(text, text_defaults, "num_hidden_layers")):
+        layer = f"model.language_model.layers.{i}"
+        linear(f"{layer}.self_attn.q_proj", heads * head_dim, h, bias)
+        linear(f"{layer}.self_attn.k_proj", kv_heads * head_dim, h, bias)
+        linear(f"{layer}.self_attn.v_proj", kv_heads * head_dim, h, bias)
+        linear(f"{layer}.self_attn.o_proj", h, heads * head_dim, bias)
+        shapes[f"{layer}.self_attn.q_norm.weight"] = (head_dim,)
+        shapes[f"{layer}.self_attn.k_norm.weight"] = (head_dim,)
+        if experts > 0 and i not in mlp_only and (i + 1) % sparse_step == 0:
+            if runtime_experts != "transformers5":  # transformers 4.x registers the router first
+                shapes[f"{layer}.mlp.gate.weight"] = (experts, h)
+            for proj, shape in experts_shapes.items():
+                shapes[f"{layer}.mlp.experts.{proj}"] = shape
+            if runtime_experts == "transformers5":
+                shapes[f"{layer}.mlp.gate.weight"] = (experts, h)
+        else:
+            linear(f"{layer}.mlp.gate_proj", inter, h, False)
+            linear(f"{layer}.mlp.up_proj", inter, h, False)
+            linear(f"{layer}.mlp.down_proj", h, inter, False)
+        shapes[f"{layer}.input_layernorm.weight"] = (h,)
+        shapes[f"{layer}.post_attention_layernorm.weight"] = (h,)
+    shapes["model.language_model.norm.weight"] = (h,)
+    shapes[LM_HEAD] = (vocab, h)  # in the state dict also when tied
+    return shapes
+
+
+def build_skeleton(config: str | Path | dict | ModelInfo) -> Skeleton:
+    """Every key, shape and dtype of the model, from its config alone (pure Python: no model is built)."""
+    info = config if isinstance(config, ModelInfo) else load_config(config)
+    runtime = runtime_experts_layout()
+    try:
+        shapes = _skeleton_shapes(info.raw, runtime)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"cannot read a {info.family} model's shapes from this config: {exc}") from exc
+    dtype = info.dtype or torch.bfloat16
+    return Skeleton(info=info, tensors={name: TensorSpec(shape, dtype) for name, shape in shapes.items()},
+                    runtime_experts=runtime)
+
+
+def _meta_model(raw: dict) -> Any:
+    """The installed transformers' model for ``raw`` (a config.json dict), built on the meta device."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     cfg = AutoConfig.for_model(**copy.deepcopy(raw))
@@ -155,8 +301,9 @@ def _meta_model(raw: dict):
         return AutoModelForImageTextToText.from_config(cfg)
 
 
-def build_skeleton(config: str | Path | dict | ModelInfo) -> Skeleton:
-    """Build the model on the meta device from its config alone: names, shapes, dtypes, no weight memory."""
+def _skeleton_from_transformers(config: str | Path | dict | ModelInfo) -> Skeleton:
+    """Reference for :func:`build_skeleton`: build the model with transformers on the meta device (slow:
+    imports the model code) and read its state dict. Used by the tests."""
     info = config if isinstance(config, ModelInfo) else load_config(config)
     try:
         model = _meta_model(info.raw)
@@ -164,12 +311,33 @@ def build_skeleton(config: str | Path | dict | ModelInfo) -> Skeleton:
         raise UserError(f"transformers cannot build a {info.family} model from this config: {exc}") from exc
     dtype = info.dtype or torch.bfloat16
     tensors = {name: TensorSpec(tuple(t.shape), dtype) for name, t in model.state_dict().items()}
-    return Skeleton(info=info, tensors=tensors, runtime_experts=runtime_experts_layout())
+    return Skeleton(info=info, tensors=tensors, runtime_experts=measured_runtime_experts_layout())
+
+
+def _major_version(version: str) -> int | None:
+    match = re.match(r"\s*v?(\d+)", version)
+    return int(match.group(1)) if match else None
 
 
 @functools.lru_cache(maxsize=1)
 def runtime_experts_layout() -> str:
-    """Which expert orientation the installed transformers holds in memory (found by building one)."""
+    """Which expert orientation the installed transformers holds in memory, from its version (no import).
+
+    transformers 5 holds ``gate_up_proj`` [E, 2I, H]; 4.x holds the released [E, H, 2I]. Without
+    transformers installed, the layout of the version vlconvert requires (5.x) is assumed.
+    :func:`measured_runtime_experts_layout` finds it by building a model; the tests check both agree.
+    """
+    try:
+        major = _major_version(importlib.metadata.version("transformers"))
+    except importlib.metadata.PackageNotFoundError:
+        return "transformers5"
+    return "released" if major is not None and major < 5 else "transformers5"
+
+
+@functools.lru_cache(maxsize=1)
+def measured_runtime_experts_layout() -> str:
+    """Which expert orientation the installed transformers holds in memory, found by building a tiny
+    meta-device MoE model (imports transformers' model code: seconds; ``vlconvert doctor`` uses it)."""
     raw = {"model_type": "qwen3_vl_moe", "tie_word_embeddings": False,
            "text_config": {"hidden_size": 8, "intermediate_size": 8, "moe_intermediate_size": 2,
                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,

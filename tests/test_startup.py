@@ -1,0 +1,54 @@
+"""Start-up path: ``python -m vlconvert`` works, and the metadata commands never import transformers.
+
+No timing assertions here: ``bench/bench_startup.py`` measures the time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlconvert.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the CLI in-process in a fresh interpreter, then reports the exit code and the transformers modules loaded.
+_PROBE = """
+import sys
+from vlconvert.cli import main
+code = 0
+try:
+    main(sys.argv[1:], prog_name="vlconvert", standalone_mode=False)
+except SystemExit as exc:
+    code = exc.code or 0
+print("EXIT:", code)
+print("TRANSFORMERS:", ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "transformers")))
+"""
+
+
+def test_python_m_vlconvert_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "vlconvert", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: vlconvert ")
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", "fixtures/tiny-moe"],
+    ["plan", "--config", "fixtures/configs/Qwen3-VL-235B-A22B-Instruct.json", "--to", "megatron",
+     "--tp", "4", "--pp", "2", "--ep", "16"],
+    ["verify", "fixtures/tiny-moe", "fixtures/tiny-moe"],
+], ids=["inspect", "plan", "verify"])
+def test_metadata_commands_do_not_import_transformers(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
+                 for line in result.stdout.splitlines() if line.startswith(("EXIT:", "TRANSFORMERS:")))
+    assert lines["EXIT"] == "0", result.stdout + result.stderr
+    assert lines["TRANSFORMERS"] == ""

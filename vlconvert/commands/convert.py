@@ -1,0 +1,111 @@
+"""``vlconvert convert SRC DST --to hf|dcp|megatron``: any layout to any layout, in one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from vlconvert.console import Reporter, handle_errors, human_bytes, output_options, stdout
+
+TARGETS = ("hf", "dcp", "megatron")
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Target layout.")
+@click.option("--assets-dir", default=None,
+              help="The original Hugging Face folder (or cached model id): config, tokenizer and processor files. "
+                   "Needed for --to hf from DCP or Megatron, and for sources that carry no config.")
+@click.option("--config", type=click.Path(exists=True), default=None, help="config.json for sources without one.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (a DCP's config dtype, else keep), keep, config, bf16, fp16, fp32.")
+@click.option("--experts-layout", type=click.Choice(["auto", "released", "transformers5"]), default=None,
+              help="MoE expert orientation to write: hf default released; dcp default auto (the installed "
+                   "transformers').")
+@click.option("--prefix", default="", help="DCP output: prepend this to every key (e.g. 'model.').")
+@click.option("--src-prefix", default=None, help="DCP source: key prefix to strip (default: detected).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="HF output: largest safetensors file.")
+@click.option("--no-tied-lm-head", is_flag=True, help="DCP output of a tied model: leave lm_head.weight out.")
+@click.option("--allow-missing", is_flag=True, help="HF output: write even if the source lacks some tensors.")
+@click.option("--allow-unexpected", is_flag=True, help="Drop source tensors the model does not have.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Megatron: tensor-parallel size.")
+@click.option("--pp", type=int, default=1, show_default=True, help="Megatron: pipeline-parallel size.")
+@click.option("--ep", type=int, default=1, show_default=True, help="Megatron: expert-parallel size (MoE).")
+@click.option("--etp", type=int, default=None, help="Megatron: expert tensor-parallel size (default: --tp).")
+@click.option("--spec", type=click.Choice(["te", "local"]), default=None,
+              help="Megatron: te (norms fused into linear_qkv/fc1) or local (default: te, or the source's).")
+@click.option("--experts", "experts", type=click.Choice(["grouped", "sequential"]), default=None,
+              help="Megatron expert style (default: grouped, or the source's).")
+@click.option("--pp-first-layers", type=int, default=None, help="Megatron: decoder layers on the first stage.")
+@click.option("--pp-last-layers", type=int, default=None, help="Megatron: decoder layers on the last stage.")
+@click.option("--make-vocab-size-divisible-by", type=int, default=128, show_default=True,
+              help="Megatron: pad the vocabulary to a multiple of this times --tp.")
+@click.option("--padded-vocab-size", type=int, default=None, help="Megatron: exact padded vocabulary rows.")
+@click.option("--iteration", type=int, default=None, help="Megatron: write iter_NNNNNNN/ instead of release/.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True,
+              help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, checks) and write nothing.")
+@output_options
+@handle_errors
+def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config: str | None, dtype: str,
+                    experts_layout: str | None, prefix: str, src_prefix: str | None, max_shard_size: str,
+                    no_tied_lm_head: bool, allow_missing: bool, allow_unexpected: bool, tp: int, pp: int, ep: int,
+                    etp: int | None, spec: str | None, experts: str | None, pp_first_layers: int | None,
+                    pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
+                    iteration: int | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
+                    quiet: bool) -> None:
+    """Convert checkpoint SRC (Hugging Face folder or cached model id, DCP, Megatron; detected) to
+    layout --to in DST, streamed in one pass. Examples:
+
+      vlconvert convert ./step_1000 mg --to megatron --tp 2 --ep 4 --assets-dir Qwen3-VL-30B-A3B-Instruct
+
+      vlconvert convert mg hf --to hf --assets-dir Qwen3-VL-30B-A3B-Instruct
+    """
+    from vlconvert.engine import Converter
+
+    rep = Reporter(as_json, quiet)
+    conv = Converter(src, dst, to=to, dtype=dtype, assets_dir=assets_dir, config=config,
+                     experts_layout=experts_layout, prefix=prefix, src_prefix=src_prefix,
+                     max_shard_size=max_shard_size, tied_lm_head=not no_tied_lm_head, allow_missing=allow_missing,
+                     allow_unexpected=allow_unexpected, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                     pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers,
+                     padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                     iteration=iteration, overwrite=overwrite, resume=resume, info=rep.info)
+    plan = conv.plan()
+    data = plan.to_dict()
+    if dry_run:
+        data["dry_run"] = True
+        if as_json:
+            rep.summary("convert --dry-run", data)
+        elif rep.show:
+            table = Table("file", "tensors", "size", title=f"plan: {plan.source_layout} -> {to} ({dst})",
+                          title_justify="left")
+            for f in plan.files:
+                table.add_row(f.name, str(len(f.tensors)), human_bytes(f.nbytes))
+            stdout.print(table)
+            for note in plan.notes:
+                stdout.print(f"note: {note}", markup=False, highlight=False)
+            stdout.print(f"{len(plan.files)} files, {human_bytes(plan.tensor_bytes)} of tensors; nothing written",
+                         markup=False, highlight=False)
+        return
+    result = conv.run(rep.bytes_progress)
+    data = {**data, "output": str(result.output.absolute()), "files_written": result.files,
+            "bytes_written": result.bytes_written, "assets_copied": result.assets, "notes": result.notes,
+            "seconds": round(rep.elapsed, 3)}
+    rows = [("output", str(result.output)), ("from", f"{plan.source_layout} ({plan.source})"), ("to", to),
+            ("files", str(result.files)), ("written", human_bytes(result.bytes_written)),
+            ("dtype", data["dtype"]), ("time", f"{rep.elapsed:.1f} s")]
+    if plan.experts_layout:
+        rows.append(("experts", plan.experts_layout))
+    if plan.megatron is not None:
+        m = plan.megatron
+        rows.append(("parallel", f"TP={m.tp} PP={m.pp} EP={m.ep} ETP={m.etp} (layers per stage {m.stage_layers})"))
+        rows.append(("train with", m.training_flags()))
+    if result.assets:
+        rows.append(("assets copied", str(len(result.assets))))
+    rows += [("note", n) for n in result.notes]
+    rep.summary("convert", data, rows)

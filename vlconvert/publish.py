@@ -1,0 +1,562 @@
+"""Publishing an output folder safely: overlap checks, one writer per DST, staging, manifest, resume.
+
+Every command that writes goes through :func:`staged_output`:
+
+1. **Overlap**: DST may not equal, contain or lie inside any input (after resolving symlinks), with or
+   without ``--overwrite``; nothing is written before this check.
+2. **One run per DST**: an exclusive lock (``.DST.vlconvert-lock`` beside DST, ``flock``) is held for the
+   whole run, so a second run on the same DST stops at once with one line.
+3. **Staging**: files are written into ``.DST.vlconvert-partial`` beside DST through :func:`create_file`,
+   which hashes them (sha256) while they are written; each finished file is appended (fsynced) to
+   ``.DST.vlconvert-journal`` beside it, whose first line holds the command and its options. A staging
+   folder left by a dead run is removed, or, with ``--resume``, reused: files whose checksums still match
+   the journal are kept and the writers skip them (:func:`kept_state`).
+4. **Manifest**: ``vlconvert-manifest.json`` (every file's size and sha256) is written last.
+5. **Publish**: the finished folder is renamed to DST only if DST is still absent (``renameat2`` with
+   ``RENAME_NOREPLACE`` where the kernel has it), or, with ``--overwrite``, still the folder that was
+   checked at the start. On any failure the staging folder is removed, so DST never looks complete
+   unless it is.
+
+This module knows paths and bytes, not tensors; it imports nothing from the rest of vlconvert but errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from vlconvert.errors import UserError
+
+MANIFEST_NAME = "vlconvert-manifest.json"
+_HASH_BLOCK = 16 * 2**20
+
+_ACTIVE: dict[Path, Stage] = {}  # staging folder -> its Stage, for create_file / kept_state
+
+
+# ------------------------------------------------------------------------------------------ paths
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or inner.is_relative_to(outer)
+
+
+def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse a DST that equals, contains or lies inside any input, after resolving symlinks.
+
+    ``inputs`` maps a label for the message (``"SRC"``, ``"--assets-dir"``) to a path; ``None`` is skipped.
+    """
+    target = _real(dst)
+    for label, path in inputs.items():
+        if path is None:
+            continue
+        source = _real(path)
+        if target == source:
+            raise UserError(f"output '{dst}' is the input {label} '{path}': choose another output folder")
+        if _within(target, source):
+            raise UserError(f"output '{dst}' is inside the input {label} '{path}': choose a folder outside it")
+        if _within(source, target):
+            raise UserError(f"output '{dst}' contains the input {label} '{path}': choose another output folder")
+    here = _real(Path.cwd())
+    if _within(here, target):
+        raise UserError(f"output '{dst}' contains the current directory: choose another output folder")
+    if target == _real(Path.home()) or target.parent == target:
+        raise UserError(f"output '{dst}' is a home or root folder: choose another output folder")
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Fail before writing when the file system holding ``folder`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(f"not enough disk space in '{folder}': need {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What DST is (device, inode, change time), or None if absent: a replaced folder differs even if its
+    inode number is reused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists (atomically where possible)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "exists", str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS):  # the file system lacks RENAME_NOREPLACE: fall back
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    os.rename(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# ------------------------------------------------------------------------------------------ locks
+class _Lock:
+    """An exclusive ``flock`` on a file beside DST, held for the whole run and removed at the end."""
+
+    def __init__(self, path: Path, dst: Path):
+        self.path = path
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UserError(f"another vlconvert run ({holder}) is writing '{dst}': wait for it to finish "
+                                "or choose another output folder") from None
+            st = os.fstat(fd)
+            if _identity(path) == (st.st_dev, st.st_ino, st.st_ctime_ns):
+                break
+            os.close(fd)  # the file was removed by the previous holder between open and lock: try again
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self.fd)
+
+
+# ----------------------------------------------------------------------------------- hashed files
+class OutputFile(io.RawIOBase):
+    """A file being written into a stage, hashed (sha256) as its bytes go by, journaled when closed.
+
+    Writers that write strictly in order are hashed without re-reading; one that seeks back (none of
+    vlconvert's do) is re-read once at close. ``state`` is plain JSON a writer needs to skip this file on
+    ``--resume`` (e.g. the DCP records it holds).
+    """
+
+    def __init__(self, path: Path, stage: Stage | None, rel: str):
+        super().__init__()
+        self.path = path
+        self.stage = stage
+        self.rel = rel
+        self.state: Any = None
+        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._hash = hashlib.sha256()
+        self._pos = 0
+        self._hashed = 0
+        self._in_order = True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = self._f.seek(pos, whence)
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):  # raw writes may be short
+            n = self._f.write(view[written:])
+            written += n or 0
+        if self._pos == self._hashed:
+            self._hash.update(view)
+            self._hashed += len(view)
+        else:
+            self._in_order = False
+        self._pos += len(view)
+        return len(view)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        size = self._f.seek(0, os.SEEK_END)
+        super().close()
+        self._f.close()
+        if self.stage is not None:
+            if self._in_order and self._hashed == size:
+                digest = self._hash.hexdigest()
+            else:
+                digest = sha256_file(self.path)
+                self.stage.rehashed.append(self.rel)
+            self.stage.journal(self.rel, size, digest, self.state)
+
+    def abort(self) -> None:
+        """Close without journaling (the caller is failing)."""
+        if not self.closed:
+            super().close()
+            self._f.close()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stage_of(path: Path) -> tuple[Stage, str] | None:
+    path = Path(os.path.abspath(path))
+    for parent in path.parents:
+        stage = _ACTIVE.get(parent)
+        if stage is not None:
+            return stage, path.relative_to(parent).as_posix()
+    return None
+
+
+def create_file(path: str | Path) -> OutputFile:
+    """Open ``path`` for writing; inside an active stage it is hashed and journaled when closed."""
+    path = Path(path)
+    found = _stage_of(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return OutputFile(path, *(found if found else (None, path.name)))
+
+
+def kept_state(path: str | Path) -> Any | None:
+    """The journaled state of ``path`` if ``--resume`` kept it (checksum verified), else None.
+
+    Writers call this before producing a file and skip the work when it returns something (files
+    without state return ``{}``).
+    """
+    found = _stage_of(Path(path))
+    if found is None:
+        return None
+    stage, rel = found
+    entry = stage.kept.get(rel)
+    if entry is None:
+        return None
+    return entry.get("state") or {}
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a small file through :func:`create_file`."""
+    with create_file(path) as f:
+        f.write(data)
+
+
+def copy_file(src: str | Path, dst: str | Path) -> int:
+    """Copy ``src`` to ``dst`` byte for byte through :func:`create_file`; skip it if ``--resume`` kept it."""
+    if kept_state(dst) is not None:
+        return Path(dst).stat().st_size
+    n = 0
+    with open(src, "rb") as fin, create_file(dst) as fout:
+        while block := fin.read(_HASH_BLOCK):
+            fout.write(block)
+            n += len(block)
+    return n
+
+
+def link_file(src: str | Path, dst: str | Path) -> None:
+    """Hard-link ``src`` as ``dst`` inside a stage (hashed by reading it once, since nothing is written)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.link(src, dst)
+    found = _stage_of(dst)
+    if found is not None:
+        stage, rel = found
+        stage.journal(rel, dst.stat().st_size, sha256_file(dst), None)
+
+
+# ------------------------------------------------------------------------------------------ stage
+class Stage(os.PathLike):
+    """The staging folder of one run: ``stage / "name"`` is a path inside it; it keeps the journal."""
+
+    def __init__(self, path: Path, dst: Path):
+        self.path = path
+        self.dst = dst
+        self.journal_path = journal_path(dst)
+        self.entries: dict[str, dict] = {}  # rel -> {"size", "sha256", "state"} of finished files
+        self.kept: dict[str, dict] = {}  # entries kept from an earlier run by --resume
+        self.rehashed: list[str] = []
+        self.notes: list[str] = []
+        self.active = True  # False once the run has left the stage: a late close (GC) journals nothing
+        self._journal: io.TextIOBase | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other: str | Path) -> Path:
+        return self.path / other
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(e["size"] for e in self.kept.values())
+
+    def _append(self, record: dict) -> None:
+        if self._journal is None:
+            self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - close_journal
+        self._journal.write(json.dumps(record, sort_keys=True) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def journal(self, rel: str, size: int, sha256: str, state: Any) -> None:
+        """Record a finished file (flushed and fsynced, so a crash right after still knows it)."""
+        if not self.active:
+            return
+        entry = {"size": size, "sha256": sha256, "state": state}
+        self.entries[rel] = entry
+        self._append({"file": rel, **entry})
+
+    def close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def _read_journal(self) -> tuple[dict | None, dict[str, dict]]:
+        """The run header and the finished files of an earlier run's journal (a cut-short line is ignored)."""
+        header, files = None, {}
+        try:
+            lines = self.journal_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return None, {}
+        for number, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+                if number == 0:
+                    header = record.get("run") if isinstance(record.get("run"), dict) else None
+                    continue
+                files[str(record["file"])] = {"size": int(record["size"]), "sha256": str(record["sha256"]),
+                                              "state": record.get("state")}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return header, files
+
+    def start(self, fingerprint: dict, resume: bool, info: Callable[[str], None]) -> None:
+        """Create the staging folder, or clean / resume the one a dead run left."""
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as it reads back
+        header, files = self._read_journal()
+        who = f" (pid {header.get('pid')})" if header and header.get("pid") else ""
+        if os.path.lexists(self.path):
+            if resume:
+                if header is None or header.get("fingerprint") != fingerprint:
+                    raise UserError(f"the staged output '{self.path}' was made by another command or other options: "
+                                    "rerun without --resume to start over")
+                self._resume(files, info, who)
+                return
+            _remove(self.path)
+            info(f"removed the unfinished output of an interrupted run{who}: {self.path}")
+            self.notes.append("removed the unfinished output of an interrupted run")
+        elif resume:
+            info(f"nothing to resume for '{self.dst}': starting from the beginning")
+        _remove(self.journal_path)
+        self._append({"run": {"pid": os.getpid(), "host": socket.gethostname(), "fingerprint": fingerprint}})
+        self.path.mkdir()
+
+    def _resume(self, journaled: dict[str, dict], info: Callable[[str], None], who: str) -> None:
+        kept: dict[str, dict] = {}
+        for path in sorted(self.path.rglob("*")):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            rel = path.relative_to(self.path).as_posix()
+            entry = journaled.get(rel)
+            if entry is not None and not path.is_symlink() and path.stat().st_size == entry["size"] \
+                    and sha256_file(path) == entry["sha256"]:
+                kept[rel] = entry
+            else:
+                path.unlink()
+        header = {"pid": os.getpid(), "host": socket.gethostname()}
+        previous, _ = self._read_journal()
+        _remove(self.journal_path)
+        self._append({"run": {**header, "fingerprint": (previous or {}).get("fingerprint")}})
+        for rel, entry in sorted(kept.items()):
+            self._append({"file": rel, **entry})
+        self.kept = kept
+        self.entries = dict(kept)
+        info(f"resuming the run{who} that wrote {self.path}: {len(kept)} finished files kept")
+        self.notes.append(f"resumed: {len(kept)} files kept from the interrupted run")
+
+    def finish(self) -> None:
+        """Write the manifest last; every file in the stage must have been journaled."""
+        self.close_journal()
+        on_disk = {p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()}
+        on_disk.discard(MANIFEST_NAME)
+        missing = on_disk - set(self.entries)
+        if missing:  # written without create_file: a bug in a writer, never silently unlisted
+            raise RuntimeError(f"files written without the manifest: {sorted(missing)}")
+        files = {rel: {"size": e["size"], "sha256": e["sha256"]} for rel, e in sorted(self.entries.items())
+                 if rel in on_disk}
+        manifest = {"format": "vlconvert-manifest", "version": 1, "files": files}
+        with open(self.path / MANIFEST_NAME, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def staging_path(dst: Path) -> Path:
+    """Where the output for ``dst`` is written before it is published."""
+    return dst.parent / f".{dst.name}.vlconvert-partial"
+
+
+def journal_path(dst: Path) -> Path:
+    """The journal of the run writing ``dst``: its options, then every finished file with its sha256."""
+    return dst.parent / f".{dst.name}.vlconvert-journal"
+
+
+@contextlib.contextmanager
+def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | None = None, overwrite: bool = False,
+                  resume: bool = False, needed_bytes: int = 0, fingerprint: dict | None = None,
+                  info: Callable[[str], None] = lambda s: None) -> Iterator[Stage]:
+    """Yield a :class:`Stage` for ``dst``; publish it as ``dst`` only if the block succeeds.
+
+    ``inputs`` are the folders the run reads (checked for overlap); ``fingerprint`` (the command and
+    its options) must match for ``--resume`` to reuse an earlier run's files.
+    """
+    dst = Path(os.path.abspath(os.path.expanduser(str(dst))))
+    if dst.name in ("", ".", ".."):
+        raise UserError(f"output '{dst}' is not a folder name: choose another output folder")
+    check_no_overlap(dst, inputs or {})
+    if os.path.lexists(dst) and not overwrite:
+        what = "is a symlink to a missing path" if dst.is_symlink() and not dst.exists() else "already exists"
+        raise UserError(f"output '{dst}' {what}: choose another path or pass --overwrite")
+    created = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output's parent folder '{dst.parent}': {exc.strerror}") from exc
+    lock = _Lock(dst.parent / f".{dst.name}.vlconvert-lock", dst)
+    stage = Stage(staging_path(dst), dst)
+    published = owned = False
+    try:
+        checked = _identity(dst)  # under the lock: what --overwrite may replace
+        if checked is not None and not overwrite:
+            raise UserError(f"output '{dst}' already exists: choose another path or pass --overwrite")
+        stage.start(fingerprint or {}, resume, info)
+        owned = True
+        check_free_space(dst.parent, max(0, needed_bytes - stage.kept_bytes))
+        _ACTIVE[stage.path] = stage
+        try:
+            yield stage
+        finally:
+            _ACTIVE.pop(stage.path, None)
+            stage.active = False
+            stage.close_journal()
+        stage.finish()
+        _publish(stage, dst, checked, overwrite)
+        published = True
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"disk full while writing '{dst}': nothing was published; free space and rerun") from exc
+        raise
+    finally:
+        if owned and not published:
+            _remove(stage.path)
+            _remove(stage.journal_path)
+        lock.release()
+        if not published:
+            for folder in created:  # parents this run made, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _publish(stage: Stage, dst: Path, checked: tuple[int, int, int] | None, overwrite: bool) -> None:
+    """Rename the finished stage to ``dst`` if ``dst`` is as it was checked at the start."""
+    now = _identity(dst)
+    if now != checked:
+        raise UserError(f"'{dst}' was created or replaced by something else while this run was writing it: "
+                        "nothing was published; check it and rerun")
+    if checked is None:
+        try:
+            _rename_noreplace(stage.path, dst)
+        except FileExistsError as exc:
+            raise UserError(f"'{dst}' appeared while this run was writing it: nothing was published") from exc
+    else:
+        old = dst.parent / f".{dst.name}.vlconvert-old"
+        _remove(old)
+        os.rename(dst, old)
+        os.rename(stage.path, dst)
+        _remove(old)
+    _remove(stage.journal_path)
+
+
+# --------------------------------------------------------------------------------------- manifest
+def read_manifest(folder: str | Path) -> dict[str, dict]:
+    """The ``files`` of ``folder``'s manifest, validated."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"'{folder}' has no {MANIFEST_NAME}: it was not written by vlconvert 0.2 or later")
+    data = _read_json(path)
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int)
+            and isinstance(v.get("sha256"), str) for k, v in files.items()):
+        raise UserError(f"'{path}' is corrupt: expected {{'files': {{name: {{size, sha256}}}}}}")
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise UserError(f"'{path}' names '{rel}', outside the folder")
+    return files
+
+
+def check_manifest(folder: str | Path, progress: Callable[[int], None] = lambda n: None) -> list[tuple[str, str]]:
+    """Compare every file of ``folder`` with its manifest; return ``(file, problem)`` for each mismatch."""
+    folder = Path(folder)
+    files = read_manifest(folder)
+    problems: list[tuple[str, str]] = []
+    for rel, entry in sorted(files.items()):
+        path = folder / rel
+        if not path.is_file():
+            problems.append((rel, "missing"))
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append((rel, f"size {size}, manifest says {entry['size']}"))
+            continue
+        if sha256_file(path) != entry["sha256"]:
+            problems.append((rel, "sha256 differs from the manifest"))
+        progress(size)
+    listed = set(files) | {MANIFEST_NAME}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in listed:
+            problems.append((rel, "not in the manifest"))
+    return problems
