@@ -6,3 +6,20 @@ class UserError(Exception):
 
     The message is one line that names the file and, where there is one, the fix.
     """
+
+
+def one_line(value: object, limit: int = 160, quote: bool = False) -> str:
+    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
+    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
+    if isinstance(value, (list, tuple)) and len(value) > 16:
+        value = [*value[:16], "..."]
+    try:
+        flat = " ".join((repr(value) if quote else str(value)).split())
+    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
+        flat = f"<{type(value).__name__}>"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON and pickles give both)."""
+    return isinstance(value, int) and not isinstance(value, bool)

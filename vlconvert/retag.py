@@ -30,6 +30,7 @@ import torch
 
 from vlconvert import __version__, publish
 from vlconvert.errors import UserError
+from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.hf import (
     INDEX_NAME,
     WEIGHT_SUFFIXES,
@@ -390,18 +391,6 @@ def tag_pieces(tok_json: dict, tags: Tags, path: Path | None = None) -> dict[str
 
 
 # -------------------------------------------------------------------------------- file helpers
-def _one_line(value: object, limit: int = 160, quote: bool = False) -> str:
-    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
-    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
-    if isinstance(value, (list, tuple)) and len(value) > 16:
-        value = [*value[:16], "..."]
-    try:
-        flat = " ".join((repr(value) if quote else str(value)).split())
-    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
-        flat = f"<{type(value).__name__}>"
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _read_text(path: Path) -> str:
     """A UTF-8 text file with universal newlines (as ``read_text``), or one UserError naming it."""
     try:

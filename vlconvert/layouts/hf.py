@@ -17,6 +17,8 @@ import torch
 
 from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element_size
 from vlconvert.errors import UserError
+from vlconvert.errors import is_int as _is_int
+from vlconvert.errors import one_line as _one_line
 from vlconvert.publish import MANIFEST_NAME, copy_file, create_file, kept_state, write_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,22 +43,6 @@ class TensorInfo:
 
 
 _MAX_DIM = 2**62  # any real dimension is far below; keeps every product inside torch's int64
-
-
-def _one_line(value: object, limit: int = 160, quote: bool = False) -> str:
-    """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
-    for a hostile value that cannot be printed (nested too deeply, an integer too long)."""
-    if isinstance(value, (list, tuple)) and len(value) > 16:
-        value = [*value[:16], "..."]
-    try:
-        flat = " ".join((repr(value) if quote else str(value)).split())
-    except Exception:  # noqa: BLE001 - RecursionError, ValueError...: describe it by its type instead
-        flat = f"<{type(value).__name__}>"
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_json_bytes(raw: bytes, path: Path, what: str) -> object:

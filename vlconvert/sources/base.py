@@ -1,0 +1,111 @@
+"""The :class:`Source` interface every reader implements, and what they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlconvert.layouts.hf import parse_size, plan_shards
+from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
+from vlconvert.models.qwen3vl_megatron import Src
+
+_BLOCK = 64 * 2**20  # bytes per row block when a column block is gathered
+DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
+
+
+def preview(keys: list[str]) -> str:
+    """``'a' and 3 more``."""
+    return f"'{keys[0]}'" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+
+
+class Source:
+    """A checkpoint seen as canonical tensors (see the module docstring). Subclasses fill in the rest."""
+
+    layout = ""
+    folder: Path
+    skeleton: Skeleton | None
+    notes: list[str]
+
+    def names(self) -> list[str]:
+        """Canonical names of every model tensor held (skeleton order when a skeleton is known)."""
+        raise NotImplementedError
+
+    def extra_names(self) -> list[str]:
+        """Tensors held that the model does not have (their own names)."""
+        return []
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Canonical shape and stored dtype of ``name``, from metadata only."""
+        raise NotImplementedError
+
+    def dtype(self, src: Src) -> torch.dtype:
+        """Stored dtype of a source matrix."""
+        return self.spec(src.hf)[1]
+
+    def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a source matrix (an expert in Megatron's [out, in] orientation)."""
+        raise NotImplementedError
+
+    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of a 2-D source matrix, gathered in row blocks."""
+        shape = self.matrix_shape(src)
+        out = torch.empty((shape[0], stop - start), dtype=self.dtype(src))
+        row_bytes = max(1, shape[1] * out.element_size())
+        step = max(1, _BLOCK // row_bytes)
+        for a in range(0, shape[0], step):
+            b = min(shape[0], a + step)
+            out[a:b] = self.rows(src, a, b)[:, start:stop]
+        return out
+
+    def matrix_shape(self, src: Src) -> tuple[int, ...]:
+        """Shape of a source matrix (a whole tensor, or one expert as [out, in])."""
+        shape = self.spec(src.hf)[0]
+        return shape if src.expert is None else (shape[2], shape[1])
+
+    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+        """Expert ``expert`` of ``name`` in the released orientation ([H, 2I] or [I, H])."""
+        src = Src(name, expert)
+        return self.rows(src, 0, self.matrix_shape(src)[0]).t().contiguous()
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole canonical tensor ``name``."""
+        shape = self.spec(name)[0]
+        if is_expert(name):
+            return torch.stack([self.read_expert(name, e) for e in range(shape[0])])
+        return self.rows(Src(name), 0, shape[0]) if shape else self.rows(Src(name), 0, 1)
+
+    def nbytes(self, name: str) -> int:
+        """Stored bytes of ``name``."""
+        shape, dtype = self.spec(name)
+        n = 1
+        for d in shape:
+            n *= d
+        return n * torch.empty((), dtype=dtype).element_size()
+
+    def location(self, name: str) -> tuple[int, int]:
+        """(group, position) of ``name`` in the best order to read it; writers that keep the source's
+        grouping (DCP data files) use the group. Non-HF sources group as an HF writer would shard."""
+        if not hasattr(self, "_locations"):
+            names = self.skeleton.hf_keys() if self.skeleton is not None else self.names()
+            held = set(self.names())
+            ordered = [n for n in names if n in held]
+            from vlconvert.layouts.hf import PlannedTensor
+
+            planned = [PlannedTensor(n, self.spec(n)[1], tuple(self.spec(n)[0])) for n in ordered]
+            self._locations = {t.name: (g, i) for g, shard in enumerate(plan_shards(planned, DEFAULT_GROUP_BYTES))
+                               for i, t in enumerate(shard)}
+        return self._locations[name]
+
+    def close(self) -> None:
+        """Release open files."""
+
+
+def skeleton_for(folder: Path, config: str | Path | dict | None, assets_dir: str | Path | None) -> Skeleton | None:
+    if config is None and assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
+        config = Path(assets_dir) / "config.json"
+    if config is None and (folder / "config.json").is_file():
+        config = folder / "config.json"
+    return build_skeleton(config) if config is not None else None
+
+

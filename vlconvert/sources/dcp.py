@@ -1,0 +1,197 @@
+"""PyTorch DCP folders (vlconvert's, FSDP2 training jobs') as a :class:`~vlconvert.sources.base.Source`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlconvert.errors import UserError
+from vlconvert.layouts.dcp import Chunk, DCPReader, is_row_slab
+from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, expert_layout_of, is_expert
+from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.sources.base import Source, skeleton_for
+
+WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module", "module"})
+NON_MODEL_ROOTS = frozenset({"optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader",
+                             "train_state", "extra_state", "rng_state", "rng", "args", "step"})
+
+
+# --------------------------------------------------------------------------------------------- DCP
+@dataclass
+class DCPKeyMap:
+    """How the keys of a DCP map onto a model's Hugging Face keys."""
+
+    prefix: str
+    mapped: dict[str, str] = field(default_factory=dict)  # HF key -> DCP key
+    unexpected: list[str] = field(default_factory=list)
+    dropped_non_model: int = 0
+    dropped_non_tensor: int = 0
+
+
+def strip_wrappers(key: str) -> str:
+    """Remove wrapper components (``_orig_mod``, ``_checkpoint_wrapped_module``, ...) from a key."""
+    return ".".join(p for p in key.split(".") if p not in WRAPPER_PARTS)
+
+
+def map_dcp_keys(reader: DCPReader, known: set[str], prefix: str | None = None) -> DCPKeyMap:
+    """Match DCP tensor keys to ``known`` HF keys: drop non-model state, strip wrappers, find the prefix."""
+    candidates: dict[str, str] = {}
+    dropped = 0
+    for key in reader.tensors:
+        clean = strip_wrappers(key)
+        if clean.split(".", 1)[0] in NON_MODEL_ROOTS:
+            dropped += 1
+            continue
+        candidates[clean] = key
+    if prefix is None:
+        votes: Counter[str] = Counter()
+        for clean in candidates:
+            parts = clean.split(".")
+            for i in range(len(parts)):
+                if ".".join(parts[i:]) in known:
+                    votes[".".join(parts[:i]) + ("." if i else "")] += 1
+                    break
+        prefix = votes.most_common(1)[0][0] if votes else ""
+    result = DCPKeyMap(prefix=prefix, dropped_non_model=dropped, dropped_non_tensor=len(reader.non_tensors))
+    for clean, key in candidates.items():
+        name = clean[len(prefix):] if clean.startswith(prefix) else None
+        if name in known and name not in result.mapped:
+            result.mapped[name] = key
+        else:
+            result.unexpected.append(key)
+    return result
+
+
+def stored_expert_layout(name: str, shape: tuple[int, ...], skeleton: Skeleton
+                         ) -> tuple[str, tuple[int, ...] | None]:
+    """Orientation of an expert tensor as a DCP stores it, and the 3-D shape to view it as when it is a
+    2-D ``(E*in, out)`` view (MindSpeed-MM); square tensors are taken in the run-time layout."""
+    if len(shape) == 3:
+        return expert_layout_of(name, shape, skeleton, skeleton.runtime_experts), None
+    other = "released" if skeleton.runtime_experts != "released" else "transformers5"
+    for layout in (skeleton.runtime_experts, other):
+        shape3 = skeleton.shape_in(name, layout)
+        if tuple(shape) == (shape3[0] * shape3[1], shape3[2]):
+            return layout, shape3
+    raise UserError(f"'{name}' is stored with shape {list(shape)}, the config expects "
+                    f"{list(skeleton.shape_in(name, skeleton.runtime_experts))} (either expert orientation)")
+
+
+class DCPSource(Source):
+    """A DCP folder (vlconvert's, or an FSDP2 training job's at any number of ranks).
+
+    Optimizer and other non-model state is dropped (counted), wrapper components (``_orig_mod.``,
+    ``_checkpoint_wrapped_module.``) are stripped and the key prefix is detected (``--prefix`` forces
+    one). Row ranges read only the chunks they overlap (FSDP2 ``Shard(0)`` chunks are row slabs).
+    """
+
+    layout = "dcp"
+
+    def __init__(self, folder: str | Path, config: str | Path | dict | None = None,
+                 skeleton: Skeleton | None = None, assets_dir: str | Path | None = None,
+                 prefix: str | None = None):
+        self.folder = Path(folder)
+        self.reader = DCPReader(self.folder)
+        if skeleton is None:
+            skeleton = skeleton_for(self.folder, config, assets_dir)
+        if skeleton is None:
+            raise UserError(f"'{folder}' is a DCP without config.json: pass --assets-dir (or --config)")
+        self.skeleton = skeleton
+        self.keys = map_dcp_keys(self.reader, set(skeleton.tensors), prefix)
+        self.notes: list[str] = []
+        self.tied_lm_head_dropped = skeleton.info.tied and LM_HEAD in self.keys.mapped
+        self._mapped = {n: k for n, k in self.keys.mapped.items() if not (skeleton.info.tied and n == LM_HEAD)}
+        self._experts: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        self._chunk_cache: tuple[Chunk, torch.Tensor] | None = None
+        self._whole_cache: tuple[str, torch.Tensor] | None = None
+
+    def names(self) -> list[str]:
+        return [n for n in self.skeleton.tensors if n in self._mapped]
+
+    def extra_names(self) -> list[str]:
+        return list(self.keys.unexpected)
+
+    def key(self, name: str) -> str:
+        """The DCP key holding canonical tensor ``name`` (an unmapped key stands for itself)."""
+        if name in self._mapped:
+            return self._mapped[name]
+        if name in self.reader.tensors:
+            return name
+        raise KeyError(name)
+
+    def expert_layout(self, name: str) -> tuple[str, tuple[int, ...] | None]:
+        """(stored orientation, 3-D view of a 2-D stored tensor or None) of an expert tensor."""
+        if name not in self._experts:
+            self._experts[name] = stored_expert_layout(name, self.reader.tensors[self.key(name)].shape,
+                                                       self.skeleton)
+        return self._experts[name]
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self.reader.tensors[self.key(name)]
+        if name not in self._mapped:  # a tensor the model does not have
+            return tuple(entry.shape), entry.dtype
+        if is_expert(name):
+            return self.skeleton.shape_in(name, "released"), entry.dtype
+        if entry.shape != self.skeleton.tensors[name].shape:
+            raise UserError(f"'{entry.key}' has shape {list(entry.shape)} but config.json implies "
+                            f"{list(self.skeleton.tensors[name].shape)}")
+        return tuple(entry.shape), entry.dtype
+
+    def nbytes(self, name: str) -> int:
+        return self.reader.tensors[self.key(name)].nbytes
+
+    def _chunk(self, chunk: Chunk) -> torch.Tensor:
+        if self._chunk_cache is None or self._chunk_cache[0] is not chunk:
+            self._chunk_cache = None  # drop the previous chunk before reading the next
+            self._chunk_cache = (chunk, self.reader.read_chunk(chunk))
+        return self._chunk_cache[1]
+
+    def _stored_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of a stored tensor, reading only the chunks they overlap when chunks are row slabs."""
+        entry = self.reader.tensors[key]
+        if not entry.shape:
+            return self.reader.read(key)
+        if all(is_row_slab(c, entry.shape) for c in entry.chunks):
+            out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
+            for chunk in entry.chunks:
+                lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
+                if lo < hi:
+                    piece = self._chunk(chunk)
+                    out[lo - start:hi - start] = piece[lo - chunk.offsets[0]:hi - chunk.offsets[0]]
+            return out
+        if self._whole_cache is None or self._whole_cache[0] != key:
+            self._whole_cache = None
+            self._whole_cache = (key, self.reader.read(key))
+        return self._whole_cache[1][start:stop]
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._mapped:
+            return self.reader.read(self.key(name))
+        return super().read(name)
+
+    def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        key = self.key(src.hf)
+        if src.expert is None:
+            return self._stored_rows(key, start, stop)
+        layout, view = self.expert_layout(src.hf)
+        e = src.expert
+        if view is None:
+            block = self._stored_rows(key, e, e + 1)[0]
+        else:  # MindSpeed's 2-D (E*in, out) view
+            block = self._stored_rows(key, e * view[1], (e + 1) * view[1])
+        matrix = block.t() if layout == "released" else block
+        return matrix[start:stop].contiguous()
+
+    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        if src.expert is not None:
+            return self.rows(src, 0, self.matrix_shape(src)[0])[:, start:stop].contiguous()
+        return super().cols(src, start, stop)
+
+    def close(self) -> None:
+        self._chunk_cache = self._whole_cache = None
+        self.reader.close()
+
+
