@@ -307,7 +307,7 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(engine, "_whole", broken)
+    monkeypatch.setattr(engine, "canonical_blocks", broken)
     line = one_error_line("hf-to-dcp", FIX / "tiny-moe", tmp_path / "out")
     assert "internal error (ZeroDivisionError: boom)" in line and "--debug" in line
     result = CliRunner().invoke(main, ["hf-to-dcp", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--debug"])

@@ -6,7 +6,13 @@ tokenizers) is paid only when used.
 
 from __future__ import annotations
 
+import difflib
+import errno
 import importlib
+import os
+import re
+import sys
+from typing import Any
 
 import click
 
@@ -42,8 +48,81 @@ _SUMMARIES = {
 }
 
 
+def versions() -> str:
+    """'vlconvert 0.2.0 (python 3.11.9, torch 2.8.0, transformers 4.57.1)', read from package metadata only
+    (importing transformers' model code takes seconds)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"python {platform.python_version()}"]
+    for name in ("torch", "transformers", "safetensors", "huggingface_hub"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"vlconvert {__version__} ({', '.join(parts)})"
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(versions())
+        ctx.exit(0)
+
+
+def usage_line(exc: click.UsageError, names: list[str] | None = None) -> str:
+    """A click usage error as one line with the fix in it, e.g. ``error: no such option '--tpp' (did you
+    mean --tp?); see 'vlconvert hf-to-megatron --help'``."""
+    ctx = exc.ctx
+    if isinstance(exc, click.NoSuchOption):
+        message = f"no such option '{exc.option_name}'"
+        scores = {o: difflib.SequenceMatcher(None, exc.option_name, o).ratio() for o in exc.possibilities or []}
+        best = max(scores.values(), default=0.0)
+        close = sorted((o for o, score in scores.items() if score == best),
+                       key=lambda o: (-len(os.path.commonprefix([o, exc.option_name])), o))[:3]
+        if close:
+            message += f" (did you mean {' or '.join(close)}?)"
+    else:
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        message = message[:1].lower() + message[1:]
+        message = re.sub(r"\. Choose from: (.*)$", r" (one of: \1)", message)
+        match = re.fullmatch(r"no such command '(.*)'", message)
+        if match and names:
+            close = difflib.get_close_matches(match.group(1), names, n=2)
+            if close:
+                message += f" (did you mean {' or '.join(close)}?)"
+    where = ctx.command_path if ctx is not None else "vlconvert"
+    return f"error: {message}; see '{where} --help'"
+
+
 class LazyGroup(click.Group):
-    """A group that imports a subcommand's module only when that subcommand runs."""
+    """A group that imports a subcommand's module only when that subcommand runs, and reports every
+    failure the same way: one line ``error: ...`` on stderr, exit 2 for a usage error (a missing or
+    misspelled option, a bad choice, a path that does not exist), 1 for any other error, 130 for Ctrl-C;
+    with ``--json``, also ``{"ok": false, "error": ...}`` on stdout."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from vlconvert.console import fail
+
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+        try:
+            rv = super().main(argv, prog_name or "vlconvert", complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            fail(usage_line(exc, list(COMMANDS)), exc.exit_code, as_json=as_json)
+        except click.Abort:
+            fail("interrupted: nothing was published", 130, as_json=as_json)
+        except click.ClickException as exc:
+            fail(f"error: {exc.format_message()}", exc.exit_code, as_json=as_json)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            from vlconvert.console import quiet_broken_pipe
+
+            quiet_broken_pipe()
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -67,16 +146,25 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="vlconvert")
+@click.group("vlconvert", cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version of vlconvert, python, torch and transformers, and exit.")
+@click.option("--verbose", "-v", is_flag=True, help="Say more (every asset copied...), in every command.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def main(debug: bool = False) -> None:
+def main(verbose: bool = False, debug: bool = False) -> None:
     """Convert Qwen3-VL checkpoints between Hugging Face, DCP (FSDP2) and Megatron layouts, and repair
     their tokenizers before RL. Every command streams tensor by tensor and publishes its output only
-    when complete."""
+    when complete.
+
+    \b
+    Shell completion (bash; zsh and fish: see README):
+      eval "$(_VLCONVERT_COMPLETE=bash_source vlconvert)"
+    """
     from vlconvert import console
 
     console.DEBUG = debug
+    console.VERBOSE = verbose
 
 
 if __name__ == "__main__":

@@ -2,41 +2,145 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from vlconvert.errors import UserError
 
-stderr = Console(stderr=True)
-stdout = Console()
-
-
 DEBUG = False  # set by --debug (group or command): show tracebacks instead of one line
+VERBOSE = False  # set by -v/--verbose (group or command): list assets copied and other details
+_PIPE_WIDTH = 10_000  # piped or redirected output: never wrapped (tables take their natural width)
+
+
+class Out:
+    """A rich console for one stream that is readable both ways.
+
+    On a terminal it prints as rich does (colours, wrapping at the terminal width). Piped or redirected,
+    it prints plain text: no colours, no wrapping at 80 columns, no trailing spaces, whole tensor names.
+    The stream is looked up at each call, so click's test runner and redirections are honoured.
+    """
+
+    def __init__(self, stderr: bool = False):
+        self.stderr = stderr
+        self._tty = Console(stderr=stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr if self.stderr else sys.stdout
+
+    def is_terminal(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        try:
+            return bool(isatty and isatty())
+        except ValueError:  # a closed stream
+            return False
+
+    @property
+    def console(self) -> Console:
+        """The rich console to hand to rich widgets (a progress bar)."""
+        return self._tty
+
+    def print(self, *objects: RenderableType, **kwargs: Any) -> None:
+        """``rich.Console.print`` on a terminal; plain, unwrapped, right-stripped lines otherwise."""
+        if self.is_terminal():
+            self._tty.print(*objects, **kwargs)
+            return
+        plain = Console(width=_PIPE_WIDTH, no_color=True, color_system=None, force_terminal=False,
+                        highlight=False, soft_wrap=True, emoji=False)
+        kwargs.setdefault("soft_wrap", True)
+        with plain.capture() as capture:
+            plain.print(*objects, **kwargs)
+        text = "\n".join(line.rstrip() for line in capture.get().splitlines())
+        stream = self.stream
+        stream.write(text + "\n")
+        stream.flush()
+
+
+stderr = Out(stderr=True)
+stdout = Out()
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``plural(1, 'file')`` -> '1 file'; ``plural(3, 'file')`` -> '3 files'."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def output_options(func: Callable) -> Callable:
-    """Add ``--json``, ``--quiet`` and ``--debug`` to a command."""
+    """Add ``--json``, ``--quiet``, ``--verbose`` and ``--debug`` to a command."""
     func = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")(func)
+    func = click.option("--verbose", "-v", is_flag=True,
+                        help="Say more: every asset copied, every file kept by --resume.")(func)
     func = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(func)
     func = click.option("--json", "as_json", is_flag=True,
-                        help="Print one JSON object (the summary) on stdout; progress goes nowhere.")(func)
+                        help="Print one JSON object (the summary; {\"ok\": false, \"error\": ...} on failure) "
+                             "on stdout; progress goes nowhere.")(func)
     return func
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print ``message`` as one plain line on stderr (no markup, never wrapped) and exit with ``code``."""
-    line = " ".join(str(message).split())
+_CASTS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+          "fp32": "fp32", "float32": "fp32", "float": "fp32"}
+
+
+class DtypeParam(click.ParamType):
+    """A ``--dtype`` value checked when the command line is read: a bad one is a usage error (exit 2)
+    that lists every name the command accepts."""
+
+    name = "dtype"
+
+    def __init__(self, *words: str):
+        self.words = words  # keep, auto, config: what this command accepts besides the casts
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join([*self.words, "bf16", "fp16", "fp32"]) + "]"
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(w) for w in [*self.words, "bf16", "fp16", "fp32"] if w.startswith(incomplete)]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None:
+            return None
+        key = str(value).lower().removeprefix("torch.")
+        if key in self.words:
+            return key
+        if key in _CASTS:
+            return _CASTS[key]
+        names = [*self.words, "bf16", "fp16", "fp32"]
+        self.fail(f"'{value}' is not a dtype: use {', '.join(names[:-1])} or {names[-1]}", param, ctx)
+
+
+def one_line(message: object) -> str:
+    """``message`` flattened to one line."""
+    return " ".join(str(message).split())
+
+
+def fail(message: str, code: int = 1, as_json: bool = False) -> None:
+    """Print ``message`` as one plain line on stderr (no markup, never wrapped) and exit with ``code``.
+
+    With ``as_json``, also print ``{"ok": false, "error": ..., "exit_code": ...}`` on stdout, so a script
+    never reads an empty stdout.
+    """
+    line = one_line(message)
+    if as_json:
+        error = line.removeprefix("error: ")
+        sys.stdout.write(json.dumps({"ok": False, "error": error, "exit_code": code}) + "\n")
+        sys.stdout.flush()
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     sys.exit(code)
@@ -46,47 +150,94 @@ def handle_errors(func: Callable) -> Callable:
     """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug).
 
     UserError: its message, exit 1. Ctrl-C: exit 130. A full disk and other OS errors: one line naming
-    the file, exit 1. Anything else is a bug: one line saying so, exit 1.
+    the file, exit 1. Anything else is a bug: one line saying so, exit 1. With --json the same message
+    also goes to stdout as ``{"ok": false, "error": ...}``.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global VERBOSE
         debug = kwargs.pop("debug", False) or DEBUG
+        VERBOSE = kwargs.pop("verbose", False) or VERBOSE
+        as_json = bool(kwargs.get("as_json"))
         try:
             return func(*args, **kwargs)
         except UserError as exc:
             if debug:
                 raise
-            fail(f"error: {exc}")
+            fail(f"error: {exc}", as_json=as_json)
         except KeyboardInterrupt:
             if debug:
                 raise
-            fail("interrupted: nothing was published", 130)
+            fail("interrupted: nothing was published", 130, as_json=as_json)
         except OSError as exc:
+            if exc.errno == errno.EPIPE:  # the reader of a pipe went away (`| head`): stop quietly
+                quiet_broken_pipe()
             if debug:
                 raise
             if exc.errno == errno.ENOSPC:
-                fail("error: disk full: nothing was published; free space and rerun")
+                fail("error: disk full: nothing was published; free space and rerun", as_json=as_json)
             where = f" '{exc.filename}'" if exc.filename else ""
-            fail(f"error: {exc.strerror or exc}{where}")
+            fail(f"error: {exc.strerror or exc}{where}", as_json=as_json)
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if debug:
                 raise
             fail(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
-                 "and report it")
+                 "and report it", as_json=as_json)
 
     return wrapper
 
 
-class Reporter:
-    """Progress and summary output for one command run, honouring --json and --quiet."""
+def quiet_broken_pipe() -> None:
+    """Exit 1 without a word when stdout's reader has gone (``vlconvert plan ... | head``), as git does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+    except (OSError, ValueError):
+        pass
+    sys.exit(1)
 
-    def __init__(self, as_json: bool = False, quiet: bool = False):
+
+class _BytesColumn(ProgressColumn):
+    """'1.20 GiB / 3.22 GiB': the same units as the summary (:func:`human_bytes`)."""
+
+    def render(self, task: Task) -> Text:
+        total = f" / {human_bytes(task.total)}" if task.total is not None else ""
+        return Text(f"{human_bytes(task.completed)}{total}", style="progress.download")
+
+
+class _SpeedColumn(ProgressColumn):
+    """'310.5 MiB/s', in the summary's units."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+
+class _CountColumn(ProgressColumn):
+    """'file 2/3, tensor 41/75' when the reporter knows the plan (bytes written so far, in plan order)."""
+
+    def render(self, task: Task) -> Text:
+        tensor_ends: list[int] | None = task.fields.get("tensor_ends")
+        file_ends: list[int] | None = task.fields.get("file_ends")
+        if not tensor_ends or not file_ends:
+            return Text("")
+        done = task.completed
+        files = bisect.bisect_right(file_ends, done)
+        tensors = bisect.bisect_right(tensor_ends, done)
+        return Text(f"files {files}/{len(file_ends)}, tensors {tensors}/{len(tensor_ends)}")
+
+
+class Reporter:
+    """Progress and summary output for one command run, honouring --json, --quiet and --verbose."""
+
+    def __init__(self, as_json: bool = False, quiet: bool = False, verbose: bool | None = None):
         self.as_json = as_json
         self.quiet = quiet
+        self.verbose = VERBOSE if verbose is None else verbose
         self.started = time.perf_counter()
-        self._progress: Progress | None = None
-        self._task = None
+        self._tensor_ends: list[int] = []
+        self._file_ends: list[int] = []
 
     @property
     def show(self) -> bool:
@@ -95,18 +246,40 @@ class Reporter:
     def info(self, message: str) -> None:
         """A line for people (suppressed by --json/--quiet)."""
         if self.show:
-            stderr.print(message, highlight=False)
+            stderr.print(message, highlight=False, markup=False)
+
+    def detail(self, message: str) -> None:
+        """A line shown only with -v/--verbose."""
+        if self.verbose:
+            self.info(message)
+
+    def expect(self, files: list[Any]) -> None:
+        """Let the progress bar count files and tensors: ``files`` are the plan's, in write order (objects
+        with ``tensors`` and ``nbytes``, as :class:`vlconvert.engine.PlannedFile`)."""
+        total = 0
+        self._tensor_ends, self._file_ends = [], []
+        for f in files:
+            for _, shape, dtype in f.tensors:
+                n = dtype.itemsize
+                for d in shape:
+                    n *= d
+                total += n
+                self._tensor_ends.append(total)
+            self._file_ends.append(total)
 
     @contextmanager
     def bytes_progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        """A progress bar in bytes (throughput, ETA); yields ``advance(n)``."""
-        if not self.show:
+        """A progress bar in bytes (files and tensors done, throughput, elapsed, ETA); yields ``advance(n)``."""
+        if not self.show or not stderr.is_terminal():  # a log file gets no bar (nor its blank line)
             yield lambda n: None
             return
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True)
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _BytesColumn(), _CountColumn(),
+                            _SpeedColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                            console=stderr.console, transient=True)
+        fields = {"tensor_ends": self._tensor_ends, "file_ends": self._file_ends} \
+            if self._file_ends and self._file_ends[-1] == total else {}
         with progress:
-            task = progress.add_task(description, total=total)
+            task = progress.add_task(description, total=total, **fields)
             yield lambda n: progress.advance(task, n)
 
     @property
@@ -122,8 +295,13 @@ class Reporter:
             return
         table = Table(title=title, show_header=False, title_justify="left")
         for key, value in rows if rows is not None else [(k, str(v)) for k, v in data.items()]:
-            table.add_row(key, value)
+            table.add_row(key, Text(str(value)))
         stdout.print(table)
+
+
+def disk_bytes(folder: str | Path) -> int:
+    """Bytes on disk of every file under ``folder`` (what "written" means in every summary)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def human_bytes(n: float) -> str:

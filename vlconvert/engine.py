@@ -15,18 +15,18 @@ output, manifest, ``--resume``). Memory stays near one tensor (one expert for fu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlconvert.dtypes import dtype_name, element_size, parse_dtype
+from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
-from vlconvert.layouts.dcp import DCPWriter
+from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
 from vlconvert.layouts.hf import (
     INDEX_NAME,
     PlannedTensor,
@@ -41,10 +41,12 @@ from vlconvert.layouts.hf import (
 )
 from vlconvert.models.qwen3vl import EMBED, EXPERT_LAYOUTS, LM_HEAD, is_expert
 from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor, Src, plan_megatron_ranks
+from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, Result, out_dtype
 from vlconvert.publish import copy_file, staged_output, write_bytes
 from vlconvert.sources import Source, open_source, preview
+from vlconvert.targets_torch_dist import plan_torch_dist, write_torch_dist
 
-TARGETS = ("hf", "dcp", "megatron")
+TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 _ROW_BLOCK = 64 * 2**20  # bytes per row block when a large tensor is streamed into a safetensors file
 _RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around the data (measured ~1.5 KB)
 
@@ -52,85 +54,6 @@ Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 
 
 # ------------------------------------------------------------------------------------------ plans
-@dataclass
-class PlannedFile:
-    """One output file and the tensors it holds, in write order."""
-
-    name: str  # path relative to the output folder
-    tensors: list[tuple[str, tuple[int, ...], torch.dtype]]  # (name in the file, shape, dtype)
-
-    @property
-    def nbytes(self) -> int:
-        total = 0
-        for _, shape, dtype in self.tensors:
-            n = 1
-            for d in shape:
-                n *= d
-            total += n * element_size(dtype)
-        return total
-
-
-@dataclass
-class DCPEntry:
-    """One DCP record: its key, the canonical tensor it is made of, shape, dtype and nesting."""
-
-    key: str
-    source: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nesting: tuple
-
-
-@dataclass
-class ConversionPlan:
-    """What a conversion writes, as data: ``files`` for printing and checks, plus each target's recipe."""
-
-    source: str
-    source_layout: str
-    target: str
-    dtype: torch.dtype | None
-    experts_layout: str | None
-    files: list[PlannedFile]
-    notes: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    assets: list[str] = field(default_factory=list)
-    hf_shards: list[list[PlannedTensor]] = field(default_factory=list)
-    dcp_files: list[tuple[str, list[DCPEntry]]] = field(default_factory=list)
-    megatron: MegatronPlan | None = None
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plan as JSON-able data."""
-        data: dict[str, Any] = {
-            "source": self.source, "source_layout": self.source_layout, "target": self.target,
-            "dtype": dtype_name(self.dtype) if self.dtype else "keep", "experts_layout": self.experts_layout,
-            "bytes": self.tensor_bytes, "notes": self.notes, "missing": self.missing, "dropped": self.dropped,
-            "assets": self.assets,
-            "files": [{"name": f.name, "bytes": f.nbytes, "tensors": len(f.tensors)} for f in self.files]}
-        if self.megatron is not None:
-            m = self.megatron
-            data["megatron"] = {"tp": m.tp, "pp": m.pp, "ep": m.ep, "etp": m.etp, "spec": m.spec,
-                                "experts": m.experts, "stage_layers": m.stage_layers, "vocab": m.vocab,
-                                "padded_vocab": m.padded_vocab, "flags": m.training_flags()}
-        return data
-
-
-@dataclass
-class Result:
-    """What a run did."""
-
-    output: Path
-    plan: ConversionPlan
-    files: int
-    bytes_written: int  # bytes on disk, every file of the output
-    notes: list[str]
-    assets: list[str]
-
-
 # ---------------------------------------------------------------------------------------- options
 def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dtype | None:
     """The output dtype: ``auto`` = the config's for a DCP (training jobs keep fp32 master weights), else
@@ -140,17 +63,13 @@ def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dty
     if choice in (None, "keep"):
         return None
     if choice == "auto":
-        return source.skeleton.info.dtype if source.layout == "dcp" else None
+        return source.skeleton.info.dtype if source.layout in ("dcp", "verl") else None
     if choice == "config":
         return source.skeleton.info.dtype
     try:
         return parse_dtype(choice)
     except UserError as exc:
         raise UserError(f"unknown dtype '{choice}': use auto, keep, config, bf16, fp16 or fp32") from exc
-
-
-def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and stored.is_floating_point else stored
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -166,7 +85,8 @@ class Converter:
     ``prefix`` (DCP: key prefix to write; for a DCP source, ``src_prefix`` forces the one to strip),
     ``max_shard_size`` (HF), ``tied_lm_head`` (DCP), ``allow_missing`` / ``allow_unexpected``, and the
     Megatron sizes ``tp pp ep etp spec experts pp_first_layers pp_last_layers padded_vocab_size
-    make_vocab_size_divisible_by iteration``. ``overwrite`` and ``resume`` as on the command line.
+    make_vocab_size_divisible_by iteration``. ``overwrite`` and ``resume`` as on the command line;
+    ``merge_lora`` a PEFT adapter folder merged into the weights on the way.
     """
 
     def __init__(self, src: str | Path, dst: str | Path, *, to: str, dtype: str | torch.dtype | None = "auto",
@@ -178,7 +98,8 @@ class Converter:
                  pp_last_layers: int | None = None, padded_vocab_size: int | None = None,
                  make_vocab_size_divisible_by: int = 128, iteration: int | None = None,
                  overwrite: bool = False, resume: bool = False, metadata: bool = True,
-                 source_layout: str | None = None, info: Callable[[str], None] = lambda s: None):
+                 source_layout: str | None = None, merge_lora: str | Path | None = None,
+                 info: Callable[[str], None] = lambda s: None):
         if to not in TARGETS:
             raise UserError(f"unknown target '{to}': use {', '.join(TARGETS)}")
         self.src, self.dst, self.to = src, Path(dst), to
@@ -188,12 +109,14 @@ class Converter:
                             experts=experts, pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers,
                             padded_vocab_size=padded_vocab_size,
                             make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=iteration,
-                            metadata=metadata)
+                            metadata=metadata, merge_lora=merge_lora)
         self.assets_dir, self.config = assets_dir, config
         self.overwrite, self.resume, self.info = overwrite, resume, info
         self.source_layout = source_layout  # the older spellings (hf-to-dcp, ...) name the layout they read
         self._source: Source | None = None
         self._plan: ConversionPlan | None = None
+        self._world, self._lead = 1, True  # under torchrun: the number of ranks, and whether this is rank 0
+        self._mine: Callable[[str], bool] = lambda name: True  # the output files this rank writes
         self.assets: Path | None = None
 
     # -------------------------------------------------------------------------------- open + plan
@@ -214,6 +137,12 @@ class Converter:
                                        prefix=self.options["src_prefix"], layout=self.source_layout)
             if self._source.skeleton is None:
                 raise UserError(f"'{self.src}' has no config.json: pass --config or --assets-dir")
+            if self.assets is None and getattr(self._source, "assets", None) is not None:
+                self.assets = self._source.assets  # a verl checkpoint's huggingface/ folder
+            if self.options["merge_lora"]:  # a PEFT adapter merged on read (vlconvert.sources.lora)
+                from vlconvert.sources.lora import LoRAMergedSource
+
+                self._source = LoRAMergedSource(self._source, self.options["merge_lora"])
         return self._source
 
     def plan(self) -> ConversionPlan:
@@ -222,7 +151,8 @@ class Converter:
             source = self.source
             dtype = resolve_dtype(self.options["dtype"], source)
             missing = self._check(source)
-            planner = {"hf": self._plan_hf, "dcp": self._plan_dcp, "megatron": self._plan_megatron}[self.to]
+            planner = {"hf": self._plan_hf, "dcp": self._plan_dcp, "megatron": self._plan_megatron,
+                       "torch_dist": lambda s, d: plan_torch_dist(self, s, d)}[self.to]
             self._plan = planner(source, dtype)
             self._plan.missing = missing
             self._plan.notes = list(source.notes) + self._plan.notes
@@ -273,7 +203,7 @@ class Converter:
         planned = []
         for name in source.names():
             stored = source.spec(name)[1]
-            planned.append(PlannedTensor(name, _out_dtype(stored, dtype), tuple(sk.shape_in(name, layout))))
+            planned.append(PlannedTensor(name, out_dtype(stored, dtype), tuple(sk.shape_in(name, layout))))
         shards = plan_shards(planned, parse_size(self.options["max_shard_size"]))
         names = shard_file_names(len(shards))
         files = [PlannedFile(n, [(t.name, t.shape, t.dtype) for t in s]) for n, s in zip(names, shards, strict=True)]
@@ -295,7 +225,7 @@ class Converter:
             name, src_name = outputs[i]
             stored = source.spec(src_name)[1]
             key = prefix + name
-            entry = DCPEntry(key, src_name, tuple(sk.shape_in(name, layout)), _out_dtype(stored, dtype),
+            entry = DCPEntry(key, src_name, tuple(sk.shape_in(name, layout)), out_dtype(stored, dtype),
                              _nesting(key, prefix))
             groups.setdefault(source.location(src_name)[0], []).append(entry)
         dcp_files = [(f"__0_{g}.distcp", entries) for g, entries in sorted(groups.items())]
@@ -308,7 +238,7 @@ class Converter:
         previous = getattr(source, "plan", None)  # a Megatron source keeps its spec and expert style
         spec = o["spec"] or (previous.spec if isinstance(previous, MegatronPlan) else "te")
         experts = o["experts"] or (previous.experts if isinstance(previous, MegatronPlan) else "grouped")
-        source_dtypes = {n: _out_dtype(source.spec(n)[1], dtype) for n in source.names()}
+        source_dtypes = {n: out_dtype(source.spec(n)[1], dtype) for n in source.names()}
         plan = plan_megatron_ranks(source.skeleton, o["tp"], o["pp"], o["ep"], o["etp"], spec=spec, experts=experts,
                                    dtype=dtype, padded_vocab_size=o["padded_vocab_size"],
                                    make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"],
@@ -332,7 +262,10 @@ class Converter:
 
     def run(self, progress: Progress | None = None) -> Result:
         """Write the output (published atomically when complete); ``progress(description, total)`` may
-        return a context manager yielding ``advance(n_bytes)``."""
+        return a context manager yielding ``advance(n_bytes)``. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+        files are split by bytes over the ranks: see :meth:`_run_distributed`."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return self._run_distributed(progress)
         plan = self.plan()
         source = self.source
         inputs: dict[str, str | Path | None] = {"SRC": source.folder, "--assets-dir": self.assets,
@@ -350,9 +283,118 @@ class Converter:
                     assets = self._write_hf(stage.path, plan, advance)
                 elif self.to == "dcp":
                     self._write_dcp(stage.path, plan, advance)
+                elif self.to == "torch_dist":
+                    write_torch_dist(self, stage.path, plan, advance)
                 else:
                     self._write_megatron(stage.path, plan, advance)
                 notes = list(stage.notes)
+        finally:
+            source.close()
+        written = sum(p.stat().st_size for p in self.dst.rglob("*") if p.is_file())
+        files = sum(1 for p in self.dst.rglob("*") if p.is_file())
+        return Result(self.dst, plan, files, written, plan.notes + notes, assets)
+
+    def _write(self, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+        """This process's share of the output files (all of them in a single process)."""
+        if self.to == "hf":
+            return self._write_hf(stage, plan, advance)
+        if self.to == "dcp":
+            self._write_dcp(stage, plan, advance)
+        else:
+            self._write_megatron(stage, plan, advance)
+        return []
+
+    def _run_distributed(self, progress: Progress | None) -> Result:
+        """One rank of ``torchrun``: every rank plans the same output from metadata; the files are assigned
+        to ranks by bytes (:func:`assign_files`) and each rank writes its own into the stage rank 0 created
+        (lock, overlap checks, staging as in a single process). Rank 0 then gathers every file's size,
+        sha256 and DCP records, writes the index / ``.metadata`` / tracker and the manifest once, and
+        publishes. The output is byte-identical whatever the number of ranks. ``--resume`` is single-process."""
+        import torch.distributed as dist
+
+        from vlconvert.errors import one_line
+        from vlconvert.publish import attached_stage
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if self.resume:
+            raise UserError("--resume is not supported under torchrun yet: resume with a single process")
+        plan = self.plan()
+        source = self.source
+        owner = assign_files(plan.files, world)
+        self._world, self._lead = world, rank == 0
+        self._mine = lambda name: owner.get(name, 0) == rank
+        assets: list[str] = []
+        notes: list[str] = []
+        try:
+            if rank == 0:
+                inputs: dict[str, str | Path | None] = {"SRC": source.folder, "--assets-dir": self.assets,
+                                                        "--config": self.config}
+                needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
+                staged = staged_output(self.dst, inputs=inputs, overwrite=self.overwrite, needed_bytes=needed,
+                                       fingerprint=self.fingerprint(), info=self.info)
+                try:
+                    stage = staged.__enter__()
+                except BaseException as exc:
+                    dist.broadcast_object_list([("error", str(exc))], src=0)
+                    raise
+                dist.broadcast_object_list([("ok", str(stage.path))], src=0)
+                failure: BaseException | None = None
+                try:
+                    bar = progress(f"{source.layout} -> {self.to} (rank 0 of {world})", plan.tensor_bytes) \
+                        if progress else nullcontext(lambda n: None)
+                    error = None
+                    try:
+                        with bar as advance:
+                            assets = self._write(stage.path, plan, advance)
+                    except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+                        error, failure = f"rank 0: {one_line(exc, 300)}", exc
+                    gathered: list = [None] * world
+                    dist.all_gather_object(gathered, (error, {}))
+                    errors = [e for e, _ in gathered if e]
+                    if errors:
+                        raise failure if failure is not None and errors[0].startswith("rank 0") \
+                            else UserError(errors[0])
+                    for _, entries in gathered[1:]:
+                        for rel, e in sorted(entries.items()):
+                            stage.journal(rel, e["size"], e["sha256"], e["state"])
+                    if self.to == "dcp":
+                        _finish_dcp(stage.path, plan, stage.entries)
+                    notes = list(stage.notes)
+                except BaseException as exc:  # noqa: BLE001 - handed to the stage, then re-raised
+                    failure = exc
+                outcome = None
+                try:
+                    if failure is None:
+                        staged.__exit__(None, None, None)
+                    else:
+                        staged.__exit__(type(failure), failure, failure.__traceback__)
+                except BaseException as exc:  # noqa: BLE001 - publishing failed: tell the others
+                    failure = exc
+                if failure is not None:
+                    outcome = str(failure) or type(failure).__name__
+                dist.broadcast_object_list([outcome], src=0)
+                if failure is not None:
+                    raise failure
+            else:
+                started: list = [None]
+                dist.broadcast_object_list(started, src=0)
+                status, where = started[0]
+                if status != "ok":
+                    raise UserError(f"rank 0 stopped before writing: {where}")
+                error, entries = None, {}
+                with attached_stage(where, self.dst) as stage:
+                    try:
+                        self._write(stage.path, plan, lambda n: None)
+                    except Exception as exc:  # noqa: BLE001 - reported to rank 0, which cleans up
+                        error = f"rank {rank}: {one_line(exc, 300)}"
+                    entries = dict(stage.entries)
+                dist.all_gather_object([None] * world, (error, entries))
+                final: list = [None]
+                dist.broadcast_object_list(final, src=0)
+                if final[0] is not None:
+                    raise UserError(f"nothing was published: {final[0]}")
         finally:
             source.close()
         written = sum(p.stat().st_size for p in self.dst.rglob("*") if p.is_file())
@@ -363,14 +405,17 @@ class Converter:
         source = self.source
         layout = plan.experts_layout or "released"
         assets = self.assets or source.folder
-        copied = copy_assets(assets, stage)
-        weight_map: dict[str, str] = {}
+        copied = copy_assets(assets, stage) if self._lead else []
+        if self._lead:
+            _rewrite_config(source, stage / "config.json", plan.dtype)
+        weight_map = {t.name: f.name for f, shard in zip(plan.files, plan.hf_shards, strict=True) for t in shard}
         for planned_file, shard in zip(plan.files, plan.hf_shards, strict=True):
+            if not self._mine(planned_file.name):
+                continue
             writer = SafetensorsFileWriter(stage / planned_file.name, shard)
             ok = False
             try:
                 for t in shard:
-                    weight_map[t.name] = planned_file.name
                     if writer.kept:  # --resume kept this shard
                         advance(t.nbytes)
                     elif is_expert(t.name):
@@ -386,9 +431,9 @@ class Converter:
                     writer.close()
                 else:
                     writer.abort()  # keep the original error; the staged folder is removed anyway
-        if len(plan.files) > 1:
+        if len(plan.files) > 1 and self._lead:
             write_index(stage, weight_map, plan.tensor_bytes)
-        elif (stage / INDEX_NAME).exists():
+        elif (stage / INDEX_NAME).exists() and self._lead:
             (stage / INDEX_NAME).unlink()
         return copied
 
@@ -396,9 +441,10 @@ class Converter:
         source = self.source
         layout = plan.experts_layout or "released"
         writer = DCPWriter(stage)
-        previous: tuple[str, torch.Tensor] | None = None  # a tied lm_head follows its embedding: read once
         try:
             for file_name, entries in plan.dcp_files:
+                if not self._mine(file_name):
+                    continue
                 writer.open_file(file_name)
                 for entry in entries:
                     stored = source.nbytes(entry.source)
@@ -406,20 +452,22 @@ class Converter:
                         writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
                         advance(stored)
                         continue
-                    if previous is not None and previous[0] != entry.source:
-                        previous = None  # drop it before reading the next tensor: one tensor in memory
-                    tensor = previous[1] if previous is not None else _whole(source, entry.source, layout)
-                    previous = (entry.source, tensor) if entry.source == EMBED else None
-                    writer.write(entry.key, _cast(tensor, entry.dtype), entry.nesting)
+                    blocks = canonical_blocks(source, entry.source, layout, entry.dtype)
+                    writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, blocks), entry.nesting)
                     advance(stored)
-                    del tensor
-            writer.finish()
+            if self._world == 1:
+                writer.finish()
+            else:
+                writer.close_file()  # the lead writes .metadata from every rank's records (_finish_dcp)
         except BaseException:
             writer.abort()
             raise
+        if not self._lead:
+            return
         config = (self.assets or source.folder) / "config.json"
         if config.is_file():
             copy_file(config, stage / "config.json")
+            _rewrite_config(source, stage / "config.json", plan.dtype)
         else:
             import json
 
@@ -435,16 +483,45 @@ class Converter:
         it_dir.mkdir(exist_ok=True)
         for r in mplan.ranks:
             folder = it_dir / r.folder
-            folder.mkdir(exist_ok=True)
+            if not self._mine(f"{it_dir.name}/{r.folder}/{mlay.RANK_FILE}"):
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
             entries = [mlay.RankEntry(t.name, t.shape, t.dtype) for t in r.tensors]
             mlay.write_rank_file(folder / mlay.RANK_FILE, entries,
-                                 lambda i, _e, ts=r.tensors: build_tensor(ts[i], source),
+                                 lambda i, _e, ts=r.tensors: rank_tensor_blocks(ts[i], source),
                                  extra={mlay.META_KEY: meta} if meta else None, iteration=iteration or 0,
                                  on_bytes=advance)
-        mlay.write_tracker(stage, iteration)
+        if self._lead:
+            mlay.write_tracker(stage, iteration)
 
 
 # ------------------------------------------------------------------------------------------- ops
+def assign_files(files: list[PlannedFile], world: int) -> dict[str, int]:
+    """Output file -> rank, balancing bytes: largest first, each to the least loaded rank (ties: lowest)."""
+    load = [0] * world
+    owner: dict[str, int] = {}
+    for f in sorted(files, key=lambda f: -f.nbytes):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[f.name] = rank
+        load[rank] += f.nbytes
+    return owner
+
+
+def _finish_dcp(stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
+    """Write ``.metadata`` from the records every rank journaled, in plan order (same bytes as one process)."""
+    writer = DCPWriter(stage)
+    for name, _ in plan.dcp_files:
+        writer.adopt(name, (entries[name].get("state") or {}).get("records", []))
+    writer.finish()
+
+
+def _rewrite_config(source: Source, path: Path, dtype: torch.dtype | None) -> None:
+    """A source whose config no longer describes the output (FP8: ``quantization_config``) fixes the copy."""
+    hook = getattr(source, "rewrite_config", None)
+    if hook is not None:
+        hook(path, dtype)
+
+
 def _nesting(key: str, prefix: str) -> tuple:
     """DCP planner_data for ``key``: a prefix ``a.b.`` means the state dict was ``{"a": {"b.<name>": ...}}``."""
     if not prefix or "." not in prefix:
@@ -453,19 +530,45 @@ def _nesting(key: str, prefix: str) -> tuple:
     return (root, key[len(root) + 1:])
 
 
-def _whole(source: Source, name: str, layout: str) -> torch.Tensor:
-    """A whole canonical tensor, experts in ``layout`` (assembled one expert at a time)."""
-    if not is_expert(name):
-        shape = source.spec(name)[0]
-        return source.rows(Src(name), 0, shape[0] if shape else 1)
-    experts = source.spec(name)[0][0]
-    first = source.rows(Src(name, 0), 0, source.matrix_shape(Src(name, 0))[0])
-    matrix_shape = tuple(first.shape) if layout == "transformers5" else (first.shape[1], first.shape[0])
-    out = torch.empty((experts, *matrix_shape), dtype=first.dtype)
-    for e in range(experts):
-        matrix = first if e == 0 else source.rows(Src(name, e), 0, first.shape[0])
-        out[e] = matrix if layout == "transformers5" else matrix.t()
-    return out
+def _rows_per_block(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    row_bytes = element_size(dtype)
+    for d in shape[1:]:
+        row_bytes *= d
+    return max(1, _ROW_BLOCK // max(1, row_bytes))
+
+
+def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """A canonical tensor as row blocks of about 64 MiB in ``dtype``; fused experts one expert at a time, in
+    ``layout`` (released or transformers5). Never more than one block in memory."""
+    if is_expert(name):
+        for e in range(source.spec(name)[0][0]):
+            matrix = source.rows(Src(name, e), 0, source.matrix_shape(Src(name, e))[0])  # Megatron's [out, in]
+            yield _cast(matrix if layout == "transformers5" else matrix.t(), dtype).contiguous().unsqueeze(0)
+        return
+    shape = tuple(source.spec(name)[0])
+    if not shape:
+        yield _cast(source.rows(Src(name), 0, 1), dtype)
+        return
+    step = _rows_per_block(shape, dtype)
+    for a in range(0, shape[0], step):
+        yield _cast(source.rows(Src(name), a, min(shape[0], a + step)), dtype)
+
+
+def rank_tensor_blocks(t: RankTensor, source: Source) -> Iterator[torch.Tensor]:
+    """One Megatron rank tensor as row blocks: its row map (or its column block) executed block by block."""
+    step = _rows_per_block(t.shape, t.dtype)
+    if t.axis == 1:
+        src, a, b = t.segs[0]
+        for r in range(0, t.shape[0], step):
+            yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(t.dtype).contiguous()
+        return
+    for src, a, b in t.segs:
+        for r in range(a, b, step):
+            stop = min(b, r + step)
+            if src is None:  # vocabulary padding
+                yield torch.zeros((stop - r, *t.shape[1:]), dtype=t.dtype)
+            else:
+                yield source.rows(src, r, stop).to(t.dtype)
 
 
 def _stream_rows(source: Source, t: PlannedTensor, writer: SafetensorsFileWriter,
@@ -480,21 +583,6 @@ def _stream_rows(source: Source, t: PlannedTensor, writer: SafetensorsFileWriter
     for a in range(0, rows, step):
         b = min(rows, a + step)
         advance(writer.write(t.name, _cast(source.rows(Src(t.name), a, b), t.dtype), row_offset=a))
-
-
-def build_tensor(t: RankTensor, source: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Execute one Megatron rank tensor's recipe (a row map, or a column block) against a source."""
-    out_dtype = dtype or t.dtype
-    if t.axis == 1:
-        src, a, b = t.segs[0]
-        return source.cols(src, a, b).to(out_dtype)
-    parts = []
-    for src, a, b in t.segs:
-        if src is None:
-            parts.append(torch.zeros((b - a, *t.shape[1:]), dtype=out_dtype))
-        else:
-            parts.append(source.rows(src, a, b).to(out_dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str, progress: Progress | None = None, **options: Any) -> Result:

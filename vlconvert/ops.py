@@ -139,6 +139,10 @@ def pipeline_layers(layers: int, pp: int, first: int | None = None, last: int | 
         if first not in (None, layers) or last not in (None, layers):
             raise UserError("--pp-first-layers/--pp-last-layers need --pp of at least 2")
         return [layers]
+    if pp > layers:
+        divisors = [d for d in range(1, layers + 1) if layers % d == 0 and d <= 64]
+        raise UserError(f"--pp {pp} is more than the {layers} decoder layers: every stage needs at least one; "
+                        f"use --pp among {divisors}")
     if first is None and last is None:
         if layers % pp == 0:
             return [layers // pp] * pp
@@ -179,8 +183,9 @@ def _suggest_uneven(layers: int, pp: int) -> str:
                 options.append(f"--pp-first-layers {both} --pp-last-layers {both}")
                 break
     divisors = [d for d in range(1, layers + 1) if layers % d == 0 and d <= 64]
-    hint = " or ".join(f"'{o}'" for o in options) if options else "no first/last count works"
-    return f"pass {hint} (or use --pp among {divisors})"
+    if not options:
+        return f"no --pp-first-layers/--pp-last-layers count works; use --pp among {divisors}"
+    return f"pass {' or '.join(repr(o) for o in options)} (or use --pp among {divisors})"
 
 
 # ------------------------------------------------------------------------------------- tensor ops

@@ -162,8 +162,10 @@ def _hf_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, max_shard_size:
     names = shard_file_names(len(shards))
     plan.files = [FilePlan(n, sum(t.nbytes for t in s), len(s)) for n, s in zip(names, shards, strict=True)]
     plan.total_bytes = sum(f.bytes for f in plan.files)
-    plan.notes.append(f"experts in the released orientation; shards of at most {max_shard_size:,} bytes; "
-                      "plus model.safetensors.index.json and the assets copied from --assets-dir")
+    experts = "experts in the released orientation; " if skeleton.info.is_moe else ""
+    index = "plus model.safetensors.index.json and " if len(shards) > 1 else "plus "
+    plan.notes.append(f"{experts}shards of at most {max_shard_size:,} bytes; {index}the assets copied from "
+                      "--assets-dir")
 
 
 def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout: str,
@@ -212,6 +214,12 @@ def _megatron_split(name: str) -> str:
     if name.endswith(_ROW):
         return "row"
     return "replicated"
+
+
+def _part(name: str) -> str:
+    """'vision linear_fc1' / 'language gate_proj': which tower a TP check is about (both have a linear_fc1)."""
+    tower = "vision" if name.startswith("model.visual.") else "language"
+    return f"{tower} {name.split('.')[-2]}"
 
 
 def _div(n: int, d: int, what: str, checks: list[Check], seen: set[str]) -> int:
@@ -333,12 +341,12 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
                 per_stage_n[pp - 1] += 1
                 unique += b * tp
         elif kind == "column":
-            b = _div(shape[0], tp, f"{t.name.split('.')[-2]} rows by tp", checks, seen) * rest * esize
+            b = _div(shape[0], tp, f"{_part(t.name)} rows by tp", checks, seen) * rest * esize
             per_stage[stage] += b
             per_stage_n[stage] += 1
             unique += b * tp
         elif kind == "row":
-            b = shape[0] * _div(shape[1], tp, f"{t.name.split('.')[-2]} columns by tp", checks, seen) * esize
+            b = shape[0] * _div(shape[1], tp, f"{_part(t.name)} columns by tp", checks, seen) * esize
             per_stage[stage] += b
             per_stage_n[stage] += 1
             unique += b * tp

@@ -311,6 +311,7 @@ class Stage(os.PathLike):
         self.rehashed: list[str] = []
         self.notes: list[str] = []
         self.active = True  # False once the run has left the stage: a late close (GC) journals nothing
+        self.in_memory = False  # a torchrun follower: entries go to rank 0, not to the journal file
         self._journal: io.TextIOBase | None = None
 
     def __fspath__(self) -> str:
@@ -339,7 +340,8 @@ class Stage(os.PathLike):
             return
         entry = {"size": size, "sha256": sha256, "state": state}
         self.entries[rel] = entry
-        self._append({"file": rel, **entry})
+        if not self.in_memory:
+            self._append({"file": rel, **entry})
 
     def close_journal(self) -> None:
         if self._journal is not None:
@@ -424,6 +426,20 @@ class Stage(os.PathLike):
             f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def attached_stage(path: str | Path, dst: str | Path) -> Iterator[Stage]:
+    """Join the stage another process (rank 0 under torchrun) created and owns: files written here through
+    :func:`create_file` are hashed into ``stage.entries``, which the caller hands to the owner."""
+    stage = Stage(Path(path), Path(os.path.abspath(dst)))
+    stage.in_memory = True
+    _ACTIVE[stage.path] = stage
+    try:
+        yield stage
+    finally:
+        _ACTIVE.pop(stage.path, None)
+        stage.active = False
 
 
 def _read_json(path: Path) -> Any:

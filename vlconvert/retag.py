@@ -685,8 +685,10 @@ def _record_matches(record: dict, tags: Tags, strategy: str) -> bool:
     return record.get("strategy") == strategy and record.get("new") == [tags.open, tags.close]
 
 
-def _already_done(folder: Path, tags: Tags, strategy: str) -> dict | None:
-    """The record if ``folder`` is already retagged with these tags and strategy (and its tokenizer agrees)."""
+def _already_done(folder: Path, tags: Tags, strategy: str, fix: str = "start from the original checkpoint to "
+                  "choose other tags or another strategy") -> dict | None:
+    """The record if ``folder`` is already retagged with these tags and strategy (and its tokenizer agrees);
+    ``fix`` ends the error when it was retagged differently."""
     record = read_record(folder)
     if record is None:
         return None
@@ -695,8 +697,7 @@ def _already_done(folder: Path, tags: Tags, strategy: str) -> dict | None:
         raise UserError(f"'{folder}' has a {RECORD_NAME} but no {TOKENIZER_JSON}")
     if not _record_matches(record, tags, strategy):
         raise UserError(f"'{folder}' was already retagged ({record.get('strategy')}: "
-                        f"{' '.join(record.get('new') or [])}); start from the original checkpoint to choose "
-                        "other tags or another strategy")
+                        f"{' '.join(record.get('new') or [])}); {fix}")
     added = added_token_ids(_read_tokenizer_json(tok_path)[1])
     if strategy == "plain":
         ok = OLD_OPEN not in added and OLD_CLOSE not in added and tags.open not in added and tags.close not in added
@@ -737,7 +738,8 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
     if record is None and not in_place and dst_path.exists() and not overwrite:
         done = read_record(dst_path)
         if done is not None and done.get("source") == str(src_path):
-            record = _already_done(dst_path, tags, strategy)
+            record = _already_done(dst_path, tags, strategy,
+                                   fix="pass --overwrite to replace it with these tags and strategy")
             where = "the output"
     if record is not None:
         info(f"{where} is already retagged ({strategy}: {tags.open} {tags.close}); nothing to do")
@@ -786,10 +788,10 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
         needed = rewrite_bytes + sum(len(t.encode()) for t in plan.files.values())
         if not link:
             needed += sum(p.stat().st_size for p in src_path.rglob("*") if p.is_file())
-        info(f"retagging {src_path} -> {dst_path} ({strategy})")
         inputs = {} if in_place else {"SRC": src_path}  # --in-place replaces SRC on purpose, atomically
         with publish.staged_output(dst_path, inputs=inputs, overwrite=overwrite or in_place,
                                    needed_bytes=needed, info=info) as stage:
+            info(f"retagging {src_path} -> {dst_path} ({strategy})")  # once the output is known to be free
             for path in sorted(src_path.rglob("*")):
                 rel = path.relative_to(src_path)
                 if path.is_dir() or str(rel) in rewritten or str(rel) == publish.MANIFEST_NAME:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from vlconvert.console import Reporter, handle_errors, human_bytes, output_options, stdout
+from vlconvert.commands.common import asset_rows, show_dry_run
+from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 
-TARGETS = ("hf", "dcp", "megatron")
+TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 
 
 @click.command("convert")
@@ -20,7 +20,7 @@ TARGETS = ("hf", "dcp", "megatron")
               help="The original Hugging Face folder (or cached model id): config, tokenizer and processor files. "
                    "Needed for --to hf from DCP or Megatron, and for sources that carry no config.")
 @click.option("--config", type=click.Path(exists=True), default=None, help="config.json for sources without one.")
-@click.option("--dtype", default="auto", show_default=True,
+@click.option("--dtype", type=DtypeParam("auto", "keep", "config"), default="auto", show_default=True,
               help="auto (a DCP's config dtype, else keep), keep, config, bf16, fp16, fp32.")
 @click.option("--experts-layout", type=click.Choice(["auto", "released", "transformers5"]), default=None,
               help="MoE expert orientation to write: hf default released; dcp default auto (the installed "
@@ -45,6 +45,9 @@ TARGETS = ("hf", "dcp", "megatron")
               help="Megatron: pad the vocabulary to a multiple of this times --tp.")
 @click.option("--padded-vocab-size", type=int, default=None, help="Megatron: exact padded vocabulary rows.")
 @click.option("--iteration", type=int, default=None, help="Megatron: write iter_NNNNNNN/ instead of release/.")
+@click.option("--merge-lora", "merge_lora", default=None, metavar="ADAPTER",
+              help="Merge this PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) into the "
+                   "weights, as PEFT's merge_and_unload does.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
@@ -56,8 +59,8 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                     no_tied_lm_head: bool, allow_missing: bool, allow_unexpected: bool, tp: int, pp: int, ep: int,
                     etp: int | None, spec: str | None, experts: str | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
-                    iteration: int | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
-                    quiet: bool) -> None:
+                    iteration: int | None, merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool,
+                    as_json: bool, quiet: bool) -> None:
     """Convert checkpoint SRC (Hugging Face folder or cached model id, DCP, Megatron; detected) to
     layout --to in DST, streamed in one pass. Examples:
 
@@ -74,30 +77,20 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                      allow_unexpected=allow_unexpected, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
                      pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers,
                      padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                     iteration=iteration, overwrite=overwrite, resume=resume, info=rep.info)
+                     iteration=iteration, merge_lora=merge_lora, overwrite=overwrite, resume=resume,
+                     info=rep.info)
     plan = conv.plan()
     data = plan.to_dict()
     if dry_run:
-        data["dry_run"] = True
-        if as_json:
-            rep.summary("convert --dry-run", data)
-        elif rep.show:
-            table = Table("file", "tensors", "size", title=f"plan: {plan.source_layout} -> {to} ({dst})",
-                          title_justify="left")
-            for f in plan.files:
-                table.add_row(f.name, str(len(f.tensors)), human_bytes(f.nbytes))
-            stdout.print(table)
-            for note in plan.notes:
-                stdout.print(f"note: {note}", markup=False, highlight=False)
-            stdout.print(f"{len(plan.files)} files, {human_bytes(plan.tensor_bytes)} of tensors; nothing written",
-                         markup=False, highlight=False)
+        show_dry_run(rep, conv, dst, "convert")
         return
+    rep.expect(plan.files)  # the progress bar counts files and tensors
     result = conv.run(rep.bytes_progress)
     data = {**data, "output": str(result.output.absolute()), "files_written": result.files,
             "bytes_written": result.bytes_written, "assets_copied": result.assets, "notes": result.notes,
             "seconds": round(rep.elapsed, 3)}
     rows = [("output", str(result.output)), ("from", f"{plan.source_layout} ({plan.source})"), ("to", to),
-            ("files", str(result.files)), ("written", human_bytes(result.bytes_written)),
+            ("files", str(result.files)), ("written", f"{human_bytes(result.bytes_written)} on disk"),
             ("dtype", data["dtype"]), ("time", f"{rep.elapsed:.1f} s")]
     if plan.experts_layout:
         rows.append(("experts", plan.experts_layout))
@@ -105,7 +98,6 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
         m = plan.megatron
         rows.append(("parallel", f"TP={m.tp} PP={m.pp} EP={m.ep} ETP={m.etp} (layers per stage {m.stage_layers})"))
         rows.append(("train with", m.training_flags()))
-    if result.assets:
-        rows.append(("assets copied", str(len(result.assets))))
+    rows += asset_rows(result.assets, rep.verbose)
     rows += [("note", n) for n in result.notes]
     rep.summary("convert", data, rows)

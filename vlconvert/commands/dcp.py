@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from vlconvert.console import Reporter, handle_errors, output_options
+from vlconvert.commands.common import asset_rows, file_count, show_dry_run, written
+from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 
 
 @click.command("hf-to-dcp")
@@ -12,7 +13,8 @@ from vlconvert.console import Reporter, handle_errors, output_options
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--prefix", default="", show_default=True,
               help="Prepend this to every key, for frameworks that nest the model (e.g. 'model.').")
-@click.option("--dtype", default="keep", show_default=True, help="Cast floating tensors: keep, bf16, fp16, fp32.")
+@click.option("--dtype", type=DtypeParam("keep", "auto", "config"), default="keep", show_default=True,
+              help="Cast floating tensors: keep, auto (= keep for HF), config (config.json's), bf16, fp16, fp32.")
 @click.option("--experts-layout", type=click.Choice(["auto", "released", "transformers5"]), default="auto",
               show_default=True, help="MoE expert orientation to write; auto = the installed transformers'.")
 @click.option("--no-tied-lm-head", is_flag=True,
@@ -20,22 +22,31 @@ from vlconvert.console import Reporter, handle_errors, output_options
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, notes) and write nothing.")
 @output_options
 @handle_errors
 def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layout: str, no_tied_lm_head: bool,
-                      overwrite: bool, resume: bool, as_json: bool, quiet: bool) -> None:
+                      overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Convert the Hugging Face checkpoint SRC (folder or cached model id) to a DCP folder DST.
 
     The DCP loads with torch.distributed.checkpoint.load into the model's state dict, built on the
     meta device or sharded with FSDP2.
     """
-    from vlconvert.dcp_convert import hf_to_dcp, summary_rows
+    from vlconvert.dcp_convert import hf_to_dcp
 
     reporter = Reporter(as_json, quiet)
+    if dry_run:
+        from vlconvert.engine import Converter
+
+        conv = Converter(src, dst, to="dcp", prefix=prefix, dtype=dtype or "keep", experts_layout=experts_layout,
+                         tied_lm_head=not no_tied_lm_head, overwrite=overwrite, resume=resume, info=reporter.info,
+                         source_layout="hf")
+        show_dry_run(reporter, conv, dst, "hf-to-dcp")
+        return
     summary = hf_to_dcp(src, dst, prefix=prefix, dtype=dtype, experts_layout=experts_layout,
                         tied_lm_head=not no_tied_lm_head, overwrite=overwrite, resume=resume,
                         reporter=reporter)
-    reporter.summary("hf-to-dcp", summary, summary_rows(summary))
+    reporter.summary("hf-to-dcp", summary, _rows(summary, reporter))
 
 
 @click.command("dcp-to-hf")
@@ -44,8 +55,8 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.option("--assets-dir", required=True,
               help="The original Hugging Face folder (or cached model id): config, tokenizer and processor "
                    "files are copied from it.")
-@click.option("--dtype", default="config", show_default=True,
-              help="Output dtype: config (the one config.json names), keep, bf16, fp16, fp32.")
+@click.option("--dtype", type=DtypeParam("config", "keep", "auto"), default="config", show_default=True,
+              help="Output dtype: config (the one config.json names), keep, auto (= config), bf16, fp16, fp32.")
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default="released",
               show_default=True, help="MoE expert orientation to write.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
@@ -55,17 +66,43 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, notes) and write nothing.")
 @output_options
 @handle_errors
 def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_layout: str, max_shard_size: str,
                       prefix: str | None, allow_missing: bool, allow_unexpected: bool, overwrite: bool, resume: bool,
-                      as_json: bool, quiet: bool) -> None:
+                      dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Convert the DCP folder SRC (from vlconvert or an FSDP2 training job) to a Hugging Face folder DST."""
-    from vlconvert.dcp_convert import dcp_to_hf, summary_rows
+    from vlconvert.dcp_convert import dcp_to_hf
 
     reporter = Reporter(as_json, quiet)
+    if dry_run:
+        from vlconvert.engine import Converter
+
+        conv = Converter(src, dst, to="hf", assets_dir=assets_dir, dtype=dtype or "keep",
+                         experts_layout=experts_layout, max_shard_size=max_shard_size, src_prefix=prefix,
+                         allow_missing=allow_missing, allow_unexpected=allow_unexpected, overwrite=overwrite,
+                         resume=resume, info=reporter.info, source_layout="dcp")
+        show_dry_run(reporter, conv, dst, "dcp-to-hf")
+        return
     summary = dcp_to_hf(src, dst, assets_dir=assets_dir, dtype=dtype, experts_layout=experts_layout,
                         max_shard_size=max_shard_size, prefix=prefix, allow_missing=allow_missing,
                         allow_unexpected=allow_unexpected, overwrite=overwrite, resume=resume,
                         reporter=reporter)
-    reporter.summary("dcp-to-hf", summary, summary_rows(summary))
+    summary["tensor_bytes"] = summary["bytes_written"]
+    summary["bytes_written"] = written(summary["output"])  # bytes on disk, as in every command
+    reporter.summary("dcp-to-hf", summary, _rows(summary, reporter))
+
+
+def _rows(summary: dict, reporter: Reporter) -> list[tuple[str, str]]:
+    """The summary table: the same rows, units and asset reporting as every converter."""
+    from vlconvert.dcp_convert import summary_rows
+
+    rows = [r for r in summary_rows(summary) if r[0] != "assets copied"]
+    at = next((i for i, r in enumerate(rows) if r[0] == "written"), len(rows))
+    rows[at] = ("written", f"{human_bytes(summary['bytes_written'])} on disk")
+    rows[at + 1:at + 1] = [("files", str(file_count(summary["output"])))]
+    notes = [i for i, r in enumerate(rows) if r[0] == "note"]
+    at = notes[0] if notes else len(rows)
+    rows[at:at] = asset_rows(summary.get("assets_copied") or [], reporter.verbose)
+    return rows

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from vlconvert.console import Reporter, handle_errors, human_bytes, output_options, stdout
+from vlconvert.console import Reporter, handle_errors, human_bytes, output_options, plural, stdout
 from vlconvert.inspection import inspect_checkpoint
 
 
@@ -34,31 +35,50 @@ def inspect_command(path, config, assets_dir, rows, as_json, quiet) -> None:
         raise SystemExit(1)
 
 
+def _text(value: object, missing: str = "unknown") -> str:
+    """A report value for people: never a raw ``None``."""
+    if value is None:
+        return missing
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def render_report(report: dict) -> None:
     """Print an inspect report for people."""
     table = Table(title=f"{report['path']}", show_header=False, title_justify="left")
     params = report["parameters"]
-    table.add_row("layout", report["layout"])
-    table.add_row("model", f"{report['model'] or 'unreleased size'} ({report['family']})")
-    table.add_row("config", str(report["config"]))
+
+    def add_row(key: str, value: str | Text) -> None:
+        table.add_row(key, value if isinstance(value, Text) else Text(value))  # paths and '[out, in]' are not markup
+
+    add_row("layout", _text(report["layout"]))
+    add_row("model", f"{report['model'] or 'unreleased size'} ({_text(report['family'])})")
+    add_row("config", _text(report["config"], "none found (give --config or --assets-dir)"))
     if report.get("parallel"):
-        table.add_row("parallel", ", ".join(f"{k} {v}" for k, v in report["parallel"].items()))
-    table.add_row("tensors", f"{report['tensors']} in {report.get('files', '?')} files, "
+        add_row("parallel", ", ".join(f"{k} {_text(v)}" for k, v in report["parallel"].items()))
+    files = report.get("files")
+    where = plural(files, "file") if isinstance(files, int) else "? files"
+    add_row("tensors", f"{plural(report['tensors'], 'tensor')} in {where}, "
                   f"{report['bytes']:,} bytes ({human_bytes(report['bytes'])})")
-    table.add_row("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in report["dtypes"].items()))
-    text = f"{params['total']:,} total ({params['text']:,} text, {params['vision']:,} vision)"
-    if "active_per_token" in params:
-        text += f"; {params['active_per_token']:,} active per token"
-    table.add_row("parameters", text)
+    add_row("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in report["dtypes"].items()) or "none")
+    if isinstance(params.get("total"), int):
+        text = f"{params['total']:,} total ({params.get('text') or 0:,} text, {params.get('vision') or 0:,} vision)"
+        if params.get("active_per_token") is not None:
+            text += f"; {params['active_per_token']:,} active per token"
+        add_row("parameters", text)
     tied = report["tied_embeddings"]
-    table.add_row("embeddings", f"config tied: {tied['config']}, lm_head stored: {tied['lm_head_stored']}")
+    add_row("embeddings", f"config tied: {_text(tied.get('config'), 'unknown (no config)')}, "
+                                f"lm_head stored: {_text(tied.get('lm_head_stored'))}")
     if report.get("experts_orientation") or report.get("experts_orientation_stored"):
-        table.add_row("experts", str(report.get("experts_orientation") or report.get("experts_orientation_stored")))
+        add_row("experts", str(report.get("experts_orientation") or report.get("experts_orientation_stored")))
     tags = report["think_tags"]
     if "verdict" in tags:
-        table.add_row("think tags", str(tags["verdict"]))
+        add_row("think tags", _text(tags["verdict"]))
+    elif tags.get("tokenizer") is None:
+        add_row("think tags", "no tokenizer.json (give --assets-dir to check the tags)")
     else:
-        table.add_row("think tags", ", ".join(f"{k}: {v}" for k, v in tags.items()))
+        add_row("think tags", ", ".join(f"{k}: {_text(v, 'none')}" for k, v in tags.items()))
     for issue in report["inconsistencies"] or ["none"]:
-        table.add_row("inconsistency", f"[red]{issue}[/]" if issue != "none" else "none")
+        add_row("inconsistency", Text(issue, style="red") if issue != "none" else "none")
     stdout.print(table)

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from vlconvert.console import Reporter, handle_errors, human_bytes, output_options
-from vlconvert.dtypes import dtype_name, parse_dtype
+if TYPE_CHECKING:
+    import torch
+
+from vlconvert.commands.common import asset_rows, file_count, show_dry_run, written
+from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
+
+DTYPE = DtypeParam("keep", "config")
+
+
+def _dtype(name: str | None) -> torch.dtype | str | None:
+    """A checked --dtype value -> what the converters take: None (keep), 'config', or a torch dtype."""
+    from vlconvert.dtypes import parse_dtype
+
+    if name in (None, "keep"):
+        return None
+    return name if name == "config" else parse_dtype(name)
 
 
 def _parallel_options(func):
@@ -26,10 +41,12 @@ def _parallel_options(func):
                      help="Exact padded vocabulary rows (overrides --make-vocab-size-divisible-by)."),
         click.option("--iteration", type=int, default=None,
                      help="Write iter_NNNNNNN/ with this number instead of release/."),
-        click.option("--dtype", default=None, help="Cast weights (bf16, fp16, fp32); default keeps the source's."),
+        click.option("--dtype", type=DTYPE, default=None,
+                     help="Cast weights: keep (default), config (config.json's), bf16, fp16, fp32."),
         click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete)."),
         click.option("--resume", is_flag=True, help="Finish the staged output of an interrupted run of the same "
                                                     "command, keeping its verified files."),
+        click.option("--dry-run", is_flag=True, help="Print the plan (rank files, bytes, notes) and write nothing."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -38,9 +55,12 @@ def _parallel_options(func):
 
 def _report(rep: Reporter, title: str, result, extra_rows: list[tuple[str, str]] | None = None) -> None:
     plan = result.plan
-    data = {"output": str(result.output), "files": result.files, "bytes": result.bytes,
-            "seconds": round(rep.elapsed, 3), "notes": result.notes}
-    rows = [("output", str(result.output)), ("files", str(result.files)), ("weights", human_bytes(result.bytes)),
+    on_disk = written(result.output)
+    files = file_count(result.output)
+    data = {"output": str(result.output), "files": result.files, "files_written": files, "bytes": result.bytes,
+            "bytes_written": on_disk, "seconds": round(rep.elapsed, 3), "notes": result.notes}
+    rows = [("output", str(result.output)), ("files", str(files)),
+            ("written", f"{human_bytes(on_disk)} on disk"), ("weights", human_bytes(result.bytes)),
             ("time", f"{rep.elapsed:.1f} s")]
     if plan is not None:
         data.update({"tp": plan.tp, "pp": plan.pp, "ep": plan.ep, "etp": plan.etp, "spec": plan.spec,
@@ -50,6 +70,7 @@ def _report(rep: Reporter, title: str, result, extra_rows: list[tuple[str, str]]
                                  f"(layers per stage {plan.stage_layers})"))
         rows.append(("layout", f"spec {plan.spec}, experts {plan.experts}, vocab {plan.vocab} -> {plan.padded_vocab}"))
     rows += extra_rows or []
+    rows += asset_rows(result.extra.get("assets") or [], rep.verbose)
     rows += [("note", n) for n in result.notes]
     data.update(result.extra)
     rep.summary(title, data, rows)
@@ -73,8 +94,8 @@ def _factory(rep: Reporter):
 def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None,
                            pp_first_layers: int | None, pp_last_layers: int | None,
                            make_vocab_size_divisible_by: int, padded_vocab_size: int | None, iteration: int | None,
-                           dtype: str | None, overwrite: bool, resume: bool, spec: str, experts: str, as_json: bool,
-                           quiet: bool) -> None:
+                           dtype: str | None, overwrite: bool, resume: bool, dry_run: bool, spec: str, experts: str,
+                           as_json: bool, quiet: bool) -> None:
     """Convert a Hugging Face Qwen3-VL(-MoE) folder SRC to Megatron-Core legacy rank files in DST.
 
     Writes DST/latest_checkpointed_iteration.txt and DST/release/mp_rank_*/model_optim_rng.pt with
@@ -85,8 +106,18 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
     from vlconvert.megatron_convert import hf_to_megatron
 
     rep = Reporter(as_json, quiet)
+    if dry_run:
+        from vlconvert.engine import Converter
+
+        conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                         dtype=_dtype(dtype) or "keep", padded_vocab_size=padded_vocab_size,
+                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, pp_first_layers=pp_first_layers,
+                         pp_last_layers=pp_last_layers, overwrite=overwrite, iteration=iteration, resume=resume,
+                         info=rep.info, source_layout="hf")
+        show_dry_run(rep, conv, dst, "hf-to-megatron")
+        return
     result = hf_to_megatron(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
-                            dtype=parse_dtype(dtype), padded_vocab_size=padded_vocab_size,
+                            dtype=_dtype(dtype),  # type: ignore[arg-type] padded_vocab_size=padded_vocab_size,
                             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                             pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, overwrite=overwrite,
                             iteration=iteration, progress_factory=_factory(rep), resume=resume, info=rep.info)
@@ -100,14 +131,16 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
               help="The original Hugging Face folder: config, tokenizer and processor files are copied byte for "
                    "byte from it.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
-@click.option("--dtype", default=None, help="Cast weights (bf16, fp16, fp32); default keeps the stored dtype.")
+@click.option("--dtype", type=DTYPE, default=None,
+              help="Cast weights: keep (default: the stored dtype), config (config.json's), bf16, fp16, fp32.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, notes) and write nothing.")
 @output_options
 @handle_errors
 def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_size: str, dtype: str | None,
-                           overwrite: bool, resume: bool, as_json: bool, quiet: bool) -> None:
+                           overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Convert Megatron-Core legacy rank files SRC back to a Hugging Face folder DST.
 
     TP/PP/EP/ETP, spec, expert style and vocabulary padding are detected from the folders and tensors
@@ -117,12 +150,22 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
     from vlconvert.megatron_convert import megatron_to_hf
 
     rep = Reporter(as_json, quiet)
+    if dry_run:
+        from vlconvert.engine import Converter
+
+        conv = Converter(src, dst, to="hf", assets_dir=assets_dir, max_shard_size=max_shard_size,
+                         dtype=_dtype(dtype) or "keep", experts_layout="released", overwrite=overwrite,
+                         resume=resume, info=rep.info, source_layout="megatron")
+        show_dry_run(rep, conv, dst, "megatron-to-hf")
+        return
     result = megatron_to_hf(src, dst, assets_dir=assets_dir, max_shard_size=max_shard_size,
-                            dtype=parse_dtype(dtype), overwrite=overwrite, progress_factory=_factory(rep),
-                            resume=resume, info=rep.info)
-    if dtype:
-        result.notes.append(f"cast to {dtype_name(parse_dtype(dtype))}")
-    _report(rep, "megatron-to-hf", result, [("assets copied", str(len(result.extra.get("assets", []))))])
+                            dtype=_dtype(dtype), overwrite=overwrite,  # type: ignore[arg-type]
+                            progress_factory=_factory(rep), resume=resume, info=rep.info)
+    if dtype and dtype != "keep":
+        result.notes.append(f"cast to {dtype}")
+    for rel in result.extra.get("assets") or []:
+        rep.detail(f"copied {rel}")
+    _report(rep, "megatron-to-hf", result)
 
 
 @click.command("reshard")
@@ -138,8 +181,8 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
 @handle_errors
 def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
-                    iteration: int | None, dtype: str | None, overwrite: bool, resume: bool, spec: str | None,
-                    experts: str | None, config: Path | None, as_json: bool, quiet: bool) -> None:
+                    iteration: int | None, dtype: str | None, overwrite: bool, resume: bool, dry_run: bool,
+                    spec: str | None, experts: str | None, config: Path | None, as_json: bool, quiet: bool) -> None:
     """Change the TP/PP/EP sizes of Megatron checkpoint SRC into DST, without a detour through HF.
 
     The result is byte-identical to converting the original HF folder to the new sizes directly.
@@ -147,7 +190,18 @@ def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | 
     from vlconvert.megatron_convert import reshard
 
     rep = Reporter(as_json, quiet)
-    result = reshard(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts, dtype=parse_dtype(dtype),
+    if dry_run:
+        from vlconvert.engine import Converter
+
+        conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                         dtype=_dtype(dtype) or "keep", padded_vocab_size=padded_vocab_size,
+                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, pp_first_layers=pp_first_layers,
+                         pp_last_layers=pp_last_layers, config=config, overwrite=overwrite, iteration=iteration,
+                         resume=resume, info=rep.info, source_layout="megatron")
+        show_dry_run(rep, conv, dst, "reshard")
+        return
+    result = reshard(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                     dtype=_dtype(dtype),  # type: ignore[arg-type]
                      padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                      pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, config=config,
                      overwrite=overwrite, iteration=iteration, progress_factory=_factory(rep), resume=resume,

@@ -6,8 +6,9 @@ import sys
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from vlconvert.console import Reporter, handle_errors, human_bytes, output_options, stdout
+from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options, plural, stdout
 from vlconvert.planning import DEFAULT_VOCAB_DIVISOR, TARGETS, Plan, RankPlan, plan_conversion
 
 _MAX_ROWS = 40
@@ -26,7 +27,8 @@ _MAX_ROWS = 40
 @click.option("--make-vocab-size-divisible-by", type=int, default=DEFAULT_VOCAB_DIVISOR, show_default=True,
               help="Megatron vocab padding: rows become a multiple of this times TP.")
 @click.option("--padded-vocab-size", type=int, default=None, help="Explicit padded vocab rows (megatron).")
-@click.option("--dtype", default=None, help="Output dtype (bf16, fp16, fp32; default: the config's).")
+@click.option("--dtype", type=DtypeParam("config", "keep"), default=None,
+              help="Output dtype: config (default: config.json's), keep (= config), bf16, fp16, fp32.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="HF shard size.")
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default=None,
               help="DCP expert orientation (default: the installed transformers' run-time one).")
@@ -103,7 +105,7 @@ def render_plan(plan: Plan, show_all: bool = False) -> None:
     else:
         head.add_row("time", "give --target DIR (measured) or --disk-speed MB/s for an estimate")
     for note in plan.notes:
-        head.add_row("note", note)
+        head.add_row("note", Text(note))
     stdout.print(head)
 
     if plan.files:
@@ -116,13 +118,14 @@ def render_plan(plan: Plan, show_all: bool = False) -> None:
         stdout.print(table)
     if plan.ranks:
         stdout.print(_ranks_table(plan.ranks, show_all))
-    checks = Table("check", "", "detail", title="checks", title_justify="left")
-    for c in plan.checks:
-        mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.blocking else "[yellow]warn[/]")
-        checks.add_row(c.name, mark, c.message)
-    stdout.print(checks)
+    if plan.checks:  # --to hf|dcp from a config alone has none: no empty table
+        checks = Table("check", "", "detail", title="checks", title_justify="left")
+        for c in plan.checks:
+            mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.blocking else "[yellow]warn[/]")
+            checks.add_row(Text(c.name), mark, Text(c.message))
+        stdout.print(checks)
     if not plan.ok:
-        stdout.print(f"[bold red]{len(plan.failed)} check(s) failed[/]: the conversion would refuse this plan")
+        stdout.print(f"[bold red]{plural(len(plan.failed), 'check')} failed[/]: the conversion would refuse this plan")
 
 
 def _ranks_table(ranks: list[RankPlan], show_all: bool) -> Table:
@@ -140,7 +143,7 @@ def _ranks_table(ranks: list[RankPlan], show_all: bool) -> Table:
         experts = f"{len(members[0].experts) and members[0].experts[1] - members[0].experts[0] + 1} per folder" \
             if members[0].experts else "-"
         table.add_row(f"pp {pp}, tp {_span([tps[0], tps[-1]])}, ep {_span([eps[0], eps[-1]])} "
-                      f"({len(members)} folders)", f"{nbytes:,} ({human_bytes(nbytes)})", str(tensors),
+                      f"({plural(len(members), 'folder')})", f"{nbytes:,} ({human_bytes(nbytes)})", str(tensors),
                       _span(list(layers)), experts)
     return table
 

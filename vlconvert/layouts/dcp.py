@@ -16,6 +16,7 @@ import pickle
 import sys
 import uuid
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.megatron import check_pickle
+from vlconvert.layouts.megatron import check_pickle, write_torch_record
 from vlconvert.publish import OutputFile, create_file, kept_state
 
 METADATA_NAME = ".metadata"
@@ -53,6 +54,8 @@ _ALLOWED = {
     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
     ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"),
+} | {  # megatron-core (torch_dist) also pickles its save plans: inert dataclasses and an enum
+    ("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
 }
 
 
@@ -398,6 +401,15 @@ def _check_tiling(meta_path: Path, key: str, shape: tuple[int, ...], chunks: lis
         raise UserError(f"'{meta_path}' is corrupt: '{_one_line(key, 80)}' of size {list(shape)}: {problem}")
 
 
+@dataclass
+class TensorBlocks:
+    """A tensor given as its shape, dtype and row blocks in order (so it is never whole in memory)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: Iterable[torch.Tensor]
+
+
 class DCPWriter:
     """Write a single-process DCP one tensor at a time: ``torch.save`` records plus ``.metadata``.
 
@@ -449,27 +461,26 @@ class DCPWriter:
         self.storage_data[MetadataIndex(key, zeros, 0)] = _StorageInfo(self._file_name, start, length)
         self.planner_data[key] = nesting
 
-    def write(self, key: str, tensor: torch.Tensor, nesting: tuple | None = None) -> int:
-        """Append ``tensor`` as the single chunk of ``key``; return the record's length in bytes."""
+    def write(self, key: str, tensor: torch.Tensor | TensorBlocks, nesting: tuple | None = None) -> int:
+        """Append ``tensor`` (or a :class:`TensorBlocks`: shape, dtype and row blocks, streamed with one block
+        in memory) as the single chunk of ``key``; return the record's length in bytes."""
         if self.skipping:
             if key not in self.state_dict_metadata:
                 raise RuntimeError(f"--resume: '{key}' is not in the kept file {self._file_name}")
-            return self.storage_data[MetadataIndex(key, torch.Size([0] * tensor.dim()), 0)].length
+            return self.storage_data[MetadataIndex(key, torch.Size([0] * len(tensor.shape)), 0)].length
         if self._file is None:
             raise RuntimeError("open_file() first")
-        tensor = tensor.detach().contiguous()
+        if isinstance(tensor, torch.Tensor):
+            tensor = tensor.detach().contiguous()
+            shape, dtype, data = tuple(tensor.shape), tensor.dtype, tensor
+        else:
+            shape, dtype, data = tuple(tensor.shape), tensor.dtype, tensor.blocks
         start = self._file.tell()
-        # CRC32 of every record costs ~10x the write itself; torch.load and dcp.load do not need it
-        crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)
-        try:
-            torch.save(tensor, self._file)
-        finally:
-            torch.serialization.set_crc32_options(crc)
+        write_torch_record(self._file, shape, dtype, data)
         length = self._file.tell() - start
         nesting = tuple(nesting or (key,))
-        self._add(key, tuple(tensor.shape), tensor.dtype, start, length, nesting)
-        self._records.append({"key": key, "shape": list(tensor.shape), "dtype": str(tensor.dtype),
+        self._add(key, shape, dtype, start, length, nesting)
+        self._records.append({"key": key, "shape": list(shape), "dtype": str(dtype),
                               "start": start, "length": length, "nesting": list(nesting)})
         return length
 
@@ -479,6 +490,19 @@ class DCPWriter:
             self._file.close()
             self._file = None
         self.skipping = False
+
+    def close_file(self) -> None:
+        """Finish the open data file without writing ``.metadata`` (another process writes it)."""
+        self._close_file()
+
+    def adopt(self, name: str, records: list[dict]) -> None:
+        """Add the records another process wrote into data file ``name`` (for ``.metadata``)."""
+        self._close_file()
+        self._file_name = name
+        self.files.append(name)
+        for record in records:
+            self._add(record["key"], tuple(record["shape"]), _DTYPES[record["dtype"]], record["start"],
+                      record["length"], tuple(record["nesting"]))
 
     def abort(self) -> None:
         """Close the open data file after a failure (the caller discards the folder)."""

@@ -148,7 +148,8 @@ def resolve_source(src: str | Path) -> Path:
 
             return Path(snapshot_download(str(src), local_files_only=True))
         except Exception as exc:  # noqa: BLE001 - any hub error means "not in the local cache"
-            raise UserError(f"'{src}' is neither a folder nor a model in the local Hugging Face cache") from exc
+            raise UserError(f"'{src}' is neither a folder nor a model in the local Hugging Face cache: download it "
+                            f"first with 'hf download {src}' (vlconvert never downloads)") from exc
     raise UserError(f"'{src}' does not exist")
 
 

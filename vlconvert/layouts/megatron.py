@@ -32,7 +32,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +122,9 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
                     on_bytes: Callable[[int], None] | None = None) -> int:
     """Write ``model_optim_rng.pt`` holding ``{"model": {...}, "checkpoint_version": 3.0, "iteration": ...}``.
 
-    ``produce(i, entry)`` is called once per entry, in order, and its tensor is written and dropped at
-    once. ``extra`` adds plain-data top-level keys. Byte-for-byte deterministic for the same inputs.
-    Returns the tensor bytes written.
+    ``produce(i, entry)`` is called once per entry, in order, and returns the tensor or an iterator of
+    its row blocks (written as they come: memory stays at one block). ``extra`` adds plain-data top-level
+    keys. Byte-for-byte deterministic for the same inputs. Returns the tensor bytes written.
     """
     path = Path(path)
     if not entries:
@@ -154,28 +154,64 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
                            (f"{prefix}/.storage_alignment", b"64"), (f"{prefix}/byteorder", b"little")):
             zf.add(name, data)
         for i, e in enumerate(entries):
-            tensor = produce(i, e)
-            if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
-                raise RuntimeError(f"{e.name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                                   f"planned {e.shape} {e.dtype}")
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            zf.add(f"{prefix}/data/{i}", data)
+            produced = produce(i, e)
+            if isinstance(produced, torch.Tensor):
+                _check_block(e, produced, whole=True)
+                zf.add(f"{prefix}/data/{i}", _raw(produced))
+            else:  # row blocks, in order: one is held at a time
+                zf.add_stream(f"{prefix}/data/{i}", e.nbytes, (_raw(_check_block(e, b)) for b in produced))
             written += e.nbytes
             if on_bytes:
                 on_bytes(e.nbytes)
-            del tensor, data
+            del produced
         zf.add(f"{prefix}/version", b"3\n")
         zf.add(f"{prefix}/.data/serialization_id", digest.encode())
         zf.close()
     return written
 
 
+def write_torch_record(f, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | Iterable[torch.Tensor]
+                       ) -> None:
+    """Write one ``torch.save``-format archive holding a single tensor into ``f`` (at its current position),
+    from the tensor or from its row blocks in order (memory: one block). ``torch.load`` reads it."""
+    numel = math.prod(shape)
+    entry = RankEntry("tensor", tuple(shape), dtype)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_TensorRef(_StorageRef("0", dtype, numel), tuple(shape)))
+    zf = _ZipStream(f)
+    for name, raw in (("archive/data.pkl", buf.getvalue()), ("archive/.format_version", b"1"),
+                      ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
+        zf.add(name, raw)
+    if isinstance(data, torch.Tensor):
+        zf.add("archive/data/0", _raw(_check_block(entry, data, whole=True)))
+    else:
+        zf.add_stream("archive/data/0", entry.nbytes, (_raw(_check_block(entry, b)) for b in data))
+    zf.add("archive/version", b"3\n")
+    zf.add("archive/.data/serialization_id", hashlib.sha1(buf.getvalue()).hexdigest().encode())
+    zf.close()
+
+
+def _raw(tensor: torch.Tensor):
+    """The bytes of a tensor, as a buffer (no copy for a contiguous tensor)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _check_block(e: RankEntry, block: torch.Tensor, whole: bool = False) -> torch.Tensor:
+    """A produced tensor (or row block) must have the planned dtype and trailing shape."""
+    shape_ok = tuple(block.shape) == e.shape if whole else tuple(block.shape[1:]) == e.shape[1:]
+    if block.dtype != e.dtype or not shape_ok:
+        raise RuntimeError(f"{e.name}: produced {tuple(block.shape)} {block.dtype}, planned {e.shape} {e.dtype}")
+    return block
+
+
 class _ZipStream:
     """A stored (uncompressed) zip archive written strictly front to back, as torch.save lays it out.
 
-    Sizes and CRC-32 are known before each record is written (the bytes are in memory), so no header is
-    patched afterwards and the file can be hashed while it is written. Every record's data starts on a
-    64-byte boundary (an ``FB`` padding extra field, as torch pads). Zip64 fields are used past 4 GiB.
+    No header is ever patched afterwards, so the file can be hashed while it is written: a record whose
+    bytes are in memory gets its CRC-32 in its header (:meth:`add`); a record streamed in blocks
+    (:meth:`add_stream`) gets it in a data descriptor after its data (general-purpose flag bit 3), as
+    streaming zip writers do. Every record's data starts on a 64-byte boundary (an ``FB`` padding extra
+    field, as torch pads). Zip64 fields are used past 4 GiB.
     """
 
     _LIMIT = 0xFFFFFFFF
@@ -183,7 +219,7 @@ class _ZipStream:
     def __init__(self, f):
         self.f = f
         self.pos = 0
-        self.entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
+        self.entries: list[tuple[bytes, int, int, int, int]] = []  # name, crc, size, header offset, flags
 
     def _write(self, data) -> None:
         self.f.write(data)
@@ -203,16 +239,40 @@ class _ZipStream:
         if self.pos % _ALIGN:  # pragma: no cover - guards the header arithmetic above
             raise RuntimeError("storage record is not 64-byte aligned")
         self._write(view)
-        self.entries.append((raw_name, crc, size, offset))
+        self.entries.append((raw_name, crc, size, offset, 0))
+
+    def add_stream(self, name: str, size: int, blocks: Iterable) -> None:
+        """Append one record of exactly ``size`` bytes given as buffers in order; only one is held at a time."""
+        raw_name, offset = name.encode(), self.pos
+        zip64 = size >= self._LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, 0, 0) if zip64 else b""
+        pad = -(offset + 30 + len(raw_name) + len(extra) + 4) % _ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        stored = self._LIMIT if zip64 else 0
+        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0x08, 0, 0, _DOS_DATE, 0, stored,
+                                stored, len(raw_name), len(extra)) + raw_name + extra)
+        if self.pos % _ALIGN:  # pragma: no cover - guards the header arithmetic above
+            raise RuntimeError("storage record is not 64-byte aligned")
+        crc, written = 0, 0
+        for block in blocks:
+            view = memoryview(block).cast("B")
+            crc = zlib.crc32(view, crc)
+            written += len(view)
+            self._write(view)
+        if written != size:
+            raise RuntimeError(f"{name}: streamed {written} bytes, planned {size}")
+        self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size) if zip64
+                    else struct.pack("<IIII", 0x08074B50, crc, size, size))
+        self.entries.append((raw_name, crc, size, offset, 0x08))
 
     def close(self) -> None:
         """Write the central directory and the end records."""
         start = self.pos
-        for raw_name, crc, size, offset in self.entries:
+        for raw_name, crc, size, offset, flags in self.entries:
             fields = [v for v in (size, size) if v >= self._LIMIT] + ([offset] if offset >= self._LIMIT else [])
             extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
             version = 45 if fields else 20
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, 0, 0, 0, _DOS_DATE,
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, flags, 0, 0, _DOS_DATE,
                                     crc, min(size, self._LIMIT), min(size, self._LIMIT), len(raw_name), len(extra),
                                     0, 0, 0, 0o600 << 16, min(offset, self._LIMIT)) + raw_name + extra)
         count, cd_size = len(self.entries), self.pos - start

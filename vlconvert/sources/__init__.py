@@ -22,19 +22,28 @@ from pathlib import Path
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.hf import resolve_source
+from vlconvert.layouts.torch_dist import find_torch_dist_dir
 from vlconvert.models.qwen3vl import Skeleton
 from vlconvert.sources.base import DEFAULT_GROUP_BYTES, Source, preview
 from vlconvert.sources.dcp import DCPKeyMap, DCPSource, map_dcp_keys, stored_expert_layout, strip_wrappers
+from vlconvert.sources.fp8 import FP8Source, is_fp8_folder
 from vlconvert.sources.hf import HFSource
 from vlconvert.sources.megatron import MegatronSource
+from vlconvert.sources.torch_dist import TorchDistSource
+from vlconvert.sources.verl import VerlSource, is_verl_folder
 
-__all__ = ["DEFAULT_GROUP_BYTES", "DCPKeyMap", "DCPSource", "HFSource", "MegatronSource", "Source", "detect_layout",
-           "map_dcp_keys", "open_source", "preview", "stored_expert_layout", "strip_wrappers"]
+__all__ = ["DEFAULT_GROUP_BYTES", "DCPKeyMap", "DCPSource", "HFSource", "MegatronSource", "Source",
+           "TorchDistSource", "VerlSource", "detect_layout", "map_dcp_keys", "open_source", "preview",
+           "stored_expert_layout", "strip_wrappers"]
 
 
 def detect_layout(path: str | Path) -> str:
-    """'hf', 'dcp' or 'megatron' from the files a folder holds (metadata only); 'unknown' otherwise."""
+    """'hf', 'dcp', 'megatron' or 'verl' from the files a folder holds (metadata only); 'unknown' otherwise."""
     path = Path(path)
+    if is_verl_folder(path) or is_verl_folder(path / "actor"):  # verl FSDP: model_world_size_W_rank_R.pt
+        return "verl"
+    if find_torch_dist_dir(path) is not None:  # a DCP plus metadata.json naming the torch_dist backend
+        return "torch_dist"
     if (path / ".metadata").is_file() or any(path.glob("*.distcp")):
         return "dcp"
     if (path / mlay.TRACKER).is_file() or any(path.glob("mp_rank_*")) \
@@ -64,12 +73,17 @@ def open_source(path: str | Path, *, config: str | Path | dict | None = None, as
         raise UserError(f"'{path}' is a file: give the checkpoint folder")
     layout = layout or detect_layout(folder)
     if layout == "hf":
-        return HFSource(folder, config=config if config is not None else _assets_config(assets_dir),
-                        skeleton=skeleton, experts_layout=experts_layout)
+        hf_config = config if config is not None else _assets_config(assets_dir)
+        reader = FP8Source if is_fp8_folder(folder, hf_config) else HFSource  # FP8: dequantized on read
+        return reader(folder, config=hf_config, skeleton=skeleton, experts_layout=experts_layout)
     if layout == "dcp":
         return DCPSource(folder, config=config, skeleton=skeleton, assets_dir=assets_dir, prefix=prefix)
+    if layout == "torch_dist" or layout == "megatron" and find_torch_dist_dir(folder) is not None:
+        return TorchDistSource(folder, config=config, skeleton=skeleton, assets_dir=assets_dir)
     if layout == "megatron":
         return MegatronSource(folder, config=config, skeleton=skeleton, assets_dir=assets_dir)
+    if layout == "verl":
+        return VerlSource(folder, config=config, skeleton=skeleton, assets_dir=assets_dir)
     raise UserError(f"'{path}' holds no safetensors, DCP (.metadata) or Megatron (mp_rank_*) checkpoint")
 
 

@@ -1,0 +1,73 @@
+"""``torchrun -m vlconvert convert ...``: files split over ranks (and "nodes"), output byte-identical to one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import folder_digest, run_cli
+
+from vlconvert.engine import PlannedFile, assign_files
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def torchrun(launcher_args: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "vlconvert", *argv, "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("rendezvous", "Address already in use")):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)  # the free port was taken
+    return proc
+
+
+@pytest.mark.parametrize("argv", [
+    ["{hf}", "--to", "dcp"],
+    ["{dcp}", "--to", "hf", "--assets-dir", "{hf}", "--max-shard-size", "300KB"],
+    ["{hf}", "--to", "megatron", "--tp", "2", "--ep", "2"],
+])
+def test_two_ranks_write_the_same_bytes_as_one_process(tmp_path, argv):
+    hf = FIX / "tiny-moe"
+    run_cli("convert", hf, tmp_path / "dcp", "--to", "dcp", "-q")
+    args = [a.format(hf=hf, dcp=tmp_path / "dcp") for a in argv]
+    run_cli("convert", args[0], tmp_path / "one", *args[1:], "-q")
+    proc = torchrun(["--standalone", "--nproc-per-node=2"], ["convert", args[0], str(tmp_path / "two"), *args[1:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert folder_digest(tmp_path / "two") == folder_digest(tmp_path / "one")
+    run_cli("verify", "--manifest", tmp_path / "two", "-q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp", "one", "two"]  # no stage, lock or journal left
+
+
+def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "megatron", "--tp", "2", "--ep", "2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=vlconvert-test"]
+    nodes = [subprocess.Popen([*launch, f"--node-rank={i}", "-m", "vlconvert", *argv, "-q"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [(n.wait(timeout=600), n.stderr.read()) for n in nodes]
+    assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
+    run_cli("convert", FIX / "tiny-moe", tmp_path / "one", "--to", "megatron", "--tp", "2", "--ep", "2", "-q")
+    assert folder_digest(tmp_path / "out") == folder_digest(tmp_path / "one")
+
+
+def test_a_refusal_reaches_every_rank_and_nothing_is_published(tmp_path):
+    (tmp_path / "out").mkdir()
+    proc = torchrun(["--standalone", "--nproc-per-node=2"],
+                    ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "dcp"])
+    assert proc.returncode != 0 and "already exists" in proc.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_files_are_split_by_bytes():
+    files = [PlannedFile(f"f{i}", [("t", (n,), torch.uint8)]) for i, n in enumerate([50, 40, 30, 20, 10])]
+    owner = assign_files(files, 2)
+    load = [sum(f.nbytes for f in files if owner[f.name] == r) for r in range(2)]
+    assert owner == {"f0": 0, "f1": 1, "f2": 1, "f3": 0, "f4": 0} and load == [80, 70]

@@ -1,0 +1,63 @@
+"""Presentation every converter shares: ``--dry-run`` (the plan, nothing written) and the summary rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from vlconvert.console import Reporter, disk_bytes, human_bytes, plural, stdout
+
+
+def show_dry_run(rep: Reporter, conv: Any, dst: str | Path, command: str) -> None:
+    """Print what ``conv`` (a :class:`vlconvert.engine.Converter`) would write to ``dst``; write nothing.
+
+    With --json the plan is one JSON object (``dry_run: true``); for people, a table of files, the notes
+    and one line of totals.
+    """
+    plan = conv.plan()
+    data = plan.to_dict()
+    data["dry_run"] = True
+    data["output"] = str(Path(dst).absolute())
+    notes = list(plan.notes)
+    if Path(dst).exists() and not conv.overwrite and not conv.resume:
+        notes.append(f"'{dst}' exists: the run would refuse it without --overwrite")
+    data["notes"] = notes
+    if rep.as_json:
+        rep.summary(f"{command} --dry-run", data)
+        return
+    if not rep.show:
+        return
+    table = Table("file", "tensors", "size", title=f"plan: {plan.source_layout} -> {plan.target} ({dst})",
+                  title_justify="left")
+    for f in plan.files:
+        table.add_row(f.name, str(len(f.tensors)), human_bytes(f.nbytes))
+    stdout.print(table)
+    for note in notes:
+        stdout.print(f"note: {note}", markup=False, highlight=False)
+    tensors = sum(len(f.tensors) for f in plan.files)
+    stdout.print(f"{plural(len(plan.files), 'file')}, {plural(tensors, 'tensor')}, {human_bytes(plan.tensor_bytes)} "
+                 "of tensors; nothing written (drop --dry-run to convert)", markup=False, highlight=False)
+
+
+def asset_rows(assets: list[str], verbose: bool) -> list[tuple[str, str]]:
+    """'assets copied' as a count in every summary; the list too with -v."""
+    if not assets:
+        return []
+    rows = [("assets copied", str(len(assets)))]
+    if verbose:
+        rows.append(("assets", ", ".join(assets)))
+    return rows
+
+
+def written(folder: str | Path) -> int:
+    """Bytes on disk of the output folder: what "written" means in every summary."""
+    path = Path(folder)
+    return disk_bytes(path) if path.is_dir() else 0
+
+
+def file_count(folder: str | Path) -> int:
+    """Files on disk in the output folder (every summary's "files")."""
+    path = Path(folder)
+    return sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

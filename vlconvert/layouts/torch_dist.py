@@ -1,0 +1,251 @@
+"""Megatron-Core ``torch_dist`` checkpoints (``megatron.core.dist_checkpointing``): files and names.
+
+A torch_dist checkpoint is a DCP folder (``.metadata``, ``__R_I.distcp``) plus ``common.pt`` (non-sharded
+state, a pickle) and ``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``), in ``release/`` or
+``iter_NNNNNNN/`` beside ``latest_checkpointed_iteration.txt``. Tensors are global (unsharded); decoder
+layers are stacked on a leading axis (key ``...decoder.layers.<rest>``), experts on a second one (key
+``...mlp.experts.experts.linear_fc{1,2}.weight``). See ``docs/torch-dist.md``.
+
+This module maps legacy (per-layer, per-expert) Megatron names to torch_dist keys and index prefixes,
+writes chunks/bytes records (:class:`TorchDistWriter`) and reads ``common.pt`` without running code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from vlconvert.errors import UserError
+from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts import megatron as mlay
+from vlconvert.layouts.dcp import _DTYPES, DCPWriter
+from vlconvert.publish import create_file, kept_state
+
+METADATA_JSON = "metadata.json"
+COMMON = "common.pt"
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+           "common_backend_version": 1}
+_MAX_COMMON = 64 * 2**20
+_LM_LAYER = re.compile(r"^(language_model\.decoder\.layers\.|vision_model\.decoder\.layers\."
+                       r"|vision_model\.decoder\.deepstack_merger_list\.)(\d+)\.(.*)$")
+_SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$")
+_EXTRA_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+@dataclass(frozen=True)
+class GlobalKey:
+    """Where a legacy Megatron tensor lives in a torch_dist checkpoint: key, index prefix, stack sizes."""
+
+    key: str
+    index: tuple[int, ...]  # leading (stacked) indices: (layer,) or (layer, expert); () for plain tensors
+    stack: tuple[int, ...]  # the sizes of those stacked axes
+    alt: str | None = None  # a per-layer key (non-homogeneous layers) read when ``key`` is absent
+
+
+def global_key(name: str, layers: int, vision_layers: int, mergers: int, experts: int) -> GlobalKey:
+    """Map a globally numbered legacy name (``...layers.3.mlp.experts.local_experts.5.linear_fc1.weight``)
+    to its torch_dist key and index."""
+    m = _LM_LAYER.match(name)
+    if m is None:
+        return GlobalKey(name, (), ())
+    head, num, rest = m.group(1), int(m.group(2)), m.group(3)
+    count = {"language_model.decoder.layers.": layers, "vision_model.decoder.layers.": vision_layers}.get(head,
+                                                                                                          mergers)
+    e = _SEQ_EXPERT.match(rest) or _GROUPED_EXPERT.match(rest)
+    if e is not None:
+        expert, leaf = (int(e.group(1)), e.group(2)) if _SEQ_EXPERT.match(rest) else (int(e.group(2)), e.group(1))
+        return GlobalKey(f"{head}mlp.experts.experts.{leaf}", (num, expert), (count, experts),
+                         f"{head}{num}.mlp.experts.experts.{leaf}")
+    return GlobalKey(f"{head}{rest}", (num,), (count,), f"{head}{num}.{rest}")
+
+
+def extra_state_keys(gk: GlobalKey, name: str) -> list[str]:
+    """The ``_extra_state`` byte entries megatron-core stores for the module of weight ``name`` (language
+    model linears only): ``<module>._extra_state/shard_<i>_<L>`` (experts ``shard_<i>.<e>_<L>.<E>``)."""
+    if not name.startswith("language_model.decoder.layers.") or not name.endswith(".weight"):
+        return []
+    module = gk.key[:-len(".weight")]
+    leaf = module[len("language_model.decoder.layers."):]
+    if len(gk.index) == 2:
+        (i, e), (n, ne) = gk.index, gk.stack
+        return [f"{module}._extra_state/shard_{i}.{e}_{n}.{ne}"]
+    if leaf in _EXTRA_MODULES:
+        return [f"{module}._extra_state/shard_{gk.index[0]}_{gk.stack[0]}"]
+    return []
+
+
+def extra_state_bytes() -> bytes:
+    """What megatron-core stores for a module without FP8 state: ``torch.save([None])``."""
+    buf = io.BytesIO()
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save([None], buf)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ folders
+def is_torch_dist_dir(folder: Path) -> bool:
+    """``folder`` holds ``metadata.json`` naming the torch_dist backend."""
+    path = Path(folder) / METADATA_JSON
+    if not path.is_file() or path.stat().st_size > 2**20:
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("sharded_backend") == "torch_dist"
+
+
+def find_torch_dist_dir(root: Path) -> tuple[Path, str] | None:
+    """(iteration folder, iteration) of a torch_dist checkpoint at ``root`` (or ``root`` itself), else None."""
+    root = Path(root)
+    if is_torch_dist_dir(root):
+        return root, root.name.removeprefix("iter_")
+    tracker = root / mlay.TRACKER
+    if tracker.is_file():
+        try:
+            text = mlay.read_tracker(tracker)
+        except UserError:
+            return None
+        sub = root / ("release" if text == "release" else mlay.iteration_folder(int(text)))
+        return (sub, text) if is_torch_dist_dir(sub) else None
+    candidates = sorted(root.glob("iter_*")) + [root / "release"]
+    found = [c for c in candidates if c.is_dir() and is_torch_dist_dir(c)]
+    if not found:
+        return None
+    last = found[-1] if found[-1].name != "release" or len(found) == 1 else found[-2]
+    return last, last.name.removeprefix("iter_")
+
+
+def read_common(path: Path) -> dict:
+    """``common.pt`` through the restricted unpickler (nothing pickled is called; unknown classes inert)."""
+    try:
+        if path.stat().st_size > _MAX_COMMON:
+            return {}
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not names:
+                return {}
+            raw = zf.read(names[0])
+        mlay.check_pickle(raw)
+        payload = mlay._RestrictedUnpickler(io.BytesIO(raw)).load()
+    except Exception:  # noqa: BLE001 - a hostile or foreign common.pt is simply not used
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------- writer
+class TorchDistWriter(DCPWriter):
+    """:class:`DCPWriter` with several chunks per key (stacked layers / experts) and bytes records."""
+
+    def open_file(self, name: str) -> None:
+        self._close_file()
+        self._file_name = name
+        self.files.append(name)
+        kept = kept_state(self.folder / name)
+        self.skipping = kept is not None
+        if kept is not None:
+            for r in kept.get("records", []):
+                if r.get("bytes"):
+                    self._add_bytes(r["key"], r["start"], r["length"])
+                else:
+                    self._add_chunk(r["key"], tuple(r["size"]), tuple(r["offsets"]), tuple(r["shape"]),
+                                    _DTYPES[r["dtype"]], r["start"], r["length"])
+            return
+        self._file = create_file(self.folder / name)
+        self._records = []
+
+    def _add_chunk(self, key: str, size: tuple[int, ...], offsets: tuple[int, ...], shape: tuple[int, ...],
+                   dtype: torch.dtype, start: int, length: int) -> None:
+        key = sys.intern(key)
+        entry = self.state_dict_metadata.get(key)
+        if entry is None:
+            entry = TensorStorageMetadata(properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=[])
+            self.state_dict_metadata[key] = entry
+            self.planner_data[key] = (key,)
+        elif tuple(entry.size) != size or entry.properties.dtype != dtype:
+            raise ValueError(f"{key}: chunk of another size or dtype")
+        entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape)))
+        self.storage_data[MetadataIndex(key, torch.Size(offsets), 0)] = _StorageInfo(self._file_name, start, length)
+
+    def _add_bytes(self, key: str, start: int, length: int) -> None:
+        key = sys.intern(key)
+        if key in self.state_dict_metadata:
+            raise ValueError(f"duplicate key {key}")
+        self.state_dict_metadata[key] = BytesStorageMetadata()
+        self.storage_data[MetadataIndex(key)] = _StorageInfo(self._file_name, start, length)
+        self.planner_data[key] = (key,)
+
+    def write_chunk(self, key: str, tensor: torch.Tensor, offsets: tuple[int, ...], size: tuple[int, ...]) -> int:
+        """Append ``tensor`` as the chunk of global tensor ``key`` (shape ``size``) at ``offsets``."""
+        shape = tuple(tensor.shape)
+        if self.skipping:
+            info = self.storage_data.get(MetadataIndex(key, torch.Size(offsets), 0))
+            if info is None:
+                raise RuntimeError(f"--resume: '{key}' at {list(offsets)} is not in the kept file {self._file_name}")
+            return info.length
+        if self._file is None:
+            raise RuntimeError("open_file() first")
+        tensor = tensor.detach().contiguous()
+        start = self._file.tell()
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(tensor, self._file)
+        finally:
+            torch.serialization.set_crc32_options(crc)
+        length = self._file.tell() - start
+        self._add_chunk(key, size, offsets, shape, tensor.dtype, start, length)
+        self._records.append({"key": key, "size": list(size), "offsets": list(offsets), "shape": list(shape),
+                              "dtype": str(tensor.dtype), "start": start, "length": length})
+        return length
+
+    def write_bytes(self, key: str, data: bytes) -> int:
+        """Append a bytes record (what DCP stores for a BytesIO value)."""
+        if self.skipping:
+            if key not in self.state_dict_metadata:
+                raise RuntimeError(f"--resume: '{key}' is not in the kept file {self._file_name}")
+            return self.storage_data[MetadataIndex(key)].length
+        if self._file is None:
+            raise RuntimeError("open_file() first")
+        start = self._file.tell()
+        self._file.write(data)
+        self._add_bytes(key, start, len(data))
+        self._records.append({"key": key, "bytes": True, "start": start, "length": len(data)})
+        return len(data)
+
+
+def write_common(folder: Path, iteration: int | None, meta: dict) -> None:
+    """``common.pt`` (``checkpoint_version``, ``iteration``, plain-data ``vlconvert`` facts) and
+    ``metadata.json``."""
+    buf = io.BytesIO()
+    torch.save({"checkpoint_version": mlay.CHECKPOINT_VERSION, "iteration": iteration or 0, mlay.META_KEY: meta},
+               buf)
+    with create_file(folder / COMMON) as f:
+        f.write(buf.getvalue())
+    with create_file(folder / METADATA_JSON) as f:
+        f.write(json.dumps(BACKEND).encode())
+
+
+def describe(path: Path) -> str:
+    """A short name for messages."""
+    return _one_line(str(path), 120)

@@ -1,0 +1,115 @@
+"""What a conversion writes, as plain data, and the recipe that builds a Megatron tensor from a source.
+
+Shared by the engine (:mod:`vlconvert.engine`) and its target modules (e.g. :mod:`vlconvert.targets_torch_dist`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlconvert.dtypes import dtype_name, element_size
+from vlconvert.layouts.hf import PlannedTensor
+from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor
+from vlconvert.sources import Source
+
+
+@dataclass
+class PlannedFile:
+    """One output file and the tensors it holds, in write order."""
+
+    name: str  # path relative to the output folder
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]]  # (name in the file, shape, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for _, shape, dtype in self.tensors:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * element_size(dtype)
+        return total
+
+
+@dataclass
+class DCPEntry:
+    """One DCP record: its key, the canonical tensor it is made of, shape, dtype and nesting."""
+
+    key: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nesting: tuple
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion writes, as data: ``files`` for printing and checks, plus each target's recipe."""
+
+    source: str
+    source_layout: str
+    target: str
+    dtype: torch.dtype | None
+    experts_layout: str | None
+    files: list[PlannedFile]
+    notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    assets: list[str] = field(default_factory=list)
+    hf_shards: list[list[PlannedTensor]] = field(default_factory=list)
+    dcp_files: list[tuple[str, list[DCPEntry]]] = field(default_factory=list)
+    megatron: MegatronPlan | None = None
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-able data."""
+        data: dict[str, Any] = {
+            "source": self.source, "source_layout": self.source_layout, "target": self.target,
+            "dtype": dtype_name(self.dtype) if self.dtype else "keep", "experts_layout": self.experts_layout,
+            "bytes": self.tensor_bytes, "notes": self.notes, "missing": self.missing, "dropped": self.dropped,
+            "assets": self.assets,
+            "files": [{"name": f.name, "bytes": f.nbytes, "tensors": len(f.tensors)} for f in self.files]}
+        if self.megatron is not None:
+            m = self.megatron
+            data["megatron"] = {"tp": m.tp, "pp": m.pp, "ep": m.ep, "etp": m.etp, "spec": m.spec,
+                                "experts": m.experts, "stage_layers": m.stage_layers, "vocab": m.vocab,
+                                "padded_vocab": m.padded_vocab, "flags": m.training_flags()}
+        return data
+
+
+@dataclass
+class Result:
+    """What a run did."""
+
+    output: Path
+    plan: ConversionPlan
+    files: int
+    bytes_written: int  # bytes on disk, every file of the output
+    notes: list[str]
+    assets: list[str]
+
+
+def out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def build_tensor(t: RankTensor, source: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Execute one Megatron rank tensor's recipe (a row map, or a column block) against a source."""
+    out_dtype = dtype or t.dtype
+    if t.axis == 1:
+        src, a, b = t.segs[0]
+        return source.cols(src, a, b).to(out_dtype)
+    parts = []
+    for src, a, b in t.segs:
+        if src is None:
+            parts.append(torch.zeros((b - a, *t.shape[1:]), dtype=out_dtype))
+        else:
+            parts.append(source.rows(src, a, b).to(out_dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

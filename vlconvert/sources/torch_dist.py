@@ -1,0 +1,198 @@
+"""Megatron-Core ``torch_dist`` checkpoints as a :class:`~vlconvert.sources.base.Source`.
+
+Each global torch_dist tensor (sliced at its layer / expert index) is the tp=1 legacy tensor of the
+same parameter, so the tp=1 plan of :func:`plan_megatron_ranks` gives every row map back to HF.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlconvert.errors import UserError
+from vlconvert.layouts import torch_dist as tdl
+from vlconvert.layouts.dcp import Chunk, DCPReader
+from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
+from vlconvert.models.qwen3vl_megatron import MLM, RankTensor, Src, plan_megatron_ranks, source_shape
+from vlconvert.sources.base import Source, skeleton_for
+
+_ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    tensor: int  # index into TorchDistSource.tensors
+    axis: int
+    start: int
+    stop: int
+    offset: int
+
+
+def _slice(reader: DCPReader, key: str, index: tuple[int, ...], cache: dict) -> torch.Tensor:
+    """``global[index]`` of tensor ``key``, read from the chunks that overlap it."""
+    entry = reader.tensors[key]
+    k = len(index)
+    out = torch.empty(entry.shape[k:], dtype=entry.dtype)
+    covered = 0
+    for chunk in entry.chunks:
+        if 0 in chunk.sizes or not all(o <= i < o + s for i, o, s in zip(index, chunk.offsets, chunk.sizes,
+                                                                          strict=False)):
+            continue
+        data = _chunk(reader, chunk, cache)
+        part = data[tuple(i - o for i, o in zip(index, chunk.offsets, strict=False))]
+        region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets[k:], chunk.sizes[k:], strict=True))
+        out[region] = part
+        covered += part.numel()
+    if covered != out.numel():
+        raise UserError(f"'{reader.folder}': the chunks of '{key}' do not cover index {list(index)}")
+    return out
+
+
+def _chunk(reader: DCPReader, chunk: Chunk, cache: dict) -> torch.Tensor:
+    if cache.get("chunk") is not chunk:
+        cache.clear()
+        cache["chunk"], cache["data"] = chunk, reader.read_chunk(chunk)
+    return cache["data"]
+
+
+class TorchDistSource(Source):
+    """A megatron-core ``torch_dist`` checkpoint (Megatron-LM, Megatron-Bridge, ms-swift...) at any TP/PP/EP.
+
+    Optimizer, rng and other non-model entries are dropped (counted in ``notes``); ``common.pt`` is read
+    with the restricted unpickler only for vlconvert's own facts (config, sizes).
+    """
+
+    layout = "torch_dist"
+
+    def __init__(self, folder: str | Path, config: str | Path | dict | None = None,
+                 skeleton: Skeleton | None = None, assets_dir: str | Path | None = None):
+        self.folder = Path(folder)
+        found = tdl.find_torch_dist_dir(self.folder)
+        if found is None:
+            raise UserError(f"'{folder}' is not a torch_dist checkpoint (no metadata.json with "
+                            "sharded_backend torch_dist)")
+        self.iter_dir, self.iteration = found
+        self.reader = DCPReader(self.iter_dir)
+        self.common = tdl.read_common(self.iter_dir / tdl.COMMON)
+        meta = self.common.get("vlconvert") if isinstance(self.common.get("vlconvert"), dict) else {}
+        self.notes: list[str] = []
+        if skeleton is None:
+            skeleton = skeleton_for(self.folder, config, assets_dir)
+        if skeleton is None and isinstance(meta.get("hf_config"), str):
+            skeleton = build_skeleton(load_config(json.loads(meta["hf_config"])))
+            self.notes.append("model config read from the checkpoint's vlconvert metadata")
+        if skeleton is None:
+            raise UserError(f"'{folder}' carries no model config: pass --assets-dir (or --config) with the "
+                            "original Hugging Face config.json")
+        self.skeleton = skeleton
+        self.saved_from = {k: meta[k] for k in ("tp", "pp", "ep", "etp") if isinstance(meta.get(k), int)} or None
+        self.parallel = self.saved_from  # what inspect reports ("saved from"; any size loads it)
+        info = skeleton.info
+        emb = self.reader.tensors.get(f"{MLM}embedding.word_embeddings.weight")
+        if emb is None:
+            raise UserError(f"'{self.iter_dir}' lacks {MLM}embedding.word_embeddings.weight: not a Qwen3-VL "
+                            "(Megatron-Bridge naming) torch_dist checkpoint")
+        self.plan = plan_megatron_ranks(skeleton, 1, 1, 1, spec="te", experts="sequential",
+                                        padded_vocab_size=emb.shape[0])
+        self.tensors: list[RankTensor] = list(self.plan.ranks[0].tensors)
+        self.locations: list[tuple[str, tuple[int, ...]]] = []
+        used: set[str] = set()
+        mergers = len(info.deepstack)
+        missing_vision = 0
+        for t in list(self.tensors):
+            gk = tdl.global_key(t.name, info.layers, info.vision_depth, mergers, info.experts or 0)
+            try:
+                key, index = self._resolve(gk, t.name)
+            except UserError:
+                if not t.name.startswith("vision_model."):
+                    raise
+                self.tensors.remove(t)  # a language-model-only checkpoint (megatron-core GPTModel)
+                missing_vision += 1
+                continue
+            stored = self.reader.tensors[key]
+            if tuple(stored.shape[len(index):]) != tuple(t.shape):
+                raise UserError(f"'{self.iter_dir}': '{key}' has shape {list(stored.shape)}, expected "
+                                f"{[*gk.stack, *t.shape] if index else list(t.shape)}")
+            self.locations.append((key, index))
+            used.add(key)
+        self.pieces: dict[Src, list[_Piece]] = {}
+        self._dtypes: dict[Src, torch.dtype] = {}
+        for i, t in enumerate(self.tensors):
+            off = 0
+            for src, a, b in t.segs:
+                if src is not None:
+                    self.pieces.setdefault(src, []).append(_Piece(i, t.axis, a, b, off))
+                    self._dtypes[src] = self.reader.tensors[self.locations[i][0]].dtype
+                off += b - a
+        if missing_vision:
+            self.notes.append(f"no vision tower: {missing_vision} vision_model tensors absent (language model only)")
+        extra = [k for k in self.reader.tensors if k not in used]
+        if self.reader.non_tensors or extra:
+            self.notes.append(f"dropped {len(extra)} non-model tensor entries (optimizer, rng, ...) and "
+                              f"{len(self.reader.non_tensors)} byte entries (_extra_state, common state)")
+        self.notes.append(f"torch_dist {self.iter_dir.name}: padded vocab {emb.shape[0]}"
+                          + (f", saved from {self.saved_from}" if self.saved_from else ""))
+        self._cache: dict = {}
+        self._tensor_cache: tuple[int, torch.Tensor] | None = None
+
+    def _resolve(self, gk: tdl.GlobalKey, name: str) -> tuple[str, tuple[int, ...]]:
+        """The stored key (stacked, or per layer) and index; MoE norms may carry the local spec's name."""
+        def alt_norm(key: str) -> str:
+            return key[:-len(_ALT_NORM[0])] + _ALT_NORM[1] if key.endswith(_ALT_NORM[0]) else key
+
+        options = [(gk.key, gk.index), (alt_norm(gk.key), gk.index)]
+        if gk.alt is not None:
+            options += [(gk.alt, gk.index[1:]), (alt_norm(gk.alt), gk.index[1:])]
+        for key, index in options:
+            if key in self.reader.tensors:
+                return key, index
+        raise UserError(f"'{self.iter_dir}' lacks '{gk.key}' (for {name})")
+
+    def _tensor(self, i: int) -> torch.Tensor:
+        if self._tensor_cache is None or self._tensor_cache[0] != i:
+            self._tensor_cache = None
+            key, index = self.locations[i]
+            self._tensor_cache = (i, _slice(self.reader, key, index, self._cache))
+        return self._tensor_cache[1]
+
+    def names(self) -> list[str]:
+        return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if is_expert(n) else Src(n)) in self.pieces]
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        src = Src(name, 0) if is_expert(name) else Src(name)
+        return self.skeleton.shape_in(name, "released"), self._dtypes[src]
+
+    def dtype(self, src: Src) -> torch.dtype:
+        return self._dtypes[src]
+
+    def matrix_shape(self, src: Src) -> tuple[int, ...]:
+        return source_shape(self.skeleton, src)
+
+    def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        pieces = self.pieces[src]
+        shape = self.matrix_shape(src)
+        if pieces[0].axis == 1:  # a row-parallel weight: the whole source at tp 1
+            return self._tensor(pieces[0].tensor)[start:stop].clone()
+        out = torch.empty((stop - start, *shape[1:]), dtype=self._dtypes[src])
+        covered = 0
+        for p in pieces:
+            lo, hi = max(start, p.start), min(stop, p.stop)
+            if lo < hi:
+                data = self._tensor(p.tensor)
+                out[lo - start:hi - start] = data[p.offset + lo - p.start:p.offset + hi - p.start]
+                covered += hi - lo
+        if covered != stop - start:
+            raise UserError(f"the checkpoint does not hold rows {start}:{stop} of '{src}'")
+        return out
+
+    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        return self.rows(src, 0, self.matrix_shape(src)[0])[:, start:stop].contiguous()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._tensor_cache = None
+        self.reader.close()
+
