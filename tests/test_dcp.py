@@ -206,8 +206,10 @@ def test_cli_json_quiet_and_progress(tmp_path):
     assert summary["tensors"] == len(load_hf_tensors(FIX / "tiny-dense-tied")) + 1  # + tied lm_head
     quiet = run_cli("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "b", "--quiet")
     assert quiet.output == ""
-    loud = run_cli("dcp-to-hf", tmp_path / "a", tmp_path / "c", "--assets-dir", FIX / "tiny-dense-tied")
+    loud = run_cli("dcp-to-hf", tmp_path / "a", tmp_path / "c", "--assets-dir", FIX / "tiny-dense-tied", "-v")
     assert "copied tokenizer.json" in loud.output and "tensors" in loud.output
+    plain = run_cli("dcp-to-hf", tmp_path / "a", tmp_path / "d", "--assets-dir", FIX / "tiny-dense-tied")
+    assert "copied tokenizer.json" not in plain.output and "assets copied" in plain.output  # the list with -v only
 
 
 def error_line(*args: str) -> str:

@@ -31,6 +31,7 @@ def hf_to_dcp(src: str | Path, dst: str | Path, *, prefix: str = "", dtype: str 
     conv = Converter(src, dst, to="dcp", prefix=prefix, dtype=dtype or "keep", experts_layout=experts_layout,
                      tied_lm_head=tied_lm_head, overwrite=overwrite, resume=resume, info=reporter.info,
                      source_layout="hf")
+    reporter.expect(conv.plan().files)  # the progress bar counts files and tensors
     result = conv.run(reporter.bytes_progress)
     plan = result.plan
     sk = conv.source.skeleton
@@ -57,12 +58,13 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, dtype
                      max_shard_size=max_shard_size, src_prefix=prefix, allow_missing=allow_missing,
                      allow_unexpected=allow_unexpected, overwrite=overwrite, resume=resume, info=reporter.info,
                      source_layout="dcp")
+    reporter.expect(conv.plan().files)  # the progress bar counts files and tensors
     result = conv.run(reporter.bytes_progress)
     plan = result.plan
     source = conv.source
     keys = source.keys if isinstance(source, DCPSource) else None
     for rel in result.assets:
-        reporter.info(f"copied {rel}")
+        reporter.detail(f"copied {rel}")
     return {
         "command": "dcp-to-hf", "source": str(Path(src).absolute()), "output": str(result.output.absolute()),
         "tensors": sum(len(f.tensors) for f in plan.files), "bytes_written": plan.tensor_bytes,

@@ -447,14 +447,12 @@ class Converter:
                     continue
                 writer.open_file(file_name)
                 for entry in entries:
-                    stored = source.nbytes(entry.source)
                     if writer.skipping:  # --resume kept this file: its records are known, nothing to read
                         writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
-                        advance(stored)
+                        advance(_nbytes(entry.shape, entry.dtype))
                         continue
-                    blocks = canonical_blocks(source, entry.source, layout, entry.dtype)
+                    blocks = _counted(canonical_blocks(source, entry.source, layout, entry.dtype), advance)
                     writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, blocks), entry.nesting)
-                    advance(stored)
             if self._world == 1:
                 writer.finish()
             else:
@@ -488,9 +486,8 @@ class Converter:
             folder.mkdir(parents=True, exist_ok=True)
             entries = [mlay.RankEntry(t.name, t.shape, t.dtype) for t in r.tensors]
             mlay.write_rank_file(folder / mlay.RANK_FILE, entries,
-                                 lambda i, _e, ts=r.tensors: rank_tensor_blocks(ts[i], source),
-                                 extra={mlay.META_KEY: meta} if meta else None, iteration=iteration or 0,
-                                 on_bytes=advance)
+                                 lambda i, _e, ts=r.tensors: _counted(rank_tensor_blocks(ts[i], source), advance),
+                                 extra={mlay.META_KEY: meta} if meta else None, iteration=iteration or 0)
         if self._lead:
             mlay.write_tracker(stage, iteration)
 
@@ -528,6 +525,20 @@ def _nesting(key: str, prefix: str) -> tuple:
         return (key,)
     root = prefix.split(".", 1)[0]
     return (root, key[len(root) + 1:])
+
+
+def _counted(blocks: Iterator[torch.Tensor], advance: Callable[[int], None]) -> Iterator[torch.Tensor]:
+    """Pass ``blocks`` through, advancing the progress bar by each block's bytes as it is written."""
+    for block in blocks:
+        yield block
+        advance(block.numel() * block.element_size())
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = element_size(dtype)
+    for d in shape:
+        n *= d
+    return n
 
 
 def _rows_per_block(shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -42,6 +42,9 @@ def open_megatron(root: str | Path, config: str | Path | dict | None = None) -> 
 
 
 def _run(conv: Converter, progress_factory: Progress | None) -> tuple[Result, Converter]:
+    expect = getattr(progress_factory, "expect", None)
+    if expect is not None:  # the command's progress bar counts files and tensors
+        expect(conv.plan().files)
     result = conv.run(progress_factory)
     plan = result.plan
     megatron = plan.megatron if plan.megatron is not None else getattr(conv.source, "plan", None)

@@ -77,7 +77,13 @@ def _report(rep: Reporter, title: str, result, extra_rows: list[tuple[str, str]]
 
 
 def _factory(rep: Reporter):
-    return lambda description, total: rep.bytes_progress(description, total)
+    """The progress factory the conversion functions take; ``expect`` lets the bar count files and tensors."""
+
+    def factory(description: str, total: int):
+        return rep.bytes_progress(description, total)
+
+    factory.expect = rep.expect  # type: ignore[attr-defined]
+    return factory
 
 
 @click.command("hf-to-megatron")
