@@ -8,7 +8,7 @@ import torch
 
 from vlconvert.layouts.hf import parse_size, plan_shards
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.qwen3vl_megatron import Src, source_shape
 
 _BLOCK = 64 * 2**20  # bytes per row block when a column block is gathered
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
@@ -109,3 +109,18 @@ def skeleton_for(folder: Path, config: str | Path | dict | None, assets_dir: str
     return build_skeleton(config) if config is not None else None
 
 
+class RankMappedSource(Source):
+    """A source whose matrices are assembled from Megatron tensors (legacy rank files, torch_dist):
+    ``self._dtypes`` maps each source matrix to its stored dtype."""
+
+    _dtypes: dict[Src, torch.dtype]
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        src = Src(name, 0) if is_expert(name) else Src(name)
+        return self.skeleton.shape_in(name, "released"), self._dtypes[src]
+
+    def dtype(self, src: Src) -> torch.dtype:
+        return self._dtypes[src]
+
+    def matrix_shape(self, src: Src) -> tuple[int, ...]:
+        return source_shape(self.skeleton, src)

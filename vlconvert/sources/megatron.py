@@ -11,9 +11,9 @@ import torch
 
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
-from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
-from vlconvert.models.qwen3vl_megatron import MLM, MegatronPlan, RankTensor, Src, plan_megatron_ranks, source_shape
-from vlconvert.sources.base import Source
+from vlconvert.models.qwen3vl import Skeleton, build_skeleton, load_config
+from vlconvert.models.qwen3vl_megatron import MLM, MegatronPlan, RankTensor, Src, plan_megatron_ranks
+from vlconvert.sources.base import RankMappedSource
 
 _LAYER_NAME = re.compile(rf"^{re.escape(MLM)}decoder\.layers\.(\d+)\.")
 
@@ -42,7 +42,7 @@ def _resolve_two_part(pairs: dict[tuple[int, int], Path]) -> str:
     return "ep" if f"{MLM}embedding.word_embeddings.weight" in rf.tensors else "pp"
 
 
-class MegatronSource(Source):
+class MegatronSource(RankMappedSource):
     """Megatron-Core legacy rank files at any TP/PP/EP/ETP, detected from folders and tensors.
 
     Vocabulary padding is dropped; a tied model has no ``lm_head.weight``. Each source matrix is
@@ -74,16 +74,6 @@ class MegatronSource(Source):
 
     def names(self) -> list[str]:
         return self.skeleton.hf_keys()
-
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        src = Src(name, 0) if is_expert(name) else Src(name)
-        return self.skeleton.shape_in(name, "released"), self._dtypes[src]
-
-    def dtype(self, src: Src) -> torch.dtype:
-        return self._dtypes[src]
-
-    def matrix_shape(self, src: Src) -> tuple[int, ...]:
-        return source_shape(self.skeleton, src)
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
         pieces = self.pieces[src]

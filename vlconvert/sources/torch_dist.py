@@ -16,8 +16,8 @@ from vlconvert.errors import UserError
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import Chunk, DCPReader
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
-from vlconvert.models.qwen3vl_megatron import MLM, RankTensor, Src, plan_megatron_ranks, source_shape
-from vlconvert.sources.base import Source, skeleton_for
+from vlconvert.models.qwen3vl_megatron import MLM, RankTensor, Src, plan_megatron_ranks
+from vlconvert.sources.base import RankMappedSource, skeleton_for
 
 _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 
@@ -58,7 +58,7 @@ def _chunk(reader: DCPReader, chunk: Chunk, cache: dict) -> torch.Tensor:
     return cache["data"]
 
 
-class TorchDistSource(Source):
+class TorchDistSource(RankMappedSource):
     """A megatron-core ``torch_dist`` checkpoint (Megatron-LM, Megatron-Bridge, ms-swift...) at any TP/PP/EP.
 
     Optimizer, rng and other non-model entries are dropped (counted in ``notes``); ``common.pt`` is read
@@ -160,16 +160,6 @@ class TorchDistSource(Source):
 
     def names(self) -> list[str]:
         return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if is_expert(n) else Src(n)) in self.pieces]
-
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        src = Src(name, 0) if is_expert(name) else Src(name)
-        return self.skeleton.shape_in(name, "released"), self._dtypes[src]
-
-    def dtype(self, src: Src) -> torch.dtype:
-        return self._dtypes[src]
-
-    def matrix_shape(self, src: Src) -> tuple[int, ...]:
-        return source_shape(self.skeleton, src)
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
         pieces = self.pieces[src]
