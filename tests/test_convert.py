@@ -140,3 +140,8 @@ def test_python_dash_m_runs_convert():
     out = subprocess.run([sys.executable, "-m", "vlconvert", "convert", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--to" in out.stdout and "megatron" in out.stdout
+
+
+def test_negative_iteration_is_refused_before_writing(tmp_path):
+    result = run_cli("convert", FIX / "tiny-moe", tmp_path / "out", "--to", "megatron", "--iteration", "-3", expect=1)
+    assert "--iteration -3 is negative" in result.output and list(tmp_path.iterdir()) == []

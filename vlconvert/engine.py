@@ -102,6 +102,9 @@ class Converter:
                  info: Callable[[str], None] = lambda s: None):
         if to not in TARGETS:
             raise UserError(f"unknown target '{to}': use {', '.join(TARGETS)}")
+        if iteration is not None and iteration < 0:
+            raise UserError(f"--iteration {iteration} is negative: give the training step (0 or more), or leave it "
+                            "out to write release/")
         self.src, self.dst, self.to = src, Path(dst), to
         self.options = dict(dtype=dtype, experts_layout=experts_layout, prefix=prefix, src_prefix=src_prefix,
                             max_shard_size=max_shard_size, tied_lm_head=tied_lm_head, allow_missing=allow_missing,

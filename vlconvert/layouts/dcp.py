@@ -439,8 +439,7 @@ class DCPWriter:
         self.skipping = kept is not None
         if kept is not None:
             for record in kept.get("records", []):
-                self._add(record["key"], tuple(record["shape"]), _DTYPES[record["dtype"]], record["start"],
-                          record["length"], tuple(record["nesting"]))
+                self._adopt_record(record)
             return
         self._file = create_file(self.folder / name)
         self._records = []
@@ -501,8 +500,12 @@ class DCPWriter:
         self._file_name = name
         self.files.append(name)
         for record in records:
-            self._add(record["key"], tuple(record["shape"]), _DTYPES[record["dtype"]], record["start"],
-                      record["length"], tuple(record["nesting"]))
+            self._adopt_record(record)
+
+    def _adopt_record(self, record: dict) -> None:
+        """Add one journaled record (from ``--resume`` or another rank) without writing it."""
+        self._add(record["key"], tuple(record["shape"]), _DTYPES[record["dtype"]], record["start"],
+                  record["length"], tuple(record["nesting"]))
 
     def abort(self) -> None:
         """Close the open data file after a failure (the caller discards the folder)."""

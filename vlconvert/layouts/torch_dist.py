@@ -34,7 +34,7 @@ from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.dcp import _DTYPES, DCPWriter
-from vlconvert.publish import create_file, kept_state
+from vlconvert.publish import create_file
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -157,22 +157,12 @@ def read_common(path: Path) -> dict:
 class TorchDistWriter(DCPWriter):
     """:class:`DCPWriter` with several chunks per key (stacked layers / experts) and bytes records."""
 
-    def open_file(self, name: str) -> None:
-        self._close_file()
-        self._file_name = name
-        self.files.append(name)
-        kept = kept_state(self.folder / name)
-        self.skipping = kept is not None
-        if kept is not None:
-            for r in kept.get("records", []):
-                if r.get("bytes"):
-                    self._add_bytes(r["key"], r["start"], r["length"])
-                else:
-                    self._add_chunk(r["key"], tuple(r["size"]), tuple(r["offsets"]), tuple(r["shape"]),
-                                    _DTYPES[r["dtype"]], r["start"], r["length"])
-            return
-        self._file = create_file(self.folder / name)
-        self._records = []
+    def _adopt_record(self, record: dict) -> None:
+        if record.get("bytes"):
+            self._add_bytes(record["key"], record["start"], record["length"])
+        else:
+            self._add_chunk(record["key"], tuple(record["size"]), tuple(record["offsets"]), tuple(record["shape"]),
+                            _DTYPES[record["dtype"]], record["start"], record["length"])
 
     def _add_chunk(self, key: str, size: tuple[int, ...], offsets: tuple[int, ...], shape: tuple[int, ...],
                    dtype: torch.dtype, start: int, length: int) -> None:
