@@ -145,3 +145,47 @@ def test_python_dash_m_runs_convert():
 def test_negative_iteration_is_refused_before_writing(tmp_path):
     result = run_cli("convert", FIX / "tiny-moe", tmp_path / "out", "--to", "megatron", "--iteration", "-3", expect=1)
     assert "--iteration -3 is negative" in result.output and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["hf", "dcp", "megatron", "torch_dist"])
+def test_block_size_never_changes_the_bytes(tmp_path, monkeypatch, target):
+    """Every target streams row blocks and experts; 1 KiB blocks (many per tensor) give the same bytes."""
+    from vlconvert import engine
+
+    sizes = {"megatron": {"tp": 2, "ep": 2}, "torch_dist": {}}.get(target, {})
+    Converter(FIX / "tiny-moe", tmp_path / "default", to=target, **sizes).run()
+    monkeypatch.setattr(engine, "ROW_BLOCK", 1024)
+    small = Converter(FIX / "tiny-moe", tmp_path / "small", to=target, **sizes)
+    small.run()
+    assert small.block_bytes == 1024
+    assert folder_digest(tmp_path / "small") == folder_digest(tmp_path / "default")
+
+
+def test_max_memory_shrinks_blocks_and_keeps_the_bytes(tmp_path):
+    from vlconvert.engine import resident_bytes
+    from vlconvert.plan import IN_FLIGHT
+
+    Converter(FIX / "tiny-dense-untied", tmp_path / "default", to="megatron", tp=2).run()
+    conv = Converter(FIX / "tiny-dense-untied", tmp_path / "tight", to="megatron", tp=2)
+    conv.plan()
+    # room for 256 KiB blocks (x tp 2 for row-parallel reads), not for 1 MiB ones
+    conv.max_memory = resident_bytes() + IN_FLIGHT * 2 * 2**18 + 3 * 2**20
+    conv.run()
+    assert conv.block_bytes == 2**18
+    assert folder_digest(tmp_path / "tight") == folder_digest(tmp_path / "default")
+
+
+def test_max_memory_too_small_or_not_a_size_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from vlconvert.cli import main
+
+    for budget, words in (("50MB", ("--max-memory", "too small", "start-up")), ("lots", ("not a size",)),
+                          ("0", ("not a positive size",))):
+        result = CliRunner().invoke(main, ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "dcp",
+                                           "--max-memory", budget])
+        lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert all(w in lines[0] for w in words), lines[0]
+        assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -388,3 +388,27 @@ def test_disk_full_mid_write_publishes_nothing(tmp_path, monkeypatch):
     line = error_line("dcp-to-hf", tmp_path / "dcp", tmp_path / "out", "--assets-dir", FIX / "tiny-dense-tied")
     assert "disk full" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp"]
+
+
+def test_row_reads_take_only_their_rows_from_dcp_save_records(tmp_path, monkeypatch):
+    """Row ranges of a ``dcp.save`` record come straight from its storage bytes (no whole-tensor load),
+    equal to the saved tensor's rows; a source over it gives the same bytes for any row range."""
+    from vlconvert.layouts.dcp import DCPReader
+
+    gen = torch.Generator().manual_seed(3)
+    saved = {"w": torch.randn(97, 40, generator=gen).to(torch.bfloat16),
+             "e": torch.randn(4, 6, 10, generator=gen), "s": torch.tensor(2.5)}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "c"))
+    reader = DCPReader(tmp_path / "c")
+
+    def no_whole_loads(*_args, **_kwargs):
+        raise AssertionError("a row read loaded a whole record")
+
+    monkeypatch.setattr(torch, "load", no_whole_loads)
+    for key, (a, b) in (("w", (0, 97)), ("w", (13, 14)), ("w", (50, 97)), ("e", (1, 3)), ("w", (5, 5))):
+        (chunk,) = reader.tensors[key].chunks
+        got = reader.read_chunk_rows(chunk, a, b)
+        assert got.dtype == saved[key].dtype and torch.equal(got, saved[key][a:b]), (key, a, b)
+    monkeypatch.undo()
+    assert torch.equal(reader.read("s"), saved["s"])
+    reader.close()

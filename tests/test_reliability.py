@@ -233,14 +233,16 @@ import os, signal, sys
 from vlconvert import publish
 from vlconvert.cli import main
 limit, written = int(sys.argv[1]), [0]
-real_write = publish.OutputFile.write
-def write(self, data):
-    n = real_write(self, data)
-    written[0] += n
-    if written[0] >= limit:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return n
-publish.OutputFile.write = write
+def counting(real):
+    def write(self, *args, **kwargs):
+        n = real(self, *args, **kwargs)
+        written[0] += n
+        if written[0] >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
+    return write
+publish.OutputFile.write = counting(publish.OutputFile.write)
+publish.OutputFile.write_later = counting(publish.OutputFile.write_later)
 main(sys.argv[2:], prog_name="vlconvert")
 """
 

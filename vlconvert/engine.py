@@ -15,6 +15,7 @@ output, manifest, ``--resume``). Memory stays near one tensor (one expert for fu
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -40,14 +41,23 @@ from vlconvert.layouts.hf import (
     write_index,
 )
 from vlconvert.models.qwen3vl import EMBED, EXPERT_LAYOUTS, LM_HEAD, is_expert
-from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor, Src, plan_megatron_ranks
-from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, Result, out_dtype
+from vlconvert.models.qwen3vl_megatron import MegatronPlan, Src, plan_megatron_ranks
+from vlconvert.plan import (
+    IN_FLIGHT,
+    ROW_BLOCK,
+    ConversionPlan,
+    DCPEntry,
+    PlannedFile,
+    Result,
+    out_dtype,
+    rank_tensor_blocks,
+    rows_per_block,
+)
 from vlconvert.publish import copy_file, staged_output, write_bytes
 from vlconvert.sources import Source, open_source, preview
 from vlconvert.targets_torch_dist import plan_torch_dist, write_torch_dist
 
 TARGETS = ("hf", "dcp", "megatron", "torch_dist")
-_ROW_BLOCK = 64 * 2**20  # bytes per row block when a large tensor is streamed into a safetensors file
 _RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around the data (measured ~1.5 KB)
 
 Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
@@ -86,7 +96,8 @@ class Converter:
     ``max_shard_size`` (HF), ``tied_lm_head`` (DCP), ``allow_missing`` / ``allow_unexpected``, and the
     Megatron sizes ``tp pp ep etp spec experts pp_first_layers pp_last_layers padded_vocab_size
     make_vocab_size_divisible_by iteration``. ``overwrite`` and ``resume`` as on the command line;
-    ``merge_lora`` a PEFT adapter folder merged into the weights on the way.
+    ``merge_lora`` a PEFT adapter folder merged into the weights on the way. ``max_memory`` (bytes or
+    a size such as ``"1GiB"``): the peak resident memory to stay under (see :meth:`memory_plan`).
     """
 
     def __init__(self, src: str | Path, dst: str | Path, *, to: str, dtype: str | torch.dtype | None = "auto",
@@ -99,7 +110,7 @@ class Converter:
                  make_vocab_size_divisible_by: int = 128, iteration: int | None = None,
                  overwrite: bool = False, resume: bool = False, metadata: bool = True,
                  source_layout: str | None = None, merge_lora: str | Path | None = None,
-                 info: Callable[[str], None] = lambda s: None):
+                 max_memory: str | int | None = None, info: Callable[[str], None] = lambda s: None):
         if to not in TARGETS:
             raise UserError(f"unknown target '{to}': use {', '.join(TARGETS)}")
         if iteration is not None and iteration < 0:
@@ -115,6 +126,8 @@ class Converter:
                             metadata=metadata, merge_lora=merge_lora)
         self.assets_dir, self.config = assets_dir, config
         self.overwrite, self.resume, self.info = overwrite, resume, info
+        self.max_memory = _memory_budget(max_memory)  # not an option of the output: --resume ignores it
+        self.block_bytes = ROW_BLOCK
         self.source_layout = source_layout  # the older spellings (hf-to-dcp, ...) name the layout they read
         self._source: Source | None = None
         self._plan: ConversionPlan | None = None
@@ -253,6 +266,36 @@ class Converter:
         return ConversionPlan(str(source.folder), source.layout, "megatron", dtype, None, files,
                               notes=list(plan.notes), megatron=plan, assets=[mlay.TRACKER])
 
+    # ------------------------------------------------------------------------------------ memory
+    def memory_plan(self) -> tuple[int, int]:
+        """(row-block bytes, estimated peak resident bytes) for this run.
+
+        The estimate is what the process holds now (imports, metadata, plan) plus :data:`IN_FLIGHT` pieces:
+        a piece is a row block (times the tensor-parallel size when row-parallel shards read whole source
+        rows), or one expert matrix where experts are the unit. Under ``max_memory`` the largest block of
+        4 MiB, 1 MiB or 256 KiB that fits is taken; when none fits the run is refused in one line before
+        anything is written.
+        """
+        plan, source = self.plan(), self.source
+        expert = 0
+        for name in source.names():
+            if is_expert(name):
+                shape, stored = source.spec(name)
+                size = max(element_size(stored), element_size(plan.dtype or stored))
+                expert = max(expert, size * math.prod(shape[1:]))
+        widen = plan.megatron.tp if plan.megatron is not None else 1
+        start_up = resident_bytes()
+        choices = (ROW_BLOCK,) if self.max_memory is None else (ROW_BLOCK, 2**20, 2**18)
+        for block in choices:
+            peak = start_up + IN_FLIGHT * max(block * widen, expert)
+            if self.max_memory is None or peak <= self.max_memory:
+                return block, peak
+        unit = f"one expert matrix is {_mib(expert)}" if expert > 2**18 * widen else \
+            f"a row block is {_mib(2**18 * widen)}"
+        raise UserError(f"--max-memory {_mib(self.max_memory)} is too small for this conversion: it needs "
+                        f"about {_mib(peak)} ({_mib(start_up)} taken at start-up, {IN_FLIGHT} pieces "
+                        f"in flight; {unit})")
+
     # --------------------------------------------------------------------------------------- run
     def fingerprint(self) -> dict:
         """What ``--resume`` must find unchanged: the command, the source and every option."""
@@ -271,6 +314,7 @@ class Converter:
             return self._run_distributed(progress)
         plan = self.plan()
         source = self.source
+        self.block_bytes = self.memory_plan()[0]
         inputs: dict[str, str | Path | None] = {"SRC": source.folder, "--assets-dir": self.assets,
                                                 "--config": self.config}
         needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
@@ -325,6 +369,14 @@ class Converter:
             raise UserError("--resume is not supported under torchrun yet: resume with a single process")
         plan = self.plan()
         source = self.source
+        try:  # each rank is its own process: the budget is per rank, and all stop if one cannot keep it
+            self.block_bytes, refused = self.memory_plan()[0], None
+        except UserError as exc:
+            refused = str(exc)
+        verdicts: list = [None] * world
+        dist.all_gather_object(verdicts, refused)
+        if any(verdicts):
+            raise UserError(next(v for v in verdicts if v))
         owner = assign_files(plan.files, world)
         self._world, self._lead = world, rank == 0
         self._mine = lambda name: owner.get(name, 0) == rank
@@ -423,11 +475,10 @@ class Converter:
                         advance(t.nbytes)
                     elif is_expert(t.name):
                         for e in range(t.shape[0]):
-                            matrix = source.rows(Src(t.name, e), 0, source.matrix_shape(Src(t.name, e))[0])
-                            block = matrix.t() if layout == "released" else matrix  # Megatron's is [out, in]
-                            advance(writer.write(t.name, _cast(block, t.dtype).unsqueeze(0), row_offset=e))
+                            block = _cast(source.expert(t.name, e, layout), t.dtype).unsqueeze(0)
+                            advance(writer.write(t.name, block, row_offset=e))
                     else:
-                        _stream_rows(source, t, writer, advance)
+                        _stream_rows(source, t, writer, advance, self.block_bytes)
                 ok = True
             finally:
                 if ok:
@@ -454,7 +505,8 @@ class Converter:
                         writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
                         advance(_nbytes(entry.shape, entry.dtype))
                         continue
-                    blocks = _counted(canonical_blocks(source, entry.source, layout, entry.dtype), advance)
+                    blocks = _counted(canonical_blocks(source, entry.source, layout, entry.dtype, self.block_bytes),
+                                      advance)
                     writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, blocks), entry.nesting)
             if self._world == 1:
                 writer.finish()
@@ -489,7 +541,8 @@ class Converter:
             folder.mkdir(parents=True, exist_ok=True)
             entries = [mlay.RankEntry(t.name, t.shape, t.dtype) for t in r.tensors]
             mlay.write_rank_file(folder / mlay.RANK_FILE, entries,
-                                 lambda i, _e, ts=r.tensors: _counted(rank_tensor_blocks(ts[i], source), advance),
+                                 lambda i, _e, ts=r.tensors, b=self.block_bytes: _counted(
+                                     rank_tensor_blocks(ts[i], source, b), advance),
                                  extra={mlay.META_KEY: meta} if meta else None, iteration=iteration or 0)
         if self._lead:
             mlay.write_tracker(stage, iteration)
@@ -544,59 +597,60 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n
 
 
-def _rows_per_block(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    row_bytes = element_size(dtype)
-    for d in shape[1:]:
-        row_bytes *= d
-    return max(1, _ROW_BLOCK // max(1, row_bytes))
-
-
-def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype, block: int = ROW_BLOCK
+                     ) -> Iterator[torch.Tensor]:
     """A canonical tensor as row blocks of about 64 MiB in ``dtype``; fused experts one expert at a time, in
     ``layout`` (released or transformers5). Never more than one block in memory."""
     if is_expert(name):
         for e in range(source.spec(name)[0][0]):
-            matrix = source.rows(Src(name, e), 0, source.matrix_shape(Src(name, e))[0])  # Megatron's [out, in]
-            yield _cast(matrix if layout == "transformers5" else matrix.t(), dtype).contiguous().unsqueeze(0)
+            yield _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
         return
     shape = tuple(source.spec(name)[0])
     if not shape:
         yield _cast(source.rows(Src(name), 0, 1), dtype)
         return
-    step = _rows_per_block(shape, dtype)
+    step = rows_per_block(shape, dtype, block)
     for a in range(0, shape[0], step):
         yield _cast(source.rows(Src(name), a, min(shape[0], a + step)), dtype)
 
 
-def rank_tensor_blocks(t: RankTensor, source: Source) -> Iterator[torch.Tensor]:
-    """One Megatron rank tensor as row blocks: its row map (or its column block) executed block by block."""
-    step = _rows_per_block(t.shape, t.dtype)
-    if t.axis == 1:
-        src, a, b = t.segs[0]
-        for r in range(0, t.shape[0], step):
-            yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(t.dtype).contiguous()
-        return
-    for src, a, b in t.segs:
-        for r in range(a, b, step):
-            stop = min(b, r + step)
-            if src is None:  # vocabulary padding
-                yield torch.zeros((stop - r, *t.shape[1:]), dtype=t.dtype)
-            else:
-                yield source.rows(src, r, stop).to(t.dtype)
-
-
 def _stream_rows(source: Source, t: PlannedTensor, writer: SafetensorsFileWriter,
-                 advance: Callable[[int], None]) -> None:
+                 advance: Callable[[int], None], block: int = ROW_BLOCK) -> None:
     """Write a non-expert tensor in row blocks of about 64 MiB."""
     if not t.shape:
         advance(writer.write(t.name, _cast(source.rows(Src(t.name), 0, 1), t.dtype)))
         return
     rows = t.shape[0]
     row_bytes = max(1, t.nbytes // rows) if rows else 1
-    step = max(1, _ROW_BLOCK // row_bytes)
+    step = max(1, block // row_bytes)
     for a in range(0, rows, step):
         b = min(rows, a + step)
         advance(writer.write(t.name, _cast(source.rows(Src(t.name), a, b), t.dtype), row_offset=a))
+
+
+def resident_bytes() -> int:
+    """Resident memory of this process now (Linux ``/proc``; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _memory_budget(value: str | int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        budget = parse_size(value)
+    except (UserError, ValueError) as exc:
+        raise UserError(f"--max-memory '{value}' is not a size: write e.g. 1GiB or 800MB") from exc
+    if budget <= 0:
+        raise UserError(f"--max-memory '{value}' is not a positive size")
+    return budget
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str, progress: Progress | None = None, **options: Any) -> Result:

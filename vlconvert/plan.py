@@ -5,6 +5,7 @@ Shared by the engine (:mod:`vlconvert.engine`) and its target modules (e.g. :mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,20 +97,35 @@ class Result:
     assets: list[str]
 
 
+ROW_BLOCK = 4 * 2**20  # bytes per row block: small enough that glibc reuses freed blocks (no page faults)
+IN_FLIGHT = 8  # pieces held at once: 2 queued at each of 2 steps, 1 in each thread, 1 produced + its copy
+
+
 def out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def build_tensor(t: RankTensor, source: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Execute one Megatron rank tensor's recipe (a row map, or a column block) against a source."""
-    out_dtype = dtype or t.dtype
+def rows_per_block(shape: tuple[int, ...], dtype: torch.dtype, block: int = ROW_BLOCK) -> int:
+    """Rows of a tensor of ``shape`` that make about ``block`` bytes (at least one)."""
+    row_bytes = element_size(dtype)
+    for d in shape[1:]:
+        row_bytes *= d
+    return max(1, block // max(1, row_bytes))
+
+
+def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) -> Iterator[torch.Tensor]:
+    """One Megatron rank tensor as row blocks of about ``block`` bytes: its row map (or its column block)
+    executed block by block."""
+    step = rows_per_block(t.shape, t.dtype, block)
     if t.axis == 1:
         src, a, b = t.segs[0]
-        return source.cols(src, a, b).to(out_dtype)
-    parts = []
+        for r in range(0, t.shape[0], step):
+            yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(t.dtype).contiguous()
+        return
     for src, a, b in t.segs:
-        if src is None:
-            parts.append(torch.zeros((b - a, *t.shape[1:]), dtype=out_dtype))
-        else:
-            parts.append(source.rows(src, a, b).to(out_dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        for r in range(a, b, step):
+            stop = min(b, r + step)
+            if src is None:  # vocabulary padding
+                yield torch.zeros((stop - r, *t.shape[1:]), dtype=t.dtype)
+            else:
+                yield source.rows(src, r, stop).to(t.dtype)

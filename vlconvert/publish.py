@@ -30,8 +30,11 @@ import hashlib
 import io
 import json
 import os
+import queue
 import shutil
 import socket
+import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ from vlconvert.errors import UserError
 
 MANIFEST_NAME = "vlconvert-manifest.json"
 _HASH_BLOCK = 16 * 2**20
+BACKGROUND_MIN = 2**20  # buffers this large are written by a background thread (see OutputFile)
+QUEUE_DEPTH = 2  # buffers queued for that thread at most: memory is this many blocks more
 
 _ACTIVE: dict[Path, Stage] = {}  # staging folder -> its Stage, for create_file / kept_state
 
@@ -152,8 +157,24 @@ class _Lock:
 
 
 # ----------------------------------------------------------------------------------- hashed files
+class Checksum:
+    """A running CRC-32 that :class:`OutputFile` computes off the caller's thread (see ``write(crc=)``)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 class OutputFile(io.RawIOBase):
     """A file being written into a stage, hashed (sha256) as its bytes go by, journaled when closed.
+
+    Bytes move through two background threads so that producing, checksumming and writing overlap
+    (hashlib, zlib and ``write`` release the GIL): the checksum thread hashes each buffer in order (and
+    runs the CRC-32s callers ask for), the write thread writes it. At most :data:`QUEUE_DEPTH` buffers
+    wait at each step, so memory is a few blocks. A caller must not change a buffer after handing it
+    over (vlconvert's writers hand over fresh tensors); buffers under :data:`BACKGROUND_MIN` bytes, and
+    views that own nothing, are copied first. Bytes that depend on checksums of earlier bytes (a zip data
+    descriptor) are handed over as a function with their size (:meth:`write_later`). An error in a thread
+    (a full disk) is raised by the next call here.
 
     Writers that write strictly in order are hashed without re-reading; one that seeks back (none of
     vlconvert's do) is re-read once at close. ``state`` is plain JSON a writer needs to skip this file on
@@ -171,6 +192,10 @@ class OutputFile(io.RawIOBase):
         self._pos = 0
         self._hashed = 0
         self._in_order = True
+        self._to_check: queue.Queue | None = None
+        self._to_write: queue.Queue | None = None
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
 
     def writable(self) -> bool:
         return True
@@ -182,33 +207,111 @@ class OutputFile(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
+        self._drain()
         self._pos = self._f.seek(pos, whence)
         return self._pos
 
-    def write(self, data: Any) -> int:
+    def write(self, data: Any, crc: Checksum | None = None) -> int:
+        """Queue ``data`` (a buffer) to be hashed and written; ``crc`` is advanced over it, in order."""
         view = memoryview(data).cast("B")
-        written = 0
-        while written < len(view):  # raw writes may be short
-            n = self._f.write(view[written:])
-            written += n or 0
-        if self._pos == self._hashed:
-            self._hash.update(view)
-            self._hashed += len(view)
-        else:
-            self._in_order = False
-        self._pos += len(view)
+        if len(view) < BACKGROUND_MIN or view.obj is None:
+            # the caller may reuse a small buffer; a view without an owner (torch.save's writes) may be
+            # freed as soon as this returns
+            view = memoryview(bytes(view))
+        self._put((self._pos, view, crc))
         return len(view)
+
+    def write_later(self, size: int, make: Callable[[], bytes]) -> int:
+        """Queue ``size`` bytes that ``make()`` returns once every earlier buffer has been checksummed."""
+        self._put((self._pos, make, size))
+        return size
+
+    def _put(self, item: tuple) -> None:
+        if self._error is not None:
+            self._raise()
+        if not self._threads:
+            self._to_check, self._to_write = queue.Queue(maxsize=QUEUE_DEPTH), queue.Queue(maxsize=QUEUE_DEPTH)
+            self._threads = [threading.Thread(target=target, name=f"{what} {self.rel}", daemon=True)
+                             for target, what in ((self._check_queued, "checksum"), (self._write_queued, "write"))]
+            for thread in self._threads:
+                thread.start()
+        assert self._to_check is not None
+        self._to_check.put(item)
+        self._pos += item[2] if callable(item[1]) else len(item[1])
+
+    def _check_queued(self) -> None:
+        """Checksum thread: hash (and CRC) queued buffers in order, resolve late bytes, pass them on."""
+        assert self._to_check is not None and self._to_write is not None
+        while (item := self._to_check.get()) is not None:
+            if self._error is not None:
+                continue  # drain without work
+            pos, view, extra = item
+            try:
+                if callable(view):
+                    view = memoryview(view()).cast("B")
+                    if len(view) != extra:
+                        raise RuntimeError(f"{self.rel}: {len(view)} late bytes, {extra} announced")
+                elif extra is not None:
+                    extra.value = zlib.crc32(view, extra.value)
+                if pos == self._hashed and self._in_order:
+                    self._hash.update(view)
+                    self._hashed += len(view)
+                else:
+                    self._in_order = False
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+                continue
+            self._to_write.put((pos, view))
+        self._to_write.put(None)
+
+    def _write_queued(self) -> None:
+        """Write thread: write queued buffers at their positions until ``None``; keep the first error."""
+        assert self._to_write is not None
+        while (item := self._to_write.get()) is not None:
+            if self._error is not None:
+                continue  # drain without writing
+            pos, view = item
+            try:
+                if self._f.tell() != pos:
+                    self._f.seek(pos)
+                written = 0
+                while written < len(view):  # raw writes may be short
+                    written += self._f.write(view[written:]) or 0
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+
+    def _drain(self) -> None:
+        """Wait until every queued buffer is written; raise a background thread's error, if any."""
+        if self._threads:
+            assert self._to_check is not None
+            self._to_check.put(None)
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
+            self._to_check = self._to_write = None
+        if self._error is not None:
+            self._raise()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        assert error is not None
+        raise error
 
     def fileno(self) -> int:
         return self._f.fileno()
 
     def flush(self) -> None:
         if not self._f.closed:
-            self._f.flush()
+            self._drain()
 
     def close(self) -> None:
         if self.closed:
             return
+        try:
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
         size = self._f.seek(0, os.SEEK_END)
         super().close()
         self._f.close()
@@ -222,6 +325,9 @@ class OutputFile(io.RawIOBase):
 
     def abort(self) -> None:
         """Close without journaling (the caller is failing)."""
+        if self._threads:
+            with contextlib.suppress(BaseException):
+                self._drain()
         if not self.closed:
             super().close()
             self._f.close()

@@ -1,7 +1,7 @@
 """``convert --to torch_dist``: plan and stream a megatron-core ``torch_dist`` checkpoint.
 
 The global view is the tp=1 legacy plan: each legacy tensor is one chunk of a stacked global tensor
-(layer axis; experts add an expert axis), built from its row map with :func:`vlconvert.engine.build_tensor`.
+(layer axis; experts add an expert axis), streamed from its row map with :func:`vlconvert.plan.rank_tensor_blocks`.
 ``--tp`` only sets the vocabulary padding (Megatron pads to a multiple of 128 x TP); the checkpoint
 loads at any TP/PP/EP. Language-model linears get the ``_extra_state`` byte entries megatron-core's
 default (strict) load requires.
@@ -18,8 +18,9 @@ import torch
 from vlconvert import ops
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
+from vlconvert.layouts.dcp import TensorBlocks
 from vlconvert.models.qwen3vl_megatron import RankTensor, plan_megatron_ranks
-from vlconvert.plan import ConversionPlan, PlannedFile, build_tensor, out_dtype
+from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype, rank_tensor_blocks
 
 if TYPE_CHECKING:
     from vlconvert.sources import Source
@@ -84,9 +85,8 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
             if writer.skipping:
                 writer.write_chunk(gk.key, torch.empty((1,) * len(gk.index) + t.shape, device="meta"), offsets, size)
             else:
-                tensor = build_tensor(t, source).reshape((1,) * len(gk.index) + t.shape)
-                writer.write_chunk(gk.key, tensor, offsets, size)
-                del tensor
+                blocks = TensorBlocks((1,) * len(gk.index) + t.shape, t.dtype, rank_tensor_blocks(t, source))
+                writer.write_chunk(gk.key, blocks, offsets, size, lead=len(gk.index))
             advance(t.nbytes)
             for key in extras:
                 writer.write_bytes(key, extra)

@@ -48,6 +48,8 @@ TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 @click.option("--merge-lora", "merge_lora", default=None, metavar="ADAPTER",
               help="Merge this PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) into the "
                    "weights, as PEFT's merge_and_unload does.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Stay under this peak memory (e.g. 1GiB): smaller blocks, or a refusal up front.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
@@ -59,7 +61,8 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                     no_tied_lm_head: bool, allow_missing: bool, allow_unexpected: bool, tp: int, pp: int, ep: int,
                     etp: int | None, spec: str | None, experts: str | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
-                    iteration: int | None, merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool,
+                    iteration: int | None, merge_lora: str | None, max_memory: str | None, overwrite: bool,
+                    resume: bool, dry_run: bool,
                     as_json: bool, quiet: bool) -> None:
     """Convert checkpoint SRC (Hugging Face folder or cached model id, DCP, Megatron; detected) to
     layout --to in DST, streamed in one pass. Examples:
@@ -78,7 +81,7 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                      pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers,
                      padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                      iteration=iteration, merge_lora=merge_lora, overwrite=overwrite, resume=resume,
-                     info=rep.info)
+                     max_memory=max_memory, info=rep.info)
     plan = conv.plan()
     data = plan.to_dict()
     if dry_run:

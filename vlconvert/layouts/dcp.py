@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import struct
 import sys
 import uuid
 import zipfile
@@ -36,10 +37,11 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.megatron import check_pickle, write_torch_record
+from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
 from vlconvert.publish import OutputFile, create_file, kept_state
 
 METADATA_NAME = ".metadata"
+_MAX_RECORD_PKL = 2**20  # a one-tensor record's data.pkl is a few hundred bytes
 DCP_VERSION = "1.0.0"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
@@ -316,6 +318,7 @@ class DCPReader:
             _check_tiling(meta_path, key, tuple(entry.size), chunks)
             self.tensors[key] = DCPTensor(key, tuple(entry.size), dtype, tuple(chunks))
         self._files: dict[Path, io.BufferedReader] = {}
+        self._records: dict[Chunk, tuple[int, LazyTensor] | None] = {}
 
     def _data_file_size(self, path: Path) -> int:
         """The size of a data file, refusing one missing or linked from outside the folder."""
@@ -330,14 +333,110 @@ class DCPReader:
     def planner_data(self) -> dict:
         return self.metadata.planner_data or {}
 
-    def read_chunk(self, chunk: Chunk) -> torch.Tensor:
-        """Load one chunk (a ``torch.save`` record) with ``weights_only=True``."""
+    def _open(self, chunk: Chunk) -> io.BufferedReader:
         f = self._files.get(chunk.file)
         if f is None:
             try:
                 f = self._files[chunk.file] = open(chunk.file, "rb")  # noqa: SIM115 - closed in close()
             except OSError as exc:
                 raise UserError(f"cannot read '{chunk.file}': {exc.strerror or exc}") from exc
+        return f
+
+    def _record(self, chunk: Chunk) -> tuple[int, LazyTensor] | None:
+        """(absolute offset of its storage bytes, its tensor) of a chunk whose record holds one contiguous
+        tensor, read from the record's zip directory and ``data.pkl`` only; None for any other record."""
+        if chunk in self._records:
+            return self._records[chunk]
+        f = self._open(chunk)
+        _check_record(f, chunk)
+        where = f"'{chunk.file}' is corrupt at byte {chunk.start}"
+        try:
+            found = self._locate(f, chunk, where)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - BadZipFile (a bad CRC), struct.error...: all mean corrupt
+            raise UserError(f"{where}: the record is not a readable zip ({_one_line(exc, 60)})") from exc
+        self._records[chunk] = found
+        return found
+
+    def _locate(self, f: io.BufferedReader, chunk: Chunk, where: str) -> tuple[int, LazyTensor] | None:
+        with zipfile.ZipFile(_FileWindow(f, chunk.start, chunk.length)) as zf:
+            infos = zf.infolist()
+            pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+            if len(pkl) != 1 or pkl[0].file_size > _MAX_RECORD_PKL:
+                return None
+            tensor = restricted_load(zf.read(pkl[0]), where)
+        if not (isinstance(tensor, LazyTensor) and tensor.contiguous and tensor.dtype == chunk.dtype
+                and tensor.shape == chunk.sizes):
+            return None
+        prefix = pkl[0].filename[:-len("data.pkl")]
+        data = next((i for i in infos if i.filename == f"{prefix}data/{tensor.key}"), None)
+        size = element_size(tensor.dtype)
+        if data is None or (tensor.offset + math.prod(tensor.shape)) * size > data.file_size:
+            return None
+        f.seek(chunk.start + data.header_offset)
+        header = f.read(30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise UserError(f"{where}: no zip header for its storage record")
+        n, m = struct.unpack("<HH", header[26:30])
+        start = data.header_offset + 30 + n + m
+        if start + data.file_size > chunk.length:
+            raise UserError(f"{where}: its storage record ends past the record")
+        return chunk.start + start + tensor.offset * size, tensor
+
+    def read_chunk_rows(self, chunk: Chunk, start: int, stop: int, index: tuple[int, ...] = ()) -> torch.Tensor:
+        """``chunk[index][start:stop]`` (chunk-local coordinates): only those bytes are read when the record
+        holds one contiguous tensor (what ``dcp.save`` and vlconvert write), else the whole record."""
+        k = len(index)
+        found = self._record(chunk) if len(chunk.sizes) > k else None
+        if found is None:
+            return self.read_chunk(chunk)[index][start:stop]
+        offset, tensor = found
+        rest = chunk.sizes[k + 1:]
+        first = 0
+        for i, d in enumerate(index):
+            first = first * chunk.sizes[i] + d
+        first = first * chunk.sizes[k] + start  # the row's place among rows of chunk.sizes[k + 1:]
+        row_bytes = math.prod(rest) * element_size(tensor.dtype)
+        out = torch.empty((stop - start, *rest), dtype=tensor.dtype)
+        if out.numel():
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            f = self._open(chunk)
+            f.seek(offset + first * row_bytes)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise UserError(f"'{chunk.file}' is truncated: a record at byte {chunk.start} ends early")
+                got += n
+        return out
+
+    def read_rows(self, key: str, start: int, stop: int, index: tuple[int, ...] = ()) -> torch.Tensor:
+        """``tensor[index][start:stop]`` of tensor ``key``, reading only the rows of the chunks it overlaps."""
+        entry = self.tensors[key]
+        k = len(index)
+        out = torch.empty((stop - start, *entry.shape[k + 1:]), dtype=entry.dtype)
+        covered = 0
+        for chunk in entry.chunks:
+            if 0 in chunk.sizes or not all(o <= i < o + n for i, o, n in zip(index, chunk.offsets, chunk.sizes,
+                                                                              strict=False)):
+                continue
+            lo, hi = max(start, chunk.offsets[k]), min(stop, chunk.offsets[k] + chunk.sizes[k])
+            if lo < hi:
+                local = tuple(i - o for i, o in zip(index, chunk.offsets, strict=False))
+                part = self.read_chunk_rows(chunk, lo - chunk.offsets[k], hi - chunk.offsets[k], local)
+                region = (slice(lo - start, hi - start),
+                          *(slice(o, o + n) for o, n in zip(chunk.offsets[k + 1:], chunk.sizes[k + 1:], strict=True)))
+                out[region] = part
+                covered += part.numel()
+        if covered != out.numel():
+            raise UserError(f"'{self.folder}': the chunks of '{_one_line(key, 80)}' do not cover rows "
+                            f"{start}:{stop} of index {list(index)}")
+        return out
+
+    def read_chunk(self, chunk: Chunk) -> torch.Tensor:
+        """Load one chunk (a ``torch.save`` record) with ``weights_only=True``."""
+        f = self._open(chunk)
         _check_record(f, chunk)
         try:
             tensor = torch.load(_FileWindow(f, chunk.start, chunk.length), map_location="cpu", weights_only=True)

@@ -42,7 +42,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.publish import create_file, kept_state, write_bytes
+from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -170,10 +170,11 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
     return written
 
 
-def write_torch_record(f, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | Iterable[torch.Tensor]
-                       ) -> None:
+def write_torch_record(f, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | Iterable[torch.Tensor],
+                       lead: int = 0) -> None:
     """Write one ``torch.save``-format archive holding a single tensor into ``f`` (at its current position),
-    from the tensor or from its row blocks in order (memory: one block). ``torch.load`` reads it."""
+    from the tensor or from its row blocks in order (memory: one block). ``torch.load`` reads it. With
+    ``lead`` > 0 the first ``lead`` dims of ``shape`` are 1 and blocks are row blocks of the rest."""
     numel = math.prod(shape)
     entry = RankEntry("tensor", tuple(shape), dtype)
     buf = io.BytesIO()
@@ -185,7 +186,10 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: torch.dtype, data: torc
     if isinstance(data, torch.Tensor):
         zf.add("archive/data/0", _raw(_check_block(entry, data, whole=True)))
     else:
-        zf.add_stream("archive/data/0", entry.nbytes, (_raw(_check_block(entry, b)) for b in data))
+        if any(d != 1 for d in shape[:lead]):
+            raise ValueError(f"leading dims of {shape} are not 1")
+        rows = RankEntry("tensor", tuple(shape[lead:]), dtype)
+        zf.add_stream("archive/data/0", entry.nbytes, (_raw(_check_block(rows, b)) for b in data))
     zf.add("archive/version", b"3\n")
     zf.add("archive/.data/serialization_id", hashlib.sha1(buf.getvalue()).hexdigest().encode())
     zf.close()
@@ -242,7 +246,10 @@ class _ZipStream:
         self.entries.append((raw_name, crc, size, offset, 0))
 
     def add_stream(self, name: str, size: int, blocks: Iterable) -> None:
-        """Append one record of exactly ``size`` bytes given as buffers in order; only one is held at a time."""
+        """Append one record of exactly ``size`` bytes given as buffers in order; only one is held at a time.
+
+        Into an :class:`~vlconvert.publish.OutputFile` the CRC-32 is computed by its checksum thread and
+        the data descriptor is written once it is known; into any other file, here."""
         raw_name, offset = name.encode(), self.pos
         zip64 = size >= self._LIMIT
         extra = struct.pack("<HHQQ", 1, 16, 0, 0) if zip64 else b""
@@ -253,35 +260,59 @@ class _ZipStream:
                                 stored, len(raw_name), len(extra)) + raw_name + extra)
         if self.pos % _ALIGN:  # pragma: no cover - guards the header arithmetic above
             raise RuntimeError("storage record is not 64-byte aligned")
-        crc, written = 0, 0
+        background = isinstance(self.f, OutputFile)
+        crc = Checksum()
+        written = 0
         for block in blocks:
             view = memoryview(block).cast("B")
-            crc = zlib.crc32(view, crc)
             written += len(view)
-            self._write(view)
+            if background:
+                self.f.write(view, crc=crc)
+                self.pos += len(view)
+            else:
+                crc.value = zlib.crc32(view, crc.value)
+                self._write(view)
         if written != size:
             raise RuntimeError(f"{name}: streamed {written} bytes, planned {size}")
-        self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size) if zip64
-                    else struct.pack("<IIII", 0x08074B50, crc, size, size))
+
+        def descriptor() -> bytes:
+            return (struct.pack("<IIQQ", 0x08074B50, crc.value, size, size) if zip64
+                    else struct.pack("<IIII", 0x08074B50, crc.value, size, size))
+
+        if background:
+            self.pos += self.f.write_later(24 if zip64 else 16, descriptor)
+        else:
+            self._write(descriptor())
         self.entries.append((raw_name, crc, size, offset, 0x08))
+
+    def _directory(self, start: int) -> bytes:
+        """The central directory (at byte ``start``) and the end records; CRCs are read when this runs."""
+        out = bytearray()
+        for raw_name, crc, size, offset, flags in self.entries:
+            value = crc.value if isinstance(crc, Checksum) else crc
+            fields = [v for v in (size, size) if v >= self._LIMIT] + ([offset] if offset >= self._LIMIT else [])
+            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            version = 45 if fields else 20
+            out += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, flags, 0, 0, _DOS_DATE,
+                               value, min(size, self._LIMIT), min(size, self._LIMIT), len(raw_name), len(extra),
+                               0, 0, 0, 0o600 << 16, min(offset, self._LIMIT)) + raw_name + extra
+        count, cd_size = len(self.entries), len(out)
+        if count >= 0xFFFF or start >= self._LIMIT or cd_size >= self._LIMIT:
+            end64 = start + len(out)
+            out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x032D, 45, 0, 0, count, count, cd_size, start)
+            out += struct.pack("<IIQI", 0x07064B50, 0, end64, 1)
+        out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                           min(cd_size, self._LIMIT), min(start, self._LIMIT), 0)
+        return bytes(out)
 
     def close(self) -> None:
         """Write the central directory and the end records."""
         start = self.pos
-        for raw_name, crc, size, offset, flags in self.entries:
-            fields = [v for v in (size, size) if v >= self._LIMIT] + ([offset] if offset >= self._LIMIT else [])
-            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
-            version = 45 if fields else 20
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, flags, 0, 0, _DOS_DATE,
-                                    crc, min(size, self._LIMIT), min(size, self._LIMIT), len(raw_name), len(extra),
-                                    0, 0, 0, 0o600 << 16, min(offset, self._LIMIT)) + raw_name + extra)
-        count, cd_size = len(self.entries), self.pos - start
-        if count >= 0xFFFF or start >= self._LIMIT or cd_size >= self._LIMIT:
-            end64 = self.pos
-            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x032D, 45, 0, 0, count, count, cd_size, start))
-            self._write(struct.pack("<IIQI", 0x07064B50, 0, end64, 1))
-        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-                                min(cd_size, self._LIMIT), min(start, self._LIMIT), 0))
+        if isinstance(self.f, OutputFile) and any(isinstance(e[1], Checksum) for e in self.entries):
+            size = len(self._directory(start))  # the size does not depend on the CRCs
+            self.pos += self.f.write_later(size, lambda: self._directory(start))
+        else:
+            self._write(self._directory(start))
 
 
 # ------------------------------------------------------------------------------------ pickle pre-scan
@@ -441,6 +472,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Stored(str(pid[2]), pid[1].dtype)
 
 
+def restricted_load(raw: bytes, where: str) -> object:
+    """Unpickle a torch ``data.pkl`` with the allowlist (tensors become :class:`LazyTensor`), after the
+    memo pre-scan; anything hostile is one :class:`UserError` naming ``where``."""
+    try:
+        check_pickle(raw)
+        return _RestrictedUnpickler(io.BytesIO(raw)).load()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hostile pickles raise anything: EOFError, RuntimeError...
+        raise UserError(f"{where} has a data.pkl vlconvert will not unpickle "
+                        f"({type(exc).__name__}: {_one_line(exc, 100)})") from exc
+
+
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     if encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"unsupported bytes encoding {encoding}")
@@ -479,15 +523,7 @@ class RankFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        raw = self._read_data_pkl()
-        try:
-            check_pickle(raw)
-            payload = _RestrictedUnpickler(io.BytesIO(raw)).load()
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - hostile pickles raise anything: EOFError, RuntimeError...
-            raise UserError(f"'{self.path}' has a data.pkl vlconvert will not unpickle "
-                            f"({type(exc).__name__}: {_one_line(exc, 100)})") from exc
+        payload = restricted_load(self._read_data_pkl(), f"'{self.path}'")
         if not isinstance(payload, dict):
             raise UserError(f"'{self.path}' does not hold a checkpoint dict")
         if "model" not in payload:

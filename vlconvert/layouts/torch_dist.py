@@ -33,7 +33,8 @@ from torch.distributed.checkpoint.metadata import (
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import megatron as mlay
-from vlconvert.layouts.dcp import _DTYPES, DCPWriter
+from vlconvert.layouts.dcp import _DTYPES, DCPWriter, TensorBlocks
+from vlconvert.layouts.megatron import write_torch_record
 from vlconvert.publish import create_file
 
 METADATA_JSON = "metadata.json"
@@ -185,8 +186,10 @@ class TorchDistWriter(DCPWriter):
         self.storage_data[MetadataIndex(key)] = _StorageInfo(self._file_name, start, length)
         self.planner_data[key] = (key,)
 
-    def write_chunk(self, key: str, tensor: torch.Tensor, offsets: tuple[int, ...], size: tuple[int, ...]) -> int:
-        """Append ``tensor`` as the chunk of global tensor ``key`` (shape ``size``) at ``offsets``."""
+    def write_chunk(self, key: str, tensor: torch.Tensor | TensorBlocks, offsets: tuple[int, ...],
+                    size: tuple[int, ...], lead: int = 0) -> int:
+        """Append ``tensor`` as the chunk of global tensor ``key`` (shape ``size``) at ``offsets``; a
+        :class:`TensorBlocks` streams row blocks of its dims after the first ``lead`` (which are 1)."""
         shape = tuple(tensor.shape)
         if self.skipping:
             info = self.storage_data.get(MetadataIndex(key, torch.Size(offsets), 0))
@@ -195,14 +198,12 @@ class TorchDistWriter(DCPWriter):
             return info.length
         if self._file is None:
             raise RuntimeError("open_file() first")
-        tensor = tensor.detach().contiguous()
         start = self._file.tell()
-        crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)
-        try:
-            torch.save(tensor, self._file)
-        finally:
-            torch.serialization.set_crc32_options(crc)
+        if isinstance(tensor, TensorBlocks):
+            write_torch_record(self._file, shape, tensor.dtype, tensor.blocks, lead=lead)
+        else:
+            tensor = tensor.detach().contiguous()
+            write_torch_record(self._file, shape, tensor.dtype, tensor)
         length = self._file.tell() - start
         self._add_chunk(key, size, offsets, shape, tensor.dtype, start, length)
         self._records.append({"key": key, "size": list(size), "offsets": list(offsets), "shape": list(shape),

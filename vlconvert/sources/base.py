@@ -10,7 +10,6 @@ from vlconvert.layouts.hf import parse_size, plan_shards
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
 from vlconvert.models.qwen3vl_megatron import Src, source_shape
 
-_BLOCK = 64 * 2**20  # bytes per row block when a column block is gathered
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
 
 
@@ -47,21 +46,18 @@ class Source:
         """Rows ``start:stop`` of a source matrix (an expert in Megatron's [out, in] orientation)."""
         raise NotImplementedError
 
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        """Columns ``start:stop`` of a 2-D source matrix, gathered in row blocks."""
-        shape = self.matrix_shape(src)
-        out = torch.empty((shape[0], stop - start), dtype=self.dtype(src))
-        row_bytes = max(1, shape[1] * out.element_size())
-        step = max(1, _BLOCK // row_bytes)
-        for a in range(0, shape[0], step):
-            b = min(shape[0], a + step)
-            out[a:b] = self.rows(src, a, b)[:, start:stop]
-        return out
-
     def matrix_shape(self, src: Src) -> tuple[int, ...]:
         """Shape of a source matrix (a whole tensor, or one expert as [out, in])."""
         shape = self.spec(src.hf)[0]
         return shape if src.expert is None else (shape[2], shape[1])
+
+    def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
+        """Expert ``expert`` of fused tensor ``name`` as a contiguous matrix in ``layout``: ``released``
+        ([in, out]: [H, 2I] or [I, H]) or ``transformers5`` (Megatron's [out, in]). Readers that store
+        the requested orientation return the stored bytes without transposing."""
+        src = Src(name, expert)
+        matrix = self.rows(src, 0, self.matrix_shape(src)[0])
+        return (matrix if layout == "transformers5" else matrix.t()).contiguous()
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
         """Expert ``expert`` of ``name`` in the released orientation ([H, 2I] or [I, H])."""

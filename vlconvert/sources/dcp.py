@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vlconvert.errors import UserError
-from vlconvert.layouts.dcp import Chunk, DCPReader, is_row_slab
+from vlconvert.layouts.dcp import DCPReader
 from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, expert_layout_of, is_expert
 from vlconvert.models.qwen3vl_megatron import Src
 from vlconvert.sources.base import Source, skeleton_for
@@ -85,7 +85,7 @@ class DCPSource(Source):
 
     Optimizer and other non-model state is dropped (counted), wrapper components (``_orig_mod.``,
     ``_checkpoint_wrapped_module.``) are stripped and the key prefix is detected (``--prefix`` forces
-    one). Row ranges read only the chunks they overlap (FSDP2 ``Shard(0)`` chunks are row slabs).
+    one). Row ranges read only the rows of the chunks they overlap, whatever the chunking.
     """
 
     layout = "dcp"
@@ -105,8 +105,6 @@ class DCPSource(Source):
         self.tied_lm_head_dropped = skeleton.info.tied and LM_HEAD in self.keys.mapped
         self._mapped = {n: k for n, k in self.keys.mapped.items() if not (skeleton.info.tied and n == LM_HEAD)}
         self._experts: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-        self._chunk_cache: tuple[Chunk, torch.Tensor] | None = None
-        self._whole_cache: tuple[str, torch.Tensor] | None = None
 
     def names(self) -> list[str]:
         return [n for n in self.skeleton.tensors if n in self._mapped]
@@ -143,29 +141,11 @@ class DCPSource(Source):
     def nbytes(self, name: str) -> int:
         return self.reader.tensors[self.key(name)].nbytes
 
-    def _chunk(self, chunk: Chunk) -> torch.Tensor:
-        if self._chunk_cache is None or self._chunk_cache[0] is not chunk:
-            self._chunk_cache = None  # drop the previous chunk before reading the next
-            self._chunk_cache = (chunk, self.reader.read_chunk(chunk))
-        return self._chunk_cache[1]
-
     def _stored_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows of a stored tensor, reading only the chunks they overlap when chunks are row slabs."""
-        entry = self.reader.tensors[key]
-        if not entry.shape:
+        """Rows of a stored tensor, reading only the rows of the chunks they overlap."""
+        if not self.reader.tensors[key].shape:
             return self.reader.read(key)
-        if all(is_row_slab(c, entry.shape) for c in entry.chunks):
-            out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
-            for chunk in entry.chunks:
-                lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
-                if lo < hi:
-                    piece = self._chunk(chunk)
-                    out[lo - start:hi - start] = piece[lo - chunk.offsets[0]:hi - chunk.offsets[0]]
-            return out
-        if self._whole_cache is None or self._whole_cache[0] != key:
-            self._whole_cache = None
-            self._whole_cache = (key, self.reader.read(key))
-        return self._whole_cache[1][start:stop]
+        return self.reader.read_rows(key, start, stop)
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self._mapped:
@@ -185,13 +165,15 @@ class DCPSource(Source):
         matrix = block.t() if layout == "released" else block
         return matrix[start:stop].contiguous()
 
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        if src.expert is not None:
-            return self.rows(src, 0, self.matrix_shape(src)[0])[:, start:stop].contiguous()
-        return super().cols(src, start, stop)
+    def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
+        stored, view = self.expert_layout(name)
+        if stored != layout:
+            return super().expert(name, expert, layout)
+        if view is None:
+            return self._stored_rows(self.key(name), expert, expert + 1)[0]
+        return self._stored_rows(self.key(name), expert * view[1], (expert + 1) * view[1])
 
     def close(self) -> None:
-        self._chunk_cache = self._whole_cache = None
         self.reader.close()
 
 

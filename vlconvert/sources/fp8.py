@@ -147,6 +147,11 @@ class FP8Source(HFSource):
         shape, dtype = self.spec(name)
         return math.prod(shape) * dtype.itemsize
 
+    def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
+        if name in self.per_expert:  # assembled and dequantized by _expert
+            return Source.expert(self, name, expert, layout)
+        return super().expert(name, expert, layout)
+
     def _expert(self, src: Src) -> torch.Tensor:
         """Expert ``src.expert`` as Megatron holds it ([out, in]): per-expert keys are dequantized and, for
         ``gate_up_proj``, stacked gate over up (the released ``[..., :I]`` is gate)."""
@@ -177,15 +182,6 @@ class FP8Source(HFSource):
         if name in self.scales:
             return self.dequantize(name, 0, self.checkpoint.tensors[name].shape[0]).to(self.out_dtype)
         return super().read(name)
-
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        if src.expert is not None or src.hf not in self.scales:
-            return super().cols(src, start, stop)
-        rows = self.checkpoint.tensors[src.hf].shape[0]
-        step = max(self.block[0], (64 * 2**20 // 4 // max(1, self.checkpoint.tensors[src.hf].shape[1]))
-                   // self.block[0] * self.block[0])
-        return torch.cat([self.dequantize(src.hf, a, min(rows, a + step))[:, start:stop]
-                          for a in range(0, rows, step)])
 
     def dequantize(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of FP8 weight ``name``: float8 -> float32 times each block's scale.

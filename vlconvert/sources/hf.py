@@ -92,6 +92,11 @@ class HFSource(Source):
     def nbytes(self, name: str) -> int:
         return self.checkpoint.tensors[name].nbytes
 
+    def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
+        if self.stored_layout(name) == layout:
+            return self.checkpoint.read_rows(name, expert, expert + 1)[0]
+        return super().expert(name, expert, layout)
+
     def _expert(self, src: Src) -> torch.Tensor:
         if self._expert_cache is not None and self._expert_cache[0] == src:
             return self._expert_cache[1]
@@ -108,11 +113,6 @@ class HFSource(Source):
         if not info.shape:
             return self.checkpoint.read(src.hf)
         return self.checkpoint.read_rows(src.hf, start, stop)
-
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        if src.expert is not None:
-            return self._expert(src)[:, start:stop].contiguous()
-        return super().cols(src, start, stop)
 
     def read(self, name: str) -> torch.Tensor:
         tensor = self.checkpoint.read(name)

@@ -201,13 +201,6 @@ class LoRAMergedSource(Source):
             return self.inner.rows(src, start, stop)
         return self.inner.rows(src, start, stop).to(torch.float32) + delta.rows(start, stop)
 
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        if src.expert is not None or (src.hf not in self.deltas and src.hf not in self.replaced):
-            return self.inner.cols(src, start, stop)
-        rows, width = self.spec(src.hf)[0][:2]
-        step = max(1, _ROW_BLOCK // (4 * max(1, width)))
-        return torch.cat([self.rows(src, a, min(rows, a + step))[:, start:stop] for a in range(0, rows, step)])
-
     def read(self, name: str) -> torch.Tensor:
         if name in self.deltas or name in self.replaced:
             return super().read(name)

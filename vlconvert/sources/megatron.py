@@ -96,18 +96,6 @@ class MegatronSource(RankMappedSource):
             raise UserError(f"the checkpoint does not hold rows {start}:{stop} of '{src}'")
         return out
 
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        pieces = self.pieces[src]
-        if pieces[0].axis == 0:
-            return self.rows(src, 0, self.matrix_shape(src)[0])[:, start:stop].contiguous()
-        parts = []
-        for p in sorted(pieces, key=lambda p: p.start):
-            lo, hi = max(start, p.start), min(stop, p.stop)
-            if lo < hi:
-                parts.append(self.files[p.rank].read(p.name)[:, lo - p.start:hi - p.start])
-        return torch.cat(parts, dim=1).contiguous()
-
-
 def _open_megatron(root: Path, config: str | Path | dict | None
                    ) -> tuple[mlay.RankLayout, MegatronPlan, dict[tuple[int, int, int], mlay.RankFile], list[str]]:
     """Detect TP/PP/EP/ETP, spec, expert style and padded vocabulary from the folders and tensors (and

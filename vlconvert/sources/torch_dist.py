@@ -14,7 +14,7 @@ import torch
 
 from vlconvert.errors import UserError
 from vlconvert.layouts import torch_dist as tdl
-from vlconvert.layouts.dcp import Chunk, DCPReader
+from vlconvert.layouts.dcp import DCPReader
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
 from vlconvert.models.qwen3vl_megatron import MLM, RankTensor, Src, plan_megatron_ranks
 from vlconvert.sources.base import RankMappedSource, skeleton_for
@@ -29,33 +29,6 @@ class _Piece:
     start: int
     stop: int
     offset: int
-
-
-def _slice(reader: DCPReader, key: str, index: tuple[int, ...], cache: dict) -> torch.Tensor:
-    """``global[index]`` of tensor ``key``, read from the chunks that overlap it."""
-    entry = reader.tensors[key]
-    k = len(index)
-    out = torch.empty(entry.shape[k:], dtype=entry.dtype)
-    covered = 0
-    for chunk in entry.chunks:
-        if 0 in chunk.sizes or not all(o <= i < o + s for i, o, s in zip(index, chunk.offsets, chunk.sizes,
-                                                                          strict=False)):
-            continue
-        data = _chunk(reader, chunk, cache)
-        part = data[tuple(i - o for i, o in zip(index, chunk.offsets, strict=False))]
-        region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets[k:], chunk.sizes[k:], strict=True))
-        out[region] = part
-        covered += part.numel()
-    if covered != out.numel():
-        raise UserError(f"'{reader.folder}': the chunks of '{key}' do not cover index {list(index)}")
-    return out
-
-
-def _chunk(reader: DCPReader, chunk: Chunk, cache: dict) -> torch.Tensor:
-    if cache.get("chunk") is not chunk:
-        cache.clear()
-        cache["chunk"], cache["data"] = chunk, reader.read_chunk(chunk)
-    return cache["data"]
 
 
 class TorchDistSource(RankMappedSource):
@@ -135,8 +108,6 @@ class TorchDistSource(RankMappedSource):
                               f"{len(self.reader.non_tensors)} byte entries (_extra_state, common state)")
         self.notes.append(f"torch_dist {self.iter_dir.name}: padded vocab {emb.shape[0]}"
                           + (f", saved from {self.saved_from}" if self.saved_from else ""))
-        self._cache: dict = {}
-        self._tensor_cache: tuple[int, torch.Tensor] | None = None
 
     def _resolve(self, gk: tdl.GlobalKey, name: str) -> tuple[str, tuple[int, ...]]:
         """The stored key (stacked, or per layer) and index; MoE norms may carry the local spec's name."""
@@ -151,12 +122,10 @@ class TorchDistSource(RankMappedSource):
                 return key, index
         raise UserError(f"'{self.iter_dir}' lacks '{gk.key}' (for {name})")
 
-    def _tensor(self, i: int) -> torch.Tensor:
-        if self._tensor_cache is None or self._tensor_cache[0] != i:
-            self._tensor_cache = None
-            key, index = self.locations[i]
-            self._tensor_cache = (i, _slice(self.reader, key, index, self._cache))
-        return self._tensor_cache[1]
+    def _rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of located tensor ``i`` (``global[index]``), from the chunks' rows only."""
+        key, index = self.locations[i]
+        return self.reader.read_rows(key, start, stop, index)
 
     def names(self) -> list[str]:
         return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if is_expert(n) else Src(n)) in self.pieces]
@@ -165,24 +134,18 @@ class TorchDistSource(RankMappedSource):
         pieces = self.pieces[src]
         shape = self.matrix_shape(src)
         if pieces[0].axis == 1:  # a row-parallel weight: the whole source at tp 1
-            return self._tensor(pieces[0].tensor)[start:stop].clone()
+            return self._rows(pieces[0].tensor, start, stop)
         out = torch.empty((stop - start, *shape[1:]), dtype=self._dtypes[src])
         covered = 0
         for p in pieces:
             lo, hi = max(start, p.start), min(stop, p.stop)
             if lo < hi:
-                data = self._tensor(p.tensor)
-                out[lo - start:hi - start] = data[p.offset + lo - p.start:p.offset + hi - p.start]
+                out[lo - start:hi - start] = self._rows(p.tensor, p.offset + lo - p.start, p.offset + hi - p.start)
                 covered += hi - lo
         if covered != stop - start:
             raise UserError(f"the checkpoint does not hold rows {start}:{stop} of '{src}'")
         return out
 
-    def cols(self, src: Src, start: int, stop: int) -> torch.Tensor:
-        return self.rows(src, 0, self.matrix_shape(src)[0])[:, start:stop].contiguous()
-
     def close(self) -> None:
-        self._cache.clear()
-        self._tensor_cache = None
         self.reader.close()
 
