@@ -172,6 +172,8 @@ def main() -> None:
     # (name, command, input folder, output folder): inputs made by earlier routes
     routes = [
         ("hf->dcp", [*vl, "convert", str(src), str(work / "o"), "--to", "dcp", "-q"], src),
+        ("hf->dcp --max-memory 1GiB", [*vl, "convert", str(src), str(work / "o"), "--to", "dcp", "-q",
+                                       "--max-memory", "1GiB"], src),
         ("hf->dcp (torch: HF reader + dcp.save)", [py, "-c", PEER_HF_TO_DCP, str(src), str(work / "o")], src),
         ("hf->dcp torchrun 2 ranks", [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vlconvert",
                                       "convert", str(src), str(work / "o"), "--to", "dcp", "-q"], src),
@@ -184,6 +186,8 @@ def main() -> None:
                                           "-q"], mg),
         ("hf->hf (transformers load + save)", [py, "-c", PEER_TRANSFORMERS, str(src), str(work / "o")], src),
     ]
+    routes += [(f"fixed cost: {name} --dry-run", [*cmd, "--dry-run"], inp) for name, cmd, inp in routes
+               if name in ("hf->dcp", f"hf->megatron {' '.join(par)}")]
     skip = set(filter(None, args.skip.split(",")))
     if total * 2.2 > _ram_bytes():
         skip.add("hf->hf (transformers load + save)")
@@ -200,9 +204,9 @@ def main() -> None:
         pairs = []
         for _ in range(args.runs):
             cp_s, _ = timed(["cp", "-r", "--reflink=never", str(inp), str(work / "cp")], work / "cp")
+            shutil.rmtree(work / "cp")  # the disk holds the source, the route inputs and one output
             s, rss = timed(cmd, work / "o")
             pairs.append((s, cp_s, rss))
-        shutil.rmtree(work / "cp", ignore_errors=True)
         moved = folder_bytes(inp)
         row = {"route": name, "bytes": moved, "seconds": [p[0] for p in pairs], "cp_seconds": [p[1] for p in pairs],
                "ratios": [p[0] / p[1] for p in pairs], "peak_rss_mib": max(p[2] for p in pairs)}

@@ -6,6 +6,7 @@ symlink to the same folder, a trailing slash); inputs are hashed before and afte
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -324,3 +325,47 @@ def test_os_errors_are_plain_lines(tmp_path):
     blocked.write_text("not a folder")
     line = one_error_line("hf-to-dcp", FIX / "tiny-dense-tied", blocked / "out")
     assert "file" in line
+
+
+class _FillingFile:
+    """A raw file that fails with ENOSPC once ``room`` bytes have been written (what a full disk does)."""
+
+    def __init__(self, f, room: list[int]):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if self._room[0] < n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room[0] -= n
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("target", [["--to", "dcp"], ["--to", "megatron", "--tp", "2", "--ep", "2"],
+                                    ["--to", "hf"]])
+def test_disk_full_in_the_write_thread_is_one_line_and_publishes_nothing(work, tmp_path, monkeypatch, target):
+    """The disk fills while the background thread writes: the run stops with one line, nothing is left."""
+    real_init = publish.OutputFile.__init__
+    room = [600_000]  # bytes of the whole run that still fit
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._f = _FillingFile(self._f, room)
+
+    monkeypatch.setattr(publish.OutputFile, "__init__", init)
+    line = one_error_line("convert", work / "hf", tmp_path / "out", *target)
+    assert "disk full" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_in_the_checksum_thread_reaches_the_caller(tmp_path):
+    """Late bytes (a zip data descriptor) that cannot be made stop the file with the original error."""
+    f = publish.OutputFile(tmp_path / "x.bin", None, "x.bin")
+    f.write(b"a" * (2 << 20))
+    f.write_later(16, lambda: b"too short")
+    with pytest.raises(RuntimeError, match="late bytes"):
+        f.close()
+    assert f.closed
