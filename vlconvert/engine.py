@@ -473,12 +473,11 @@ class Converter:
                 for t in shard:
                     if writer.kept:  # --resume kept this shard
                         advance(t.nbytes)
-                    elif is_expert(t.name):
-                        for e in range(t.shape[0]):
-                            block = _cast(source.expert(t.name, e, layout), t.dtype).unsqueeze(0)
-                            advance(writer.write(t.name, block, row_offset=e))
-                    else:
-                        _stream_rows(source, t, writer, advance, self.block_bytes)
+                        continue
+                    row = 0
+                    for block in canonical_blocks(source, t.name, layout, t.dtype, self.block_bytes):
+                        advance(writer.write(t.name, block, row_offset=row))
+                        row += block.shape[0] if block.dim() else 1
                 ok = True
             finally:
                 if ok:
@@ -599,8 +598,8 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype, block: int = ROW_BLOCK
                      ) -> Iterator[torch.Tensor]:
-    """A canonical tensor as row blocks of about 64 MiB in ``dtype``; fused experts one expert at a time, in
-    ``layout`` (released or transformers5). Never more than one block in memory."""
+    """A canonical tensor as row blocks of about ``block`` bytes in ``dtype``; fused experts one expert at a time, in
+    ``layout`` (released or transformers5). Produced one block at a time."""
     if is_expert(name):
         for e in range(source.spec(name)[0][0]):
             yield _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
@@ -612,20 +611,6 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype,
     step = rows_per_block(shape, dtype, block)
     for a in range(0, shape[0], step):
         yield _cast(source.rows(Src(name), a, min(shape[0], a + step)), dtype)
-
-
-def _stream_rows(source: Source, t: PlannedTensor, writer: SafetensorsFileWriter,
-                 advance: Callable[[int], None], block: int = ROW_BLOCK) -> None:
-    """Write a non-expert tensor in row blocks of about 64 MiB."""
-    if not t.shape:
-        advance(writer.write(t.name, _cast(source.rows(Src(t.name), 0, 1), t.dtype)))
-        return
-    rows = t.shape[0]
-    row_bytes = max(1, t.nbytes // rows) if rows else 1
-    step = max(1, block // row_bytes)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        advance(writer.write(t.name, _cast(source.rows(Src(t.name), a, b), t.dtype), row_offset=a))
 
 
 def resident_bytes() -> int:

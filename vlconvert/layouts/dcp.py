@@ -37,6 +37,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts.filebytes import read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
 from vlconvert.publish import OutputFile, create_file, kept_state
 
@@ -251,9 +252,9 @@ class _FileWindow(io.RawIOBase):
         return got
 
 
-def _check_record(f: io.BufferedReader, chunk: Chunk) -> None:
+def _check_record(f: io.BufferedReader, chunk: Chunk) -> list[zipfile.ZipInfo]:
     """A chunk's record must be a torch zip whose entries are stored, each within the record's bytes
-    (torch.load would inflate a deflated entry to whatever size its directory claims)."""
+    (torch.load would inflate a deflated entry to whatever size its directory claims); its entries."""
     where = f"'{chunk.file}' is corrupt at byte {chunk.start}"
     window = _FileWindow(f, chunk.start, chunk.length)
     if window.read(4) != b"PK\x03\x04":
@@ -267,6 +268,7 @@ def _check_record(f: io.BufferedReader, chunk: Chunk) -> None:
         if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > chunk.length:
             raise UserError(f"{where}: record entry '{_one_line(entry.filename, 60)}' is compressed or larger "
                             "than the record")
+    return entries
 
 
 class DCPReader:
@@ -319,6 +321,7 @@ class DCPReader:
             self.tensors[key] = DCPTensor(key, tuple(entry.size), dtype, tuple(chunks))
         self._files: dict[Path, io.BufferedReader] = {}
         self._records: dict[Chunk, tuple[int, LazyTensor] | None] = {}
+        self._whole: tuple[Chunk, torch.Tensor] | None = None
 
     def _data_file_size(self, path: Path) -> int:
         """The size of a data file, refusing one missing or linked from outside the folder."""
@@ -345,52 +348,53 @@ class DCPReader:
     def _record(self, chunk: Chunk) -> tuple[int, LazyTensor] | None:
         """(absolute offset of its storage bytes, its tensor) of a chunk whose record holds one contiguous
         tensor, read from the record's zip directory and ``data.pkl`` only; None for any other record."""
-        if chunk in self._records:
-            return self._records[chunk]
-        f = self._open(chunk)
-        _check_record(f, chunk)
-        where = f"'{chunk.file}' is corrupt at byte {chunk.start}"
-        try:
-            found = self._locate(f, chunk, where)
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - BadZipFile (a bad CRC), struct.error...: all mean corrupt
-            raise UserError(f"{where}: the record is not a readable zip ({_one_line(exc, 60)})") from exc
-        self._records[chunk] = found
-        return found
+        if chunk not in self._records:
+            f = self._open(chunk)
+            self._records[chunk] = self._locate(f, chunk, _check_record(f, chunk))
+        return self._records[chunk]
 
-    def _locate(self, f: io.BufferedReader, chunk: Chunk, where: str) -> tuple[int, LazyTensor] | None:
-        with zipfile.ZipFile(_FileWindow(f, chunk.start, chunk.length)) as zf:
-            infos = zf.infolist()
-            pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-            if len(pkl) != 1 or pkl[0].file_size > _MAX_RECORD_PKL:
-                return None
-            tensor = restricted_load(zf.read(pkl[0]), where)
-        if not (isinstance(tensor, LazyTensor) and tensor.contiguous and tensor.dtype == chunk.dtype
-                and tensor.shape == chunk.sizes):
+    def _locate(self, f: io.BufferedReader, chunk: Chunk, infos: list[zipfile.ZipInfo]
+                ) -> tuple[int, LazyTensor] | None:
+        where = f"'{chunk.file}' is corrupt at byte {chunk.start}"
+        pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+        if len(pkl) != 1 or pkl[0].file_size > _MAX_RECORD_PKL:
             return None
+        raw = read_exact(f, self._entry_start(f, chunk, pkl[0], where), pkl[0].file_size, f"{where}: it ends early")
+        tensor = restricted_load(raw.numpy().tobytes(), where)
+        if not (isinstance(tensor, LazyTensor) and tensor.dtype == chunk.dtype and tensor.shape == chunk.sizes
+                and len(tensor.stride) == len(tensor.shape) and tensor.offset >= 0 and tensor.contiguous):
+            return None  # read whole by torch.load, which checks the rest
         prefix = pkl[0].filename[:-len("data.pkl")]
         data = next((i for i in infos if i.filename == f"{prefix}data/{tensor.key}"), None)
         size = element_size(tensor.dtype)
         if data is None or (tensor.offset + math.prod(tensor.shape)) * size > data.file_size:
             return None
-        f.seek(chunk.start + data.header_offset)
+        return self._entry_start(f, chunk, data, where) + tensor.offset * size, tensor
+
+    @staticmethod
+    def _entry_start(f: io.BufferedReader, chunk: Chunk, info: zipfile.ZipInfo, where: str) -> int:
+        """Absolute file offset of a stored entry's bytes, from its local header (checked to fit the record)."""
+        f.seek(chunk.start + info.header_offset)
         header = f.read(30)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
-            raise UserError(f"{where}: no zip header for its storage record")
+            raise UserError(f"{where}: no zip header for record entry '{_one_line(info.filename, 60)}'")
         n, m = struct.unpack("<HH", header[26:30])
-        start = data.header_offset + 30 + n + m
-        if start + data.file_size > chunk.length:
-            raise UserError(f"{where}: its storage record ends past the record")
-        return chunk.start + start + tensor.offset * size, tensor
+        start = info.header_offset + 30 + n + m
+        if start + info.file_size > chunk.length:
+            raise UserError(f"{where}: record entry '{_one_line(info.filename, 60)}' ends past the record")
+        return chunk.start + start
 
     def read_chunk_rows(self, chunk: Chunk, start: int, stop: int, index: tuple[int, ...] = ()) -> torch.Tensor:
         """``chunk[index][start:stop]`` (chunk-local coordinates): only those bytes are read when the record
-        holds one contiguous tensor (what ``dcp.save`` and vlconvert write), else the whole record."""
+        holds one contiguous tensor (what ``dcp.save`` and vlconvert write); any other record is loaded whole
+        once and kept until another one is needed."""
         k = len(index)
         found = self._record(chunk) if len(chunk.sizes) > k else None
         if found is None:
-            return self.read_chunk(chunk)[index][start:stop]
+            if self._whole is None or self._whole[0] != chunk:
+                self._whole = None  # drop the previous record before loading the next
+                self._whole = (chunk, self.read_chunk(chunk))
+            return self._whole[1][index][start:stop]
         offset, tensor = found
         rest = chunk.sizes[k + 1:]
         first = 0
@@ -398,18 +402,9 @@ class DCPReader:
             first = first * chunk.sizes[i] + d
         first = first * chunk.sizes[k] + start  # the row's place among rows of chunk.sizes[k + 1:]
         row_bytes = math.prod(rest) * element_size(tensor.dtype)
-        out = torch.empty((stop - start, *rest), dtype=tensor.dtype)
-        if out.numel():
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            f = self._open(chunk)
-            f.seek(offset + first * row_bytes)
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise UserError(f"'{chunk.file}' is truncated: a record at byte {chunk.start} ends early")
-                got += n
-        return out
+        raw = read_exact(self._open(chunk), offset + first * row_bytes, (stop - start) * row_bytes,
+                         f"'{chunk.file}' is truncated: a record at byte {chunk.start} ends early")
+        return raw.view(tensor.dtype).reshape((stop - start, *rest))
 
     def read_rows(self, key: str, start: int, stop: int, index: tuple[int, ...] = ()) -> torch.Tensor:
         """``tensor[index][start:stop]`` of tensor ``key``, reading only the rows of the chunks it overlaps."""
@@ -469,6 +464,7 @@ class DCPReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._whole = None
 
 
 def is_row_slab(chunk: Chunk, shape: tuple[int, ...]) -> bool:

@@ -19,6 +19,7 @@ from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts.filebytes import read_exact
 from vlconvert.publish import MANIFEST_NAME, copy_file, create_file, kept_state, write_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -264,17 +265,7 @@ class HFCheckpoint:
 
     def _read_bytes(self, path: Path, start: int, nbytes: int) -> torch.Tensor:
         """Read a byte range into fresh memory with plain reads (no mmap: RSS stays the tensor's size)."""
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        f = self._file(path)
-        f.seek(start)
-        view = memoryview(buffer.numpy())
-        got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise UserError(f"'{path}' is truncated: ended while reading tensor data")
-            got += n
-        return buffer
+        return read_exact(self._file(path), start, nbytes, f"'{path}' is truncated: ended while reading tensor data")
 
     def read(self, name: str) -> torch.Tensor:
         """Read one whole tensor."""

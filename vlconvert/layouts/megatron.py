@@ -42,6 +42,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts.filebytes import read_exact
 from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -220,10 +221,10 @@ class _ZipStream:
 
     _LIMIT = 0xFFFFFFFF
 
-    def __init__(self, f):
+    def __init__(self, f: OutputFile):
         self.f = f
         self.pos = 0
-        self.entries: list[tuple[bytes, int, int, int, int]] = []  # name, crc, size, header offset, flags
+        self.entries: list[tuple[bytes, int | Checksum, int, int, int]] = []  # name, crc, size, offset, flags
 
     def _write(self, data) -> None:
         self.f.write(data)
@@ -248,8 +249,7 @@ class _ZipStream:
     def add_stream(self, name: str, size: int, blocks: Iterable) -> None:
         """Append one record of exactly ``size`` bytes given as buffers in order; only one is held at a time.
 
-        Into an :class:`~vlconvert.publish.OutputFile` the CRC-32 is computed by its checksum thread and
-        the data descriptor is written once it is known; into any other file, here."""
+        The CRC-32 is computed by the file's checksum thread, and the data descriptor written once it is known."""
         raw_name, offset = name.encode(), self.pos
         zip64 = size >= self._LIMIT
         extra = struct.pack("<HHQQ", 1, 16, 0, 0) if zip64 else b""
@@ -260,18 +260,12 @@ class _ZipStream:
                                 stored, len(raw_name), len(extra)) + raw_name + extra)
         if self.pos % _ALIGN:  # pragma: no cover - guards the header arithmetic above
             raise RuntimeError("storage record is not 64-byte aligned")
-        background = isinstance(self.f, OutputFile)
         crc = Checksum()
         written = 0
         for block in blocks:
             view = memoryview(block).cast("B")
-            written += len(view)
-            if background:
-                self.f.write(view, crc=crc)
-                self.pos += len(view)
-            else:
-                crc.value = zlib.crc32(view, crc.value)
-                self._write(view)
+            written += self.f.write(view, crc=crc)
+        self.pos += written
         if written != size:
             raise RuntimeError(f"{name}: streamed {written} bytes, planned {size}")
 
@@ -279,10 +273,7 @@ class _ZipStream:
             return (struct.pack("<IIQQ", 0x08074B50, crc.value, size, size) if zip64
                     else struct.pack("<IIII", 0x08074B50, crc.value, size, size))
 
-        if background:
-            self.pos += self.f.write_later(24 if zip64 else 16, descriptor)
-        else:
-            self._write(descriptor())
+        self.pos += self.f.write_later(24 if zip64 else 16, descriptor)
         self.entries.append((raw_name, crc, size, offset, 0x08))
 
     def _directory(self, start: int) -> bytes:
@@ -308,11 +299,8 @@ class _ZipStream:
     def close(self) -> None:
         """Write the central directory and the end records."""
         start = self.pos
-        if isinstance(self.f, OutputFile) and any(isinstance(e[1], Checksum) for e in self.entries):
-            size = len(self._directory(start))  # the size does not depend on the CRCs
-            self.pos += self.f.write_later(size, lambda: self._directory(start))
-        else:
-            self._write(self._directory(start))
+        size = len(self._directory(start))  # the size does not depend on the CRCs
+        self.pos += self.f.write_later(size, lambda: self._directory(start))
 
 
 # ------------------------------------------------------------------------------------ pickle pre-scan
@@ -660,24 +648,15 @@ class RankFile:
         return flat.as_strided(t.shape, t.stride)[start:stop].clone()
 
     def _read_flat(self, t: LazyTensor, offset: int, count: int) -> torch.Tensor:
-        out = torch.empty(count, dtype=t.dtype)
         if count == 0:
-            return out
+            return torch.empty(0, dtype=t.dtype)
         size = element_size(t.dtype)
         info = self._records.get(t.key)
         if info is None or (offset + count) * size > info.file_size:
             raise UserError(f"'{self.path}' is truncated or corrupt: tensor bytes outside record '{t.key}'")
-        view = out.view(torch.uint8).numpy()
-        mv = memoryview(view)
-        got = 0
         with open(self.path, "rb") as f:
-            f.seek(self._data_start(t.key) + offset * size)
-            while got < view.nbytes:
-                n = f.readinto(mv[got:])
-                if not n:
-                    raise UserError(f"'{self.path}' is truncated: record '{t.key}' ends early")
-                got += n
-        return out
+            return read_exact(f, self._data_start(t.key) + offset * size, count * size,
+                              f"'{self.path}' is truncated: record '{t.key}' ends early").view(t.dtype)
 
 
 # ------------------------------------------------------------------------------------------ folders
