@@ -369,3 +369,22 @@ def test_a_failure_in_the_checksum_thread_reaches_the_caller(tmp_path):
     with pytest.raises(RuntimeError, match="late bytes"):
         f.close()
     assert f.closed
+
+
+def test_a_file_left_by_an_exception_is_never_journaled(tmp_path):
+    """``with create_file(...)`` left by an error must not record the partial file as finished."""
+
+    class Journal:
+        def __init__(self):
+            self.rehashed, self.entries = [], []
+
+        def journal(self, rel, size, sha256, state):
+            self.entries.append((rel, size))
+
+    journal = Journal()
+    with pytest.raises(OSError), publish.OutputFile(tmp_path / "a.bin", journal, "a.bin") as f:
+        f.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with publish.OutputFile(tmp_path / "b.bin", journal, "b.bin") as f:
+        f.write(b"y" * 10)
+    assert journal.entries == [("b.bin", 10)]

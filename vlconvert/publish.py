@@ -323,6 +323,14 @@ class OutputFile(io.RawIOBase):
                 self.stage.rehashed.append(self.rel)
             self.stage.journal(self.rel, size, digest, self.state)
 
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Leaving a ``with`` block by an exception closes without journaling: a partly written file must
+        never be recorded as finished (``--resume`` would keep it)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
     def abort(self) -> None:
         """Close without journaling (the caller is failing)."""
         if self._threads:
