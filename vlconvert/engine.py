@@ -359,11 +359,22 @@ class Converter:
         publishes. The output is byte-identical whatever the number of ranks. ``--resume`` is single-process."""
         import torch.distributed as dist
 
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group("gloo")
+        try:
+            return self._run_rank(progress)
+        finally:  # gloo's worker threads outliving the interpreter abort the process at exit (SIGABRT)
+            if owned and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _run_rank(self, progress: Progress | None) -> Result:
+        """The body of :meth:`_run_distributed`, run inside the process group."""
+        import torch.distributed as dist
+
         from vlconvert.errors import one_line
         from vlconvert.publish import attached_stage
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if self.resume:
             raise UserError("--resume is not supported under torchrun yet: resume with a single process")
