@@ -244,6 +244,7 @@ def counting(real):
     return write
 publish.OutputFile.write = counting(publish.OutputFile.write)
 publish.OutputFile.write_later = counting(publish.OutputFile.write_later)
+publish.OutputFile.copy_range = counting(publish.OutputFile.copy_range)
 main(sys.argv[2:], prog_name="vlconvert")
 """
 
@@ -355,7 +356,14 @@ def test_disk_full_in_the_write_thread_is_one_line_and_publishes_nothing(work, t
         real_init(self, *args, **kwargs)
         self._f = _FillingFile(self._f, room)
 
+    def kernel_copy(src, dst, size, src_offset, dst_offset):  # copy_file_range fills the same disk
+        if room[0] < size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        room[0] -= size
+        return os.copy_file_range(src, dst, size, src_offset, dst_offset)
+
     monkeypatch.setattr(publish.OutputFile, "__init__", init)
+    monkeypatch.setattr(publish, "kernel_copy", kernel_copy)
     line = one_error_line("convert", work / "hf", tmp_path / "out", *target)
     assert "disk full" in line, line
     assert list(tmp_path.iterdir()) == []

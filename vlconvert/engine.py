@@ -28,6 +28,7 @@ from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
+from vlconvert.layouts.filebytes import FileSpan, block_nbytes
 from vlconvert.layouts.hf import (
     INDEX_NAME,
     PlannedTensor,
@@ -52,6 +53,7 @@ from vlconvert.plan import (
     out_dtype,
     rank_tensor_blocks,
     rows_per_block,
+    source_row_blocks,
 )
 from vlconvert.publish import copy_file, staged_output, write_bytes
 from vlconvert.sources import Source, open_source, preview
@@ -488,7 +490,7 @@ class Converter:
                     row = 0
                     for block in canonical_blocks(source, t.name, layout, t.dtype, self.block_bytes):
                         advance(writer.write(t.name, block, row_offset=row))
-                        row += block.shape[0] if block.dim() else 1
+                        row += block.shape[0] if len(block.shape) else 1
                 ok = True
             finally:
                 if ok:
@@ -593,11 +595,12 @@ def _nesting(key: str, prefix: str) -> tuple:
     return (root, key[len(root) + 1:])
 
 
-def _counted(blocks: Iterator[torch.Tensor], advance: Callable[[int], None]) -> Iterator[torch.Tensor]:
+def _counted(blocks: Iterator[torch.Tensor | FileSpan], advance: Callable[[int], None]
+             ) -> Iterator[torch.Tensor | FileSpan]:
     """Pass ``blocks`` through, advancing the progress bar by each block's bytes as it is written."""
     for block in blocks:
         yield block
-        advance(block.numel() * block.element_size())
+        advance(block_nbytes(block))
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -608,20 +611,23 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype, block: int = ROW_BLOCK
-                     ) -> Iterator[torch.Tensor]:
+                     ) -> Iterator[torch.Tensor | FileSpan]:
     """A canonical tensor as row blocks of about ``block`` bytes in ``dtype``; fused experts one expert at a time, in
-    ``layout`` (released or transformers5). Produced one block at a time."""
+    ``layout`` (released or transformers5). Produced one block at a time; blocks that lie verbatim in a
+    source file come as :class:`FileSpan` (the writer copies them file to file)."""
     if is_expert(name):
         for e in range(source.spec(name)[0][0]):
-            yield _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
+            span = source.expert_span(name, e, layout)
+            if span is not None and span.dtype == dtype:
+                yield span.reshape((1, *span.shape))
+            else:
+                yield _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
         return
     shape = tuple(source.spec(name)[0])
     if not shape:
         yield _cast(source.rows(Src(name), 0, 1), dtype)
         return
-    step = rows_per_block(shape, dtype, block)
-    for a in range(0, shape[0], step):
-        yield _cast(source.rows(Src(name), a, min(shape[0], a + step)), dtype)
+    yield from source_row_blocks(source, Src(name), 0, shape[0], dtype, rows_per_block(shape, dtype, block))
 
 
 def resident_bytes() -> int:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from vlconvert.dtypes import dtype_name, element_size
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import PlannedTensor
-from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor
+from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor, Src
 from vlconvert.sources import Source
 
 
@@ -117,9 +118,9 @@ def rows_per_block(shape: tuple[int, ...], dtype: torch.dtype, block: int = ROW_
     return max(1, block // max(1, row_bytes))
 
 
-def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) -> Iterator[torch.Tensor]:
+def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) -> Iterator[torch.Tensor | FileSpan]:
     """One Megatron rank tensor as row blocks of about ``block`` bytes: its row map (or its column block)
-    executed block by block."""
+    executed block by block. Rows that lie verbatim in a source file come as :class:`FileSpan`."""
     step = rows_per_block(t.shape, t.dtype, block)
     if t.axis == 1:
         src, a, b = t.segs[0]
@@ -127,9 +128,24 @@ def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) ->
             yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(t.dtype).contiguous()
         return
     for src, a, b in t.segs:
-        for r in range(a, b, step):
-            stop = min(b, r + step)
-            if src is None:  # vocabulary padding
-                yield torch.zeros((stop - r, *t.shape[1:]), dtype=t.dtype)
-            else:
-                yield source.rows(src, r, stop).to(t.dtype)
+        if src is not None:
+            yield from source_row_blocks(source, src, a, b, t.dtype, step)
+            continue
+        for r in range(a, b, step):  # vocabulary padding
+            yield torch.zeros((min(b, r + step) - r, *t.shape[1:]), dtype=t.dtype)
+
+
+def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: torch.dtype, step: int
+                      ) -> Iterator[torch.Tensor | FileSpan]:
+    """Rows ``start:stop`` of source matrix ``src`` in ``dtype``, at most ``step`` rows a block: a
+    :class:`FileSpan` for each run of rows that lies verbatim in a file, tensors for the rest."""
+    r = start
+    while r < stop:
+        end = min(stop, r + step)
+        span = source.row_span(src, r, end)
+        if span is not None and span.dtype == dtype and span.shape[0] > 0:
+            yield span
+            r += span.shape[0]
+        else:
+            yield source.rows(src, r, end).to(dtype)
+            r = end

@@ -45,6 +45,10 @@ MANIFEST_NAME = "vlconvert-manifest.json"
 _HASH_BLOCK = 16 * 2**20
 BACKGROUND_MIN = 2**20  # buffers this large are written by a background thread (see OutputFile)
 QUEUE_DEPTH = 2  # buffers queued for that thread at most: memory is this many blocks more
+COPY_CHUNK = 4 * 2**20  # bytes the checksum thread reads at a time from a copied range (see copy_range)
+# errors of copy_file_range that mean "not between these files" (another file system, an old kernel, a
+# special file): the range is then copied through memory; ENOSPC, EIO and the rest are real errors
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 _ACTIVE: dict[Path, Stage] = {}  # staging folder -> its Stage, for create_file / kept_state
 
@@ -176,6 +180,10 @@ class OutputFile(io.RawIOBase):
     descriptor) are handed over as a function with their size (:meth:`write_later`). An error in a thread
     (a full disk) is raised by the next call here.
 
+    A range of an input file that goes to the output unchanged is handed over as its place
+    (:meth:`copy_range`): the write thread copies it inside the kernel (``os.copy_file_range``, as
+    ``cp`` does) and the checksum thread reads it once, a block at a time, to hash it.
+
     Writers that write strictly in order are hashed without re-reading; one that seeks back (none of
     vlconvert's do) is re-read once at close. ``state`` is plain JSON a writer needs to skip this file on
     ``--resume`` (e.g. the DCP records it holds).
@@ -218,15 +226,22 @@ class OutputFile(io.RawIOBase):
             # the caller may reuse a small buffer; a view without an owner (torch.save's writes) may be
             # freed as soon as this returns
             view = memoryview(bytes(view))
-        self._put((self._pos, view, crc))
+        self._put((self._pos, view, crc), len(view))
         return len(view)
 
     def write_later(self, size: int, make: Callable[[], bytes]) -> int:
         """Queue ``size`` bytes that ``make()`` returns once every earlier buffer has been checksummed."""
-        self._put((self._pos, make, size))
+        self._put((self._pos, make, size), size)
         return size
 
-    def _put(self, item: tuple) -> None:
+    def copy_range(self, path: str | Path, offset: int, size: int, crc: Checksum | None = None) -> int:
+        """Queue bytes ``offset:offset+size`` of input file ``path`` to be written here unchanged (a kernel
+        copy); ``crc`` is advanced over them, in order. An input that ends early is one :class:`UserError`."""
+        if size:
+            self._put((self._pos, _Range(Path(path), offset, size), crc), size)
+        return size
+
+    def _put(self, item: tuple, size: int) -> None:
         if self._error is not None:
             self._raise()
         if not self._threads:
@@ -237,48 +252,71 @@ class OutputFile(io.RawIOBase):
                 thread.start()
         assert self._to_check is not None
         self._to_check.put(item)
-        self._pos += item[2] if callable(item[1]) else len(item[1])
+        self._pos += size
 
     def _check_queued(self) -> None:
         """Checksum thread: hash (and CRC) queued buffers in order, resolve late bytes, pass them on."""
         assert self._to_check is not None and self._to_write is not None
-        while (item := self._to_check.get()) is not None:
-            if self._error is not None:
-                continue  # drain without work
-            pos, view, extra = item
-            try:
-                if callable(view):
-                    view = memoryview(view()).cast("B")
-                    if len(view) != extra:
-                        raise RuntimeError(f"{self.rel}: {len(view)} late bytes, {extra} announced")
-                elif extra is not None:
-                    extra.value = zlib.crc32(view, extra.value)
-                if pos == self._hashed and self._in_order:
-                    self._hash.update(view)
-                    self._hashed += len(view)
-                else:
-                    self._in_order = False
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                self._error = exc
-                continue
-            self._to_write.put((pos, view))
-        self._to_write.put(None)
+        inputs = _Inputs()
+        buffer = None
+        try:
+            while (item := self._to_check.get()) is not None:
+                if self._error is not None:
+                    continue  # drain without work
+                pos, data, extra = item
+                try:
+                    if isinstance(data, _Range):
+                        buffer = buffer or memoryview(bytearray(COPY_CHUNK))
+                        done = 0
+                        for view in inputs.chunks(data, buffer):
+                            self._checksum(pos + done, view, extra)
+                            done += len(view)
+                    else:
+                        if callable(data):
+                            data = memoryview(data()).cast("B")
+                            if len(data) != extra:
+                                raise RuntimeError(f"{self.rel}: {len(data)} late bytes, {extra} announced")
+                            extra = None
+                        self._checksum(pos, data, extra)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+                    continue
+                self._to_write.put((pos, data))
+        finally:
+            inputs.close()
+            self._to_write.put(None)
+
+    def _checksum(self, pos: int, view: memoryview, crc: Checksum | None) -> None:
+        if crc is not None:
+            crc.value = zlib.crc32(view, crc.value)
+        if pos == self._hashed and self._in_order:
+            self._hash.update(view)
+            self._hashed += len(view)
+        else:
+            self._in_order = False
 
     def _write_queued(self) -> None:
         """Write thread: write queued buffers at their positions until ``None``; keep the first error."""
         assert self._to_write is not None
-        while (item := self._to_write.get()) is not None:
-            if self._error is not None:
-                continue  # drain without writing
-            pos, view = item
-            try:
-                if self._f.tell() != pos:
-                    self._f.seek(pos)
-                written = 0
-                while written < len(view):  # raw writes may be short
-                    written += self._f.write(view[written:]) or 0
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                self._error = exc
+        inputs = _Inputs()
+        try:
+            while (item := self._to_write.get()) is not None:
+                if self._error is not None:
+                    continue  # drain without writing
+                pos, data = item
+                try:
+                    if isinstance(data, _Range):
+                        inputs.copy(data, self._f, pos)
+                        continue
+                    if self._f.tell() != pos:
+                        self._f.seek(pos)
+                    written = 0
+                    while written < len(data):  # raw writes may be short
+                        written += self._f.write(data[written:]) or 0
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+        finally:
+            inputs.close()
 
     def _drain(self) -> None:
         """Wait until every queued buffer is written; raise a background thread's error, if any."""
@@ -339,6 +377,85 @@ class OutputFile(io.RawIOBase):
         if not self.closed:
             super().close()
             self._f.close()
+
+
+class _Range:
+    """Bytes ``offset:offset+size`` of an input file, queued by :meth:`OutputFile.copy_range`."""
+
+    __slots__ = ("path", "offset", "size")
+
+    def __init__(self, path: Path, offset: int, size: int):
+        self.path, self.offset, self.size = path, offset, size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def kernel_copy(src: int, dst: int, size: int, src_offset: int, dst_offset: int) -> int:
+    """``os.copy_file_range`` (a name the tests can replace to fill the disk)."""
+    return os.copy_file_range(src, dst, size, src_offset, dst_offset)
+
+
+class _Inputs:
+    """Input files a background thread of :class:`OutputFile` reads ranges from, opened once each."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._kernel = True  # copy_file_range works between these files (until it says otherwise)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+        return fd
+
+    def _short(self, r: _Range, done: int) -> UserError:
+        return UserError(f"'{r.path}' is truncated: it ended at byte {r.offset + done} while {r.size} bytes "
+                         f"from byte {r.offset} were being copied")
+
+    def chunks(self, r: _Range, buffer: memoryview) -> Iterator[memoryview]:
+        """The range read into ``buffer`` a part at a time (each view is valid until the next)."""
+        fd, done = self._fd(r.path), 0
+        while done < r.size:
+            want = min(len(buffer), r.size - done)
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [buffer[got:want]], r.offset + done + got)
+                if not n:
+                    raise self._short(r, done + got)
+                got += n
+            yield buffer[:want]
+            done += want
+
+    def copy(self, r: _Range, out: io.RawIOBase, pos: int) -> None:
+        """Write the range at ``pos`` of ``out``: in the kernel where it can, else through memory."""
+        fd, done = self._fd(r.path), 0
+        while self._kernel and done < r.size:
+            try:
+                n = kernel_copy(fd, out.fileno(), r.size - done, r.offset + done, pos + done)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._kernel = False
+                break
+            if not n:
+                raise self._short(r, done)
+            done += n
+        if done < r.size:
+            buffer = memoryview(bytearray(min(COPY_CHUNK, r.size - done)))
+            out.seek(pos + done)
+            for view in self.chunks(_Range(r.path, r.offset + done, r.size - done), buffer):
+                written = 0
+                while written < len(view):
+                    written += out.write(view[written:]) or 0
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def sha256_file(path: Path) -> str:

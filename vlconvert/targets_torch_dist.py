@@ -85,7 +85,8 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
             if writer.skipping:
                 writer.write_chunk(gk.key, torch.empty((1,) * len(gk.index) + t.shape, device="meta"), offsets, size)
             else:
-                blocks = TensorBlocks((1,) * len(gk.index) + t.shape, t.dtype, rank_tensor_blocks(t, source))
+                blocks = TensorBlocks((1,) * len(gk.index) + t.shape, t.dtype,
+                                      rank_tensor_blocks(t, source, conv.block_bytes))
                 writer.write_chunk(gk.key, blocks, offsets, size, lead=len(gk.index))
             advance(t.nbytes)
             for key in extras:

@@ -37,7 +37,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.filebytes import read_exact
+from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
 from vlconvert.publish import OutputFile, create_file, kept_state
 
@@ -388,23 +388,48 @@ class DCPReader:
         """``chunk[index][start:stop]`` (chunk-local coordinates): only those bytes are read when the record
         holds one contiguous tensor (what ``dcp.save`` and vlconvert write); any other record is loaded whole
         once and kept until another one is needed."""
-        k = len(index)
-        found = self._record(chunk) if len(chunk.sizes) > k else None
-        if found is None:
+        span = self._chunk_span(chunk, start, stop, index)
+        if span is None:
             if self._whole is None or self._whole[0] != chunk:
                 self._whole = None  # drop the previous record before loading the next
                 self._whole = (chunk, self.read_chunk(chunk))
             return self._whole[1][index][start:stop]
+        raw = read_exact(self._open(chunk), span.offset, span.nbytes,
+                         f"'{chunk.file}' is truncated: a record at byte {chunk.start} ends early")
+        return raw.view(span.dtype).reshape(span.shape)
+
+    def _chunk_span(self, chunk: Chunk, start: int, stop: int, index: tuple[int, ...]) -> FileSpan | None:
+        """Where ``chunk[index][start:stop]`` (chunk-local) lies in the record's storage, when the record
+        holds one contiguous tensor; else None."""
+        k = len(index)
+        found = self._record(chunk) if len(chunk.sizes) > k else None
+        if found is None:
+            return None
         offset, tensor = found
-        rest = chunk.sizes[k + 1:]
         first = 0
         for i, d in enumerate(index):
             first = first * chunk.sizes[i] + d
         first = first * chunk.sizes[k] + start  # the row's place among rows of chunk.sizes[k + 1:]
+        rest = tuple(chunk.sizes[k + 1:])
         row_bytes = math.prod(rest) * element_size(tensor.dtype)
-        raw = read_exact(self._open(chunk), offset + first * row_bytes, (stop - start) * row_bytes,
-                         f"'{chunk.file}' is truncated: a record at byte {chunk.start} ends early")
-        return raw.view(tensor.dtype).reshape((stop - start, *rest))
+        return FileSpan(Path(chunk.file), offset + first * row_bytes, (stop - start, *rest), tensor.dtype)
+
+    def span(self, key: str, start: int, stop: int, index: tuple[int, ...] = ()) -> FileSpan | None:
+        """Where ``tensor[index][start:...]`` of ``key`` lies verbatim in one record: up to row ``stop``
+        or the end of the chunk holding row ``start``; None when that chunk holds part of each row or
+        its record is not one contiguous tensor."""
+        entry = self.tensors[key]
+        k = len(index)
+        for chunk in entry.chunks:
+            if 0 in chunk.sizes or not all(o <= i < o + n for i, o, n in zip((*index, start), chunk.offsets,
+                                                                              chunk.sizes, strict=False)):
+                continue
+            if tuple(chunk.sizes[k + 1:]) != tuple(entry.shape[k + 1:]):
+                return None
+            stop = min(stop, chunk.offsets[k] + chunk.sizes[k])
+            local = tuple(i - o for i, o in zip(index, chunk.offsets, strict=False))
+            return self._chunk_span(chunk, start - chunk.offsets[k], stop - chunk.offsets[k], local)
+        return None
 
     def read_rows(self, key: str, start: int, stop: int, index: tuple[int, ...] = ()) -> torch.Tensor:
         """``tensor[index][start:stop]`` of tensor ``key``, reading only the rows of the chunks it overlaps."""

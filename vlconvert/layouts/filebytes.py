@@ -1,11 +1,15 @@
-"""Exact byte ranges of a file read into fresh tensor memory, shared by every format's reader."""
+"""Byte ranges of files: exact reads into fresh tensor memory, and spans writers copy verbatim."""
 
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 
 
@@ -23,3 +27,36 @@ def read_exact(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, tru
                 raise UserError(truncated)
             got += n
     return out
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Rows of a tensor that lie in a file exactly as a writer would store them (C order, little-endian):
+    ``shape`` and ``dtype`` at bytes ``offset:offset+nbytes`` of ``path``. Readers hand these out for
+    rows they can copy verbatim, and writers copy them file to file (``OutputFile.copy_range``)
+    instead of reading them into memory and writing them out again."""
+
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+    def rows(self, start: int, stop: int) -> FileSpan:
+        """Rows ``start:stop`` of this span (first dimension)."""
+        row = math.prod(self.shape[1:]) * element_size(self.dtype)
+        return FileSpan(self.path, self.offset + start * row, (stop - start, *self.shape[1:]), self.dtype)
+
+    def reshape(self, shape: tuple[int, ...]) -> FileSpan:
+        """The same bytes seen with another shape of as many elements."""
+        if math.prod(shape) != math.prod(self.shape):
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return FileSpan(self.path, self.offset, tuple(shape), self.dtype)
+
+
+def block_nbytes(block: torch.Tensor | FileSpan) -> int:
+    """Bytes of a block a writer is given: a tensor in memory or a :class:`FileSpan`."""
+    return block.nbytes if isinstance(block, FileSpan) else block.numel() * block.element_size()

@@ -19,7 +19,7 @@ from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.filebytes import read_exact
+from vlconvert.layouts.filebytes import FileSpan, block_nbytes, read_exact
 from vlconvert.publish import MANIFEST_NAME, copy_file, create_file, kept_state, write_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -282,6 +282,12 @@ class HFCheckpoint:
         data = self._read_bytes(info.file, info.start + start * row, max(0, stop - start) * row)
         return data.view(info.dtype).reshape((max(0, stop - start), *info.shape[1:]))
 
+    def span(self, name: str, start: int, stop: int) -> FileSpan:
+        """Where rows ``start:stop`` of the first dimension lie in their file."""
+        info = self.tensors[name]
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return FileSpan(info.file, info.start + start * row, (stop - start, *info.shape[1:]), info.dtype)
+
     def read_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         """Read ``tensor[index]`` (basic slices): only the rows the first slice names are read."""
         info = self.tensors[name]
@@ -383,27 +389,30 @@ class SafetensorsFileWriter:
         if self._f is not None:
             self._f.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> int:
-        """Write ``tensor`` as the whole of ``name``, or rows starting at ``row_offset``; return bytes."""
+    def write(self, name: str, tensor: torch.Tensor | FileSpan, row_offset: int = 0) -> int:
+        """Write ``tensor`` (or a :class:`FileSpan`, copied file to file) as the whole of ``name``, or rows
+        starting at ``row_offset``; return bytes."""
         planned = self.tensors[name]
         if tensor.dtype != planned.dtype:
             raise ValueError(f"{name}: writing {tensor.dtype}, planned {planned.dtype}")
-        tensor = tensor.contiguous()
         if row_offset == 0 and tuple(tensor.shape) == planned.shape:
             pos = 0
         else:
             if tuple(tensor.shape[1:]) != planned.shape[1:] or row_offset + tensor.shape[0] > planned.shape[0]:
                 raise ValueError(f"{name}: rows {row_offset}+{tuple(tensor.shape)} outside {planned.shape}")
             pos = row_offset * (planned.nbytes // planned.shape[0])
-        data = tensor.reshape(-1).view(torch.uint8).numpy()
-        self.written += data.nbytes
+        nbytes = block_nbytes(tensor)
+        self.written += nbytes
         if self._f is None:
-            return data.nbytes
+            return nbytes
         where = self.data_start + self.offsets[name] + pos
         if self._f.tell() != where:
             self._f.seek(where)
-        self._f.write(memoryview(data))
-        return data.nbytes
+        if isinstance(tensor, FileSpan):
+            self._f.copy_range(tensor.path, tensor.offset, nbytes)
+        else:
+            self._f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        return nbytes
 
     def abort(self) -> None:
         """Close the file after a failure without checking it (the caller discards it)."""

@@ -42,7 +42,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.filebytes import read_exact
+from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -196,12 +196,14 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: torch.dtype, data: torc
     zf.close()
 
 
-def _raw(tensor: torch.Tensor):
-    """The bytes of a tensor, as a buffer (no copy for a contiguous tensor)."""
+def _raw(tensor: torch.Tensor | FileSpan):
+    """The bytes of a tensor, as a buffer (no copy for a contiguous tensor); a FileSpan stays one."""
+    if isinstance(tensor, FileSpan):
+        return tensor
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _check_block(e: RankEntry, block: torch.Tensor, whole: bool = False) -> torch.Tensor:
+def _check_block(e: RankEntry, block: torch.Tensor | FileSpan, whole: bool = False) -> torch.Tensor | FileSpan:
     """A produced tensor (or row block) must have the planned dtype and trailing shape."""
     shape_ok = tuple(block.shape) == e.shape if whole else tuple(block.shape[1:]) == e.shape[1:]
     if block.dtype != e.dtype or not shape_ok:
@@ -263,8 +265,10 @@ class _ZipStream:
         crc = Checksum()
         written = 0
         for block in blocks:
-            view = memoryview(block).cast("B")
-            written += self.f.write(view, crc=crc)
+            if isinstance(block, FileSpan):  # bytes of an input file: copied file to file
+                written += self.f.copy_range(block.path, block.offset, block.nbytes, crc=crc)
+            else:
+                written += self.f.write(memoryview(block).cast("B"), crc=crc)
         self.pos += written
         if written != size:
             raise RuntimeError(f"{name}: streamed {written} bytes, planned {size}")
@@ -646,6 +650,19 @@ class RankFile:
         span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride, strict=True) if n > 0)
         flat = self._read_flat(t, t.offset, span)
         return flat.as_strided(t.shape, t.stride)[start:stop].clone()
+
+    def span(self, name: str, start: int, stop: int) -> FileSpan | None:
+        """Where rows ``start:stop`` of dim 0 lie in the file (a contiguous tensor), or None."""
+        t = self.tensors[name]
+        if not t.contiguous or not t.shape:
+            return None
+        rest = tuple(t.shape[1:])
+        row, size = math.prod(rest), element_size(t.dtype)
+        info = self._records.get(t.key)
+        if info is None or (t.offset + stop * row) * size > info.file_size:
+            raise UserError(f"'{self.path}' is truncated or corrupt: tensor bytes outside record '{t.key}'")
+        return FileSpan(self.path, self._data_start(t.key) + (t.offset + start * row) * size, (stop - start, *rest),
+                        t.dtype)
 
     def _read_flat(self, t: LazyTensor, offset: int, count: int) -> torch.Tensor:
         if count == 0:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
 from vlconvert.models.qwen3vl_megatron import Src, source_shape
@@ -45,6 +47,21 @@ class Source:
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a source matrix (an expert in Megatron's [out, in] orientation)."""
         raise NotImplementedError
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        """Where :meth:`rows` ``start:stop`` lie verbatim in a file, for a writer to copy them file to
+        file: the span may stop before ``stop`` (rows ``start:start+len``, where one file piece ends);
+        None when row ``start`` must be read (assembled, transposed, dequantized or merged)."""
+        return None
+
+    def expert_span(self, name: str, expert: int, layout: str) -> FileSpan | None:
+        """Where :meth:`expert` lies verbatim in a file (shape: the matrix), or None."""
+        if layout != "transformers5":  # Megatron's [out, in]: the rows of the source matrix
+            return None
+        src = Src(name, expert)
+        rows = self.matrix_shape(src)[0]
+        span = self.row_span(src, 0, rows)
+        return span if span is not None and span.shape[0] == rows else None
 
     def matrix_shape(self, src: Src) -> tuple[int, ...]:
         """Shape of a source matrix (a whole tensor, or one expert as [out, in])."""
@@ -120,3 +137,10 @@ class RankMappedSource(Source):
 
     def matrix_shape(self, src: Src) -> tuple[int, ...]:
         return source_shape(self.skeleton, src)
+
+    def _as_rows(self, src: Src, span: FileSpan | None) -> FileSpan | None:
+        """A rank tensor's rows seen as rows of source matrix ``src`` (None stays None)."""
+        if span is None:
+            return None
+        shape = (span.shape[0], *self.matrix_shape(src)[1:])
+        return span.reshape(shape) if math.prod(shape) == math.prod(span.shape) else None

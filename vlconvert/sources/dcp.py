@@ -10,6 +10,7 @@ import torch
 
 from vlconvert.errors import UserError
 from vlconvert.layouts.dcp import DCPReader
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, expert_layout_of, is_expert
 from vlconvert.models.qwen3vl_megatron import Src
 from vlconvert.sources.base import Source, skeleton_for
@@ -164,6 +165,30 @@ class DCPSource(Source):
             block = self._stored_rows(key, e * view[1], (e + 1) * view[1])
         matrix = block.t() if layout == "released" else block
         return matrix[start:stop].contiguous()
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        key = self.key(src.hf)
+        if not self.reader.tensors[key].shape:
+            return None
+        if src.expert is None:
+            return self.reader.span(key, start, stop)
+        layout, view = self.expert_layout(src.hf)
+        if layout != "transformers5":  # stored [in, out]: Megatron's rows are columns here
+            return None
+        if view is None:
+            return self.reader.span(key, start, stop, (src.expert,))
+        first = src.expert * view[1]
+        return self.reader.span(key, first + start, first + stop)
+
+    def expert_span(self, name: str, expert: int, layout: str) -> FileSpan | None:
+        stored, view = self.expert_layout(name)
+        if stored != layout:
+            return None
+        key = self.key(name)
+        if view is None:
+            span = self.reader.span(key, expert, expert + 1)
+            return None if span is None else span.reshape(span.shape[1:])
+        return self.reader.span(key, expert * view[1], (expert + 1) * view[1])
 
     def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
         stored, view = self.expert_layout(name)

@@ -19,6 +19,7 @@ import torch
 
 from vlconvert.dtypes import dtype_name
 from vlconvert.errors import UserError
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import read_config_json
 from vlconvert.models.qwen3vl_megatron import Src
 from vlconvert.publish import write_bytes
@@ -151,6 +152,14 @@ class FP8Source(HFSource):
         if name in self.per_expert:  # assembled and dequantized by _expert
             return Source.expert(self, name, expert, layout)
         return super().expert(name, expert, layout)
+
+    def expert_span(self, name: str, expert: int, layout: str) -> FileSpan | None:
+        return None if name in self.per_expert else super().expert_span(name, expert, layout)
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        if src.hf in self.scales or src.hf in self.per_expert:  # dequantized or assembled: read
+            return None
+        return super().row_span(src, start, stop)
 
     def _expert(self, src: Src) -> torch.Tensor:
         """Expert ``src.expert`` as Megatron holds it ([out, in]): per-expert keys are dequantized and, for

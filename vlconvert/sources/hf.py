@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from vlconvert.errors import UserError
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import HFCheckpoint
 from vlconvert.models.qwen3vl import EMBED, Skeleton, build_skeleton, expert_layout_of, is_expert, read_config_json
 from vlconvert.models.qwen3vl_megatron import Src
@@ -96,6 +97,21 @@ class HFSource(Source):
         if self.stored_layout(name) == layout:
             return self.checkpoint.read_rows(name, expert, expert + 1)[0]
         return super().expert(name, expert, layout)
+
+    def expert_span(self, name: str, expert: int, layout: str) -> FileSpan | None:
+        if self.stored_layout(name) != layout:
+            return None
+        span = self.checkpoint.span(name, expert, expert + 1)
+        return span.reshape(span.shape[1:])
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        if src.expert is not None:
+            if self.stored_layout(src.hf) != "transformers5":
+                return None
+            return self.expert_span(src.hf, src.expert, "transformers5").rows(start, stop)
+        if not self.checkpoint.tensors[src.hf].shape:
+            return None
+        return self.checkpoint.span(src.hf, start, stop)
 
     def _expert(self, src: Src) -> torch.Tensor:
         if self._expert_cache is not None and self._expert_cache[0] == src:

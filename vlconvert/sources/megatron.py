@@ -11,6 +11,7 @@ import torch
 
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, load_config
 from vlconvert.models.qwen3vl_megatron import MLM, MegatronPlan, RankTensor, Src, plan_megatron_ranks
 from vlconvert.sources.base import RankMappedSource
@@ -74,6 +75,13 @@ class MegatronSource(RankMappedSource):
 
     def names(self) -> list[str]:
         return self.skeleton.hf_keys()
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        for p in self.pieces[src]:
+            if p.axis == 0 and p.start <= start < p.stop:
+                return self._as_rows(src, self.files[p.rank].span(p.name, p.offset + start - p.start,
+                                                                  p.offset + min(stop, p.stop) - p.start))
+        return None  # split over columns: read
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
         pieces = self.pieces[src]

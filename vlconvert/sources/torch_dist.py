@@ -15,6 +15,7 @@ import torch
 from vlconvert.errors import UserError
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
 from vlconvert.models.qwen3vl_megatron import MLM, RankTensor, Src, plan_megatron_ranks
 from vlconvert.sources.base import RankMappedSource, skeleton_for
@@ -129,6 +130,14 @@ class TorchDistSource(RankMappedSource):
 
     def names(self) -> list[str]:
         return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if is_expert(n) else Src(n)) in self.pieces]
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        for p in self.pieces[src]:
+            if p.axis == 1 or p.start <= start < p.stop:  # axis 1: the whole source (tp 1)
+                key, index = self.locations[p.tensor]
+                shift, end = (0, stop) if p.axis == 1 else (p.offset - p.start, min(stop, p.stop))
+                return self._as_rows(src, self.reader.span(key, start + shift, end + shift, index))
+        return None
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
         pieces = self.pieces[src]
