@@ -12,7 +12,8 @@ then times each route in its own process (wall time including ``sync``, peak RSS
 it (the disk of a shared machine drifts; a ratio to the neighbouring copy is steadier than to one copy).
 Prints medians with min-max, and ratios. Routes:
 
-* hf->dcp, dcp->hf, hf->megatron (tp 2, and ep 4 for MoE), megatron->hf, reshard (to tp 1 / ep 2);
+* hf->dcp, dcp->hf, hf->megatron (tp 2, and ep 4 for MoE), megatron->hf, reshard (to tp 1 / ep 2), hf->hf
+  (re-shard and re-hash: transformers' peer route);
 * peers: ``HuggingFaceStorageReader`` + ``dcp.save`` (hf->dcp), ``dcp.load`` + ``HuggingFaceStorageWriter``
   (dcp->hf), transformers ``from_pretrained`` + ``save_pretrained`` (hf->hf; skipped where the model does
   not fit in RAM twice);
@@ -184,6 +185,7 @@ def main() -> None:
         ("megatron->hf", [*vl, "convert", str(mg), str(work / "o"), "--to", "hf", "--assets-dir", str(src), "-q"], mg),
         (f"reshard to {' '.join(back)}", [*vl, "convert", str(mg), str(work / "o"), "--to", "megatron", *back,
                                           "-q"], mg),
+        ("hf->hf", [*vl, "convert", str(src), str(work / "o"), "--to", "hf", "-q"], src),
         ("hf->hf (transformers load + save)", [py, "-c", PEER_TRANSFORMERS, str(src), str(work / "o")], src),
     ]
     routes += [(f"fixed cost: {name} --dry-run", [*cmd, "--dry-run"], inp) for name, cmd, inp in routes

@@ -26,6 +26,7 @@ except SystemExit as exc:
     code = exc.code or 0
 print("EXIT:", code)
 print("TRANSFORMERS:", ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "transformers")))
+print("DCP:", ",".join(sorted(m for m in sys.modules if m.startswith("torch.distributed.checkpoint"))))
 """
 
 
@@ -45,10 +46,22 @@ def test_python_m_vlconvert_help() -> None:
     ["verify", "fixtures/tiny-moe", "fixtures/tiny-moe"],
 ], ids=["inspect", "plan", "verify"])
 def test_metadata_commands_do_not_import_transformers(args: list[str]) -> None:
+    lines = _probe(args)
+    assert lines["TRANSFORMERS"] == ""
+
+
+def _probe(args: list[str]) -> dict[str, str]:
     result = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
-                 for line in result.stdout.splitlines() if line.startswith(("EXIT:", "TRANSFORMERS:")))
+                 for line in result.stdout.splitlines() if line.startswith(("EXIT:", "TRANSFORMERS:", "DCP:")))
     assert lines["EXIT"] == "0", result.stdout + result.stderr
-    assert lines["TRANSFORMERS"] == ""
+    return lines
+
+
+@pytest.mark.parametrize("to", [["megatron", "--tp", "2"], ["hf"], ["dcp"]])
+def test_only_dcp_routes_import_torch_distributed_checkpoint(tmp_path, to: list[str]) -> None:
+    """``torch.distributed.checkpoint`` costs most of a second to import: routes without a DCP skip it."""
+    lines = _probe(["convert", "fixtures/tiny-dense-tied", str(tmp_path / "out"), "--to", *to, "-q"])
+    assert (lines["DCP"] != "") == (to[0] == "dcp"), lines["DCP"][:200]

@@ -84,6 +84,9 @@ def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dty
         raise UserError(f"unknown dtype '{choice}': use auto, keep, config, bf16, fp16 or fp32") from exc
 
 
+ranks_ran = False  # a conversion ran as one rank of torchrun in this process
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
@@ -361,12 +364,14 @@ class Converter:
         publishes. The output is byte-identical whatever the number of ranks. ``--resume`` is single-process."""
         import torch.distributed as dist
 
+        global ranks_ran
         owned = not dist.is_initialized()
         if owned:
             dist.init_process_group("gloo")
+        ranks_ran = True  # the command line then ends the process without finalization (cli._leave_rank)
         try:
             return self._run_rank(progress)
-        finally:  # gloo's worker threads outliving the interpreter abort the process at exit (SIGABRT)
+        finally:
             if owned and dist.is_initialized():
                 dist.destroy_process_group()
 

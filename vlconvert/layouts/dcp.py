@@ -22,21 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 
 from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts import dcp_classes
 from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
 from vlconvert.publish import OutputFile, create_file, kept_state
@@ -95,7 +86,7 @@ def _is_file_name(name: object) -> bool:
             and not Path(name).is_absolute())
 
 
-def _check_tensor_entry(path: Path, key: str, entry: TensorStorageMetadata) -> None:
+def _check_tensor_entry(path: Path, key: str, entry: dcp_classes.TensorStorageMetadata) -> None:
     """Size, dtype and chunk boxes of one tensor entry of ``.metadata``."""
     where = f"'{path}' is corrupt: '{_one_line(key, 80)}'"
     size = _dims(getattr(entry, "size", None))
@@ -105,7 +96,7 @@ def _check_tensor_entry(path: Path, key: str, entry: TensorStorageMetadata) -> N
         raise UserError(f"{where} has a size too large to exist: {list(size)}")
     props = getattr(entry, "properties", None)
     dtype = getattr(props, "dtype", None)
-    if not isinstance(props, TensorProperties) or not isinstance(dtype, torch.dtype):
+    if not isinstance(props, dcp_classes.TensorProperties) or not isinstance(dtype, torch.dtype):
         raise UserError(f"{where} has no valid dtype ({_one_line(dtype, 40)})")
     try:
         element_size(dtype)
@@ -115,7 +106,7 @@ def _check_tensor_entry(path: Path, key: str, entry: TensorStorageMetadata) -> N
     if not isinstance(chunks, list):
         raise UserError(f"{where} has chunks that are not a list")
     for chunk in chunks:
-        if not isinstance(chunk, ChunkStorageMetadata):
+        if not isinstance(chunk, dcp_classes.ChunkStorageMetadata):
             raise UserError(f"{where} has a chunk that is not ChunkStorageMetadata")
         offsets, sizes = _dims(getattr(chunk, "offsets", None)), _dims(getattr(chunk, "sizes", None))
         if offsets is None or sizes is None or len(offsets) != len(size) or len(sizes) != len(size):
@@ -126,7 +117,7 @@ def _check_tensor_entry(path: Path, key: str, entry: TensorStorageMetadata) -> N
             raise UserError(f"{where} has a chunk at {list(offsets)} of {list(sizes)} outside its size {list(size)}")
 
 
-def _check_metadata(path: Path, metadata: Metadata) -> None:
+def _check_metadata(path: Path, metadata: dcp_classes.Metadata) -> None:
     """The types and bounds of everything DCPReader uses from an unpickled ``.metadata``."""
     sdm = getattr(metadata, "state_dict_metadata", None)
     if not isinstance(sdm, dict):
@@ -135,19 +126,19 @@ def _check_metadata(path: Path, metadata: Metadata) -> None:
         if not isinstance(key, str):
             raise UserError(f"'{path}' is corrupt: a state_dict_metadata key is not a string "
                             f"({_one_line(key, 40, quote=True)})")
-        if isinstance(entry, TensorStorageMetadata):
+        if isinstance(entry, dcp_classes.TensorStorageMetadata):
             _check_tensor_entry(path, key, entry)
-        elif not isinstance(entry, BytesStorageMetadata):
+        elif not isinstance(entry, dcp_classes.BytesStorageMetadata):
             raise UserError(f"'{path}' is corrupt: '{_one_line(key, 80)}' is neither tensor nor bytes metadata")
     storage = getattr(metadata, "storage_data", None)
     if storage is not None and not isinstance(storage, dict):
         raise UserError(f"'{path}' is corrupt: storage_data is not a dict")
     for index, info in (storage or {}).items():
         fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
-        if not isinstance(index, MetadataIndex) or not isinstance(fqn, str) or (
+        if not isinstance(index, dcp_classes.MetadataIndex) or not isinstance(fqn, str) or (
                 offset is not None and _dims(offset) is None):
             raise UserError(f"'{path}' is corrupt: a storage_data key is not a valid MetadataIndex")
-        if not isinstance(info, _StorageInfo):
+        if not isinstance(info, dcp_classes._StorageInfo):
             raise UserError(f"'{path}' is corrupt: storage entry of '{_one_line(fqn, 80)}' is not _StorageInfo")
         rel = getattr(info, "relative_path", None)
         if not _is_file_name(rel):
@@ -162,7 +153,7 @@ def _check_metadata(path: Path, metadata: Metadata) -> None:
         raise UserError(f"'{path}' is corrupt: planner_data is not a dict")
 
 
-def read_dcp_metadata(folder: Path) -> Metadata:
+def read_dcp_metadata(folder: Path) -> dcp_classes.Metadata:
     """Read and validate ``folder/.metadata`` with a clear error for a missing or corrupt file.
 
     The pickle is read through an allowlist, then every field DCPReader uses is type- and bound-checked.
@@ -187,7 +178,7 @@ def read_dcp_metadata(folder: Path) -> Metadata:
         raise UserError(f"'{path}' holds something other than DCP metadata: {_one_line(exc, 120)}") from exc
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle raises EOFError, ValueError, RuntimeError...
         raise UserError(f"'{path}' is corrupt or truncated ({type(exc).__name__}: {_one_line(exc, 80)})") from exc
-    if not isinstance(metadata, Metadata):
+    if not isinstance(metadata, dcp_classes.Metadata):
         raise UserError(f"'{path}' is not DCP metadata")
     _check_metadata(path, metadata)
     return metadata
@@ -285,12 +276,12 @@ class DCPReader:
         self.tensors: dict[str, DCPTensor] = {}
         self.non_tensors: list[str] = []
         storage = self.metadata.storage_data or {}
-        by_fqn: dict[str, list[tuple[MetadataIndex, _StorageInfo]]] = {}
+        by_fqn: dict[str, list[tuple[dcp_classes.MetadataIndex, dcp_classes._StorageInfo]]] = {}
         for index, info in storage.items():
             by_fqn.setdefault(index.fqn, []).append((index, info))
         sizes: dict[str, int] = {}
         for key, entry in self.metadata.state_dict_metadata.items():
-            if isinstance(entry, BytesStorageMetadata):
+            if isinstance(entry, dcp_classes.BytesStorageMetadata):
                 self.non_tensors.append(key)
                 continue
             stored = {tuple(i.offset or ()): s for i, s in by_fqn.get(key, [])}
@@ -541,8 +532,8 @@ class DCPWriter:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.state_dict_metadata: dict[str, TensorStorageMetadata] = {}
-        self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
+        self.state_dict_metadata: dict[str, dcp_classes.TensorStorageMetadata] = {}
+        self.storage_data: dict[dcp_classes.MetadataIndex, dcp_classes._StorageInfo] = {}
         self.planner_data: dict[str, tuple] = {}
         self._file: OutputFile | None = None
         self._file_name = ""
@@ -574,10 +565,11 @@ class DCPWriter:
         nesting = tuple(sys.intern(part) if isinstance(part, str) else part for part in nesting)
         size = torch.Size(shape)
         zeros = torch.Size([0] * len(shape))
-        self.state_dict_metadata[key] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=dtype), size=size,
-            chunks=[ChunkStorageMetadata(offsets=zeros, sizes=size)])
-        self.storage_data[MetadataIndex(key, zeros, 0)] = _StorageInfo(self._file_name, start, length)
+        self.state_dict_metadata[key] = dcp_classes.TensorStorageMetadata(
+            properties=dcp_classes.TensorProperties(dtype=dtype), size=size,
+            chunks=[dcp_classes.ChunkStorageMetadata(offsets=zeros, sizes=size)])
+        index = dcp_classes.MetadataIndex(key, zeros, 0)
+        self.storage_data[index] = dcp_classes._StorageInfo(self._file_name, start, length)
         self.planner_data[key] = nesting
 
     def write(self, key: str, tensor: torch.Tensor | TensorBlocks, nesting: tuple | None = None) -> int:
@@ -586,7 +578,7 @@ class DCPWriter:
         if self.skipping:
             if key not in self.state_dict_metadata:
                 raise RuntimeError(f"--resume: '{key}' is not in the kept file {self._file_name}")
-            return self.storage_data[MetadataIndex(key, torch.Size([0] * len(tensor.shape)), 0)].length
+            return self.storage_data[dcp_classes.MetadataIndex(key, torch.Size([0] * len(tensor.shape)), 0)].length
         if self._file is None:
             raise RuntimeError("open_file() first")
         if isinstance(tensor, torch.Tensor):
@@ -639,9 +631,9 @@ class DCPWriter:
         table = sorted((k, str(i.offset), s.relative_path, s.offset, s.length) for i, s in self.storage_data.items()
                        for k in [i.fqn])
         save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, repr(table)))
-        metadata = Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=self.planner_data,
+        metadata = dcp_classes.Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=self.planner_data,
                             storage_data=self.storage_data,
-                            storage_meta=StorageMeta(checkpoint_id=None, save_id=save_id),
+                            storage_meta=dcp_classes.StorageMeta(checkpoint_id=None, save_id=save_id),
                             version=DCP_VERSION)
         with create_file(self.folder / METADATA_NAME) as f:
             pickle.dump(metadata, f)

@@ -21,17 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts import dcp_classes
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.dcp import _DTYPES, DCPWriter, TensorBlocks
 from vlconvert.layouts.megatron import write_torch_record
@@ -170,20 +163,22 @@ class TorchDistWriter(DCPWriter):
         key = sys.intern(key)
         entry = self.state_dict_metadata.get(key)
         if entry is None:
-            entry = TensorStorageMetadata(properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=[])
+            entry = dcp_classes.TensorStorageMetadata(properties=dcp_classes.TensorProperties(dtype=dtype),
+                                                      size=torch.Size(size), chunks=[])
             self.state_dict_metadata[key] = entry
             self.planner_data[key] = (key,)
         elif tuple(entry.size) != size or entry.properties.dtype != dtype:
             raise ValueError(f"{key}: chunk of another size or dtype")
-        entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape)))
-        self.storage_data[MetadataIndex(key, torch.Size(offsets), 0)] = _StorageInfo(self._file_name, start, length)
+        entry.chunks.append(dcp_classes.ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape)))
+        index = dcp_classes.MetadataIndex(key, torch.Size(offsets), 0)
+        self.storage_data[index] = dcp_classes._StorageInfo(self._file_name, start, length)
 
     def _add_bytes(self, key: str, start: int, length: int) -> None:
         key = sys.intern(key)
         if key in self.state_dict_metadata:
             raise ValueError(f"duplicate key {key}")
-        self.state_dict_metadata[key] = BytesStorageMetadata()
-        self.storage_data[MetadataIndex(key)] = _StorageInfo(self._file_name, start, length)
+        self.state_dict_metadata[key] = dcp_classes.BytesStorageMetadata()
+        self.storage_data[dcp_classes.MetadataIndex(key)] = dcp_classes._StorageInfo(self._file_name, start, length)
         self.planner_data[key] = (key,)
 
     def write_chunk(self, key: str, tensor: torch.Tensor | TensorBlocks, offsets: tuple[int, ...],
@@ -192,7 +187,7 @@ class TorchDistWriter(DCPWriter):
         :class:`TensorBlocks` streams row blocks of its dims after the first ``lead`` (which are 1)."""
         shape = tuple(tensor.shape)
         if self.skipping:
-            info = self.storage_data.get(MetadataIndex(key, torch.Size(offsets), 0))
+            info = self.storage_data.get(dcp_classes.MetadataIndex(key, torch.Size(offsets), 0))
             if info is None:
                 raise RuntimeError(f"--resume: '{key}' at {list(offsets)} is not in the kept file {self._file_name}")
             return info.length
@@ -215,7 +210,7 @@ class TorchDistWriter(DCPWriter):
         if self.skipping:
             if key not in self.state_dict_metadata:
                 raise RuntimeError(f"--resume: '{key}' is not in the kept file {self._file_name}")
-            return self.storage_data[MetadataIndex(key)].length
+            return self.storage_data[dcp_classes.MetadataIndex(key)].length
         if self._file is None:
             raise RuntimeError("open_file() first")
         start = self._file.tell()

@@ -10,7 +10,8 @@ A :class:`Source` answers from metadata alone which canonical tensors exist (:me
 - ``rows(Src(name), a, b)``: rows ``a:b`` of a canonical tensor;
 - ``rows(Src(name, e), a, b)``: rows of expert ``e`` of a fused expert tensor, as Megatron holds it
   ([out, in], i.e. the released per-expert matrix transposed);
-- ``cols(src, a, b)``: a column block (row-parallel TP shards).
+- ``row_span(src, a, b)``: where rows from ``a`` lie verbatim in a file (a :class:`FileSpan`), if they do,
+  so that writers copy them file to file instead of through memory.
 
 Writers (:mod:`vlconvert.engine`) only ever talk to this interface, so any layout converts to any other.
 """
