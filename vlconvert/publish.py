@@ -258,7 +258,6 @@ class OutputFile(io.RawIOBase):
         """Checksum thread: hash (and CRC) queued buffers in order, resolve late bytes, pass them on."""
         assert self._to_check is not None and self._to_write is not None
         inputs = _Inputs()
-        buffer = None
         try:
             while (item := self._to_check.get()) is not None:
                 if self._error is not None:
@@ -266,9 +265,8 @@ class OutputFile(io.RawIOBase):
                 pos, data, extra = item
                 try:
                     if isinstance(data, _Range):
-                        buffer = buffer or memoryview(bytearray(COPY_CHUNK))
                         done = 0
-                        for view in inputs.chunks(data, buffer):
+                        for view in inputs.chunks(data):
                             self._checksum(pos + done, view, extra)
                             done += len(view)
                     else:
@@ -387,9 +385,6 @@ class _Range:
     def __init__(self, path: Path, offset: int, size: int):
         self.path, self.offset, self.size = path, offset, size
 
-    def __len__(self) -> int:
-        return self.size
-
 
 def kernel_copy(src: int, dst: int, size: int, src_offset: int, dst_offset: int) -> int:
     """``os.copy_file_range`` (a name the tests can replace to fill the disk)."""
@@ -397,10 +392,12 @@ def kernel_copy(src: int, dst: int, size: int, src_offset: int, dst_offset: int)
 
 
 class _Inputs:
-    """Input files a background thread of :class:`OutputFile` reads ranges from, opened once each."""
+    """Input files a background thread of :class:`OutputFile` reads ranges from, opened once each, and the
+    one buffer that thread reads them into."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._buffer: memoryview | None = None
         self._kernel = True  # copy_file_range works between these files (until it says otherwise)
 
     def _fd(self, path: Path) -> int:
@@ -416,9 +413,11 @@ class _Inputs:
         return UserError(f"'{r.path}' is truncated: it ended at byte {r.offset + done} while {r.size} bytes "
                          f"from byte {r.offset} were being copied")
 
-    def chunks(self, r: _Range, buffer: memoryview) -> Iterator[memoryview]:
-        """The range read into ``buffer`` a part at a time (each view is valid until the next)."""
-        fd, done = self._fd(r.path), 0
+    def chunks(self, r: _Range) -> Iterator[memoryview]:
+        """The range read :data:`COPY_CHUNK` bytes at a time (each view is valid until the next)."""
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(COPY_CHUNK))
+        buffer, fd, done = self._buffer, self._fd(r.path), 0
         while done < r.size:
             want = min(len(buffer), r.size - done)
             got = 0
@@ -445,9 +444,8 @@ class _Inputs:
                 raise self._short(r, done)
             done += n
         if done < r.size:
-            buffer = memoryview(bytearray(min(COPY_CHUNK, r.size - done)))
             out.seek(pos + done)
-            for view in self.chunks(_Range(r.path, r.offset + done, r.size - done), buffer):
+            for view in self.chunks(_Range(r.path, r.offset + done, r.size - done)):
                 written = 0
                 while written < len(view):
                     written += out.write(view[written:]) or 0
