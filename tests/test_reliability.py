@@ -396,3 +396,72 @@ def test_a_file_left_by_an_exception_is_never_journaled(tmp_path):
     with publish.OutputFile(tmp_path / "b.bin", journal, "b.bin") as f:
         f.write(b"y" * 10)
     assert journal.entries == [("b.bin", 10)]
+
+
+def test_every_file_is_on_disk_before_the_output_is_published(work, tmp_path, monkeypatch):
+    """Each written file is fdatasynced, and each folder fsynced, before the rename that publishes them,
+    and the parent folder after it: a power cut never leaves a published folder with missing bytes."""
+    events: list[tuple[str, str]] = []
+    real_fdatasync, real_fsync, real_rename = os.fdatasync, os.fsync, publish._rename_noreplace
+
+    def named(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def fdatasync(fd):
+        events.append(("data", named(fd)))
+        return real_fdatasync(fd)
+
+    def fsync(fd):
+        events.append(("fsync", named(fd)))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(dst)))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(publish, "_rename_noreplace", rename)
+    out = tmp_path / "out"
+    run_cli("convert", work / "hf", out, "--to", "megatron", "--tp", "2", "-q")
+    at = events.index(("rename", str(out)))
+    stage = str(publish.staging_path(out))
+    synced = {Path(p).relative_to(stage).as_posix() for kind, p in events[:at] if kind == "data"}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert synced == on_disk - {publish.MANIFEST_NAME}
+    folders = {Path(p) for kind, p in events[:at] if kind == "fsync"}
+    assert {Path(stage) / p.parent.relative_to(out) for p in out.rglob("*") if p.is_file()} <= folders
+    assert ("fsync", str(Path(stage) / publish.MANIFEST_NAME)) in events[:at]
+    assert ("fsync", str(tmp_path)) in events[at:]
+
+
+def test_an_error_met_by_writeback_is_one_line_and_publishes_nothing(work, tmp_path, monkeypatch):
+    """The kernel reports a full disk at fdatasync (delayed allocation): one line, nothing published."""
+
+    def fdatasync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    line = one_error_line("convert", work / "hf", tmp_path / "out", "--to", "dcp")
+    assert "disk full" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writeback_starts_while_the_file_is_written(tmp_path, monkeypatch):
+    """Every WRITEBACK_STEP written bytes (kernel copies too) the write thread asks the kernel to start
+    writing them, in order and without gaps."""
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(publish, "WRITEBACK_STEP", 2**20)
+    monkeypatch.setattr(publish, "_SYNC_FILE_RANGE", lambda fd, offset, size, flags: calls.append((offset, size,
+                                                                                                  flags)) or 0)
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    f = publish.OutputFile(tmp_path / "x.bin", None, "x.bin")
+    f.write(os.urandom(2 << 20))
+    f.copy_range(src, 0, 3 << 20)
+    f.write(b"tail" * 10)
+    f.close()
+    assert calls and all(flags == 2 for *_, flags in calls)  # SYNC_FILE_RANGE_WRITE only: never waits
+    ends = [0] + [offset + size for offset, size, _ in calls]
+    assert [offset for offset, _, _ in calls] == ends[:-1] and ends[-1] == 5 << 20
+    assert (tmp_path / "x.bin").read_bytes()[2 << 20:5 << 20] == src.read_bytes()

@@ -380,7 +380,7 @@ class Converter:
         import torch.distributed as dist
 
         from vlconvert.errors import one_line
-        from vlconvert.publish import attached_stage
+        from vlconvert.publish import attached_stage, sync_files
 
         rank, world = dist.get_rank(), dist.get_world_size()
         if self.resume:
@@ -460,6 +460,7 @@ class Converter:
                 with attached_stage(where, self.dst) as stage:
                     try:
                         self._write(stage.path, plan, lambda n: None)
+                        sync_files(sorted(stage.path / rel for rel in stage.entries))  # on disk, this node too
                     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which cleans up
                         error = f"rank {rank}: {one_line(exc, 300)}"
                     entries = dict(stage.entries)
