@@ -71,3 +71,30 @@ def test_files_are_split_by_bytes():
     owner = assign_files(files, 2)
     load = [sum(f.nbytes for f in files if owner[f.name] == r) for r in range(2)]
     assert owner == {"f0": 0, "f1": 1, "f2": 1, "f3": 0, "f4": 0} and load == [80, 70]
+
+
+@pytest.mark.parametrize("to", [["--to", "dcp"], ["--to", "megatron", "--tp", "2", "--ep", "2"]])
+def test_torchrun_resumes_a_killed_run_with_the_same_bytes(tmp_path, to):
+    """A run killed half-way (SIGKILL) is finished by ``torchrun --resume`` on 2 ranks: the journaled files
+    are kept (rank 0 tells the other rank which), the rest are written, and the bytes equal a clean run."""
+    import signal
+
+    from test_reliability import _killed_run
+
+    from vlconvert import publish
+
+    out = tmp_path / "out"
+    argv = ["convert", str(FIX / "tiny-moe"), str(out), *to]
+    run_cli(*argv[:2], tmp_path / "one", *to, "-q")
+    total = sum(e["size"] for e in publish.read_manifest(tmp_path / "one").values())
+    assert _killed_run([*argv, "-q"], total // 2) == -signal.SIGKILL
+    journaled = publish.staging_path(out).parent / f".{out.name}.vlconvert-journal"
+    kept = len(journaled.read_text().splitlines()) - 1  # the first line is the run header
+    assert kept > 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vlconvert",
+           *argv, "--resume"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{kept} finished files kept" in proc.stdout + proc.stderr
+    assert folder_digest(out) == folder_digest(tmp_path / "one")
+    run_cli("verify", "--manifest", out, "-q")

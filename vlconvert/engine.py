@@ -361,7 +361,9 @@ class Converter:
         to ranks by bytes (:func:`assign_files`) and each rank writes its own into the stage rank 0 created
         (lock, overlap checks, staging as in a single process). Rank 0 then gathers every file's size,
         sha256 and DCP records, writes the index / ``.metadata`` / tracker and the manifest once, and
-        publishes. The output is byte-identical whatever the number of ranks. ``--resume`` is single-process."""
+        publishes. The output is byte-identical whatever the number of ranks. ``--resume`` works here too: rank 0
+        keeps the journaled files and tells every rank which, so each skips the kept files it owns (a killed
+        ``torchrun`` run has journaled rank 0's finished files and, at its end, the others')."""
         import torch.distributed as dist
 
         global ranks_ran
@@ -383,8 +385,6 @@ class Converter:
         from vlconvert.publish import attached_stage, sync_files
 
         rank, world = dist.get_rank(), dist.get_world_size()
-        if self.resume:
-            raise UserError("--resume is not supported under torchrun yet: resume with a single process")
         plan = self.plan()
         source = self.source
         try:  # each rank is its own process: the budget is per rank, and all stop if one cannot keep it
@@ -405,14 +405,14 @@ class Converter:
                 inputs: dict[str, str | Path | None] = {"SRC": source.folder, "--assets-dir": self.assets,
                                                         "--config": self.config}
                 needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
-                staged = staged_output(self.dst, inputs=inputs, overwrite=self.overwrite, needed_bytes=needed,
-                                       fingerprint=self.fingerprint(), info=self.info)
+                staged = staged_output(self.dst, inputs=inputs, overwrite=self.overwrite, resume=self.resume,
+                                       needed_bytes=needed, fingerprint=self.fingerprint(), info=self.info)
                 try:
                     stage = staged.__enter__()
                 except BaseException as exc:
-                    dist.broadcast_object_list([("error", str(exc))], src=0)
+                    dist.broadcast_object_list([("error", str(exc), {})], src=0)
                     raise
-                dist.broadcast_object_list([("ok", str(stage.path))], src=0)
+                dist.broadcast_object_list([("ok", str(stage.path), stage.kept)], src=0)
                 failure: BaseException | None = None
                 try:
                     bar = progress(f"{source.layout} -> {self.to} (rank 0 of {world})", plan.tensor_bytes) \
@@ -453,11 +453,11 @@ class Converter:
             else:
                 started: list = [None]
                 dist.broadcast_object_list(started, src=0)
-                status, where = started[0]
+                status, where, kept = started[0]
                 if status != "ok":
                     raise UserError(f"rank 0 stopped before writing: {where}")
                 error, entries = None, {}
-                with attached_stage(where, self.dst) as stage:
+                with attached_stage(where, self.dst, kept) as stage:
                     try:
                         self._write(stage.path, plan, lambda n: None)
                         sync_files(sorted(stage.path / rel for rel in stage.entries))  # on disk, this node too

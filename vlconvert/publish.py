@@ -725,11 +725,13 @@ class Stage(os.PathLike):
 
 
 @contextlib.contextmanager
-def attached_stage(path: str | Path, dst: str | Path) -> Iterator[Stage]:
+def attached_stage(path: str | Path, dst: str | Path, kept: dict[str, dict] | None = None) -> Iterator[Stage]:
     """Join the stage another process (rank 0 under torchrun) created and owns: files written here through
-    :func:`create_file` are hashed into ``stage.entries``, which the caller hands to the owner."""
+    :func:`create_file` are hashed into ``stage.entries``, which the caller hands to the owner. ``kept``: the
+    files the owner's ``--resume`` kept (writers skip them, see :func:`kept_state`)."""
     stage = Stage(Path(path), Path(os.path.abspath(dst)))
     stage.in_memory = True
+    stage.kept = dict(kept or {})
     _ACTIVE[stage.path] = stage
     try:
         yield stage
