@@ -24,33 +24,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 FIX = ROOT / "fixtures"
 
-
-def build_gpt(info, device: str):
-    """megatron-core GPTModel (local spec, fp32) for ``info``'s text model."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    text = info.raw["text_config"]
-    moe = dict(num_moe_experts=info.experts, moe_router_topk=info.experts_per_token,
-               moe_ffn_hidden_size=info.moe_intermediate, moe_router_load_balancing_type="none",
-               moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather") if info.is_moe else {}
-    cfg = TransformerConfig(num_layers=info.layers, hidden_size=info.hidden, num_attention_heads=info.heads,
-                            num_query_groups=info.kv_heads, kv_channels=info.head_dim,
-                            ffn_hidden_size=info.intermediate, normalization="RMSNorm", gated_linear_unit=True,
-                            activation_func=torch.nn.functional.silu, add_bias_linear=False, qk_layernorm=True,
-                            layernorm_epsilon=text.get("rms_norm_eps", 1e-6), use_cpu_initialization=True,
-                            hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
-                            apply_rope_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-                            params_dtype=torch.float32, **moe)
-    spec = get_gpt_layer_local_spec(num_experts=info.experts or None, moe_grouped_gemm=False, qk_layernorm=True,
-                                    normalization="RMSNorm")
-    model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=info.vocab, max_sequence_length=4096,
-                     share_embeddings_and_output_weights=info.tied, position_embedding_type="rope",
-                     rotary_base=int(text.get("rope_theta", 5000000)))
-    return model.to(device).eval()
+from gpu_megatron_parity_mp import build_gpt  # noqa: E402
 
 
 def parity(fixture: str, work: Path, device: str) -> dict:
@@ -66,7 +43,7 @@ def parity(fixture: str, work: Path, device: str) -> dict:
     result = hf_to_megatron(src, dst, spec="local", experts="sequential", dtype=torch.float32)
     rf = mlay.RankFile(dst / "release/mp_rank_00/model_optim_rng.pt")
     sd = {n.removeprefix("language_model."): rf.read(n) for n in rf.tensors if n.startswith("language_model.")}
-    model = build_gpt(info, device)
+    model = build_gpt(info, 1, 1, 1, None)  # the same model as the multi-GPU check, at TP = PP = EP = 1
     missing, unexpected = model.load_state_dict(sd, strict=True)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 2000, (2, 24), generator=gen)  # text ids only, below the special tokens
