@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
@@ -342,6 +343,7 @@ class Converter:
                 notes = list(stage.notes)
         finally:
             source.close()
+            buffers.BUFFERS.clear()  # a library caller keeps no idle blocks after the run
         written = sum(p.stat().st_size for p in self.dst.rglob("*") if p.is_file())
         files = sum(1 for p in self.dst.rglob("*") if p.is_file())
         return Result(self.dst, plan, files, written, plan.notes + notes, assets)
@@ -471,6 +473,7 @@ class Converter:
                     raise UserError(f"nothing was published: {final[0]}")
         finally:
             source.close()
+            buffers.BUFFERS.clear()
         written = sum(p.stat().st_size for p in self.dst.rglob("*") if p.is_file())
         files = sum(1 for p in self.dst.rglob("*") if p.is_file())
         return Result(self.dst, plan, files, written, plan.notes + notes, assets)

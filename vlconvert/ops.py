@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.errors import UserError
 
 # A row map is a list of (source, start, stop): rows start..stop-1 of ``source`` (a small int or str tag).
@@ -255,9 +256,9 @@ def tp_merge_gate_up(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 def expert_fc1_from_released(gate_up_e: torch.Tensor) -> torch.Tensor:
     """One expert of the released ``gate_up_proj`` ([H, 2I]) -> Megatron ``linear_fc1`` [2I, H] ([gate; up])."""
-    return gate_up_e.t().contiguous()
+    return buffers.transposed(gate_up_e)
 
 
 def expert_fc2_from_released(down_e: torch.Tensor) -> torch.Tensor:
     """One expert of the released ``down_proj`` ([I, H]) -> Megatron ``linear_fc2`` [H, I]."""
-    return down_e.t().contiguous()
+    return buffers.transposed(down_e)

@@ -1,4 +1,4 @@
-"""Byte ranges of files: exact reads into fresh tensor memory, and spans writers copy verbatim."""
+"""Byte ranges of files: exact reads into fresh (pooled) tensor memory, and spans writers copy verbatim."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 
@@ -16,7 +17,7 @@ from vlconvert.errors import UserError
 def read_exact(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, truncated: str) -> torch.Tensor:
     """Bytes ``start:start+nbytes`` of open file ``f`` as a fresh uint8 tensor, with plain reads (no mmap:
     resident memory stays the range's size); a file that ends early is one :class:`UserError`, ``truncated``."""
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = buffers.empty((nbytes,), torch.uint8)
     if nbytes:
         view = memoryview(out.numpy())
         f.seek(start)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
@@ -74,12 +75,12 @@ class Source:
         the requested orientation return the stored bytes without transposing."""
         src = Src(name, expert)
         matrix = self.rows(src, 0, self.matrix_shape(src)[0])
-        return (matrix if layout == "transformers5" else matrix.t()).contiguous()
+        return buffers.contiguous(matrix if layout == "transformers5" else matrix.t())
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
         """Expert ``expert`` of ``name`` in the released orientation ([H, 2I] or [I, H])."""
         src = Src(name, expert)
-        return self.rows(src, 0, self.matrix_shape(src)[0]).t().contiguous()
+        return buffers.transposed(self.rows(src, 0, self.matrix_shape(src)[0]))
 
     def read(self, name: str) -> torch.Tensor:
         """The whole canonical tensor ``name``."""

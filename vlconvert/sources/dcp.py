@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
@@ -164,7 +165,7 @@ class DCPSource(Source):
         else:  # MindSpeed's 2-D (E*in, out) view
             block = self._stored_rows(key, e * view[1], (e + 1) * view[1])
         matrix = block.t() if layout == "released" else block
-        return matrix[start:stop].contiguous()
+        return buffers.contiguous(matrix[start:stop])
 
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
         key = self.key(src.hf)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import HFCheckpoint
@@ -118,7 +119,7 @@ class HFSource(Source):
             return self._expert_cache[1]
         block = self.checkpoint.read_rows(src.hf, src.expert, src.expert + 1)[0]
         # released stores [in, out] per expert; Megatron's orientation is [out, in]
-        matrix = block.t().contiguous() if self.stored_layout(src.hf) == "released" else block
+        matrix = buffers.transposed(block) if self.stored_layout(src.hf) == "released" else block
         self._expert_cache = (src, matrix)
         return matrix
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
@@ -280,7 +281,7 @@ class VerlSource(Source):
             if view is not None:
                 raise UserError(f"'{key}' is a 2-D view of fused experts: not supported in a verl checkpoint")
             block = self._stored_rows(key, src.expert, src.expert + 1)[0]
-            self._expert_cache = (src, block.t().contiguous() if layout == "released" else block)
+            self._expert_cache = (src, buffers.transposed(block) if layout == "released" else block)
         return self._expert_cache[1][start:stop]
 
     def close(self) -> None:
