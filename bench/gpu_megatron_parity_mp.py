@@ -270,12 +270,12 @@ def worker(args: argparse.Namespace) -> None:
         flat = [r for per_rank in gathered for r in per_rank]
         name = "CPU" if CPU else torch.cuda.get_device_name(0)
         nccl = None if CPU else ".".join(map(str, torch.cuda.nccl.version()))
+        checked = sum(r["logits_shape"] is not None for r in flat)
         summary = {"device": f"{torch.distributed.get_world_size()} x {name}", "torch": torch.__version__,
                    "cuda": torch.version.cuda, "nccl": nccl,
                    "transformers": transformers.__version__, "megatron_core": megatron.core.__version__,
-                   "threshold": THRESHOLD, "rows": flat, "all_pass": all(r["ok"] for r in flat),
-                   "checked": sum(r["logits_shape"] is not None for r in flat)}
-        summary["all_pass"] = summary["all_pass"] and summary["checked"] > 0
+                   "threshold": THRESHOLD, "rows": flat, "checked": checked,
+                   "all_pass": checked > 0 and all(r["ok"] for r in flat)}
         Path(args.result).write_text(json.dumps(summary, indent=2) + "\n")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -308,8 +308,7 @@ def main() -> None:
     parser.add_argument("--cases", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for key, value in SAFE_ENV.items():
-        os.environ[key] = value
+    os.environ.update(SAFE_ENV)
     if "RANK" in os.environ:
         worker(args)
         return

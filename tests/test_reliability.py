@@ -447,6 +447,16 @@ def test_an_error_met_by_writeback_is_one_line_and_publishes_nothing(work, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_io_error_met_by_writeback_names_the_file(work, tmp_path, monkeypatch):
+    def fdatasync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    line = one_error_line("convert", work / "hf", tmp_path / "out", "--to", "dcp")
+    assert "Input/output error" in line and "cannot write" in line and "nothing was published" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writeback_starts_while_the_file_is_written(tmp_path, monkeypatch):
     """Every WRITEBACK_STEP written bytes (kernel copies too) the write thread asks the kernel to start
     writing them, in order and without gaps."""

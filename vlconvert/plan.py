@@ -101,9 +101,9 @@ class Result:
 ROW_BLOCK = 4 * 2**20  # bytes per row block: small enough that glibc reuses freed blocks (no page faults)
 # Pieces (row blocks or expert matrices) held at once, counted as bytes of resident memory: 2 queued at each
 # of the 2 background steps, 1 in each thread, the one produced, its transposed or cast copy and a cached
-# expert make 9; glibc keeps freed pieces on its free lists, so the measured peak is higher: 15 blocks on
-# the 2B, 23 then 30 expert matrices on the 235B slice in two sessions (docs/benchmarks.md). 30 keeps
-# --max-memory a promise for what was measured.
+# expert make 9. Before large blocks were pooled (vlconvert/buffers.py) glibc's heap kept freed pieces and
+# the measured peak was 15 blocks on the 2B and up to 30 expert matrices on the 235B slice; with the pool
+# the slice peaks at about 15 (docs/benchmarks.md). 30 stays: --max-memory errs on the safe side.
 IN_FLIGHT = 30
 
 

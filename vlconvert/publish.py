@@ -7,15 +7,15 @@ Every command that writes goes through :func:`staged_output`:
 2. **One run per DST**: an exclusive lock (``.DST.vlconvert-lock`` beside DST, ``flock``) is held for the
    whole run, so a second run on the same DST stops at once with one line.
 3. **Staging**: files are written into ``.DST.vlconvert-partial`` beside DST through :func:`create_file`,
-   which hashes them (sha256) while they are written; each finished file is appended (fsynced) to
+   which hashes them (sha256) while they are written; each finished file is appended (flushed) to
    ``.DST.vlconvert-journal`` beside it, whose first line holds the command and its options. A staging
    folder left by a dead run is removed, or, with ``--resume``, reused: files whose checksums still match
    the journal are kept and the writers skip them (:func:`kept_state`).
 4. **Manifest**: ``vlconvert-manifest.json`` (every file's size and sha256) is written last.
 5. **Publish**: the finished folder is renamed to DST only if DST is still absent (``renameat2`` with
    ``RENAME_NOREPLACE`` where the kernel has it), or, with ``--overwrite``, still the folder that was
-   checked at the start. On any failure the staging folder is removed, so DST never looks complete
-   unless it is.
+   checked at the start. Every file and folder is synced to disk first (:func:`sync_files`). On any
+   failure the staging folder is removed, so DST never looks complete unless it is.
 
 This module knows paths and bytes, not tensors; it imports nothing from the rest of vlconvert but errors.
 """
@@ -426,11 +426,16 @@ def sync_files(paths: list[Path]) -> None:
     disk or an I/O error that the kernel's writeback met is raised here)."""
     folders: set[Path] = set()
     for path in paths:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise  # staged_output says "disk full"
+            raise UserError(f"cannot write '{path}' to disk: {exc.strerror or exc}; nothing was published") from exc
         folders.add(path.parent)
     for folder in sorted(folders):
         fsync_folder(folder)
@@ -629,7 +634,7 @@ class Stage(os.PathLike):
         self._journal.flush()
 
     def journal(self, rel: str, size: int, sha256: str, state: Any) -> None:
-        """Record a finished file (flushed and fsynced, so a crash right after still knows it)."""
+        """Record a finished file (flushed, so a killed process still knows it; see :meth:`_append`)."""
         if not self.active:
             return
         entry = {"size": size, "sha256": sha256, "state": state}
