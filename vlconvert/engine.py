@@ -36,6 +36,7 @@ from vlconvert.layouts.hf import (
     SafetensorsFileWriter,
     asset_files,
     copy_assets,
+    describe_weights,
     parse_size,
     plan_shards,
     resolve_source,
@@ -483,8 +484,8 @@ class Converter:
         layout = plan.experts_layout or "released"
         assets = self.assets or source.folder
         copied = copy_assets(assets, stage) if self._lead else []
-        if self._lead:
-            _rewrite_config(source, stage / "config.json", plan.dtype)
+        if self._lead:  # from SRC, --assets-dir or --config alike: it must describe these weights
+            describe_weights(stage / "config.json", _written_dtype(plan))
         weight_map = {t.name: f.name for f, shard in zip(plan.files, plan.hf_shards, strict=True) for t in shard}
         for planned_file, shard in zip(plan.files, plan.hf_shards, strict=True):
             if not self._mine(planned_file.name):
@@ -541,11 +542,11 @@ class Converter:
         config = (self.assets or source.folder) / "config.json"
         if config.is_file():
             copy_file(config, stage / "config.json")
-            _rewrite_config(source, stage / "config.json", plan.dtype)
         else:
             import json
 
             write_bytes(stage / "config.json", (json.dumps(source.skeleton.info.raw, indent=2) + "\n").encode())
+        describe_weights(stage / "config.json", None)  # not quantized; the dtype stays the model's (--dtype auto)
 
     def _write_megatron(self, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
         source = self.source
@@ -589,11 +590,16 @@ def _finish_dcp(stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> 
     writer.finish()
 
 
-def _rewrite_config(source: Source, path: Path, dtype: torch.dtype | None) -> None:
-    """A source whose config no longer describes the output (FP8: ``quantization_config``) fixes the copy."""
-    hook = getattr(source, "rewrite_config", None)
-    if hook is not None:
-        hook(path, dtype)
+def _written_dtype(plan: ConversionPlan) -> torch.dtype | None:
+    """The dtype of the weights a plan writes: ``--dtype``'s, else the floating dtype holding the most bytes."""
+    if plan.dtype is not None:
+        return plan.dtype
+    held: dict[torch.dtype, int] = {}
+    for f in plan.files:
+        for _, shape, dtype in f.tensors:
+            if dtype.is_floating_point:
+                held[dtype] = held.get(dtype, 0) + _nbytes(shape, dtype)
+    return max(held, key=lambda d: held[d]) if held else None
 
 
 def _nesting(key: str, prefix: str) -> tuple:

@@ -1,13 +1,22 @@
-"""Presentation every converter shares: ``--dry-run`` (the plan, nothing written) and the summary rows."""
+"""What every converter shares: options defined once (``--merge-lora``), ``--dry-run`` (the plan, nothing
+written) and the summary rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import click
 from rich.table import Table
 
 from vlconvert.console import Reporter, disk_bytes, human_bytes, plural, stdout
+
+# The same option, help text included, on `convert` and on every older spelling; passed as
+# Converter(..., merge_lora=ADAPTER).
+merge_lora_option = click.option(
+    "--merge-lora", "merge_lora", default=None, metavar="ADAPTER",
+    help="Merge this PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) into the weights, "
+         "as PEFT's merge_and_unload does.")
 
 
 def show_dry_run(rep: Reporter, conv: Any, dst: str | Path, command: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from vlconvert.commands.common import asset_rows, file_count, show_dry_run, written
+from vlconvert.commands.common import asset_rows, file_count, merge_lora_option, show_dry_run, written
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 
 
@@ -19,6 +21,7 @@ from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, 
               show_default=True, help="MoE expert orientation to write; auto = the installed transformers'.")
 @click.option("--no-tied-lm-head", is_flag=True,
               help="For tied models, do not write lm_head.weight (the model's state dict has it).")
+@merge_lora_option
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
@@ -26,26 +29,35 @@ from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, 
 @output_options
 @handle_errors
 def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layout: str, no_tied_lm_head: bool,
-                      overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+                      merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
+                      quiet: bool) -> None:
     """Convert the Hugging Face checkpoint SRC (folder or cached model id) to a DCP folder DST.
 
     The DCP loads with torch.distributed.checkpoint.load into the model's state dict, built on the
     meta device or sharded with FSDP2.
     """
-    from vlconvert.dcp_convert import hf_to_dcp
+    from vlconvert.dtypes import dtype_name
+    from vlconvert.engine import Converter
 
     reporter = Reporter(as_json, quiet)
+    # the Converter vlconvert.dcp_convert.hf_to_dcp builds, plus --merge-lora
+    conv = Converter(src, dst, to="dcp", prefix=prefix, dtype=dtype or "keep", experts_layout=experts_layout,
+                     tied_lm_head=not no_tied_lm_head, merge_lora=merge_lora, overwrite=overwrite, resume=resume,
+                     info=reporter.info, source_layout="hf")
     if dry_run:
-        from vlconvert.engine import Converter
-
-        conv = Converter(src, dst, to="dcp", prefix=prefix, dtype=dtype or "keep", experts_layout=experts_layout,
-                         tied_lm_head=not no_tied_lm_head, overwrite=overwrite, resume=resume, info=reporter.info,
-                         source_layout="hf")
         show_dry_run(reporter, conv, dst, "hf-to-dcp")
         return
-    summary = hf_to_dcp(src, dst, prefix=prefix, dtype=dtype, experts_layout=experts_layout,
-                        tied_lm_head=not no_tied_lm_head, overwrite=overwrite, resume=resume,
-                        reporter=reporter)
+    reporter.expect(conv.plan().files)  # the progress bar counts files and tensors
+    result = conv.run(reporter.bytes_progress)
+    plan = result.plan
+    summary = {  # the summary hf_to_dcp returns
+        "command": "hf-to-dcp", "source": plan.source, "output": str(result.output.absolute()),
+        "tensors": sum(len(f.tensors) for f in plan.files), "bytes_read": plan.tensor_bytes,
+        "bytes_written": result.bytes_written, "files": result.files,
+        "dtype": dtype_name(plan.dtype) if plan.dtype else "keep", "experts_layout": plan.experts_layout,
+        "prefix": prefix, "tied": conv.source.skeleton.info.tied, "notes": result.notes,
+        "seconds": round(reporter.elapsed, 3),
+    }
     reporter.summary("hf-to-dcp", summary, _rows(summary, reporter))
 
 
@@ -63,6 +75,7 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.option("--prefix", default=None, help="Key prefix to strip (default: detected).")
 @click.option("--allow-missing", is_flag=True, help="Write even if the DCP lacks some model tensors.")
 @click.option("--allow-unexpected", is_flag=True, help="Drop tensors the model does not have instead of failing.")
+@merge_lora_option
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
@@ -70,25 +83,41 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @output_options
 @handle_errors
 def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_layout: str, max_shard_size: str,
-                      prefix: str | None, allow_missing: bool, allow_unexpected: bool, overwrite: bool, resume: bool,
-                      dry_run: bool, as_json: bool, quiet: bool) -> None:
+                      prefix: str | None, allow_missing: bool, allow_unexpected: bool, merge_lora: str | None,
+                      overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Convert the DCP folder SRC (from vlconvert or an FSDP2 training job) to a Hugging Face folder DST."""
-    from vlconvert.dcp_convert import dcp_to_hf
+    from vlconvert.dtypes import dtype_name
+    from vlconvert.engine import Converter
+    from vlconvert.sources import DCPSource
 
     reporter = Reporter(as_json, quiet)
+    # the Converter vlconvert.dcp_convert.dcp_to_hf builds, plus --merge-lora
+    conv = Converter(src, dst, to="hf", assets_dir=assets_dir, dtype=dtype or "keep", experts_layout=experts_layout,
+                     max_shard_size=max_shard_size, src_prefix=prefix, allow_missing=allow_missing,
+                     allow_unexpected=allow_unexpected, merge_lora=merge_lora, overwrite=overwrite, resume=resume,
+                     info=reporter.info, source_layout="dcp")
     if dry_run:
-        from vlconvert.engine import Converter
-
-        conv = Converter(src, dst, to="hf", assets_dir=assets_dir, dtype=dtype or "keep",
-                         experts_layout=experts_layout, max_shard_size=max_shard_size, src_prefix=prefix,
-                         allow_missing=allow_missing, allow_unexpected=allow_unexpected, overwrite=overwrite,
-                         resume=resume, info=reporter.info, source_layout="dcp")
         show_dry_run(reporter, conv, dst, "dcp-to-hf")
         return
-    summary = dcp_to_hf(src, dst, assets_dir=assets_dir, dtype=dtype, experts_layout=experts_layout,
-                        max_shard_size=max_shard_size, prefix=prefix, allow_missing=allow_missing,
-                        allow_unexpected=allow_unexpected, overwrite=overwrite, resume=resume,
-                        reporter=reporter)
+    reporter.expect(conv.plan().files)  # the progress bar counts files and tensors
+    result = conv.run(reporter.bytes_progress)
+    plan = result.plan
+    source = conv.source
+    dcp = getattr(source, "inner", source)  # the DCP reader, also under --merge-lora's wrapper
+    keys = dcp.keys if isinstance(dcp, DCPSource) else None
+    for rel in result.assets:
+        reporter.detail(f"copied {rel}")
+    summary = {  # the summary dcp_to_hf returns
+        "command": "dcp-to-hf", "source": str(Path(src).absolute()), "output": str(result.output.absolute()),
+        "tensors": sum(len(f.tensors) for f in plan.files), "bytes_written": plan.tensor_bytes,
+        "files": [f.name for f in plan.files], "dtype": dtype_name(plan.dtype) if plan.dtype else "keep",
+        "experts_layout": plan.experts_layout, "prefix": keys.prefix if keys else None,
+        "assets_copied": result.assets, "dropped_non_model_tensors": keys.dropped_non_model if keys else 0,
+        "dropped_non_tensor_entries": keys.dropped_non_tensor if keys else 0,
+        "dropped_unexpected": list(keys.unexpected) if keys else [], "missing": plan.missing,
+        "tied_lm_head_dropped": bool(getattr(dcp, "tied_lm_head_dropped", False)), "notes": result.notes,
+        "seconds": round(reporter.elapsed, 3),
+    }
     summary["tensor_bytes"] = summary["bytes_written"]
     summary["bytes_written"] = written(summary["output"])  # bytes on disk, as in every command
     reporter.summary("dcp-to-hf", summary, _rows(summary, reporter))

@@ -10,7 +10,7 @@ import click
 if TYPE_CHECKING:
     import torch
 
-from vlconvert.commands.common import asset_rows, file_count, show_dry_run, written
+from vlconvert.commands.common import asset_rows, file_count, merge_lora_option, show_dry_run, written
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 
 DTYPE = DtypeParam("keep", "config")
@@ -43,6 +43,7 @@ def _parallel_options(func):
                      help="Write iter_NNNNNNN/ with this number instead of release/."),
         click.option("--dtype", type=DTYPE, default=None,
                      help="Cast weights: keep (default), config (config.json's), bf16, fp16, fp32."),
+        merge_lora_option,
         click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete)."),
         click.option("--resume", is_flag=True, help="Finish the staged output of an interrupted run of the same "
                                                     "command, keeping its verified files."),
@@ -100,8 +101,8 @@ def _factory(rep: Reporter):
 def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None,
                            pp_first_layers: int | None, pp_last_layers: int | None,
                            make_vocab_size_divisible_by: int, padded_vocab_size: int | None, iteration: int | None,
-                           dtype: str | None, overwrite: bool, resume: bool, dry_run: bool, spec: str, experts: str,
-                           as_json: bool, quiet: bool) -> None:
+                           dtype: str | None, merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool,
+                           spec: str, experts: str, as_json: bool, quiet: bool) -> None:
     """Convert a Hugging Face Qwen3-VL(-MoE) folder SRC to Megatron-Core legacy rank files in DST.
 
     Writes DST/latest_checkpointed_iteration.txt and DST/release/mp_rank_*/model_optim_rng.pt with
@@ -109,24 +110,20 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
 
       vlconvert hf-to-megatron Qwen3-VL-30B-A3B-Instruct out --tp 2 --pp 2 --ep 8
     """
-    from vlconvert.megatron_convert import hf_to_megatron
+    from vlconvert.engine import Converter
+    from vlconvert.megatron_convert import _run
 
     rep = Reporter(as_json, quiet)
+    # the Converter vlconvert.megatron_convert.hf_to_megatron builds, plus --merge-lora
+    conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                     dtype=_dtype(dtype) or "keep", padded_vocab_size=padded_vocab_size,
+                     make_vocab_size_divisible_by=make_vocab_size_divisible_by, pp_first_layers=pp_first_layers,
+                     pp_last_layers=pp_last_layers, merge_lora=merge_lora, overwrite=overwrite, iteration=iteration,
+                     resume=resume, info=rep.info, source_layout="hf")
     if dry_run:
-        from vlconvert.engine import Converter
-
-        conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
-                         dtype=_dtype(dtype) or "keep", padded_vocab_size=padded_vocab_size,
-                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, pp_first_layers=pp_first_layers,
-                         pp_last_layers=pp_last_layers, overwrite=overwrite, iteration=iteration, resume=resume,
-                         info=rep.info, source_layout="hf")
         show_dry_run(rep, conv, dst, "hf-to-megatron")
         return
-    result = hf_to_megatron(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
-                            dtype=_dtype(dtype),  # type: ignore[arg-type] padded_vocab_size=padded_vocab_size,
-                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                            pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, overwrite=overwrite,
-                            iteration=iteration, progress_factory=_factory(rep), resume=resume, info=rep.info)
+    result = _run(conv, _factory(rep))[0]
     _report(rep, "hf-to-megatron", result, [("train with", result.plan.training_flags())])
 
 
@@ -135,10 +132,12 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--assets-dir", required=True, type=click.Path(path_type=Path),
               help="The original Hugging Face folder: config, tokenizer and processor files are copied byte for "
-                   "byte from it.")
+                   "byte from it (config.json rewritten only where it must describe the weights written: no "
+                   "quantization_config, their dtype).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Cast weights: keep (default: the stored dtype), config (config.json's), bf16, fp16, fp32.")
+@merge_lora_option
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
@@ -146,27 +145,26 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
 @output_options
 @handle_errors
 def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_size: str, dtype: str | None,
-                           overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+                           merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
+                           quiet: bool) -> None:
     """Convert Megatron-Core legacy rank files SRC back to a Hugging Face folder DST.
 
     TP/PP/EP/ETP, spec, expert style and vocabulary padding are detected from the folders and tensors
     (mp_rank_XX_YYY is read as EP when that folder holds the word embeddings, else as PP). Experts are
     written in the released orientation ([E, H, 2I] / [E, I, H]).
     """
-    from vlconvert.megatron_convert import megatron_to_hf
+    from vlconvert.engine import Converter
+    from vlconvert.megatron_convert import _run
 
     rep = Reporter(as_json, quiet)
+    # the Converter vlconvert.megatron_convert.megatron_to_hf builds, plus --merge-lora
+    conv = Converter(src, dst, to="hf", assets_dir=assets_dir, max_shard_size=max_shard_size,
+                     dtype=_dtype(dtype) or "keep", experts_layout="released", merge_lora=merge_lora,
+                     overwrite=overwrite, resume=resume, info=rep.info, source_layout="megatron")
     if dry_run:
-        from vlconvert.engine import Converter
-
-        conv = Converter(src, dst, to="hf", assets_dir=assets_dir, max_shard_size=max_shard_size,
-                         dtype=_dtype(dtype) or "keep", experts_layout="released", overwrite=overwrite,
-                         resume=resume, info=rep.info, source_layout="megatron")
         show_dry_run(rep, conv, dst, "megatron-to-hf")
         return
-    result = megatron_to_hf(src, dst, assets_dir=assets_dir, max_shard_size=max_shard_size,
-                            dtype=_dtype(dtype), overwrite=overwrite,  # type: ignore[arg-type]
-                            progress_factory=_factory(rep), resume=resume, info=rep.info)
+    result = _run(conv, _factory(rep))[0]
     if dtype and dtype != "keep":
         result.notes.append(f"cast to {dtype}")
     for rel in result.extra.get("assets") or []:
@@ -187,29 +185,25 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
 @handle_errors
 def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
-                    iteration: int | None, dtype: str | None, overwrite: bool, resume: bool, dry_run: bool,
-                    spec: str | None, experts: str | None, config: Path | None, as_json: bool, quiet: bool) -> None:
+                    iteration: int | None, dtype: str | None, merge_lora: str | None, overwrite: bool, resume: bool,
+                    dry_run: bool, spec: str | None, experts: str | None, config: Path | None, as_json: bool,
+                    quiet: bool) -> None:
     """Change the TP/PP/EP sizes of Megatron checkpoint SRC into DST, without a detour through HF.
 
     The result is byte-identical to converting the original HF folder to the new sizes directly.
     """
-    from vlconvert.megatron_convert import reshard
+    from vlconvert.engine import Converter
+    from vlconvert.megatron_convert import _run
 
     rep = Reporter(as_json, quiet)
+    # the Converter vlconvert.megatron_convert.reshard builds, plus --merge-lora
+    conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
+                     dtype=_dtype(dtype) or "keep", padded_vocab_size=padded_vocab_size,
+                     make_vocab_size_divisible_by=make_vocab_size_divisible_by, pp_first_layers=pp_first_layers,
+                     pp_last_layers=pp_last_layers, config=config, merge_lora=merge_lora, overwrite=overwrite,
+                     iteration=iteration, resume=resume, info=rep.info, source_layout="megatron")
     if dry_run:
-        from vlconvert.engine import Converter
-
-        conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
-                         dtype=_dtype(dtype) or "keep", padded_vocab_size=padded_vocab_size,
-                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, pp_first_layers=pp_first_layers,
-                         pp_last_layers=pp_last_layers, config=config, overwrite=overwrite, iteration=iteration,
-                         resume=resume, info=rep.info, source_layout="megatron")
         show_dry_run(rep, conv, dst, "reshard")
         return
-    result = reshard(src, dst, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
-                     dtype=_dtype(dtype),  # type: ignore[arg-type]
-                     padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                     pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers, config=config,
-                     overwrite=overwrite, iteration=iteration, progress_factory=_factory(rep), resume=resume,
-                     info=rep.info)
+    result = _run(conv, _factory(rep))[0]
     _report(rep, "reshard", result, [("train with", result.plan.training_flags())])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, element_size
+from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, dtype_name, element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
@@ -462,3 +462,42 @@ def copy_assets(src: Path, dst: Path) -> list[str]:
         copy_file(path, dst / rel)
         copied.append(str(rel))
     return copied
+
+
+CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers < 4.56 wrote torch_dtype, later ones dtype
+_SUB_CONFIGS = ("text_config", "vision_config")
+
+
+def describe_weights(path: Path, dtype: torch.dtype | None) -> bool:
+    """Make the config.json staged at ``path`` describe the weights written beside it; True if it changed.
+
+    vlconvert never writes quantized weights, so ``quantization_config`` goes (an FP8 release's, whether the
+    config came from SRC, ``--assets-dir`` or ``--config``: transformers would otherwise treat bf16 weights as
+    FP8). With ``dtype`` (an HF output: the dtype written), every ``torch_dtype``/``dtype`` the config names,
+    top level and sub-configs, names it, and a rewritten config names it at the top level too. Without it (a
+    DCP output, whose config dtype is the model's: ``--dtype auto`` reads it) the dtypes stay. A config that
+    already describes the weights, or is not a JSON object, is left byte for byte as copied."""
+    if not path.is_file():
+        return False
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError:
+        return False
+    if not isinstance(raw, dict):
+        return False
+    changed = "quantization_config" in raw
+    raw.pop("quantization_config", None)
+    if dtype is not None:
+        name = dtype_name(dtype)
+        scopes = [raw] + [raw[k] for k in _SUB_CONFIGS if isinstance(raw.get(k), dict)]
+        for scope in scopes:
+            for key in CONFIG_DTYPE_KEYS:
+                if key in scope and scope[key] != name:
+                    scope[key] = name
+                    changed = True
+        if changed and not any(key in raw for key in CONFIG_DTYPE_KEYS):
+            raw["dtype"] = name
+    if changed:
+        path.unlink()  # staged by the copy: written again (and hashed again) through the stage
+        write_bytes(path, (json.dumps(raw, indent=2) + "\n").encode())
+    return changed

@@ -10,7 +10,6 @@ An FP8 weight is never handed out without its scales applied.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,6 @@ from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import read_config_json
 from vlconvert.models.qwen3vl_megatron import Src
-from vlconvert.publish import write_bytes
 from vlconvert.sources.base import Source
 from vlconvert.sources.hf import HFSource
 
@@ -71,7 +69,7 @@ class FP8Source(HFSource):
         stored = self.skeleton.info.dtype if self.skeleton is not None else None
         self.out_dtype = stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
         if self.skeleton is not None:  # the Megatron writer records the config: it is not quantized any more
-            self.skeleton.info.raw.pop("quantization_config", None)
+            self.skeleton.info.raw.pop("quantization_config", None)  # (config.json outputs: describe_weights)
         tensors = self.checkpoint.tensors
         self.scales: dict[str, str] = {}
         for name, info in tensors.items():
@@ -206,21 +204,3 @@ class FP8Source(HFSource):
         scale = scale.repeat_interleave(br, dim=0)[start - first * br: stop - first * br]
         scale = scale.repeat_interleave(bc, dim=1)[:, :cols]
         return weight * scale
-
-    def rewrite_config(self, path: Path, dtype: torch.dtype | None) -> None:
-        """Drop ``quantization_config`` from a copied config.json and name the dtype written."""
-        if not path.is_file():
-            return
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        raw.pop("quantization_config", None)
-        name = dtype_name(dtype or self.out_dtype)
-        for key in ("torch_dtype", "dtype"):
-            if key in raw or key == "dtype":
-                raw[key] = name
-        text = raw.get("text_config")
-        if isinstance(text, dict):
-            for key in ("torch_dtype", "dtype"):
-                if key in text:
-                    text[key] = name
-        path.unlink()
-        write_bytes(path, (json.dumps(raw, indent=2) + "\n").encode())
