@@ -103,8 +103,10 @@ class Converter:
     ``max_shard_size`` (HF), ``tied_lm_head`` (DCP), ``allow_missing`` / ``allow_unexpected``, and the
     Megatron sizes ``tp pp ep etp spec experts pp_first_layers pp_last_layers padded_vocab_size
     make_vocab_size_divisible_by iteration``. ``overwrite`` and ``resume`` as on the command line;
-    ``merge_lora`` a PEFT adapter folder merged into the weights on the way. ``max_memory`` (bytes or
-    a size such as ``"1GiB"``): the peak resident memory to stay under (see :meth:`memory_plan`).
+    ``merge_lora`` a PEFT adapter folder merged into the weights on the way; ``consumer`` (torch_dist:
+    megatron-bridge, mbridge, ms-swift or megatron-lm) the framework whose own save the output matches.
+    ``max_memory`` (bytes or a size such as ``"1GiB"``): the peak resident memory to stay under (see
+    :meth:`memory_plan`).
     """
 
     def __init__(self, src: str | Path, dst: str | Path, *, to: str, dtype: str | torch.dtype | None = "auto",
@@ -117,7 +119,8 @@ class Converter:
                  make_vocab_size_divisible_by: int = 128, iteration: int | None = None,
                  overwrite: bool = False, resume: bool = False, metadata: bool = True,
                  source_layout: str | None = None, merge_lora: str | Path | None = None,
-                 max_memory: str | int | None = None, info: Callable[[str], None] = lambda s: None):
+                 max_memory: str | int | None = None, consumer: str | None = None,
+                 info: Callable[[str], None] = lambda s: None):
         if to not in TARGETS:
             raise UserError(f"unknown target '{to}': use {', '.join(TARGETS)}")
         if iteration is not None and iteration < 0:
@@ -130,7 +133,14 @@ class Converter:
                             experts=experts, pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers,
                             padded_vocab_size=padded_vocab_size,
                             make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=iteration,
-                            metadata=metadata, merge_lora=merge_lora)
+                            metadata=metadata, merge_lora=merge_lora, consumer=consumer)
+        if consumer is not None:
+            from vlconvert.layouts.consumers import consumer as _known_consumer
+
+            _known_consumer(consumer)
+            if to != "torch_dist":
+                raise UserError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load); "
+                                f"drop it for --to {to}")
         self.assets_dir, self.config = assets_dir, config
         self.overwrite, self.resume, self.info = overwrite, resume, info
         self.max_memory = _memory_budget(max_memory)  # not an option of the output: --resume ignores it

@@ -65,6 +65,8 @@ class ConversionPlan:
     hf_shards: list[list[PlannedTensor]] = field(default_factory=list)
     dcp_files: list[tuple[str, list[DCPEntry]]] = field(default_factory=list)
     megatron: MegatronPlan | None = None
+    consumer: str | None = None  # torch_dist: the framework it is written for (``--for``)
+    torch_dist_extra: list[Any] = field(default_factory=list)  # torch_dist: tensors outside the Megatron plan
 
     @property
     def tensor_bytes(self) -> int:
@@ -76,7 +78,7 @@ class ConversionPlan:
             "source": self.source, "source_layout": self.source_layout, "target": self.target,
             "dtype": dtype_name(self.dtype) if self.dtype else "keep", "experts_layout": self.experts_layout,
             "bytes": self.tensor_bytes, "notes": self.notes, "missing": self.missing, "dropped": self.dropped,
-            "assets": self.assets,
+            "assets": self.assets, **({"for": self.consumer} if self.consumer else {}),
             "files": [{"name": f.name, "bytes": f.nbytes, "tensors": len(f.tensors)} for f in self.files]}
         if self.megatron is not None:
             m = self.megatron

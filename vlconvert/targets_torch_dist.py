@@ -9,7 +9,9 @@ default (strict) load requires.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +21,10 @@ from vlconvert import ops
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import TensorBlocks
-from vlconvert.models.qwen3vl_megatron import RankTensor, plan_megatron_ranks
+from vlconvert.models.qwen3vl_consumers import bridge_model_config, hf_vision_tensors, megatron_lm_args
+from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype, rank_tensor_blocks
+from vlconvert.publish import write_bytes
 
 if TYPE_CHECKING:
     from vlconvert.sources import Source
@@ -28,53 +32,96 @@ if TYPE_CHECKING:
 DATA_FILE = "__0_0.distcp"
 
 
+def _out_name(name: str, local: bool, flavour: tdl.Consumer) -> str:
+    """A legacy tp=1 name as the consumer's model calls it in its sharded state dict."""
+    if local and name.startswith(MLM):  # megatron-core maps the GPT local spec's norms to TE names on save
+        name = name.replace(".input_layernorm.", ".self_attention.linear_qkv.layer_norm_")
+        name = name.replace(".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_")
+    if name.startswith(MLM):
+        name = flavour.prefix + name[len(MLM):]
+    return name
+
+
 def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[str]]]:
     """Every tp=1 tensor with its torch_dist key/index and the ``_extra_state`` keys that follow it."""
     assert plan.megatron is not None
     info = plan.megatron.skeleton.info
-    out = []
+    flavour = tdl.consumer(plan.consumer)
     local = plan.megatron.spec == "local"
-    for t in plan.megatron.ranks[0].tensors:
-        name = t.name
-        if local:  # megatron-core saves the local spec's norms under TE names (its sharded_state_dict_keys_map)
-            name = name.replace(".input_layernorm.", ".self_attention.linear_qkv.layer_norm_")
-            name = name.replace(".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_")
-        gk = tdl.global_key(name, info.layers, info.vision_depth, len(info.deepstack), info.experts or 0)
-        out.append((t, gk, tdl.extra_state_keys(gk, name)))
+    out = []
+    tensors = [t for t in plan.megatron.ranks[0].tensors if not t.name.startswith(MVIS)]
+    if flavour.vision == "megatron":
+        tensors = [t for t in plan.megatron.ranks[0].tensors if t.name.startswith(MVIS)] + tensors
+    for t in tensors:
+        name = _out_name(t.name, local, flavour)
+        gk = tdl.global_key(name, info.layers, info.vision_depth, len(info.deepstack), info.experts or 0,
+                            flavour.prefix)
+        out.append((replace(t, name=name), gk, tdl.extra_state_keys(gk, name)))
+    if flavour.vision == "hf":
+        out = [(t, tdl.GlobalKey(t.name, (), ()), []) for t in plan.torch_dist_extra] + out
     return out
 
 
 def plan_torch_dist(conv: Any, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
-    """The tp=1 Megatron plan (vocabulary padded as for ``--tp``) and the one data file it fills."""
+    """The tp=1 Megatron plan (vocabulary padded as the consumer builds the model) and the one data file."""
     o = conv.options
+    flavour = tdl.consumer(o.get("consumer"))
     sk = source.skeleton
     previous = getattr(source, "plan", None)
     spec = o["spec"] or getattr(previous, "spec", None) or "te"
     vocab = sk.shape_in("model.language_model.embed_tokens.weight", "released")[0]
-    padded = ops.padded_vocab_size(vocab, o["tp"], o["make_vocab_size_divisible_by"], o["padded_vocab_size"])
-    if source.layout == "torch_dist" and o["padded_vocab_size"] is None and o["tp"] == 1 and previous is not None:
+    if flavour.pad_vocab or o["padded_vocab_size"] is not None:
+        padded = ops.padded_vocab_size(vocab, o["tp"], o["make_vocab_size_divisible_by"], o["padded_vocab_size"])
+    else:
+        padded = vocab
+    if source.layout == "torch_dist" and o["padded_vocab_size"] is None and o["tp"] == 1 and previous is not None \
+            and flavour.pad_vocab:
         padded = previous.padded_vocab  # keep the source's padding unless asked otherwise
     source_dtypes = {n: out_dtype(source.spec(n)[1], dtype) for n in source.names()}
     mplan = plan_megatron_ranks(sk, 1, 1, 1, spec=spec, experts="sequential", dtype=dtype,
                                 padded_vocab_size=padded, source_dtypes=source_dtypes)
-    it = mlay.iteration_folder(o["iteration"])
+    iteration = o["iteration"] if o["iteration"] is not None else flavour.iteration
+    it = mlay.iteration_folder(iteration)
+    assets = [mlay.TRACKER, f"{it}/{tdl.COMMON}", f"{it}/{tdl.METADATA_JSON}"]
+    if flavour.run_config:
+        assets += [tdl.LATEST_TRAIN_STATE, f"{it}/{tdl.TRAIN_STATE}", f"{it}/{tdl.RUN_CONFIG}"]
     plan = ConversionPlan(str(source.folder), source.layout, "torch_dist", dtype, None, [], megatron=mplan,
-                          assets=[mlay.TRACKER, f"{it}/{tdl.COMMON}", f"{it}/{tdl.METADATA_JSON}"])
-    plan.files = [PlannedFile(f"{it}/{DATA_FILE}", [(f"{gk.key}{list(gk.index)}", t.shape, t.dtype)
-                                                    for t, gk, _ in chunks(plan)])]
-    plan.notes = [f"torch_dist: global tensors (layers stacked), spec {spec}, vocabulary padded to {padded}; "
-                  "loads at any TP/PP/EP"]
+                          assets=assets)
+    plan.consumer = flavour.name
+    plan.torch_dist_extra = hf_vision_tensors(sk, source_dtypes) if flavour.vision == "hf" else []
+    records = [(f"{gk.key}{list(gk.index)}", t.shape, t.dtype) for t, gk, _ in chunks(plan)]
+    plan.files = [PlannedFile(f"{it}/{DATA_FILE}", records)]
+    plan.notes = [f"torch_dist for {flavour.name}: global tensors (layers stacked), spec {spec}, vocabulary "
+                  f"{'padded to ' if padded > vocab else ''}{padded} rows; loads at any TP/PP/EP"]
+    if flavour.vision is None:
+        plan.notes.append(f"{flavour.name}: the language model only (GPTModel, unprefixed keys); the vision tower "
+                          "is not written")
     if o["pp"] > 1 or o["ep"] > 1:
         plan.notes.append("--pp/--ep do not change a torch_dist checkpoint (tensors are stored unsharded)")
+    plan.notes.append(f"load it: {flavour.load}")
     return plan
 
 
 def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
-    """Stream every chunk (one legacy tp=1 tensor at a time), then ``.metadata``, common.pt, metadata.json."""
+    """Stream every chunk (one legacy tp=1 tensor at a time), then the common state (inside the DCP and as
+    ``common.pt``), ``metadata.json`` and the consumer's own files (tracker, train state, run config)."""
     source = conv.source
-    iteration = conv.options["iteration"]
+    o = conv.options
+    flavour = tdl.consumer(plan.consumer)
+    iteration = o["iteration"] if o["iteration"] is not None else flavour.iteration
     folder = stage / mlay.iteration_folder(iteration)
     folder.mkdir(exist_ok=True)
+    assert plan.megatron is not None
+    info = plan.megatron.skeleton.info
+    meta = plan.megatron.metadata()
+    meta.update(tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"] or o["tp"], consumer=flavour.name)
+    args = None
+    if flavour.args:
+        args = argparse.Namespace(**megatron_lm_args(
+            info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"], padded_vocab=plan.megatron.padded_vocab,
+            make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"], dtype=plan.dtype,
+            iteration=iteration or 0))
+    common = tdl.common_state(iteration, meta, args)
     writer = tdl.TorchDistWriter(folder)
     extra = tdl.extra_state_bytes()
     try:
@@ -91,13 +138,21 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
             advance(t.nbytes)
             for key in extras:
                 writer.write_bytes(key, extra)
+        writer.write_bytes(tdl.COMMON_STATE_KEY, tdl.common_state_bytes(common))
         writer.finish()
     except BaseException:
         writer.abort()
         raise
-    assert plan.megatron is not None
-    meta = plan.megatron.metadata()
-    meta.update(tp=conv.options["tp"], pp=conv.options["pp"], ep=conv.options["ep"],
-                etp=conv.options["etp"] or conv.options["tp"])
-    tdl.write_common(folder, iteration, meta)
+    tdl.write_common(folder, common)
+    if flavour.run_config:
+        state = tdl.train_state_bytes(iteration or 0)
+        write_bytes(folder / tdl.TRAIN_STATE, state)
+        write_bytes(stage / tdl.LATEST_TRAIN_STATE, state)
+        run_config = {"_target_": "megatron.bridge.training.config.ConfigContainer",
+                      "model": bridge_model_config(info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"],
+                                                   make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"]),
+                      "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig",
+                                     "ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,
+                                     "fully_parallel_save": True, "dist_ckpt_strictness": "assume_ok_unexpected"}}
+        write_bytes(folder / tdl.RUN_CONFIG, (tdl.yaml_text(run_config) + "\n").encode())
     mlay.write_tracker(stage, iteration)

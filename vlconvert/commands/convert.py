@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from vlconvert.commands.common import asset_rows, show_dry_run
+from vlconvert.commands.common import asset_rows, merge_lora_option, show_dry_run
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
+from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER
 
 TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 
@@ -44,10 +45,12 @@ TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 @click.option("--make-vocab-size-divisible-by", type=int, default=128, show_default=True,
               help="Megatron: pad the vocabulary to a multiple of this times --tp.")
 @click.option("--padded-vocab-size", type=int, default=None, help="Megatron: exact padded vocabulary rows.")
-@click.option("--iteration", type=int, default=None, help="Megatron: write iter_NNNNNNN/ instead of release/.")
-@click.option("--merge-lora", "merge_lora", default=None, metavar="ADAPTER",
-              help="Merge this PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) into the "
-                   "weights, as PEFT's merge_and_unload does.")
+@click.option("--iteration", type=int, default=None,
+              help="Megatron: write iter_NNNNNNN/ (default: release/; torch_dist: as the --for framework saves).")
+@click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), default=None,
+              help="torch_dist: the framework that will load it; the output matches that framework's own save "
+                   f"(keys, common state, folders, vocabulary padding). Default: {DEFAULT_CONSUMER}.")
+@merge_lora_option
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="Stay under this peak memory (e.g. 1GiB): smaller blocks, or a refusal up front.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
@@ -61,7 +64,8 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                     no_tied_lm_head: bool, allow_missing: bool, allow_unexpected: bool, tp: int, pp: int, ep: int,
                     etp: int | None, spec: str | None, experts: str | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
-                    iteration: int | None, merge_lora: str | None, max_memory: str | None, overwrite: bool,
+                    iteration: int | None, consumer: str | None, merge_lora: str | None, max_memory: str | None,
+                    overwrite: bool,
                     resume: bool, dry_run: bool,
                     as_json: bool, quiet: bool) -> None:
     """Convert checkpoint SRC (Hugging Face folder or cached model id, DCP, Megatron; detected) to
@@ -80,7 +84,8 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                      allow_unexpected=allow_unexpected, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
                      pp_first_layers=pp_first_layers, pp_last_layers=pp_last_layers,
                      padded_vocab_size=padded_vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                     iteration=iteration, merge_lora=merge_lora, overwrite=overwrite, resume=resume,
+                     iteration=iteration, consumer=consumer, merge_lora=merge_lora, overwrite=overwrite,
+                     resume=resume,
                      max_memory=max_memory, info=rep.info)
     plan = conv.plan()
     data = plan.to_dict()
@@ -101,6 +106,11 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
         m = plan.megatron
         rows.append(("parallel", f"TP={m.tp} PP={m.pp} EP={m.ep} ETP={m.etp} (layers per stage {m.stage_layers})"))
         rows.append(("train with", m.training_flags()))
+    if plan.consumer:
+        from vlconvert.layouts.consumers import consumer as consumer_named
+
+        rows.append(("for", plan.consumer))
+        rows.append(("load with", consumer_named(plan.consumer).load.replace("DST", str(result.output))))
     rows += asset_rows(result.assets, rep.verbose)
     rows += [("note", n) for n in result.notes]
     rep.summary("convert", data, rows)

@@ -26,6 +26,7 @@ from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
 from vlconvert.layouts import megatron as mlay
+from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER, Consumer, consumer  # noqa: F401
 from vlconvert.layouts.dcp import _DTYPES, DCPWriter, TensorBlocks
 from vlconvert.layouts.megatron import write_torch_record
 from vlconvert.publish import create_file
@@ -35,11 +36,11 @@ COMMON = "common.pt"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
            "common_backend_version": 1}
 _MAX_COMMON = 64 * 2**20
-_LM_LAYER = re.compile(r"^(language_model\.decoder\.layers\.|vision_model\.decoder\.layers\."
-                       r"|vision_model\.decoder\.deepstack_merger_list\.)(\d+)\.(.*)$")
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$")
-_EXTRA_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+# the last name of every module with an ``_extra_state`` entry (see :func:`extra_state_keys`)
+EXTRA_STATE_MODULES = frozenset({"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "q_layernorm", "k_layernorm",
+                                 "pre_mlp_layernorm", "final_layernorm", "patch_norm"})
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,18 @@ class GlobalKey:
     alt: str | None = None  # a per-layer key (non-homogeneous layers) read when ``key`` is absent
 
 
-def global_key(name: str, layers: int, vision_layers: int, mergers: int, experts: int) -> GlobalKey:
+def global_key(name: str, layers: int, vision_layers: int, mergers: int, experts: int,
+               prefix: str = "language_model.") -> GlobalKey:
     """Map a globally numbered legacy name (``...layers.3.mlp.experts.local_experts.5.linear_fc1.weight``)
-    to its torch_dist key and index."""
-    m = _LM_LAYER.match(name)
-    if m is None:
+    to its torch_dist key and index; ``prefix`` is the language model's (empty for a plain GPTModel)."""
+    lm_layers = f"{prefix}decoder.layers."
+    stacks = {lm_layers: layers, "vision_model.decoder.layers.": vision_layers,
+              "vision_model.decoder.deepstack_merger_list.": mergers}
+    head = next((h for h in stacks if name.startswith(h)), None)
+    num, _, rest = name[len(head):].partition(".") if head else ("", "", "")
+    if head is None or not num.isdigit():
         return GlobalKey(name, (), ())
-    head, num, rest = m.group(1), int(m.group(2)), m.group(3)
-    count = {"language_model.decoder.layers.": layers, "vision_model.decoder.layers.": vision_layers}.get(head,
-                                                                                                          mergers)
+    num, count = int(num), stacks[head]
     e = _SEQ_EXPERT.match(rest) or _GROUPED_EXPERT.match(rest)
     if e is not None:
         expert, leaf = (int(e.group(1)), e.group(2)) if _SEQ_EXPERT.match(rest) else (int(e.group(2)), e.group(1))
@@ -70,18 +74,27 @@ def global_key(name: str, layers: int, vision_layers: int, mergers: int, experts
 
 
 def extra_state_keys(gk: GlobalKey, name: str) -> list[str]:
-    """The ``_extra_state`` byte entries megatron-core stores for the module of weight ``name`` (language
-    model linears only): ``<module>._extra_state/shard_<i>_<L>`` (experts ``shard_<i>.<e>_<L>.<E>``)."""
-    if not name.startswith("language_model.decoder.layers.") or not name.endswith(".weight"):
+    """The ``_extra_state`` byte entries megatron-core stores beside weight ``name`` (key ``gk``):
+    ``<module>._extra_state/shard_<i>_<L>`` for a stacked layer, ``shard_<i>.<e>_<L>.<E>`` for an expert,
+    ``shard_0_1`` for a module outside the layer stacks.
+
+    Every module that has one under either spec gets one: the linears (language model, vision blocks,
+    patch mergers; megatron-core's local linears and TE's both keep one) and the norms that Transformer
+    Engine builds as separate modules (``q_layernorm``, ``k_layernorm``, ``pre_mlp_layernorm`` of MoE
+    layers, ``final_layernorm``, ``patch_norm``: TE's norm ops keep one, local norms do not). A load at
+    megatron-core's default strictness tolerates the entries a local-spec model does not ask for.
+    """
+    if not name.endswith(".weight") or not gk.key.endswith(".weight"):
         return []
     module = gk.key[:-len(".weight")]
-    leaf = module[len("language_model.decoder.layers."):]
+    if module.rsplit(".", 1)[-1] not in EXTRA_STATE_MODULES:
+        return []
     if len(gk.index) == 2:
         (i, e), (n, ne) = gk.index, gk.stack
         return [f"{module}._extra_state/shard_{i}.{e}_{n}.{ne}"]
-    if leaf in _EXTRA_MODULES:
+    if len(gk.index) == 1:
         return [f"{module}._extra_state/shard_{gk.index[0]}_{gk.stack[0]}"]
-    return []
+    return [f"{module}._extra_state/shard_0_1"]
 
 
 def extra_state_bytes() -> bytes:
@@ -93,6 +106,55 @@ def extra_state_bytes() -> bytes:
         torch.save([None], buf)
     finally:
         torch.serialization.set_crc32_options(crc)
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------------------- consumers
+# what megatron-core's saves put in the common state beside the model (sharded_state_dict metadata)
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                    "distrib_optim_sharding_type": "dp_reshardable"}
+COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron-core >= 0.17 keeps the common state here too
+TRAIN_STATE = "train_state.pt"
+LATEST_TRAIN_STATE = "latest_train_state.pt"
+RUN_CONFIG = "run_config.yaml"
+
+
+def yaml_text(value: object, indent: int = 0) -> str:
+    """``value`` (dicts, lists, strings, numbers, booleans, None) as YAML that PyYAML's ``safe_load`` reads back
+    equal: JSON flow style, except that floats always carry a dot (YAML 1.1 reads ``1e-06`` as a string)."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {yaml_text(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_text(v, indent + 1) for v in value) + "]"
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + (f"e{exponent}" if e else "")
+    if isinstance(value, (bool, int, str)) or value is None:
+        return json.dumps(value)
+    raise TypeError(f"cannot write {type(value).__name__} to YAML")
+
+
+def common_state_bytes(common: dict) -> bytes:
+    """The ``common_state`` bytes entry megatron-core >= 0.17 writes: ``torch.save([common])``."""
+    buf = io.BytesIO()
+    torch.save([common], buf)
+    return buf.getvalue()
+
+
+def train_state_bytes(iteration: int) -> bytes:
+    """Megatron-Bridge's ``train_state.pt`` for a checkpoint at step ``iteration`` that has trained nothing."""
+    zero = torch.tensor(0)
+    state = {"step": torch.tensor(iteration), "consumed_train_samples": zero.clone(),
+             "skipped_train_samples": zero.clone(), "consumed_valid_samples": zero.clone(),
+             "floating_point_operations_so_far": torch.tensor(0.0), "do_train": torch.tensor(False),
+             "do_valid": torch.tensor(False), "do_test": torch.tensor(False)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
     return buf.getvalue()
 
 
@@ -220,12 +282,20 @@ class TorchDistWriter(DCPWriter):
         return len(data)
 
 
-def write_common(folder: Path, iteration: int | None, meta: dict) -> None:
-    """``common.pt`` (``checkpoint_version``, ``iteration``, plain-data ``vlconvert`` facts) and
-    ``metadata.json``."""
+def common_state(iteration: int | None, meta: dict, args: object | None = None) -> dict:
+    """The common (non-sharded) state: ``checkpoint_version``, ``iteration``, ``content_metadata``, plain-data
+    ``vlconvert`` facts and, for Megatron-LM and ms-swift, ``args``."""
+    common: dict = {"checkpoint_version": mlay.CHECKPOINT_VERSION, "iteration": iteration or 0,
+                    "content_metadata": dict(CONTENT_METADATA), mlay.META_KEY: meta}
+    if args is not None:
+        common["args"] = args
+    return common
+
+
+def write_common(folder: Path, common: dict) -> None:
+    """``common.pt`` (what megatron-core 0.16 reads, and 0.19 prefers when present) and ``metadata.json``."""
     buf = io.BytesIO()
-    torch.save({"checkpoint_version": mlay.CHECKPOINT_VERSION, "iteration": iteration or 0, mlay.META_KEY: meta},
-               buf)
+    torch.save(common, buf)
     with create_file(folder / COMMON) as f:
         f.write(buf.getvalue())
     with create_file(folder / METADATA_JSON) as f:

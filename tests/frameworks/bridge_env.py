@@ -1,0 +1,112 @@
+"""Run Megatron-Bridge 0.6.2 on a CPU-only torch without Transformer Engine (test-only).
+
+What is replaced, and nothing else:
+- ``megatron.bridge.peft.lora_layers`` (imports TE unconditionally) by a module whose three classes
+  (LinearAdapter, LoRALinear, LoRATopKRouter) raise if built; no LoRA is used by these tests.
+- The TE module classes Bridge's Qwen3-VL model and provider pick (``get_vit_layer_with_transformer_engine_spec``,
+  ``TENorm``/``TEColumnParallelLinear``/``TERowParallelLinear`` for the patch mergers and
+  ``get_gpt_layer_with_transformer_engine_spec`` for the language model) by megatron-core's local
+  equivalents (same parameter names after megatron-core's own TE-name mapping of the local norms).
+- ``GPTModelProvider.finalize`` first turns off the fused CUDA/TE kernels the provider asks for
+  (:func:`cpu_settings`), since a provider read back from ``run_config.yaml`` asks for them.
+- ``torch.cuda.synchronize``/``current_device``/``get_rng_state`` and the CUDA RNG tracker and the forked writer processes of
+  ``dist_checkpointing.save`` (no CUDA here), as in ``tests/test_torch_dist.py``.
+Everything else (AutoBridge, providers, weight mappings, checkpoint loaders, megatron-core) is the
+installed code.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import types
+
+
+class _NoLoRA:
+    def __init__(self, *a, **k):
+        raise RuntimeError("LoRA layers need Transformer Engine (stand-in module)")
+
+
+def install() -> None:
+    """Install the stand-ins; call before importing megatron.bridge."""
+    stub = types.ModuleType("megatron.bridge.peft.lora_layers")
+    for name in ("LinearAdapter", "LoRALinear", "LoRATopKRouter", "TEFusedLoRALinear"):
+        setattr(stub, name, type(name, (_NoLoRA,), {}))
+    sys.modules["megatron.bridge.peft.lora_layers"] = stub
+
+    import torch
+    import torch.cuda as tc
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    class _Inline:
+        def __init__(self, target, kwargs):
+            self.target, self.kwargs = target, kwargs
+
+        def start(self) -> None:
+            self.target(**self.kwargs)
+
+        def join(self, *_a) -> None:
+            pass
+
+    ctx = types.SimpleNamespace(Queue=queue.Queue, JoinableQueue=queue.Queue, Process=_Inline)
+    tc.synchronize = lambda *a, **k: None
+    tc.current_device = lambda: "cpu"
+    tc.get_rng_state = lambda *a, **k: torch.zeros(16, dtype=torch.uint8)
+    fa.mp = types.SimpleNamespace(get_context=lambda _m: ctx, Queue=queue.Queue, SimpleQueue=queue.Queue,
+                                  JoinableQueue=queue.Queue)
+    fa._results_queue = queue.Queue()
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron.bridge.models.qwen_vl import qwen3_vl_provider
+    from megatron.bridge.models.qwen_vl.modelling_qwen3_vl import model as qmodel
+
+    def lm_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm=False, fp8=False, **kw):
+        return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm,
+                                        normalization="RMSNorm")
+
+    qwen3_vl_provider.get_gpt_layer_with_transformer_engine_spec = lm_spec
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+    finalize = GPTModelProvider.finalize
+
+    def cpu_finalize(self):  # a provider read back from run_config.yaml asks for TE's fused kernels
+        cpu_settings(self)
+        return finalize(self)
+
+    GPTModelProvider.finalize = cpu_finalize
+    qmodel.get_vit_layer_with_transformer_engine_spec = get_vit_layer_with_local_spec
+    qmodel.TENorm = WrappedTorchNorm
+    qmodel.TEColumnParallelLinear = ColumnParallelLinear
+    qmodel.TERowParallelLinear = RowParallelLinear
+
+
+def init_dist(rank: int = 0, world: int = 1, port: int = 29511, tp: int = 1, ep: int = 1) -> None:
+    """gloo process group and megatron-core model-parallel groups on the CPU."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mrandom
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.add = lambda *a, **k: None  # CPU: no CUDA RNG streams
+    tracker.get_states = lambda: {}
+    torch.manual_seed(0)
+
+
+def cpu_settings(cfg) -> None:
+    """Turn off the fused CUDA/TE kernels a provider or TransformerConfig asks for (CPU build here)."""
+    for name, value in (("gradient_accumulation_fusion", False), ("moe_permute_fusion", False),
+                        ("moe_grouped_gemm", False), ("bias_activation_fusion", False),
+                        ("masked_softmax_fusion", False), ("persist_layer_norm", False),
+                        ("bias_dropout_fusion", False), ("apply_rope_fusion", False),
+                        ("moe_token_dispatcher_type", "allgather"), ("use_cpu_initialization", True)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)

@@ -1,0 +1,148 @@
+"""What Megatron frameworks store about a Qwen3-VL model beside its weights, as plain data.
+
+- Megatron-Bridge keeps the model as its provider dataclass in ``run_config.yaml`` (``model:``, with a
+  ``_target_``); :func:`bridge_model_config` gives the fields Bridge's own Qwen3-VL bridges set from an
+  HF config (``Qwen3VLBridge.provider_bridge`` / ``Qwen3VLMoEBridge.provider_bridge`` of Bridge 0.6.2,
+  through its ``CONFIG_MAPPING``); every other field keeps the provider's default, as in Bridge's save.
+- Megatron-LM keeps its command line as ``args`` (an ``argparse.Namespace``) in the common state;
+  :func:`megatron_lm_args` gives the fields its loaders read for this architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlconvert.models.qwen3vl import ModelInfo, Skeleton
+from vlconvert.models.qwen3vl_megatron import VIS, RankTensor, Src
+
+_BRIDGE_PROVIDERS = {False: "megatron.bridge.models.qwen_vl.qwen3_vl_provider.Qwen3VLModelProvider",
+                     True: "megatron.bridge.models.qwen_vl.qwen3_vl_provider.Qwen3VLMoEModelProvider"}
+_HF_CONFIGS = {"qwen3_vl": "transformers.models.qwen3_vl.configuration_qwen3_vl.Qwen3VL{}Config",
+               "qwen3_vl_moe": "transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe.Qwen3VLMoe{}Config"}
+# (HF text_config name, provider field), in Bridge's CONFIG_MAPPING order (the first one present wins)
+_CONFIG_MAPPING = (("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
+                   ("intermediate_size", "ffn_hidden_size"), ("num_attention_heads", "num_attention_heads"),
+                   ("num_key_value_heads", "num_query_groups"), ("head_dim", "kv_channels"),
+                   ("vocab_size", "vocab_size"), ("max_position_embeddings", "seq_length"),
+                   ("rms_norm_eps", "layernorm_epsilon"), ("initializer_range", "init_method_std"),
+                   ("attention_dropout", "attention_dropout"), ("hidden_dropout", "hidden_dropout"),
+                   ("tie_word_embeddings", "share_embeddings_and_output_weights"),
+                   ("attention_bias", "add_qkv_bias"), ("mlp_bias", "add_bias_linear"),
+                   ("use_qk_norm", "qk_layernorm"), ("rope_theta", "rotary_base"),
+                   ("partial_rotary_factor", "rotary_percent"), ("num_experts", "num_moe_experts"),
+                   ("num_local_experts", "num_moe_experts"), ("num_experts_per_tok", "moe_router_topk"),
+                   ("moe_intermediate_size", "moe_ffn_hidden_size"), ("aux_loss_alpha", "moe_aux_loss_coeff"),
+                   ("router_aux_loss_coef", "moe_aux_loss_coeff"))
+_TORCH_NAMES = {torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16", torch.float32: "torch.float32"}
+
+
+def _dtype_ref(dtype: torch.dtype) -> dict:
+    return {"_target_": _TORCH_NAMES[dtype], "_call_": False}
+
+
+def _rope(text: dict) -> dict:
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def _hf_config_ref(family: str, kind: str, fields: dict, dtype: torch.dtype) -> dict:
+    """An HF sub-config as Bridge serializes it: its class as ``_target_``, its fields as arguments."""
+    out: dict[str, Any] = {"_target_": _HF_CONFIGS[family].format(kind)}
+    out.update({k: v for k, v in fields.items() if k not in ("torch_dtype", "dtype")})
+    out["dtype"] = _dtype_ref(dtype)
+    return out
+
+
+def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                        make_vocab_size_divisible_by: int = 128) -> dict:
+    """The ``model:`` section of a Megatron-Bridge ``run_config.yaml`` for this model."""
+    raw = info.raw
+    text = dict(raw.get("text_config") or {})
+    vision = dict(raw.get("vision_config") or {})
+    dtype = info.dtype or torch.float32
+    model: dict[str, Any] = {"_target_": _BRIDGE_PROVIDERS[info.is_moe]}
+    for hf_name, field_name in _CONFIG_MAPPING:
+        if hf_name in text and field_name not in model:
+            model[field_name] = text[hf_name]
+    rope = _rope(text)
+    if "rotary_base" not in model and "rope_theta" in rope:
+        model["rotary_base"] = rope["rope_theta"]
+    model.update(fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=_dtype_ref(dtype),
+                 normalization="RMSNorm", gated_linear_unit=True, add_qkv_bias=bool(text.get("attention_bias")),
+                 add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0,
+                 share_embeddings_and_output_weights=bool(raw.get("tie_word_embeddings", False)))
+    if info.is_moe:
+        model.update(moe_ffn_hidden_size=info.moe_intermediate, num_moe_experts=info.experts,
+                     moe_router_topk=info.experts_per_token, decoder_sparse_step=text.get("decoder_sparse_step", 1),
+                     mlp_only_layers=list(text.get("mlp_only_layers") or []), moe_grouped_gemm=True,
+                     moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
+                     moe_router_pre_softmax=False, moe_token_dispatcher_type="alltoall", moe_permute_fusion=True)
+    family = "qwen3_vl_moe" if info.is_moe else "qwen3_vl"
+    model.update(position_embedding_type="mrope",
+                 vision_config=_hf_config_ref(family, "Vision", vision, dtype),
+                 hf_text_config=_hf_config_ref(family, "Text", text, dtype),
+                 head_dim=info.head_dim, bos_token_id=text.get("bos_token_id", 151643),
+                 eos_token_id=text.get("eos_token_id", 151645),
+                 vision_start_token_id=raw.get("vision_start_token_id", 151652),
+                 vision_end_token_id=raw.get("vision_end_token_id", 151653),
+                 image_token_id=raw.get("image_token_id", 151655), video_token_id=raw.get("video_token_id", 151656),
+                 mrope_section=list(rope.get("mrope_section", [24, 20, 20])))
+    model.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                 expert_tensor_parallel_size=etp or tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    return model
+
+
+def megatron_lm_args(info: ModelInfo, *, tp: int, pp: int, ep: int, etp: int | None, padded_vocab: int,
+                     make_vocab_size_divisible_by: int, dtype: torch.dtype | None, iteration: int) -> dict:
+    """The fields of Megatron-LM's ``args`` for this model's language model (``pretrain_gpt.py`` flags),
+    including those Megatron-LM's ``load_args_from_checkpoint`` / ``check_checkpoint_args`` and
+    Megatron-Bridge's ``mlm_compat`` reader take from a checkpoint."""
+    text = info.raw.get("text_config") or {}
+    rope = _rope(text)
+    dtype = dtype or info.dtype or torch.float32
+    moe = info.is_moe
+    return dict(
+        num_layers=info.layers, hidden_size=info.hidden,
+        ffn_hidden_size=info.moe_intermediate if moe else info.intermediate, num_attention_heads=info.heads,
+        num_query_groups=info.kv_heads, group_query_attention=info.kv_heads != info.heads,
+        kv_channels=info.head_dim, max_position_embeddings=text.get("max_position_embeddings", 4096),
+        seq_length=text.get("max_position_embeddings", 4096), position_embedding_type="rope",
+        add_position_embedding=False, use_rotary_position_embeddings=True,
+        rotary_base=rope.get("rope_theta", text.get("rope_theta", 10000)), rotary_percent=1.0, rotary_interleaved=False,
+        use_rope_scaling=False, add_bias_linear=False, add_qkv_bias=bool(text.get("attention_bias")), swiglu=True,
+        squared_relu=False, bias_swiglu_fusion=False, bias_gelu_fusion=False,
+        untie_embeddings_and_output_weights=not info.tied, apply_layernorm_1p=False, normalization="RMSNorm",
+        norm_epsilon=text.get("rms_norm_eps", 1e-6), qk_layernorm=True, qk_l2_norm=False,
+        attention_dropout=0.0, hidden_dropout=0.0,
+        num_experts=info.experts if moe else None, moe_ffn_hidden_size=info.moe_intermediate if moe else None,
+        moe_router_topk=info.experts_per_token if moe else 2, moe_grouped_gemm=moe, moe_layer_freq=1,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3 if moe else 0.0,
+        vocab_size=info.vocab, padded_vocab_size=padded_vocab,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp or tp, virtual_pipeline_model_parallel_size=None,
+        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None, world_size=tp * pp,
+        data_parallel_size=1, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        fp16_lm_cross_entropy=False, ckpt_format="torch_dist", use_dist_ckpt=True, no_save_optim=True,
+        no_save_rng=True, async_save=False, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        transformer_impl="transformer_engine", multi_latent_attention=False, heterogeneous_layers_config_path=None,
+        no_persist_layer_norm=True, overlap_p2p_comm=False, fp8_param_gather=False, init_method_xavier_uniform=False,
+        init_method_std=text.get("initializer_range", 0.02), config_logger_dir="", cp_comm_type=["p2p"],
+        is_hybrid_model=False, hybrid_layer_pattern=None, mtp_num_layers=None, init_model_with_meta_device=False,
+        context_parallel_size=1, sequence_parallel=False, ckpt_fully_parallel_save=True)
+
+
+def hf_vision_tensors(skeleton: Skeleton, dtypes: dict[str, torch.dtype], prefix: str = "visual.visual."
+                      ) -> list[RankTensor]:
+    """The HF vision tower kept as a plain module (ms-swift): every ``model.visual.*`` tensor under
+    ``prefix`` + its HF name, HF shape and row order, unstacked."""
+    out = []
+    for name in skeleton.hf_keys():
+        if name.startswith(VIS):
+            shape = tuple(skeleton.shape_in(name, "released"))
+            dtype = dtypes.get(name) or skeleton.info.dtype or torch.float32
+            out.append(RankTensor(prefix + name[len(VIS):], shape, dtype, 0, ((Src(name), 0, shape[0]),)))
+    return out
