@@ -42,7 +42,7 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 def test_hf_to_torch_dist_to_hf_is_bit_exact(tmp_path: Path, fixture: str) -> None:
     run_cli("convert", FIX / fixture, tmp_path / "td", "--to", "torch_dist", "-q")
     assert detect_layout(tmp_path / "td") == "torch_dist"
-    assert (tmp_path / "td/release/metadata.json").is_file() and (tmp_path / "td/release/common.pt").is_file()
+    assert (tmp_path / "td/iter_0000000/metadata.json").is_file() and (tmp_path / "td/iter_0000000/common.pt").is_file()
     run_cli("convert", tmp_path / "td", tmp_path / "hf", "--to", "hf", "--assets-dir", FIX / fixture, "-q")
     _assert_same(load_hf_tensors(tmp_path / "hf"), _released(fixture))
     run_cli("verify", FIX / fixture, tmp_path / "td", "-q")  # config from common.pt's vlconvert facts
@@ -143,7 +143,7 @@ def test_megatron_core_saves_and_loads(tmp_path: Path) -> None:
         root = tmp_path / fixture
         hf_to_megatron(FIX / fixture, root / "legacy", spec="local", experts="sequential")
         run_cli("convert", FIX / fixture, root / "written", "--to", "torch_dist", "--spec", "local", "-q")
-        jobs.append((fixture, str(root / "legacy"), str(root / "saved"), str(root / "written/release")))
+        jobs.append((fixture, str(root / "legacy"), str(root / "saved"), str(root / "written/iter_0000000")))
     ctx = torch.multiprocessing.get_context("spawn")
     proc = ctx.Process(target=_core_worker, args=(jobs, _free_port()))
     proc.start()
@@ -196,7 +196,7 @@ def test_written_torch_dist_loads_at_tp2_and_ep2(tmp_path: Path) -> None:
         root = tmp_path / f"{fixture}-{tp}-{ep}"
         hf_to_megatron(FIX / fixture, root / "legacy", tp=tp, ep=ep, spec="local", experts="sequential")
         run_cli("convert", FIX / fixture, root / "td", "--to", "torch_dist", "--spec", "local", "--tp", str(tp), "-q")
-        jobs.append((fixture, str(root / "legacy"), str(root / "td/release"), tp, ep))
+        jobs.append((fixture, str(root / "legacy"), str(root / "td/iter_0000000"), tp, ep))
     torch.multiprocessing.spawn(_parallel_worker, args=(2, _free_port(), jobs), nprocs=2, join=True)
 
 
@@ -233,7 +233,7 @@ def test_hostile_common_pt_is_never_run(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("common/data.pkl", pickle.dumps({"iteration": Evil()}))
-    (tmp_path / "td/release/common.pt").write_bytes(buf.getvalue())
+    (tmp_path / "td/iter_0000000/common.pt").write_bytes(buf.getvalue())
     run_cli("convert", tmp_path / "td", tmp_path / "hf", "--to", "hf", "--assets-dir", FIX / "tiny-moe", "-q")
     assert not marker.exists()
     _assert_same(load_hf_tensors(tmp_path / "hf"), _released("tiny-moe"))

@@ -102,6 +102,12 @@ def plan_torch_dist(conv: Any, source: Source, dtype: torch.dtype | None) -> Con
     return plan
 
 
+def _hf_folder(conv: Any) -> str | None:
+    """The Hugging Face folder of the run (``--assets-dir``, or an HF source), absolute, if there is one."""
+    folder = conv.assets or (conv.source.folder if conv.source.layout == "hf" else None)
+    return str(Path(folder).resolve()) if folder is not None else None
+
+
 def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
     """Stream every chunk (one legacy tp=1 tensor at a time), then the common state (inside the DCP and as
     ``common.pt``), ``metadata.json`` and the consumer's own files (tracker, train state, run config)."""
@@ -150,7 +156,8 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
         write_bytes(stage / tdl.LATEST_TRAIN_STATE, state)
         run_config = {"_target_": "megatron.bridge.training.config.ConfigContainer",
                       "model": bridge_model_config(info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"],
-                                                   make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"]),
+                                                   make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"],
+                                                   hf_model_id=_hf_folder(conv)),
                       "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig",
                                      "ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,
                                      "fully_parallel_save": True, "dist_ckpt_strictness": "assume_ok_unexpected"}}

@@ -6,11 +6,12 @@ What is replaced, and nothing else:
 - The TE module classes Bridge's Qwen3-VL model and provider pick (``get_vit_layer_with_transformer_engine_spec``,
   ``TENorm``/``TEColumnParallelLinear``/``TERowParallelLinear`` for the patch mergers and
   ``get_gpt_layer_with_transformer_engine_spec`` for the language model) by megatron-core's local
-  equivalents (same parameter names after megatron-core's own TE-name mapping of the local norms).
+  equivalents: the language model's keys are the TE spec's (megatron-core maps the local norms to TE
+  names on save); the local ViT spec keeps ``input_layernorm``/``pre_mlp_layernorm`` (hence ``--spec local``).
 - ``GPTModelProvider.finalize`` first turns off the fused CUDA/TE kernels the provider asks for
   (:func:`cpu_settings`), since a provider read back from ``run_config.yaml`` asks for them.
-- ``torch.cuda.synchronize``/``current_device``/``get_rng_state`` and the CUDA RNG tracker and the forked writer processes of
-  ``dist_checkpointing.save`` (no CUDA here), as in ``tests/test_torch_dist.py``.
+- ``torch.cuda.synchronize``/``current_device``/``get_rng_state``, the CUDA RNG tracker, and the forked
+  writer processes of ``dist_checkpointing.save`` (no CUDA here), as in ``tests/test_torch_dist.py``.
 Everything else (AutoBridge, providers, weight mappings, checkpoint loaders, megatron-core) is the
 installed code.
 """
@@ -57,13 +58,12 @@ def install() -> None:
                                   JoinableQueue=queue.Queue)
     fa._results_queue = queue.Queue()
 
+    from megatron.bridge.models.qwen_vl import qwen3_vl_provider
+    from megatron.bridge.models.qwen_vl.modelling_qwen3_vl import model as qmodel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    from megatron.bridge.models.qwen_vl import qwen3_vl_provider
-    from megatron.bridge.models.qwen_vl.modelling_qwen3_vl import model as qmodel
 
     def lm_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm=False, fp8=False, **kw):
         return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm,

@@ -327,6 +327,25 @@ class DCPReader:
     def planner_data(self) -> dict:
         return self.metadata.planner_data or {}
 
+    def read_bytes_entry(self, key: str, limit: int) -> bytes | None:
+        """The raw bytes of byte entry ``key`` (a ``BytesIO`` value DCP stored), None if absent or over
+        ``limit`` bytes or outside a data file of this folder."""
+        if key not in self.non_tensors:
+            return None
+        info = (self.metadata.storage_data or {}).get(dcp_classes.MetadataIndex(key))
+        if info is None or info.length > limit or getattr(info, "transform_descriptors", None):
+            return None
+        path = self.folder / info.relative_path
+        try:
+            if info.offset + info.length > self._data_file_size(path):
+                return None
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
+        except (OSError, UserError):
+            return None
+        return data if len(data) == info.length else None
+
     def _open(self, chunk: Chunk) -> io.BufferedReader:
         f = self._files.get(chunk.file)
         if f is None:

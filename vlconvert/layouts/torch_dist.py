@@ -27,7 +27,7 @@ from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER, Consumer, consumer  # noqa: F401
-from vlconvert.layouts.dcp import _DTYPES, DCPWriter, TensorBlocks
+from vlconvert.layouts.dcp import _DTYPES, DCPReader, DCPWriter, TensorBlocks
 from vlconvert.layouts.megatron import write_torch_record
 from vlconvert.publish import create_file
 
@@ -197,16 +197,36 @@ def read_common(path: Path) -> dict:
     try:
         if path.stat().st_size > _MAX_COMMON:
             return {}
-        with zipfile.ZipFile(path) as zf:
+        return read_common_bytes(path.read_bytes(), listed=False)
+    except OSError:
+        return {}
+
+
+def read_common_bytes(raw: bytes, listed: bool = True) -> dict:
+    """A ``torch.save`` of the common state (``[dict]`` in a ``common_state`` entry when ``listed``) through
+    the restricted unpickler; {} when it is anything else."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             if not names:
                 return {}
-            raw = zf.read(names[0])
-        mlay.check_pickle(raw)
-        payload = mlay._RestrictedUnpickler(io.BytesIO(raw)).load()
-    except Exception:  # noqa: BLE001 - a hostile or foreign common.pt is simply not used
+            pickled = zf.read(names[0])
+        mlay.check_pickle(pickled)
+        payload = mlay._RestrictedUnpickler(io.BytesIO(pickled)).load()
+    except Exception:  # noqa: BLE001 - a hostile or foreign common state is simply not used
         return {}
+    if listed:
+        payload = payload[0] if isinstance(payload, list) and len(payload) == 1 else None
     return payload if isinstance(payload, dict) else {}
+
+
+def load_common(folder: Path, reader: DCPReader) -> dict:
+    """The common state as megatron-core reads it: ``common.pt`` when present, else the ``common_state``
+    entry inside the checkpoint (megatron-core >= 0.17)."""
+    if (folder / COMMON).is_file():
+        return read_common(folder / COMMON)
+    raw = reader.read_bytes_entry(COMMON_STATE_KEY, _MAX_COMMON)
+    return read_common_bytes(raw) if raw is not None else {}
 
 
 # ------------------------------------------------------------------------------------------- writer

@@ -50,14 +50,18 @@ def _rope(text: dict) -> dict:
 def _hf_config_ref(family: str, kind: str, fields: dict, dtype: torch.dtype) -> dict:
     """An HF sub-config as Bridge serializes it: its class as ``_target_``, its fields as arguments."""
     out: dict[str, Any] = {"_target_": _HF_CONFIGS[family].format(kind)}
-    out.update({k: v for k, v in fields.items() if k not in ("torch_dtype", "dtype")})
+    out.update({k: v for k, v in fields.items() if k not in ("torch_dtype", "dtype", "rope_scaling", "rope_theta")})
+    rope = _rope(fields)
+    if rope or "rope_theta" in fields:  # transformers 5 keeps both in rope_parameters
+        out["rope_parameters"] = {**rope, **({"rope_theta": fields["rope_theta"]} if "rope_theta" in fields else {})}
     out["dtype"] = _dtype_ref(dtype)
     return out
 
 
 def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-                        make_vocab_size_divisible_by: int = 128) -> dict:
-    """The ``model:`` section of a Megatron-Bridge ``run_config.yaml`` for this model."""
+                        make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None) -> dict:
+    """The ``model:`` section of a Megatron-Bridge ``run_config.yaml`` for this model (``hf_model_id``: the HF
+    folder Bridge finds the tokenizer and config in)."""
     raw = info.raw
     text = dict(raw.get("text_config") or {})
     vision = dict(raw.get("vision_config") or {})
@@ -90,7 +94,11 @@ def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 
                  image_token_id=raw.get("image_token_id", 151655), video_token_id=raw.get("video_token_id", 151656),
                  mrope_section=list(rope.get("mrope_section", [24, 20, 20])))
     model.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-                 expert_tensor_parallel_size=etp or tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+                 make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    if etp is not None:
+        model["expert_tensor_parallel_size"] = etp
+    if hf_model_id is not None:
+        model["hf_model_id"] = hf_model_id
     return model
 
 

@@ -13,14 +13,34 @@ from pathlib import Path
 import torch
 
 from vlconvert.errors import UserError
+from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
-from vlconvert.models.qwen3vl_megatron import MLM, RankTensor, Src, plan_megatron_ranks
+from vlconvert.models.qwen3vl_consumers import hf_vision_tensors
+from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, Src, plan_megatron_ranks
 from vlconvert.sources.base import RankMappedSource, skeleton_for
 
 _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+# megatron-core's local ViT spec keeps its norms' own names (no TE-name mapping on save)
+_LOCAL_VISION_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+                       ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+HF_VISION = "visual.visual."
+
+
+def _detect_consumer(folder: Path, common: dict, prefix: str, hf_vision: bool) -> str:
+    """Which framework saved this checkpoint, from what its save leaves (said in the notes)."""
+    if (folder / tdl.RUN_CONFIG).is_file():
+        return "megatron-bridge"
+    if hf_vision:
+        return "ms-swift"
+    if not prefix:
+        return "megatron-lm"
+    meta = common.get(mlay.META_KEY)
+    if isinstance(meta, dict) and isinstance(meta.get("consumer"), str):
+        return meta["consumer"]
+    return "megatron-core (Megatron-Bridge / mbridge names)"
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,7 @@ class TorchDistSource(RankMappedSource):
                             "sharded_backend torch_dist)")
         self.iter_dir, self.iteration = found
         self.reader = DCPReader(self.iter_dir)
-        self.common = tdl.read_common(self.iter_dir / tdl.COMMON)
+        self.common = tdl.load_common(self.iter_dir, self.reader)
         meta = self.common.get("vlconvert") if isinstance(self.common.get("vlconvert"), dict) else {}
         self.notes: list[str] = []
         if skeleton is None:
@@ -65,23 +85,32 @@ class TorchDistSource(RankMappedSource):
         self.saved_from = {k: meta[k] for k in ("tp", "pp", "ep", "etp") if isinstance(meta.get(k), int)} or None
         self.parallel = self.saved_from  # what inspect reports ("saved from"; any size loads it)
         info = skeleton.info
-        emb = self.reader.tensors.get(f"{MLM}embedding.word_embeddings.weight")
-        if emb is None:
-            raise UserError(f"'{self.iter_dir}' lacks {MLM}embedding.word_embeddings.weight: not a Qwen3-VL "
-                            "(Megatron-Bridge naming) torch_dist checkpoint")
+        prefix = next((p for p in ("language_model.", "") if f"{p}embedding.word_embeddings.weight"
+                       in self.reader.tensors), None)
+        if prefix is None:
+            raise UserError(f"'{self.iter_dir}' lacks language_model.embedding.word_embeddings.weight (and "
+                            "embedding.word_embeddings.weight): not a Qwen3-VL or Qwen3 torch_dist checkpoint")
+        emb = self.reader.tensors[f"{prefix}embedding.word_embeddings.weight"]
+        self.prefix = prefix
         self.plan = plan_megatron_ranks(skeleton, 1, 1, 1, spec="te", experts="sequential",
                                         padded_vocab_size=emb.shape[0])
+        hf_vision = any(k.startswith(HF_VISION) for k in self.reader.tensors)
+        self.consumer = _detect_consumer(self.iter_dir, self.common, prefix, hf_vision)
         self.tensors: list[RankTensor] = list(self.plan.ranks[0].tensors)
+        if hf_vision:  # ms-swift keeps the HF vision tower as a plain module
+            self.tensors = hf_vision_tensors(skeleton, {}, HF_VISION) + [
+                t for t in self.tensors if not t.name.startswith(MVIS)]
         self.locations: list[tuple[str, tuple[int, ...]]] = []
         used: set[str] = set()
         mergers = len(info.deepstack)
         missing_vision = 0
         for t in list(self.tensors):
-            gk = tdl.global_key(t.name, info.layers, info.vision_depth, mergers, info.experts or 0)
+            name = prefix + t.name[len(MLM):] if t.name.startswith(MLM) else t.name
+            gk = tdl.global_key(name, info.layers, info.vision_depth, mergers, info.experts or 0, prefix)
             try:
-                key, index = self._resolve(gk, t.name)
+                key, index = self._resolve(gk, name)
             except UserError:
-                if not t.name.startswith("vision_model."):
+                if not (t.name.startswith(MVIS) or t.name.startswith(HF_VISION)):
                     raise
                 self.tensors.remove(t)  # a language-model-only checkpoint (megatron-core GPTModel)
                 missing_vision += 1
@@ -107,7 +136,7 @@ class TorchDistSource(RankMappedSource):
         if self.reader.non_tensors or extra:
             self.notes.append(f"dropped {len(extra)} non-model tensor entries (optimizer, rng, ...) and "
                               f"{len(self.reader.non_tensors)} byte entries (_extra_state, common state)")
-        self.notes.append(f"torch_dist {self.iter_dir.name}: padded vocab {emb.shape[0]}"
+        self.notes.append(f"torch_dist {self.iter_dir.name} ({self.consumer}): padded vocab {emb.shape[0]}"
                           + (f", saved from {self.saved_from}" if self.saved_from else ""))
 
     def _resolve(self, gk: tdl.GlobalKey, name: str) -> tuple[str, tuple[int, ...]]:
@@ -116,6 +145,8 @@ class TorchDistSource(RankMappedSource):
             return key[:-len(_ALT_NORM[0])] + _ALT_NORM[1] if key.endswith(_ALT_NORM[0]) else key
 
         options = [(gk.key, gk.index), (alt_norm(gk.key), gk.index)]
+        if gk.key.startswith(MVIS):
+            options += [(gk.key.replace(te, local), gk.index) for te, local in _LOCAL_VISION_NORMS if te in gk.key]
         if gk.alt is not None:
             options += [(gk.alt, gk.index[1:]), (alt_norm(gk.alt), gk.index[1:])]
         for key, index in options:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The framework checks of tests/frameworks (Megatron-Bridge 0.6.2, megatron-core 0.19.2; Python 3.12).
+# Sets up its own virtual environment (VENV, default .venv-frameworks) the first time: the registry's
+# torch (a CUDA build, about 5 GB, runs on the CPU), Megatron-Bridge without its GPU-only dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=${VENV:-.venv-frameworks}
+PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY312" -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch==2.13.0 megatron-core==0.19.2 psutil 'transformers==5.12.1' safetensors click \
+    rich numpy pytest pyyaml omegaconf einops nvidia-modelopt==0.47.0 megatron-energon tensorboard requests \
+    datasets matplotlib ipython
+  "$VENV/bin/pip" install -q --no-deps megatron-bridge==0.6.2
+  "$VENV/bin/pip" uninstall -q -y kernels || true  # its hub-kernel registry breaks transformers 5.12's import
+fi
+VLCONVERT_FRAMEWORKS=1 exec "$VENV/bin/python" -m pytest -q tests/frameworks "$@"
