@@ -102,3 +102,12 @@ def test_megatron_lm_gptmodel_from_checkpoint_args(tmp_path: Path, fixture: str)
               "--spec", "local")
     got = worker("mlm-load", FIX / fixture, tmp_path / "td/release")
     assert got["tensors"] > 20 and not got["mismatched"], got
+
+
+@pytest.mark.parametrize("mode", ["finetune", "resume"])
+def test_bridge_training_loader_takes_vlconvert_output(tmp_path: Path, mode: str) -> None:
+    """Row 2: Bridge's ``load_checkpoint`` as a recipe calls it: ``checkpoint.pretrained_checkpoint`` (fine-tune
+    from) and ``checkpoint.load`` (resume)."""
+    vlconvert("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--spec", "local")
+    got = worker("bridge-train-load", FIX / "tiny-moe", tmp_path / "td", mode)
+    assert got["tensors"] > 40 and not got["mismatched"] and got["iteration"] == 0, got

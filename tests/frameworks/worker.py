@@ -170,8 +170,47 @@ def mlm_load(fixture: str, dst: str) -> int:
     return 1 if bad or not want else 0
 
 
-JOBS = {"mlm-load": mlm_load, "bridge-load": bridge_load, "bridge-export": bridge_export, "bridge-save": bridge_save,
-        "bridge-config": bridge_config, "mcore-parallel": mcore_parallel}
+def bridge_train_load(fixture: str, dst: str, mode: str) -> int:
+    """Bridge's training loader ``load_checkpoint``: ``finetune`` (checkpoint.pretrained_checkpoint=DST, as a
+    fine-tuning recipe starts) or ``resume`` (checkpoint.load=DST, as a restarted run continues)."""
+    from megatron.bridge.training.checkpointing import load_checkpoint
+    from megatron.bridge.training.config import (
+        CheckpointConfig,
+        ConfigContainer,
+        LoggerConfig,
+        OptimizerConfig,
+        RNGConfig,
+    )
+    from megatron.bridge.training.state import GlobalState
+
+    bridge_env.init_dist(port=int(os.environ.get("PORT", "29511")))
+    bridge = _bridge(fixture)
+    want = _weights(_reference(bridge))
+    provider = bridge.to_megatron_provider(load_weights=False)
+    provider.finalize()
+    model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    for p in model[0].parameters():
+        p.data.zero_()
+    checkpoint = CheckpointConfig(load=dst if mode == "resume" else None, load_optim=False, load_rng=False,
+                                  pretrained_checkpoint=dst if mode == "finetune" else None)
+    state = GlobalState()
+    state.cfg = ConfigContainer(model=provider, train=None,
+                                optimizer=OptimizerConfig(use_distributed_optimizer=False), ddp=None, scheduler=None,
+                                dataset=None, logger=LoggerConfig(), tokenizer=None, checkpoint=checkpoint, dist=None,
+                                rng=RNGConfig())
+    if mode == "resume":  # a training run has set up its batch schedule before it resumes
+        from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+
+        init_num_microbatches_calculator(0, None, global_batch_size=1, micro_batch_size=1, data_parallel_size=1)
+    iteration, _ = load_checkpoint(state, model, None, None)
+    bad = _compare(want, _weights(model))
+    _result(tensors=len(want), mismatched=bad[:10], iteration=iteration)
+    return 1 if bad or not want else 0
+
+
+JOBS = {"bridge-load": bridge_load, "bridge-export": bridge_export, "bridge-save": bridge_save,
+        "bridge-config": bridge_config, "bridge-train-load": bridge_train_load, "mcore-parallel": mcore_parallel,
+        "mlm-load": mlm_load}
 
 if __name__ == "__main__":
     code = JOBS[sys.argv[1]](*sys.argv[2:])
