@@ -51,6 +51,8 @@ def _hf_config_ref(family: str, kind: str, fields: dict, dtype: torch.dtype) -> 
     """An HF sub-config as Bridge serializes it: its class as ``_target_``, its fields as arguments."""
     out: dict[str, Any] = {"_target_": _HF_CONFIGS[family].format(kind)}
     out.update({k: v for k, v in fields.items() if k not in ("torch_dtype", "dtype", "rope_scaling", "rope_theta")})
+    if "num_local_experts" in out:  # the constructor's name for it (transformers maps it to num_local_experts)
+        out["num_experts"] = out.pop("num_local_experts")
     rope = _rope(fields)
     if rope or "rope_theta" in fields:  # transformers 5 keeps both in rope_parameters
         out["rope_parameters"] = {**rope, **({"rope_theta": fields["rope_theta"]} if "rope_theta" in fields else {})}
