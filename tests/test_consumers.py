@@ -163,3 +163,15 @@ def test_megatron_core_016_gptmodel_loads_megatron_lm_flavour(tmp_path: Path, fi
     proc.start()
     proc.join(240)
     assert proc.exitcode == 0, "megatron-core GPTModel did not load the megatron-lm flavour (see stderr)"
+
+
+def test_bridge_checkpoint_back_to_hf_finds_its_hf_folder(tmp_path: Path) -> None:
+    """No --assets-dir: Bridge's run_config.yaml names the HF model (hf_model_id); config and tokenizer files
+    come from there, and the result equals the source byte for byte, assets included."""
+    run_cli("convert", FIX / "tiny-dense-untied", tmp_path / "td", "--to", "torch_dist", "-q")
+    res = run_cli("convert", tmp_path / "td", tmp_path / "hf", "--to", "hf")
+    assert "hf_model_id in run_config.yaml" in res.output
+    for name in ("tokenizer.json", "config.json", "preprocessor_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (FIX / "tiny-dense-untied" / name).read_bytes(), name
+    want, got = _released("tiny-dense-untied"), load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want) and all(tensor_bytes(got[k]) == tensor_bytes(want[k]) for k in want)

@@ -193,6 +193,8 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
         report: dict[str, Any] = {"path": str(path), "layout": layout, "config": config_text,
                                   "tensors": len(shapes), "bytes": sum(dtypes.values()),
                                   "dtypes": dict(dtypes.most_common())}
+        if getattr(src, "consumer", None):  # torch_dist: which framework's save this looks like
+            report["saved_by"] = src.consumer
         report.update(_layout_details(src, layout, skeleton, issues))
     finally:
         close = getattr(src, "close", None)

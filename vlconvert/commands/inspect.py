@@ -52,7 +52,8 @@ def render_report(report: dict) -> None:
     def add_row(key: str, value: str | Text) -> None:
         table.add_row(key, value if isinstance(value, Text) else Text(value))  # paths and '[out, in]' are not markup
 
-    add_row("layout", _text(report["layout"]))
+    add_row("layout", _text(report["layout"]) + (f" (as {report['saved_by']} saves it)" if report.get("saved_by")
+                                                 else ""))
     add_row("model", f"{report['model'] or 'unreleased size'} ({_text(report['family'])})")
     add_row("config", _text(report["config"], "none found (give --config or --assets-dir)"))
     if report.get("parallel"):

@@ -650,9 +650,10 @@ class DCPWriter:
         table = sorted((k, str(i.offset), s.relative_path, s.offset, s.length) for i, s in self.storage_data.items()
                        for k in [i.fqn])
         save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, repr(table)))
+        # torch < 2.9's Metadata has no `version` field (its dcp.save writes none): leave it out there
+        version = {"version": DCP_VERSION} if "version" in dcp_classes.Metadata.__dataclass_fields__ else {}
         metadata = dcp_classes.Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=self.planner_data,
                             storage_data=self.storage_data,
-                            storage_meta=dcp_classes.StorageMeta(checkpoint_id=None, save_id=save_id),
-                            version=DCP_VERSION)
+                            storage_meta=dcp_classes.StorageMeta(checkpoint_id=None, save_id=save_id), **version)
         with create_file(self.folder / METADATA_NAME) as f:
             pickle.dump(metadata, f)

@@ -17,6 +17,7 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.layouts.hf import resolve_source
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
 from vlconvert.models.qwen3vl_consumers import hf_vision_tensors
 from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, Src, plan_megatron_ranks
@@ -27,6 +28,21 @@ _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 _LOCAL_VISION_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
                        ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
 HF_VISION = "visual.visual."
+
+
+def _bridge_hf_folder(folder: Path) -> Path | None:
+    """The local HF folder (or cached model id) named by ``model.hf_model_id`` in Bridge's run_config.yaml."""
+    path = folder / tdl.RUN_CONFIG
+    try:
+        if not path.is_file() or path.stat().st_size > 2**22:
+            return None
+        import yaml
+
+        model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+        found = resolve_source(str(model["hf_model_id"]))
+    except Exception:  # noqa: BLE001 - no usable record: the user gives --assets-dir
+        return None
+    return found if (found / "config.json").is_file() else None
 
 
 def _detect_consumer(folder: Path, common: dict, prefix: str, hf_vision: bool) -> str:
@@ -73,8 +89,14 @@ class TorchDistSource(RankMappedSource):
         self.common = tdl.load_common(self.iter_dir, self.reader)
         meta = self.common.get("vlconvert") if isinstance(self.common.get("vlconvert"), dict) else {}
         self.notes: list[str] = []
+        self.assets: Path | None = None
         if skeleton is None:
             skeleton = skeleton_for(self.folder, config, assets_dir)
+        if skeleton is None and assets_dir is None and config is None:
+            self.assets = _bridge_hf_folder(self.iter_dir)
+            if self.assets is not None:  # Megatron-Bridge records the HF model it was made from
+                skeleton = skeleton_for(self.folder, None, self.assets)
+                self.notes.append(f"config and assets from '{self.assets}' (hf_model_id in {tdl.RUN_CONFIG})")
         if skeleton is None and isinstance(meta.get("hf_config"), str):
             skeleton = build_skeleton(load_config(json.loads(meta["hf_config"])))
             self.notes.append("model config read from the checkpoint's vlconvert metadata")
