@@ -175,3 +175,19 @@ def test_bridge_checkpoint_back_to_hf_finds_its_hf_folder(tmp_path: Path) -> Non
         assert (tmp_path / "hf" / name).read_bytes() == (FIX / "tiny-dense-untied" / name).read_bytes(), name
     want, got = _released("tiny-dense-untied"), load_hf_tensors(tmp_path / "hf")
     assert sorted(got) == sorted(want) and all(tensor_bytes(got[k]) == tensor_bytes(want[k]) for k in want)
+
+
+@pytest.mark.parametrize("flavour", list(FOLDERS))
+def test_plan_from_config_matches_the_conversion(tmp_path: Path, flavour: str) -> None:
+    """``plan --to torch_dist --for X`` (config alone) lists the files and bytes ``convert`` writes."""
+    from helpers import run_cli_json
+
+    planned = run_cli_json("plan", "--config", FIX / "tiny-moe/config.json", "--to", "torch_dist", "--for", flavour,
+                           "--tp", "2")
+    run_cli("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--for", flavour, "--tp", "2", "-q")
+    data = next(f for f in planned["files"] if f["name"].endswith(".distcp"))
+    reader = DCPReader(tmp_path / "td" / FOLDERS[flavour])
+    assert data["name"] == f"{FOLDERS[flavour]}/__0_0.distcp"
+    assert data["bytes"] == sum(t.nbytes for t in reader.tensors.values())
+    assert {f["name"] for f in planned["files"]} <= {str(p.relative_to(tmp_path / "td"))
+                                                     for p in (tmp_path / "td").rglob("*") if p.is_file()}

@@ -39,7 +39,7 @@ from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the
 )
 from vlconvert.sources import detect_layout, open_source
 
-TARGETS = ("hf", "dcp", "megatron")
+TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 DEFAULT_VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 PROBE_BYTES = 64 * 2**20
 RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around a DCP tensor (dcp_convert measures ~1.5 KB)
@@ -263,6 +263,28 @@ def _megatron_checks(info, tp: int, pp: int, ep: int, etp: int, checks: list[Che
         raise UserError(f"--pp {pp} is more than the {info.layers} decoder layers")
 
 
+def _torch_dist_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, consumer: str | None, tp: int,
+                     divisible_by: int, padded_size: int | None) -> None:
+    """As ``convert --to torch_dist --for CONSUMER`` writes: one data file of global tensors, the framework's
+    own files beside it."""
+    from vlconvert.layouts.consumers import consumer as consumer_named
+    from vlconvert.targets_torch_dist import torch_dist_plan, vocab_rows
+
+    options = {"consumer": consumer, "tp": tp, "pp": 1, "ep": 1, "iteration": None, "padded_vocab_size": padded_size,
+               "make_vocab_size_divisible_by": divisible_by}
+    flavour = consumer_named(consumer)
+    rows = vocab_rows(skeleton.info.vocab, options, flavour)
+    tdplan = torch_dist_plan(skeleton, options, dtype, {}, rows, "(config)", "config", "te")
+    plan.files = [FilePlan(f.name, f.nbytes, len(f.tensors)) for f in tdplan.files]
+    plan.files += [FilePlan(name, 0, 0) for name in tdplan.assets]
+    plan.total_bytes = sum(f.nbytes for f in tdplan.files)
+    plan.tensor_count = sum(len(f.tensors) for f in tdplan.files)
+    pad = rows - skeleton.info.vocab
+    plan.vocab = {"rows": skeleton.info.vocab, "padded_rows": rows, "pad_rows": pad,
+                  "pad_bytes": pad * skeleton.info.hidden * element_size(dtype) * (1 if skeleton.info.tied else 2)}
+    plan.notes += [n for n in tdplan.notes if not n.startswith("--pp/--ep")]
+
+
 def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
                    first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
     info = skeleton.info
@@ -454,8 +476,10 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
                     source: str | Path | None = None, target: str | Path | None = None,
                     disk_speed: float | None = None, dtype: str | None = None, max_shard_size: str | int = "5GB",
                     experts_layout: str | None = None, make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
-                    padded_vocab_size: int | None = None, probe_bytes: int = PROBE_BYTES) -> Plan:
-    """Plan a conversion to ``to`` ('hf', 'dcp', 'megatron') from a config alone; touch no weights.
+                    padded_vocab_size: int | None = None, probe_bytes: int = PROBE_BYTES,
+                    consumer: str | None = None) -> Plan:
+    """Plan a conversion to ``to`` ('hf', 'dcp', 'megatron', 'torch_dist' for framework ``consumer``) from a
+    config alone; touch no weights.
 
     ``config`` defaults to ``source``'s config.json. ``disk_speed`` is in MB/s (10^6 bytes); without it
     the speed is measured on ``target`` with a short write+fsync probe of ``probe_bytes``.
@@ -480,11 +504,15 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
         _hf_plan(plan, skeleton, dt, parse_size(max_shard_size))
     elif to == "dcp":
         _dcp_plan(plan, skeleton, dt, experts_layout or skeleton.runtime_experts, source)
+    elif to == "torch_dist":
+        _torch_dist_plan(plan, skeleton, dt, consumer, tp, make_vocab_size_divisible_by, padded_vocab_size)
     else:
         _megatron_plan(plan, skeleton, dt, tp, pp, ep, etp if etp is not None else tp, pp_first_layers,
                        pp_last_layers, make_vocab_size_divisible_by, padded_vocab_size)
-    if to != "megatron" and (tp, pp, ep, etp or 1) != (1, 1, 1, 1):
+    if to not in ("megatron", "torch_dist") and (tp, pp, ep, etp or 1) != (1, 1, 1, 1):
         plan.notes.append(f"--tp/--pp/--ep apply to --to megatron only; ignored for {to}")
+    if consumer is not None and to != "torch_dist":
+        raise UserError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load)")
     if source is not None:
         _source_checks(plan, skeleton, source, config)
 

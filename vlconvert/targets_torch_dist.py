@@ -21,6 +21,7 @@ from vlconvert import ops
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import TensorBlocks
+from vlconvert.models.qwen3vl import Skeleton
 from vlconvert.models.qwen3vl_consumers import bridge_model_config, hf_vision_tensors, megatron_lm_args
 from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype, rank_tensor_blocks
@@ -69,15 +70,26 @@ def plan_torch_dist(conv: Any, source: Source, dtype: torch.dtype | None) -> Con
     sk = source.skeleton
     previous = getattr(source, "plan", None)
     spec = o["spec"] or getattr(previous, "spec", None) or "te"
-    vocab = sk.shape_in("model.language_model.embed_tokens.weight", "released")[0]
-    if flavour.pad_vocab or o["padded_vocab_size"] is not None:
-        padded = ops.padded_vocab_size(vocab, o["tp"], o["make_vocab_size_divisible_by"], o["padded_vocab_size"])
-    else:
-        padded = vocab
+    padded = vocab_rows(sk.shape_in("model.language_model.embed_tokens.weight", "released")[0], o, flavour)
     if source.layout == "torch_dist" and o["padded_vocab_size"] is None and o["tp"] == 1 and previous is not None \
             and flavour.pad_vocab:
         padded = previous.padded_vocab  # keep the source's padding unless asked otherwise
     source_dtypes = {n: out_dtype(source.spec(n)[1], dtype) for n in source.names()}
+    return torch_dist_plan(sk, o, dtype, source_dtypes, padded, str(source.folder), source.layout, spec)
+
+
+def vocab_rows(vocab: int, o: dict, flavour: tdl.Consumer) -> int:
+    """The embedding rows the consumer's model is built with (``--padded-vocab-size`` wins)."""
+    if flavour.pad_vocab or o["padded_vocab_size"] is not None:
+        return ops.padded_vocab_size(vocab, o["tp"], o["make_vocab_size_divisible_by"], o["padded_vocab_size"])
+    return vocab
+
+
+def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dtypes: dict[str, torch.dtype],
+                    padded: int, source: str, source_layout: str, spec: str) -> ConversionPlan:
+    """The plan of a torch_dist output for ``o["consumer"]``: files, tensors (with their keys), notes."""
+    flavour = tdl.consumer(o.get("consumer"))
+    vocab = sk.shape_in("model.language_model.embed_tokens.weight", "released")[0]
     mplan = plan_megatron_ranks(sk, 1, 1, 1, spec=spec, experts="sequential", dtype=dtype,
                                 padded_vocab_size=padded, source_dtypes=source_dtypes)
     iteration = o["iteration"] if o["iteration"] is not None else flavour.iteration
@@ -85,8 +97,7 @@ def plan_torch_dist(conv: Any, source: Source, dtype: torch.dtype | None) -> Con
     assets = [mlay.TRACKER, f"{it}/{tdl.COMMON}", f"{it}/{tdl.METADATA_JSON}"]
     if flavour.run_config:
         assets += [tdl.LATEST_TRAIN_STATE, f"{it}/{tdl.TRAIN_STATE}", f"{it}/{tdl.RUN_CONFIG}"]
-    plan = ConversionPlan(str(source.folder), source.layout, "torch_dist", dtype, None, [], megatron=mplan,
-                          assets=assets)
+    plan = ConversionPlan(source, source_layout, "torch_dist", dtype, None, [], megatron=mplan, assets=assets)
     plan.consumer = flavour.name
     plan.torch_dist_extra = hf_vision_tensors(sk, source_dtypes) if flavour.vision == "hf" else []
     records = [(f"{gk.key}{list(gk.index)}", t.shape, t.dtype) for t, gk, _ in chunks(plan)]

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options, plural, stdout
+from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER
 from vlconvert.planning import DEFAULT_VOCAB_DIVISOR, TARGETS, Plan, RankPlan, plan_conversion
 
 _MAX_ROWS = 40
@@ -37,12 +38,14 @@ _MAX_ROWS = 40
 @click.option("--target", type=click.Path(), default=None,
               help="Output folder: check its free space and measure its write speed (64 MiB probe).")
 @click.option("--disk-speed", type=float, default=None, help="Write speed in MB/s instead of measuring one.")
+@click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), default=None,
+              help=f"--to torch_dist: the framework that will load it (default: {DEFAULT_CONSUMER}).")
 @click.option("--all", "show_all", is_flag=True, help="List every file / rank, not a summary.")
 @output_options
 @handle_errors
 def plan_command(config, to, tp, pp, ep, etp, pp_first_layers, pp_last_layers, make_vocab_size_divisible_by,
-                 padded_vocab_size, dtype, max_shard_size, experts_layout, source, target, disk_speed, show_all,
-                 as_json, quiet) -> None:
+                 padded_vocab_size, dtype, max_shard_size, experts_layout, source, target, disk_speed, consumer,
+                 show_all, as_json, quiet) -> None:
     """Show what a conversion to TO would write (files or ranks, bytes, experts per EP rank, vocab
     padding, time at the target's disk speed) and run every check, from the config alone.
 
@@ -53,7 +56,7 @@ def plan_command(config, to, tp, pp, ep, etp, pp_first_layers, pp_last_layers, m
                            pp_last_layers=pp_last_layers, source=source, target=target, disk_speed=disk_speed,
                            dtype=dtype, max_shard_size=max_shard_size, experts_layout=experts_layout,
                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                           padded_vocab_size=padded_vocab_size)
+                           padded_vocab_size=padded_vocab_size, consumer=consumer)
     if as_json:
         reporter.summary("plan", plan.to_dict())
     elif reporter.show:
