@@ -323,6 +323,15 @@ class Converter:
                 "options": {k: str(v) for k, v in sorted(self.options.items())},
                 "plan": hashlib.sha256(table.encode()).hexdigest()}
 
+    def inputs(self) -> dict[str, str | Path | None]:
+        """Every input of the run, by the option naming it: the one list the overlap check is given
+        (:func:`vlconvert.publish.check_no_overlap` adds what each reaches through symlinks). An option
+        that names something the run reads belongs here."""
+        source = self.source
+        assets = "--assets-dir" if self.assets_dir is not None else "assets folder"  # or verl's huggingface/
+        return {"SRC": source.folder, assets: self.assets, "--config": self.config,
+                "--merge-lora": self.options["merge_lora"]}
+
     def run(self, progress: Progress | None = None) -> Result:
         """Write the output (published atomically when complete); ``progress(description, total)`` may
         return a context manager yielding ``advance(n_bytes)``. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
@@ -332,8 +341,7 @@ class Converter:
         plan = self.plan()
         source = self.source
         self.block_bytes = self.memory_plan()[0]
-        inputs: dict[str, str | Path | None] = {"SRC": source.folder, "--assets-dir": self.assets,
-                                                "--config": self.config}
+        inputs = self.inputs()
         needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
         if self.to == "hf":
             needed += sum(p.stat().st_size for p in asset_files(self.assets or source.folder))
@@ -415,8 +423,7 @@ class Converter:
         notes: list[str] = []
         try:
             if rank == 0:
-                inputs: dict[str, str | Path | None] = {"SRC": source.folder, "--assets-dir": self.assets,
-                                                        "--config": self.config}
+                inputs = self.inputs()
                 needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
                 staged = staged_output(self.dst, inputs=inputs, overwrite=self.overwrite, resume=self.resume,
                                        needed_bytes=needed, fingerprint=self.fingerprint(), info=self.info)
@@ -551,7 +558,7 @@ class Converter:
             return
         config = (self.assets or source.folder) / "config.json"
         if config.is_file():
-            copy_file(config, stage / "config.json")
+            copy_file(config, stage / "config.json", within=config.parent)
         else:
             import json
 

@@ -63,15 +63,76 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or inner.is_relative_to(outer)
 
 
+_CACHE_REPOS = ("models--", "datasets--", "spaces--")  # Hugging Face cache repository folders
+_WALK_LIMIT = 200_000  # entries looked at under one input: far above any checkpoint (a bound, not a rule)
+
+
+def checkpoint_root(folder: str | Path) -> Path:
+    """The folder a checkpoint's files may live in: ``folder`` with every symlink resolved, or, for a
+    Hugging Face cache snapshot (``models--ORG--NAME/snapshots/REV``, or a folder inside one), the whole
+    repository, whose ``blobs/`` the snapshot's files link into."""
+    real = _real(folder)
+    for path in (real, *real.parents):
+        if path.parent.name == "snapshots" and path.parent.parent.name.startswith(_CACHE_REPOS):
+            return path.parent.parent
+    return real
+
+
+def input_paths(path: str | Path) -> list[tuple[Path, str]]:
+    """Everything a run that reads the input ``path`` may open, as real paths (every symlink resolved), each
+    with how it is reached ("" for ``path`` itself): ``path``; its Hugging Face cache repository; the target
+    of every symlink found under it (``release/``, a rank folder or file, ``.metadata``, a snapshot's blobs),
+    linked folders being walked in turn. This is what "an input" means for :func:`check_no_overlap`."""
+    real = _real(path)
+    found: dict[Path, str] = {real: ""}
+    root = checkpoint_root(path)
+    if root != real:
+        found[root] = "the Hugging Face cache repository"
+    pending, walked, seen = [real], set(), 0
+    while pending and seen < _WALK_LIMIT:
+        folder = pending.pop()
+        if folder in walked:
+            continue
+        walked.add(folder)
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:  # a file, or a folder the run cannot read either
+            continue
+        for entry in entries:
+            seen += 1
+            try:
+                if entry.is_symlink():
+                    target = _real(entry.path)
+                    found.setdefault(target, f"the target of the link '{entry.path}'")
+                    if target.is_dir():
+                        pending.append(target)
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+            except OSError:
+                continue
+    return list(found.items())
+
+
+def check_inside(path: str | Path, folder: str | Path) -> None:
+    """Refuse to read ``path`` (a file of the checkpoint ``folder``) if, symlinks resolved, it lies outside the
+    checkpoint (:func:`checkpoint_root`: a cache snapshot's blobs are inside its repository)."""
+    real = _real(path)
+    if not _within(real, checkpoint_root(folder)):
+        raise UserError(f"'{path}' is a symlink to '{real}', outside the checkpoint '{folder}': refusing to read "
+                        "it (copy the file into the checkpoint if it belongs there)")
+
+
 def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None]) -> None:
     """Refuse a DST that equals, contains or lies inside any input, after resolving symlinks.
 
     ``inputs`` maps a label for the message (``"SRC"``, ``"--assets-dir"``) to a path; ``None`` is skipped.
+    Each input stands for everything :func:`input_paths` finds under it (the targets of its symlinks, a
+    cache snapshot's repository), so an output can never replace a file a run reads through a link.
     """
     target = _real(dst)
-    for label, path in inputs.items():
-        if path is None:
-            continue
+    given = [(label, path) for label, path in inputs.items() if path is not None]
+    for label, path in given:
         source = _real(path)
         if target == source:
             raise UserError(f"output '{dst}' is the input {label} '{path}': choose another output folder")
@@ -79,6 +140,18 @@ def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None]) -> N
             raise UserError(f"output '{dst}' is inside the input {label} '{path}': choose a folder outside it")
         if _within(source, target):
             raise UserError(f"output '{dst}' contains the input {label} '{path}': choose another output folder")
+    for label, path in given:
+        for source, how in input_paths(path):
+            if not how:
+                continue
+            whose = f"{how} {'of' if how.startswith('the Hugging') else 'in'} the input {label} '{path}'"
+            what = f"'{source}', {whose}"
+            if target == source:
+                raise UserError(f"output '{dst}' is {whose}: choose another output folder")
+            if _within(target, source):
+                raise UserError(f"output '{dst}' is inside {what}: choose a folder outside it")
+            if _within(source, target):
+                raise UserError(f"output '{dst}' contains {what}: choose another output folder")
     here = _real(Path.cwd())
     if _within(here, target):
         raise UserError(f"output '{dst}' contains the current directory: choose another output folder")
@@ -572,15 +645,22 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
-def copy_file(src: str | Path, dst: str | Path) -> int:
-    """Copy ``src`` to ``dst`` byte for byte through :func:`create_file`; skip it if ``--resume`` kept it."""
+def copy_file(src: str | Path, dst: str | Path, within: str | Path | None = None) -> int:
+    """Copy ``src`` to ``dst`` byte for byte through :func:`create_file`; skip it if ``--resume`` kept it.
+
+    ``within``: the checkpoint folder ``src`` belongs to; a symlink leaving it is refused (:func:`check_inside`).
+    The copy never gets wider permissions than ``src`` (a 0600 file stays 0600)."""
+    if within is not None:
+        check_inside(src, within)
     if kept_state(dst) is not None:
         return Path(dst).stat().st_size
     n = 0
     with open(src, "rb") as fin, create_file(dst) as fout:
+        mode = os.fstat(fin.fileno()).st_mode & 0o777
         while block := fin.read(_HASH_BLOCK):
             fout.write(block)
             n += len(block)
+    os.chmod(dst, os.stat(dst).st_mode & 0o777 & mode)
     return n
 
 

@@ -20,7 +20,7 @@ from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes, read_exact
-from vlconvert.publish import MANIFEST_NAME, copy_file, create_file, kept_state, write_bytes
+from vlconvert.publish import MANIFEST_NAME, check_inside, copy_file, create_file, kept_state, write_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -447,6 +447,7 @@ def asset_files(folder: Path) -> list[Path]:
             continue
         if path.name in _SKIP or path.name.endswith(WEIGHT_SUFFIXES):
             continue
+        check_inside(path, folder)  # a tokenizer file linking to /etc/shadow is never read
         out.append(path)
     return out
 
@@ -459,7 +460,7 @@ def copy_assets(src: Path, dst: Path) -> list[str]:
     copied = []
     for path in asset_files(src):
         rel = path.relative_to(src)
-        copy_file(path, dst / rel)
+        copy_file(path, dst / rel, within=src)
         copied.append(str(rel))
     return copied
 
