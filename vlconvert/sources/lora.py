@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vlconvert.errors import UserError
+from vlconvert.errors import UserError, one_line
 from vlconvert.models.qwen3vl import is_expert
 from vlconvert.models.qwen3vl_megatron import Src
 from vlconvert.sources.base import Source
@@ -59,6 +59,59 @@ def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
     return default
 
 
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**20
+
+
+def _is_alpha(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """Refuse fields of the wrong type or value in adapter_config.json, in one line naming the field: a NaN
+    or infinite ``lora_alpha`` would merge into all-NaN weights."""
+    def bad(field: str, want: str) -> UserError:
+        return UserError(f"'{path}': field '{field}' must be {want}, got {one_line(config[field], 60, quote=True)}")
+
+    def strings(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    if "r" in config and not _is_rank(config["r"]):
+        raise bad("r", "a positive integer (the LoRA rank)")
+    if config.get("lora_alpha") is not None and not _is_alpha(config["lora_alpha"]):
+        raise bad("lora_alpha", "a finite number")
+    for field, check, want in (("rank_pattern", _is_rank, "positive integers"),
+                               ("alpha_pattern", _is_alpha, "finite numbers")):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict) or not all(isinstance(k, str) and check(v) for k, v in patterns.items()):
+            raise bad(field, f"an object mapping module names to {want}")
+        for key in patterns:
+            try:
+                re.compile(rf"(.*\.)?(?:{key})$")
+            except re.error:
+                raise bad(field, "an object whose keys are module names or regular expressions") from None
+    for field in ("target_modules", "modules_to_save", "layers_to_transform"):
+        value = config.get(field)
+        if value is None:
+            continue
+        if field == "target_modules" and isinstance(value, str):
+            continue
+        if field == "layers_to_transform" and (isinstance(value, int) and not isinstance(value, bool)
+                                               or isinstance(value, list)):
+            continue
+        if not strings(value):
+            raise bad(field, "a list of module names" + (" or a regular expression" if field == "target_modules"
+                                                         else ""))
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise bad(field, "true or false")
+    for field in ("peft_type", "base_model_name_or_path"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise bad(field, "a string")
+
+
 def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir() or not config_path.is_file():
@@ -74,6 +127,7 @@ def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UserError(f"'{config_path}' is not valid JSON") from exc
     if not isinstance(config, dict):
         raise UserError(f"'{config_path}' is not a JSON object")
+    _check_config(config, config_path)
     from vlconvert.layouts.hf import read_header  # validates the header before any byte is read
 
     read_header(weights_path)
