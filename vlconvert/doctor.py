@@ -222,6 +222,13 @@ def run_doctor(facts: EnvFacts | None = None, target: str | Path | None = None, 
 
         plan = plan_conversion(config, to, **plan_options)
         findings.append(check_disk(target, plan.total_bytes))
+        from vlconvert.publish import check_no_overlap
+
+        try:  # the same rule convert applies: --config is an input, never inside or equal to the output
+            check_no_overlap(target, {"--config": config if isinstance(config, (str, Path)) else None},
+                             name="--target")
+        except UserError as exc:
+            findings.append(Finding("target", "fail", str(exc), "choose another --target"))
     return findings
 
 

@@ -516,8 +516,21 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
     if source is not None:
         _source_checks(plan, skeleton, source, config)
 
-    # disk: free space and speed
+    # disk: free space and speed; a target that is (or holds, or lies in) an input is neither probed nor free
+    overlap = None
     if target is not None:
+        from vlconvert.publish import check_no_overlap
+
+        try:
+            check_no_overlap(target, {"--source": source,
+                                      "--config": config if isinstance(config, (str, Path)) else None}, name="--target")
+        except UserError as exc:
+            overlap = str(exc)
+    if overlap is not None:
+        plan.disk.update({"target": str(target)})
+        plan.checks.append(Check("target free", False, f"{overlap} (convert refuses it whatever the flags: an input "
+                                 "is never written; nothing was probed there)"))
+    elif target is not None:
         probe_dir = existing_parent(target)
         free = shutil.disk_usage(probe_dir).free
         plan.disk.update({"target": str(target), "free_bytes": free})
@@ -531,7 +544,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
         if disk_speed <= 0:
             raise UserError("--disk-speed must be positive (MB/s)")
         plan.disk.update({"speed_mb_s": float(disk_speed), "speed_source": "given"})
-    elif target is not None:
+    elif target is not None and overlap is None:
         speed, where = measure_disk_speed(target, probe_bytes)
         plan.disk.update({"speed_mb_s": round(speed / 1e6, 1), "speed_source": f"measured in '{where}' "
                           f"({probe_bytes / 2**20:.0f} MiB write+fsync)"})

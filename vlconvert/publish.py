@@ -123,10 +123,11 @@ def check_inside(path: str | Path, folder: str | Path) -> None:
                         "it (copy the file into the checkpoint if it belongs there)")
 
 
-def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None]) -> None:
+def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None], name: str = "output") -> None:
     """Refuse a DST that equals, contains or lies inside any input, after resolving symlinks.
 
-    ``inputs`` maps a label for the message (``"SRC"``, ``"--assets-dir"``) to a path; ``None`` is skipped.
+    ``inputs`` maps a label for the message (``"SRC"``, ``"--assets-dir"``) to a path; ``None`` is skipped;
+    ``name`` names DST in the message (``"--data-out"``).
     Each input stands for everything :func:`input_paths` finds under it (the targets of its symlinks, a
     cache snapshot's repository), so an output can never replace a file a run reads through a link.
     """
@@ -135,11 +136,11 @@ def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None]) -> N
     for label, path in given:
         source = _real(path)
         if target == source:
-            raise UserError(f"output '{dst}' is the input {label} '{path}': choose another output folder")
+            raise UserError(f"{name} '{dst}' is the input {label} '{path}': choose another output folder")
         if _within(target, source):
-            raise UserError(f"output '{dst}' is inside the input {label} '{path}': choose a folder outside it")
+            raise UserError(f"{name} '{dst}' is inside the input {label} '{path}': choose a folder outside it")
         if _within(source, target):
-            raise UserError(f"output '{dst}' contains the input {label} '{path}': choose another output folder")
+            raise UserError(f"{name} '{dst}' contains the input {label} '{path}': choose another output folder")
     for label, path in given:
         for source, how in input_paths(path):
             if not how:
@@ -147,16 +148,16 @@ def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None]) -> N
             whose = f"{how} {'of' if how.startswith('the Hugging') else 'in'} the input {label} '{path}'"
             what = f"'{source}', {whose}"
             if target == source:
-                raise UserError(f"output '{dst}' is {whose}: choose another output folder")
+                raise UserError(f"{name} '{dst}' is {whose}: choose another output folder")
             if _within(target, source):
-                raise UserError(f"output '{dst}' is inside {what}: choose a folder outside it")
+                raise UserError(f"{name} '{dst}' is inside {what}: choose a folder outside it")
             if _within(source, target):
-                raise UserError(f"output '{dst}' contains {what}: choose another output folder")
+                raise UserError(f"{name} '{dst}' contains {what}: choose another output folder")
     here = _real(Path.cwd())
     if _within(here, target):
-        raise UserError(f"output '{dst}' contains the current directory: choose another output folder")
+        raise UserError(f"{name} '{dst}' contains the current directory: choose another output folder")
     if target == _real(Path.home()) or target.parent == target:
-        raise UserError(f"output '{dst}' is a home or root folder: choose another output folder")
+        raise UserError(f"{name} '{dst}' is a home or root folder: choose another output folder")
 
 
 def check_free_space(folder: Path, needed: int) -> None:

@@ -714,10 +714,12 @@ def _already_done(folder: Path, tags: Tags, strategy: str, fix: str = "start fro
 def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags | None = None,
                  strategy: str = "plain", in_place: bool = False, overwrite: bool = False, link: bool = True,
                  info: Callable[[str], None] = lambda s: None,
-                 progress: Callable[[str, int], Any] | None = None) -> dict:
+                 progress: Callable[[str, int], Any] | None = None,
+                 inputs: dict[str, str | Path | None] | None = None) -> dict:
     """Retag ``src`` into ``dst`` (or in place, atomically). Return a JSON-able summary.
 
-    ``progress(description, total_bytes)`` may return a context manager yielding ``advance(n)``.
+    ``progress(description, total_bytes)`` may return a context manager yielding ``advance(n)``; ``inputs``:
+    what else the command reads (``{"--data": path}``), which the output may not replace or contain.
     """
     tags = tags or resolve_tags()
     if strategy not in STRATEGIES:
@@ -788,14 +790,15 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
         needed = rewrite_bytes + sum(len(t.encode()) for t in plan.files.values())
         if not link:
             needed += sum(p.stat().st_size for p in src_path.rglob("*") if p.is_file())
-        inputs = {} if in_place else {"SRC": src_path}  # --in-place replaces SRC on purpose, atomically
-        with publish.staged_output(dst_path, inputs=inputs, overwrite=overwrite or in_place,
+        read = {**({} if in_place else {"SRC": src_path}), **(inputs or {})}  # --in-place replaces SRC on purpose
+        with publish.staged_output(dst_path, inputs=read, overwrite=overwrite or in_place,
                                    needed_bytes=needed, info=info) as stage:
             info(f"retagging {src_path} -> {dst_path} ({strategy})")  # once the output is known to be free
             for path in sorted(src_path.rglob("*")):
                 rel = path.relative_to(src_path)
                 if path.is_dir() or str(rel) in rewritten or str(rel) == publish.MANIFEST_NAME:
                     continue
+                publish.check_inside(path, src_path)  # never copy a file SRC only links to from outside
                 how = _link_or_copy(path, stage / rel, link and path.name.endswith(WEIGHT_SUFFIXES))
                 summary[f"files_{how}"] += 1
             for rel, text in plan.files.items():
@@ -843,13 +846,21 @@ def retag_record(obj: Any, tags: Tags) -> tuple[Any, int, int]:
     return _retag_obj(obj, tags, counts), counts[0], counts[1]
 
 
-def check_jsonl_paths(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> None:
-    """Fail early (before any checkpoint is written) on an unusable --data / --data-out pair."""
+def check_jsonl_paths(src: str | Path, dst: str | Path, *, overwrite: bool = False,
+                      checkpoint: str | Path | None = None, out: str | Path | None = None) -> None:
+    """Fail early (before any checkpoint is written) on an unusable --data / --data-out pair; ``checkpoint``
+    (SRC, an input) and ``out`` (the folder being written, SRC itself with --in-place) may not hold --data-out."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise UserError(f"--data '{src}' does not exist")
     if dst.exists() and dst.resolve() == src.resolve():
         raise UserError("--data-out must differ from --data")
+    if out is not None:
+        real_dst, real_out = Path(os.path.realpath(dst)), Path(os.path.realpath(out))
+        if real_dst.is_relative_to(real_out) or real_out.is_relative_to(real_dst):
+            raise UserError(f"--data-out '{dst}' is inside the output folder '{out}', which is written as a whole: "
+                            "choose a path outside it")
+    publish.check_no_overlap(dst, {"SRC": checkpoint, "--data": src}, name="--data-out")
     if dst.exists() and not overwrite:
         raise UserError(f"--data-out '{dst}' already exists: choose another path or pass --overwrite")
     if not dst.absolute().parent.is_dir():

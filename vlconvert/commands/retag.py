@@ -80,14 +80,15 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
         raise UserError("give exactly one of --out DST and --in-place")
     tags_pair = resolve_tags(open_tag, close_tag)
     if data and data_out:
-        check_jsonl_paths(data, data_out, overwrite=overwrite)
+        checkpoint = resolve_source(src)
+        check_jsonl_paths(data, data_out, overwrite=overwrite, checkpoint=checkpoint, out=dst or checkpoint)
         validate_jsonl(data, tags_pair)  # every line checked before the checkpoint is published
 
     def progress(description: str, total: int):
         return reporter.bytes_progress(description, total)
 
     summary = retag_folder(src, dst, tags=tags_pair, strategy=strategy, in_place=in_place, overwrite=overwrite,
-                           link=not copy_files, info=reporter.info, progress=progress)
+                           link=not copy_files, info=reporter.info, progress=progress, inputs={"--data": data})
     rows = summary_rows(summary)
     if data and data_out:
         stats = retag_jsonl(data, data_out, tags_pair, overwrite=overwrite)
