@@ -84,6 +84,31 @@ def read_config_json(path: str | Path) -> dict:
     return raw
 
 
+# Sane upper bounds for the sizes a config names (the largest released Qwen3-VL is far below each): a
+# hostile or mistyped config.json (num_hidden_layers: 1e12) is refused here, before any plan or skeleton
+# allocates per layer, per expert or per row. Bounds are checked against the tensors later (shape checks).
+SIZE_BOUNDS = {
+    "text_config": {"num_hidden_layers": 2**12, "hidden_size": 2**17, "intermediate_size": 2**20,
+                    "moe_intermediate_size": 2**20, "vocab_size": 2**23, "num_experts": 2**14,
+                    "num_local_experts": 2**14, "num_experts_per_tok": 2**14, "num_attention_heads": 2**12,
+                    "num_key_value_heads": 2**12, "head_dim": 2**14},
+    "vision_config": {"depth": 2**10, "hidden_size": 2**16, "intermediate_size": 2**18, "num_heads": 2**12,
+                      "out_hidden_size": 2**17, "num_position_embeddings": 2**24, "patch_size": 2**10,
+                      "spatial_merge_size": 2**6, "temporal_patch_size": 2**6, "in_channels": 2**6},
+}
+
+
+def _check_sizes(text: dict, vision: dict) -> None:
+    """Refuse sizes beyond :data:`SIZE_BOUNDS` (one line naming the field) before anything is allocated."""
+    for key, section in (("text_config", text), ("vision_config", vision)):
+        for name, bound in SIZE_BOUNDS[key].items():
+            value = section.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value <= bound:
+                shown = value if isinstance(value, int) and value < 10**30 else f"{float(value):.3g}"
+                raise UserError(f"config name '{key}.{name}' is {shown}, more than any model vlconvert can "
+                                f"convert ({bound:,} at most): is config.json corrupt?")
+
+
 def load_config(path_or_dict: str | Path | dict) -> ModelInfo:
     """Read a Qwen3-VL / Qwen3-VL-MoE config.json (4.57 or 5.x style) into :class:`ModelInfo`."""
     raw = path_or_dict if isinstance(path_or_dict, dict) else read_config_json(path_or_dict)
@@ -97,6 +122,7 @@ def load_config(path_or_dict: str | Path | dict) -> ModelInfo:
     for key, section in (("text_config", text), ("vision_config", vision)):
         if not isinstance(section, dict):
             raise UserError(f"the config's {key} is a {type(section).__name__}, not an object")
+    _check_sizes(text, vision)
     try:
         experts = int(text.get("num_experts", text.get("num_local_experts", 0)) or 0) if family == "qwen3_vl_moe" else 0
         dtype_text = raw.get("dtype") or raw.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
