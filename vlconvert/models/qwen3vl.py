@@ -105,7 +105,7 @@ def _check_sizes(text: dict, vision: dict) -> None:
             value = section.get(name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not value <= bound:
                 shown = value if isinstance(value, int) and value < 10**30 else f"{float(value):.3g}"
-                raise UserError(f"config name '{key}.{name}' is {shown}, more than any model vlconvert can "
+                raise UserError(f"config field '{key}.{name}' is {shown}, more than any model vlconvert can "
                                 f"convert ({bound:,} at most): is config.json corrupt?")
 
 
