@@ -107,6 +107,7 @@ def cpu_settings(cfg) -> None:
                         ("moe_grouped_gemm", False), ("bias_activation_fusion", False),
                         ("masked_softmax_fusion", False), ("persist_layer_norm", False),
                         ("bias_dropout_fusion", False), ("apply_rope_fusion", False),
-                        ("moe_token_dispatcher_type", "allgather"), ("use_cpu_initialization", True)):
+                        ("moe_token_dispatcher_type", "allgather"), ("use_cpu_initialization", True),
+                        ("sequence_parallel", False)):  # torch's LayerNorm has no sequence-parallel path
         if hasattr(cfg, name):
             setattr(cfg, name, value)
