@@ -131,8 +131,11 @@ class LazyGroup(click.Group):
             rv = super().main(argv, prog_name or "vlconvert", complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             fail(usage_line(exc, list(COMMANDS)), exc.exit_code, as_json=as_json)
-        except click.Abort:
-            fail("interrupted: nothing was published", 130, as_json=as_json)
+        except click.Abort as exc:
+            from vlconvert.errors import interrupt_line
+
+            cause = exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else KeyboardInterrupt()
+            fail(*interrupt_line(cause), as_json=as_json)
         except click.ClickException as exc:
             fail(f"error: {exc.format_message()}", exc.exit_code, as_json=as_json)
         except OSError as exc:

@@ -7,7 +7,9 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
-from vlconvert.errors import UserError
+from vlconvert.errors import Terminated, UserError, interrupt_line
 
 DEBUG = False  # set by --debug (group or command): show tracebacks instead of one line
 VERBOSE = False  # set by -v/--verbose (group or command): list assets copied and other details
@@ -160,16 +162,21 @@ def handle_errors(func: Callable) -> Callable:
         debug = kwargs.pop("debug", False) or DEBUG
         VERBOSE = kwargs.pop("verbose", False) or VERBOSE
         as_json = bool(kwargs.get("as_json"))
+        publish = sys.modules.get("vlconvert.publish")
+        if publish is not None:
+            publish.PUBLISHED.clear()
+        previous = _on_sigterm()
         try:
             return func(*args, **kwargs)
         except UserError as exc:
             if debug:
                 raise
             fail(f"error: {exc}", as_json=as_json)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated)
             if debug:
                 raise
-            fail("interrupted: nothing was published", 130, as_json=as_json)
+            line, code = interrupt_line(exc)
+            fail(line, code, as_json=as_json)
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # the reader of a pipe went away (`| head`): stop quietly
                 quiet_broken_pipe()
@@ -184,8 +191,25 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             fail(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
                  "and report it", as_json=as_json)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm() -> Any:
+    """Handle SIGTERM as Ctrl-C for this command (main thread only); return the handler to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):
+        return None
 
 
 def quiet_broken_pipe() -> None:

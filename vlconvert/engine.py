@@ -315,13 +315,19 @@ class Converter:
 
     # --------------------------------------------------------------------------------------- run
     def fingerprint(self) -> dict:
-        """What ``--resume`` must find unchanged: the command, the source and every option."""
+        """What ``--resume`` must find unchanged: the command, the source, every option, and the identity (size,
+        mtime, inode, device) of every file under every input (:meth:`inputs`: SRC, assets, ``--config``, the
+        ``--merge-lora`` adapter): a shard or adapter rewritten between the killed run and ``--resume`` is
+        refused, never mixed with files made from its old bytes."""
+        from vlconvert.publish import input_identities
+
         plan = self.plan()
         table = repr([(f.name, f.tensors) for f in plan.files])
         return {"target": self.to, "source": str(Path(plan.source).resolve()),
                 "assets": str(self.assets.resolve()) if self.assets else None,
                 "options": {k: str(v) for k, v in sorted(self.options.items())},
-                "plan": hashlib.sha256(table.encode()).hexdigest()}
+                "plan": hashlib.sha256(table.encode()).hexdigest(),
+                "inputs": input_identities(list(self.inputs().values()))}
 
     def inputs(self) -> dict[str, str | Path | None]:
         """Every input of the run, by the option naming it: the one list the overlap check is given
@@ -538,7 +544,7 @@ class Converter:
             for file_name, entries in plan.dcp_files:
                 if not self._mine(file_name):
                     continue
-                writer.open_file(file_name)
+                writer.open_file(file_name, [(e.key, e.shape, e.dtype, e.nesting) for e in entries])
                 for entry in entries:
                     if writer.skipping:  # --resume kept this file: its records are known, nothing to read
                         writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)

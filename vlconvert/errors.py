@@ -8,6 +8,24 @@ class UserError(Exception):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send), raised in the main thread by the handler the command line installs:
+    handled everywhere as Ctrl-C is (finished files kept for ``--resume``), exit code 143."""
+
+
+def interrupt_line(exc: BaseException) -> tuple[str, int]:
+    """The one line and exit code for Ctrl-C or SIGTERM: what was published, and how to resume."""
+    word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    outcome = getattr(exc, "outcome", None)
+    if outcome is None:
+        import sys
+
+        publish = sys.modules.get("vlconvert.publish")
+        done = list(getattr(publish, "PUBLISHED", []))
+        outcome = f"'{done[-1]}' was published (complete) before the interrupt" if done else "nothing was published"
+    return f"{word}: {outcome}", code
+
+
 def one_line(value: object, limit: int = 160, quote: bool = False) -> str:
     """``value`` (its repr with ``quote``) on one line, shortened: safe to put in an error message, even
     for a hostile value that cannot be printed (nested too deeply, an integer too long)."""

@@ -515,15 +515,21 @@ def sync_files(paths: list[Path]) -> None:
         fsync_folder(folder)
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make the names in ``folder`` durable (a no-op where folders cannot be opened)."""
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EPERM}
+
+
+def fsync_folder(folder: Path, outcome: str = "nothing was published") -> None:
+    """Make the names in ``folder`` durable (a no-op where folders cannot be opened or the file system
+    refuses fsync on a folder); an I/O error is one line naming the folder and ``outcome``."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
-        with contextlib.suppress(OSError):  # some file systems refuse fsync on a folder
-            os.fsync(fd)
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FOLDER_SYNC:  # some file systems refuse fsync on a folder: not an error
+            raise UserError(f"cannot write the folder '{folder}' to disk: {exc.strerror or exc}; {outcome}") from exc
     finally:
         os.close(fd)
 
@@ -640,6 +646,17 @@ def kept_state(path: str | Path) -> Any | None:
     return entry.get("state") or {}
 
 
+def forget_kept(path: str | Path) -> None:
+    """``--resume`` kept ``path`` but its journaled state does not hold up (the writer checked it): the
+    file is written again (:func:`create_file` truncates it) and its old entry is dropped."""
+    found = _stage_of(Path(path))
+    if found is not None:
+        stage, rel = found
+        stage.kept.pop(rel, None)
+        stage.entries.pop(rel, None)
+        stage.notes.append(f"redone: the journaled state of '{rel}' did not match the plan")
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a small file through :func:`create_file`."""
     with create_file(path) as f:
@@ -754,14 +771,22 @@ class Stage(os.PathLike):
         who = f" (pid {header.get('pid')})" if header and header.get("pid") else ""
         if os.path.lexists(self.path):
             if resume:
-                if header is None or header.get("fingerprint") != fingerprint:
+                previous = header.get("fingerprint") if header else None
+                if previous != fingerprint:
+                    changed = _changed_input(previous, fingerprint)
+                    if changed:
+                        raise UserError(f"the input '{changed}' changed since the interrupted run wrote "
+                                        f"'{self.path}': its finished files would mix old and new bytes; rerun "
+                                        "without --resume to start over")
                     raise UserError(f"the staged output '{self.path}' was made by another command or other options: "
                                     "rerun without --resume to start over")
                 self._resume(files, info, who)
                 return
+            finished = sum(1 for rel in files if (self.path / rel).is_file())
+            info(f"discarding {finished} finished files of an interrupted run{who} in '{self.path}' "
+                 "(--resume would keep them)")
             _remove(self.path)
-            info(f"removed the unfinished output of an interrupted run{who}: {self.path}")
-            self.notes.append("removed the unfinished output of an interrupted run")
+            self.notes.append(f"discarded {finished} finished files of an interrupted run")
         elif resume:
             info(f"nothing to resume for '{self.dst}': starting from the beginning")
         _remove(self.journal_path)
@@ -803,10 +828,16 @@ class Stage(os.PathLike):
                  if rel in on_disk}
         sync_files([self.path / rel for rel in sorted(on_disk)])  # every rank's files, kept ones too
         manifest = {"format": "vlconvert-manifest", "version": 1, "files": files}
-        with open(self.path / MANIFEST_NAME, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.path / MANIFEST_NAME
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise  # staged_output says "disk full"
+            raise UserError(f"cannot write '{path}' to disk: {exc.strerror or exc}; nothing was published") from exc
         fsync_folder(self.path)
 
 
@@ -831,6 +862,57 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def input_identities(paths: list[str | Path | None]) -> dict[str, list[int]]:
+    """Size, mtime (ns), inode and device of every file under ``paths`` (files or folders; links to
+    files followed): what ``--resume`` compares to know that the inputs are the bytes the interrupted
+    run read (a rewritten shard of the same size has another mtime)."""
+    found: dict[str, list[int]] = {}
+
+    def add(path: Path) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if not os.path.isdir(path):
+            found[str(path)] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+    for given in paths:
+        if given is None:
+            continue
+        root = Path(os.path.abspath(os.path.expanduser(str(given))))
+        if not root.is_dir():
+            add(root)
+            continue
+        seen: set[tuple[int, int]] = set()
+        for folder, dirs, names in os.walk(root, followlinks=True):  # a linked rank folder is read too
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                dirs.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs.sort()
+            for name in sorted(names):
+                add(Path(folder) / name)
+    return found
+
+
+def _changed_input(previous: Any, now: dict) -> str | None:
+    """The first input file whose identity differs between two fingerprints that differ only in their
+    ``inputs`` (None when something else differs)."""
+    if not isinstance(previous, dict) or not isinstance(previous.get("inputs"), dict):
+        return None
+    if {k: v for k, v in previous.items() if k != "inputs"} != {k: v for k, v in now.items() if k != "inputs"}:
+        return None
+    old, new = previous["inputs"], now.get("inputs") or {}
+    for path in sorted(set(old) | set(new)):
+        if old.get(path) != new.get(path):
+            return path
+    return None
+
+
+PUBLISHED: list[Path] = []  # outputs published by this command so far (what an interrupt message says)
 
 
 def staging_path(dst: Path) -> Path:
@@ -866,7 +948,7 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
         raise UserError(f"cannot create the output's parent folder '{dst.parent}': {exc.strerror}") from exc
     lock = _Lock(dst.parent / f".{dst.name}.vlconvert-lock", dst)
     stage = Stage(staging_path(dst), dst)
-    published = owned = False
+    published = owned = keep = False
     try:
         checked = _identity(dst)  # under the lock: what --overwrite may replace
         if checked is not None and not overwrite:
@@ -882,15 +964,26 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
             stage.active = False
             stage.close_journal()
         stage.finish()
-        _publish(stage, dst, checked, overwrite)
-        fsync_folder(dst.parent)  # the new name itself
-        published = True
+        with _signals_deferred():  # an interrupt lands before the rename or after ``published`` is set
+            _publish(stage, dst, checked, overwrite)
+            published = True
+            PUBLISHED.append(dst)
+        fsync_folder(dst.parent, f"'{dst}' was published but its name may not survive a power cut")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise UserError(f"disk full while writing '{dst}': nothing was published; free space and rerun") from exc
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated): finished files stay for --resume
+        finished = len(stage.entries)
+        if published:
+            exc.outcome = f"'{dst}' was published (complete) before the interrupt"  # type: ignore[attr-defined]
+        elif owned and finished:
+            keep = True
+            exc.outcome = (f"nothing was published; rerun with --resume to keep {finished} "  # type: ignore[attr-defined]
+                           "finished files")
+        raise
     finally:
-        if owned and not published:
+        if owned and not published and not keep:
             _remove(stage.path)
             _remove(stage.journal_path)
         lock.release()
@@ -898,6 +991,33 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
             for folder in created:  # parents this run made, if still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done: publishing is never cut between its renames, and
+    the flag saying it happened is set before the interrupt is raised (by the handler that was in place).
+    Python runs signal handlers in the main thread only, so they are swapped there (elsewhere: no-op)."""
+    import signal
+
+    pending: list[int] = []
+    old: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = old.get(pending[0])
+            if callable(handler):
+                handler(pending[0], None)  # raises KeyboardInterrupt / errors.Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def _publish(stage: Stage, dst: Path, checked: tuple[int, int, int] | None, overwrite: bool) -> None:

@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
 from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
-from vlconvert.publish import OutputFile, create_file, kept_state
+from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state
 
 METADATA_NAME = ".metadata"
 _MAX_RECORD_PKL = 2**20  # a one-tensor record's data.pkl is a few hundred bytes
@@ -540,6 +541,66 @@ class TensorBlocks:
     blocks: Iterable[torch.Tensor]
 
 
+def _record_is_archive(f, start: int, length: int) -> bool:
+    """Bytes ``start:start+length`` of ``f`` are one whole stored zip archive (as :func:`write_torch_record`
+    writes): a local header first, the end record last, the central directory right before it."""
+    if length < 22 + 30:
+        return False
+    f.seek(start)
+    if f.read(4) != b"PK\x03\x04":
+        return False
+    f.seek(start + length - 22)
+    end = f.read(22)
+    if len(end) != 22 or end[:4] != b"PK\x05\x06" or struct.unpack("<H", end[20:22])[0] != 0:
+        return False
+    cd_size, cd_offset = struct.unpack("<II", end[12:20])
+    if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:  # zip64: the locator points at the zip64 end record
+        if length < 22 + 20 + 56:
+            return False
+        f.seek(start + length - 22 - 20)
+        locator = f.read(20)
+        if locator[:4] != b"PK\x06\x07":
+            return False
+        (end64,) = struct.unpack("<Q", locator[8:16])
+        if end64 != length - 22 - 20 - 56:
+            return False
+        f.seek(start + end64)
+        record = f.read(56)
+        if record[:4] != b"PK\x06\x06":
+            return False
+        cd_size, cd_offset = struct.unpack("<QQ", record[40:56])
+        return cd_offset + cd_size == end64
+    return cd_offset + cd_size == length - 22
+
+
+def kept_records(path: Path, state: Any, expect: list[tuple] | None) -> list[dict] | None:
+    """The journaled records of a data file ``--resume`` kept, if they hold up, else None: the journal is
+    an untrusted file (edited, cut, or from another version) and ``.metadata`` is built from it. Each record
+    must name the planned tensor (key, shape, dtype, nesting, in plan order), start where the previous one
+    ended (the first at 0, the last ending at the file's end) and be a whole archive in the kept bytes."""
+    records = state.get("records") if isinstance(state, dict) else None
+    if not isinstance(records, list) or expect is None or len(records) != len(expect):
+        return None
+    try:
+        size = path.stat().st_size
+        pos = 0
+        with open(path, "rb") as f:
+            for record, (key, shape, dtype, nesting) in zip(records, expect, strict=True):
+                if not isinstance(record, dict) or record.get("key") != key \
+                        or record.get("shape") != list(shape) or record.get("dtype") != str(dtype) \
+                        or record.get("dtype") not in _DTYPES or record.get("nesting") != list(nesting):
+                    return None
+                start, length = record.get("start"), record.get("length")
+                if not (_is_int(start) and _is_int(length)) or start != pos or length <= 0 or start + length > size:
+                    return None
+                if not _record_is_archive(f, start, length):
+                    return None
+                pos = start + length
+    except OSError:
+        return None
+    return records if pos == size else None
+
+
 class DCPWriter:
     """Write a single-process DCP one tensor at a time: ``torch.save`` records plus ``.metadata``.
 
@@ -560,15 +621,21 @@ class DCPWriter:
         self.skipping = False  # the current file was kept by --resume: write() only checks the key
         self.files: list[str] = []
 
-    def open_file(self, name: str) -> None:
-        """Start a new ``.distcp`` data file; later tensors go into it."""
+    def open_file(self, name: str, expect: list[tuple] | None = None) -> None:
+        """Start a new ``.distcp`` data file; later tensors go into it. ``expect``: the (key, shape, dtype,
+        nesting) of each tensor the plan puts in it, in order: a file ``--resume`` kept is skipped only if
+        its journaled records are exactly those, laid end to end over the whole file, each one a complete
+        archive (:func:`kept_records`); otherwise the file is written again."""
         self._close_file()
         self._file_name = name
         self.files.append(name)
         kept = kept_state(self.folder / name)
-        self.skipping = kept is not None
-        if kept is not None:
-            for record in kept.get("records", []):
+        records = kept_records(self.folder / name, kept, expect) if kept is not None else None
+        if kept is not None and records is None:
+            forget_kept(self.folder / name)
+        self.skipping = records is not None
+        if records is not None:
+            for record in records:
                 self._adopt_record(record)
             return
         self._file = create_file(self.folder / name)
