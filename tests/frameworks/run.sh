@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The framework checks of tests/frameworks (Megatron-Bridge 0.6.2, megatron-core 0.19.2; Python 3.12).
+# The framework checks of tests/frameworks (Megatron-Bridge 0.6.2, megatron-core 0.19.2, ms-swift 4.6.0;
+# Python 3.12).
 # Sets up its own virtual environment (VENV, default .venv-frameworks) the first time: the registry's
 # torch (a CUDA build, about 5 GB, runs on the CPU), Megatron-Bridge without its GPU-only dependencies.
 set -euo pipefail
@@ -12,6 +13,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     rich numpy pytest pyyaml omegaconf einops nvidia-modelopt==0.47.0 megatron-energon tensorboard requests \
     datasets matplotlib ipython
   "$VENV/bin/pip" install -q --no-deps megatron-bridge==0.6.2
+  # ms-swift 4.6.0 and its Megatron model package (test_ms_swift.py)
+  "$VENV/bin/pip" install -q --no-deps mcore-bridge==1.6.5 ms-swift==4.6.0 peft==0.20.0 accelerate==1.16.0 \
+    modelscope==1.40.2 modelscope-hub==0.5.1 json-repair==0.64.6
+  "$VENV/bin/pip" install -q cryptography==50.0.2
   "$VENV/bin/pip" uninstall -q -y kernels || true  # its hub-kernel registry breaks transformers 5.12's import
 fi
 VLCONVERT_FRAMEWORKS=1 exec "$VENV/bin/python" -m pytest -q tests/frameworks "$@"
