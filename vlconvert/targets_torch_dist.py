@@ -114,7 +114,11 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
 
 
 def _hf_folder(conv: Any) -> str | None:
-    """The Hugging Face folder of the run (``--assets-dir``, or an HF source), absolute, if there is one."""
+    """The Hugging Face model of the run (``--assets-dir``, or an HF source) as Bridge's ``hf_model_id``: the
+    model id when one from the local cache was given (portable), else the folder's absolute path."""
+    typed = conv.assets_dir if conv.assets_dir is not None else (conv.src if conv.source.layout == "hf" else None)
+    if typed is not None and not Path(str(typed)).expanduser().exists():
+        return str(typed)  # a model id, found in the local Hugging Face cache
     folder = conv.assets or (conv.source.folder if conv.source.layout == "hf" else None)
     return str(Path(folder).resolve()) if folder is not None else None
 
