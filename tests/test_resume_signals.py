@@ -141,10 +141,10 @@ def adapter(tmp_path_factory) -> Path:
 def test_resume_after_the_adapter_changed_does_not_mix_old_and_new(adapter, tmp_path):
     lora = tmp_path / "adapter"
     shutil.copytree(adapter, lora)
-    argv = ["convert", FIX / "tiny-dense-tied", None, "--to", "hf", "--merge-lora", lora, "--max-shard-size", "100KB"]
+    argv = ["convert", FIX / "tiny-dense-tied", None, "--to", "hf", "--merge-lora", lora, "--max-shard-size", "20KB"]
     run_cli(*[a if a is not None else tmp_path / "clean" for a in argv], "-q")
     dst = tmp_path / "out"
-    proc = _signalled_run([a if a is not None else dst for a in argv] + ["-q"], _total(tmp_path / "clean") // 2)
+    proc = _signalled_run([a if a is not None else dst for a in argv] + ["-q"], _total(tmp_path / "clean") * 9 // 10)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     weights = lora / "adapter_model.safetensors"
     tensors = load_file(str(weights))
