@@ -191,3 +191,37 @@ def test_plan_from_config_matches_the_conversion(tmp_path: Path, flavour: str) -
     assert data["bytes"] == sum(t.nbytes for t in reader.tensors.values())
     assert {f["name"] for f in planned["files"]} <= {str(p.relative_to(tmp_path / "td"))
                                                      for p in (tmp_path / "td").rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("edit", [None, "swap", "cut"])
+def test_resume_keeps_the_data_file_only_if_its_journal_holds_up(tmp_path: Path, edit: str | None) -> None:
+    """A torch_dist data file --resume kept is skipped only if its journaled records are the planned ones,
+    laid end to end, each a whole archive; an edited journal gets the file written again, same bytes."""
+    import json as _json
+    import signal
+
+    from helpers import folder_digest
+    from test_reliability import _killed_run
+
+    from vlconvert import publish
+
+    argv = ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "torch_dist", "-q"]
+    run_cli(*argv[:2], tmp_path / "clean", *argv[3:])
+    total = sum(e["size"] for e in publish.read_manifest(tmp_path / "clean").values())
+    data = next(e["size"] for n, e in publish.read_manifest(tmp_path / "clean").items() if n.endswith(".distcp"))
+    assert _killed_run(argv, data + (total - data) // 2) == -signal.SIGKILL  # the data file is finished
+    journal = publish.journal_path(tmp_path / "out")
+    lines = journal.read_text().splitlines()
+    entry = next(i for i, ln in enumerate(lines) if ".distcp" in ln)
+    if edit is not None:
+        record = _json.loads(lines[entry])
+        records = record["state"]["records"]
+        if edit == "swap":
+            records[0]["key"], records[1]["key"] = records[1]["key"], records[0]["key"]
+        else:
+            records.pop()
+        lines[entry] = _json.dumps(record)
+        journal.write_text("\n".join(lines) + "\n")
+    out = run_cli(*argv[:-1], "--resume").output
+    assert folder_digest(tmp_path / "out") == folder_digest(tmp_path / "clean")
+    assert ("redone: the journaled state of 'iter_0000000/__0_0.distcp'" in out) == (edit is not None), out

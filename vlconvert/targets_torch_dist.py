@@ -145,9 +145,16 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
     common = tdl.common_state(iteration, meta, args)
     writer = tdl.TorchDistWriter(folder)
     extra = tdl.extra_state_bytes()
+    planned = chunks(plan)
+    expect: list[dict] = []
+    for t, gk, extras in planned:
+        expect.append({"key": gk.key, "size": [*gk.stack, *t.shape], "offsets": [*gk.index, *([0] * len(t.shape))],
+                       "shape": [*([1] * len(gk.index)), *t.shape], "dtype": str(t.dtype)})
+        expect += [{"key": key, "bytes": True} for key in extras]
+    expect.append({"key": tdl.COMMON_STATE_KEY, "bytes": True})
     try:
-        writer.open_file(DATA_FILE)
-        for t, gk, extras in chunks(plan):
+        writer.open_file(DATA_FILE, expect)
+        for t, gk, extras in planned:
             size = (*gk.stack, *t.shape)
             offsets = (*gk.index, *([0] * len(t.shape)))
             if writer.skipping:

@@ -578,17 +578,26 @@ def kept_records(path: Path, state: Any, expect: list[tuple] | None) -> list[dic
     an untrusted file (edited, cut, or from another version) and ``.metadata`` is built from it. Each record
     must name the planned tensor (key, shape, dtype, nesting, in plan order), start where the previous one
     ended (the first at 0, the last ending at the file's end) and be a whole archive in the kept bytes."""
+    if expect is None:
+        return None
+    wanted = [{"key": key, "shape": list(shape), "dtype": str(dtype), "nesting": list(nesting)}
+              for key, shape, dtype, nesting in expect]
+    return kept_matching(path, state, wanted)
+
+
+def kept_matching(path: Path, state: Any, wanted: list[dict]) -> list[dict] | None:
+    """:func:`kept_records` with the planned records given as the fields each journaled record must carry
+    (a ``dtype`` must also be one DCP knows); every record is one whole archive, laid end to end."""
     records = state.get("records") if isinstance(state, dict) else None
-    if not isinstance(records, list) or expect is None or len(records) != len(expect):
+    if not isinstance(records, list) or len(records) != len(wanted):
         return None
     try:
         size = path.stat().st_size
         pos = 0
         with open(path, "rb") as f:
-            for record, (key, shape, dtype, nesting) in zip(records, expect, strict=True):
-                if not isinstance(record, dict) or record.get("key") != key \
-                        or record.get("shape") != list(shape) or record.get("dtype") != str(dtype) \
-                        or record.get("dtype") not in _DTYPES or record.get("nesting") != list(nesting):
+            for record, fields in zip(records, wanted, strict=True):
+                if not isinstance(record, dict) or any(record.get(k) != v for k, v in fields.items()) \
+                        or ("dtype" in fields and record.get("dtype") not in _DTYPES):
                     return None
                 start, length = record.get("start"), record.get("length")
                 if not (_is_int(start) and _is_int(length)) or start != pos or length <= 0 or start + length > size:
@@ -630,7 +639,7 @@ class DCPWriter:
         self._file_name = name
         self.files.append(name)
         kept = kept_state(self.folder / name)
-        records = kept_records(self.folder / name, kept, expect) if kept is not None else None
+        records = self._kept_records(self.folder / name, kept, expect) if kept is not None else None
         if kept is not None and records is None:
             forget_kept(self.folder / name)
         self.skipping = records is not None
@@ -699,6 +708,9 @@ class DCPWriter:
         self.files.append(name)
         for record in records:
             self._adopt_record(record)
+
+    def _kept_records(self, path: Path, kept: Any, expect: list | None) -> list[dict] | None:
+        return kept_records(path, kept, expect)
 
     def _adopt_record(self, record: dict) -> None:
         """Add one journaled record (from ``--resume`` or another rank) without writing it."""

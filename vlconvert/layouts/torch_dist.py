@@ -27,7 +27,7 @@ from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER, Consumer, consumer  # noqa: F401
-from vlconvert.layouts.dcp import _DTYPES, DCPReader, DCPWriter, TensorBlocks
+from vlconvert.layouts.dcp import _DTYPES, DCPReader, DCPWriter, TensorBlocks, kept_matching
 from vlconvert.layouts.megatron import write_torch_record
 from vlconvert.publish import create_file
 
@@ -231,7 +231,15 @@ def load_common(folder: Path, reader: DCPReader) -> dict:
 
 # ------------------------------------------------------------------------------------------- writer
 class TorchDistWriter(DCPWriter):
-    """:class:`DCPWriter` with several chunks per key (stacked layers / experts) and bytes records."""
+    """:class:`DCPWriter` with several chunks per key (stacked layers / experts) and bytes records.
+
+    ``open_file(name, expect)``: ``expect`` lists each planned record as the journal stores it, without
+    its place (``{"key", "size", "offsets", "shape", "dtype"}`` for a chunk, ``{"key", "bytes": True}``
+    for a bytes record); a kept file is skipped only if its journaled records are exactly those.
+    """
+
+    def _kept_records(self, path: Path, kept: object, expect: list | None) -> list[dict] | None:
+        return kept_matching(path, kept, expect) if expect is not None else None
 
     def _adopt_record(self, record: dict) -> None:
         if record.get("bytes"):
