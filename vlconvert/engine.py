@@ -18,7 +18,6 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from vlconvert.plan import (
     rows_per_block,
     source_row_blocks,
 )
+from vlconvert.progress import progress_bar
 from vlconvert.publish import copy_file, staged_output, write_bytes
 from vlconvert.sources import Source, open_source, preview
 from vlconvert.targets_torch_dist import plan_torch_dist, write_torch_dist
@@ -64,7 +64,9 @@ from vlconvert.targets_torch_dist import plan_torch_dist, write_torch_dist
 TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 _RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around the data (measured ~1.5 KB)
 
-Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+# what run(progress=...) takes: a tqdm-like bar (update(n)), or progress(description, total) returning
+# advance(n), a tqdm-like bar or a context manager yielding one of these (vlconvert/progress.py)
+Progress = Any
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -339,9 +341,10 @@ class Converter:
                 "--merge-lora": self.options["merge_lora"]}
 
     def run(self, progress: Progress | None = None) -> Result:
-        """Write the output (published atomically when complete); ``progress(description, total)`` may
-        return a context manager yielding ``advance(n_bytes)``. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
-        files are split by bytes over the ranks: see :meth:`_run_distributed`."""
+        """Write the output (published atomically when complete). ``progress``: a tqdm-like bar (advanced
+        by ``update(n_bytes)``; its ``total`` set if unset), or ``progress(description, total_bytes)``
+        returning ``advance(n_bytes)``, a tqdm-like bar or a context manager yielding either. Under
+        ``torchrun`` (``WORLD_SIZE`` > 1) the files are split by bytes over the ranks: see :meth:`_run_distributed`."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return self._run_distributed(progress)
         plan = self.plan()
@@ -351,7 +354,7 @@ class Converter:
         needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
         if self.to == "hf":
             needed += sum(p.stat().st_size for p in asset_files(self.assets or source.folder))
-        bar = progress(f"{source.layout} -> {self.to}", plan.tensor_bytes) if progress else nullcontext(lambda n: None)
+        bar = progress_bar(progress, f"{source.layout} -> {self.to}", plan.tensor_bytes)
         assets: list[str] = []
         try:
             with staged_output(self.dst, inputs=inputs, overwrite=self.overwrite, resume=self.resume,
@@ -441,8 +444,7 @@ class Converter:
                 dist.broadcast_object_list([("ok", str(stage.path), stage.kept)], src=0)
                 failure: BaseException | None = None
                 try:
-                    bar = progress(f"{source.layout} -> {self.to} (rank 0 of {world})", plan.tensor_bytes) \
-                        if progress else nullcontext(lambda n: None)
+                    bar = progress_bar(progress, f"{source.layout} -> {self.to} (rank 0 of {world})", plan.tensor_bytes)
                     error = None
                     try:
                         with bar as advance:

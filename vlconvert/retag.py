@@ -41,6 +41,7 @@ from vlconvert.layouts.hf import (
     resolve_source,
 )
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD
+from vlconvert.progress import progress_bar
 
 OLD_OPEN = "<think>"
 OLD_CLOSE = "</think>"
@@ -714,11 +715,12 @@ def _already_done(folder: Path, tags: Tags, strategy: str, fix: str = "start fro
 def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags | None = None,
                  strategy: str = "plain", in_place: bool = False, overwrite: bool = False, link: bool = True,
                  info: Callable[[str], None] = lambda s: None,
-                 progress: Callable[[str, int], Any] | None = None,
+                 progress: Any = None,
                  inputs: dict[str, str | Path | None] | None = None) -> dict:
     """Retag ``src`` into ``dst`` (or in place, atomically). Return a JSON-able summary.
 
-    ``progress(description, total_bytes)`` may return a context manager yielding ``advance(n)``; ``inputs``:
+    ``progress``: as ``Converter.run`` takes it (vlconvert/progress.py: a tqdm-like bar, or a callable
+    returning advance(n), a bar or a context manager yielding one); ``inputs``:
     what else the command reads (``{"--data": path}``), which the output may not replace or contain.
     """
     tags = tags or resolve_tags()
@@ -805,14 +807,9 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
                 _write_text(stage / rel, text)
             if patched_files:
                 total = rewrite_bytes
-                ctx = progress("rewriting shards", total) if progress else None
-                advance = ctx.__enter__() if ctx else (lambda n: None)
-                try:
+                with progress_bar(progress, "rewriting shards", total) as advance:
                     for shard in patched_files:
                         _write_patched_shard(ckpt, shard, stage / shard.relative_to(src_path), patches, advance)
-                finally:
-                    if ctx:
-                        ctx.__exit__(None, None, None)
                 if (src_path / INDEX_NAME).is_file():
                     HFCheckpoint(stage).close()  # the copied index must still describe the rewritten shards
             _write_text(stage / RECORD_NAME, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
