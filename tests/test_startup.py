@@ -39,6 +39,21 @@ def test_python_m_vlconvert_help() -> None:
         assert name in result.stdout
 
 
+@pytest.mark.parametrize("launcher", ["python -m", "torchrun -m"])
+def test_python_m_from_the_folder_holding_a_clone_named_vlconvert(launcher: str, tmp_path: Path) -> None:
+    """Issue 22 item 2: the clone's root (no __init__.py) on sys.path[0] would make ``vlconvert`` a namespace
+    package ("cannot import name '__version__' from 'vlconvert' (unknown location)")."""
+    (tmp_path / "vlconvert").symlink_to(ROOT, target_is_directory=True)
+    args = ["inspect", "vlconvert/fixtures/tiny-moe", "--json"]
+    head = [sys.executable, "-m"] if launcher == "python -m" else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m"]
+    result = subprocess.run([*head, "vlconvert", *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "ImportError" not in result.stderr
+    assert '"layout"' in result.stdout
+
+
 @pytest.mark.parametrize("args", [
     ["inspect", "fixtures/tiny-moe"],
     ["plan", "--config", "fixtures/configs/Qwen3-VL-235B-A22B-Instruct.json", "--to", "megatron",
