@@ -554,11 +554,12 @@ def _record_is_archive(f, start: int, length: int) -> bool:
     if len(end) != 22 or end[:4] != b"PK\x05\x06" or struct.unpack("<H", end[20:22])[0] != 0:
         return False
     cd_size, cd_offset = struct.unpack("<II", end[12:20])
-    if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:  # zip64: the locator points at the zip64 end record
-        if length < 22 + 20 + 56:
-            return False
+    locator = b""
+    if length >= 22 + 20 + 56:
         f.seek(start + length - 22 - 20)
         locator = f.read(20)
+    if locator[:4] == b"PK\x06\x07" or cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
+        # zip64 (torch.save writes its end records even for small archives): the locator points at them
         if locator[:4] != b"PK\x06\x07":
             return False
         (end64,) = struct.unpack("<Q", locator[8:16])
