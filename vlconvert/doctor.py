@@ -130,11 +130,11 @@ def conv3d_linear_max_diff(hidden: int = 8, seed: int = 0) -> float:
 def check_transformers(facts: EnvFacts) -> Finding:
     """The installed transformers: Qwen3-VL support and its run-time MoE expert orientation."""
     if facts.transformers_version is None:
-        return Finding("transformers", "fail", "transformers is not installed", "pip install 'transformers>=5,<6'")
+        return Finding("transformers", "fail", "transformers is not installed", "pip install 'transformers>=5.4,<6'")
     v = _version_tuple(facts.transformers_version)
     if v < (4, 57):
         return Finding("transformers", "fail", f"transformers {facts.transformers_version} has no Qwen3-VL",
-                       "pip install 'transformers>=5,<6'")
+                       "pip install 'transformers>=5.4,<6'")
     if facts.runtime_experts == "transformers5":
         orient = "holds MoE experts as gate_up_proj [E, 2I, H] / down_proj [E, H, I] (F.linear orientation)"
     else:
