@@ -108,18 +108,76 @@ def test_unknown_dtype_lists_every_name(args: list, tmp_path: Path, made: dict[s
     assert not (tmp_path / "o").exists()
 
 
-# ----------------------------------------------------------------------------------- other errors
+# ------------------------------------------------------------- one rule: usage mistakes exit 2 (issue 22, item 3)
+# every command x every mistake class that applies to it: a missing or extra argument, a bad option value, a
+# missing required option, a path that does not exist. {dcp}/{mg}: made checkpoints without assets.
+USAGE_MISTAKES = {
+    "convert": {"missing argument": [MOE], "extra argument": [MOE, "{tmp}/o", "--to", "hf", "extra"],
+                "bad value": [MOE, "{tmp}/o", "--to", "megatron", "--tp", "0"],
+                "missing option": ["{dcp}", "{tmp}/o", "--to", "hf"],
+                "missing path": ["{tmp}/nope", "{tmp}/o", "--to", "hf"],
+                "missing assets path": ["{dcp}", "{tmp}/o", "--to", "hf", "--assets-dir", "{tmp}/nope"]},
+    "hf-to-dcp": {"missing argument": [MOE], "extra argument": [MOE, "{tmp}/o", "extra"],
+                  "bad value": [MOE, "{tmp}/o", "--dtype", "bf32"], "missing path": ["{tmp}/nope", "{tmp}/o"],
+                  "missing adapter path": [MOE, "{tmp}/o", "--merge-lora", "{tmp}/nope"]},
+    "dcp-to-hf": {"missing argument": ["{dcp}"], "extra argument": ["{dcp}", "{tmp}/o", "x", "--assets-dir", MOE],
+                  "bad value": ["{dcp}", "{tmp}/o", "--assets-dir", MOE, "--dtype", "bf32"],
+                  "missing option": ["{dcp}", "{tmp}/o"],
+                  "missing path": ["{tmp}/nope", "{tmp}/o", "--assets-dir", MOE]},
+    "hf-to-megatron": {"missing argument": [MOE], "extra argument": [MOE, "{tmp}/o", "extra"],
+                       "bad value": [MOE, "{tmp}/o", "--tp", "0"], "missing path": ["{tmp}/nope", "{tmp}/o"]},
+    "megatron-to-hf": {"missing argument": ["{mg}"], "extra argument": ["{mg}", "{tmp}/o", "x", "--assets-dir", MOE],
+                       "missing option": ["{mg}", "{tmp}/o"],
+                       "missing path": ["{tmp}/nope", "{tmp}/o", "--assets-dir", MOE],
+                       "missing assets path": ["{mg}", "{tmp}/o", "--assets-dir", "{tmp}/nope"]},
+    "reshard": {"missing argument": ["{mg}"], "extra argument": ["{mg}", "{tmp}/o", "extra"],
+                "bad value": ["{mg}", "{tmp}/o", "--tp", "0"], "missing path": ["{tmp}/nope", "{tmp}/o"]},
+    "retag-think": {"missing argument": [], "extra argument": [DENSE, "extra", "--out", "{tmp}/o"],
+                    "bad value": [DENSE, "--out", "{tmp}/o", "--strategy", "xx"], "missing option": [DENSE],
+                    "missing path": ["{tmp}/nope", "--out", "{tmp}/o"]},
+    "plan": {"extra argument": ["extra", "--config", MOE, "--to", "hf"],
+             "bad value": ["--config", MOE, "--to", "megatron", "--tp", "0"], "missing option": ["--to", "hf"],
+             "missing path": ["--config", "{tmp}/nope", "--to", "hf"],
+             "missing source path": ["--source", "{tmp}/nope", "--to", "hf"]},
+    "inspect": {"missing argument": [], "extra argument": [MOE, "extra"], "missing path": ["{tmp}/nope"]},
+    "verify": {"missing argument": [MOE], "extra argument": [MOE, MOE, "extra"],
+               "bad value": [MOE, MOE, "--tolerance", "x"], "missing path": [MOE, "{tmp}/nope"]},
+    "doctor": {"extra argument": ["extra"], "bad value": ["--config", MOE, "--to", "xx"],
+               "missing option": ["--target", "{tmp}/o"], "missing path": ["--config", "{tmp}/nope.json"]},
+}
+USAGE_CASES = [(command, mistake) for command, mistakes in USAGE_MISTAKES.items() for mistake in mistakes]
+
+
+def test_usage_mistakes_cover_every_command() -> None:
+    assert set(USAGE_MISTAKES) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command, mistake", USAGE_CASES, ids=[f"{c}-{m}" for c, m in USAGE_CASES])
+def test_usage_mistakes_exit_2_with_one_line(command: str, mistake: str, tmp_path: Path,
+                                             made: dict[str, Path]) -> None:
+    args = [command, *(str(a).format(tmp=tmp_path, dcp=made["dcp"], mg=made["mg"])
+                       for a in USAGE_MISTAKES[command][mistake])]
+    line = one_error(invoke(*args), 2)
+    assert line.endswith(f"; see 'vlconvert {command} --help'"), line
+    result = invoke(*args, "--json")
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["exit_code"] == 2 and data["error"] == line.removeprefix("error: ")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args", [
-    ["convert", "{tmp}/nope", "{tmp}/o", "--to", "hf"], ["hf-to-dcp", "{tmp}/nope", "{tmp}/o"],
-    ["dcp-to-hf", "{tmp}/nope", "{tmp}/o", "--assets-dir", MOE], ["hf-to-megatron", "{tmp}/nope", "{tmp}/o"],
-    ["megatron-to-hf", "{tmp}/nope", "{tmp}/o", "--assets-dir", MOE], ["reshard", "{tmp}/nope", "{tmp}/o"],
-    ["retag-think", "{tmp}/nope", "--out", "{tmp}/o"], ["verify", MOE],
-    ["plan", "--config", "{tmp}/nope", "--to", "hf"],
-], ids=["convert", "hf-to-dcp", "dcp-to-hf", "hf-to-megatron", "megatron-to-hf", "reshard", "retag-think",
-        "verify", "plan"])
-def test_errors_are_one_line_exit_1_and_json(args: list, tmp_path: Path) -> None:
+    ["convert", MOE, "{tmp}/taken", "--to", "hf"], ["hf-to-dcp", MOE, "{tmp}/taken"],
+    ["hf-to-megatron", DENSE, "{tmp}/o", "--tp", "3"], ["retag-think", "{tmp}/taken", "--out", "{tmp}/o"],
+    ["verify", "--manifest", "{tmp}/taken"], ["inspect", "{tmp}/taken"], ["plan", "--config", "{tmp}/taken/bad.json", "--to", "hf"],
+], ids=["convert", "hf-to-dcp", "hf-to-megatron", "retag-think", "verify", "inspect", "plan"])
+def test_other_errors_exit_1_and_json(args: list, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"  # exists, holds no checkpoint; bad.json is not JSON
+    taken.mkdir()
+    (taken / "bad.json").write_text("{")
     args = [str(a).format(tmp=tmp_path) for a in args]
     line = one_error(invoke(*args), 1)
+    assert "--help" not in line
     result = invoke(*args, "--json")
     assert result.exit_code == 1
     data = json.loads(result.stdout)
@@ -138,7 +196,7 @@ def test_messages_that_read_wrong_before(tmp_path: Path) -> None:
     line = one_error(invoke("hf-to-megatron", DENSE, tmp_path / "o", "--pp", "3"), 1)
     assert line == "error: --pp 3 is more than the 2 decoder layers: every stage needs at least one; " \
                    "use --pp among [1, 2]"
-    line = one_error(invoke("hf-to-dcp", "nobody-here/no-such-model", tmp_path / "o"), 1)
+    line = one_error(invoke("hf-to-dcp", "nobody-here/no-such-model", tmp_path / "o"), 2)
     assert "hf download nobody-here/no-such-model" in line
 
 

@@ -124,7 +124,7 @@ def test_common_state_inside_the_checkpoint_is_read(tmp_path: Path) -> None:
 
 
 def test_for_is_refused_for_other_targets(tmp_path: Path) -> None:
-    res = run_cli("convert", FIX / "tiny-moe", tmp_path / "out", "--to", "dcp", "--for", "ms-swift", expect=1)
+    res = run_cli("convert", FIX / "tiny-moe", tmp_path / "out", "--to", "dcp", "--for", "ms-swift", expect=2)
     assert "--for ms-swift applies to --to torch_dist" in res.output
     assert not (tmp_path / "out").exists()
 

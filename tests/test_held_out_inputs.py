@@ -175,7 +175,7 @@ def test_merge_lora_on_older_spellings_gives_the_bytes_of_convert(lora, tmp_path
 
 
 def test_merge_lora_on_older_spelling_refuses_a_bad_adapter_in_one_line(lora, tmp_path):
-    result = run_cli("hf-to-dcp", lora["hf"], tmp_path / "out", "--merge-lora", tmp_path / "nowhere", expect=1)
+    result = run_cli("hf-to-dcp", lora["hf"], tmp_path / "out", "--merge-lora", tmp_path / "nowhere", expect=2)
     assert result.output.startswith("error:") and "nowhere" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 

@@ -213,7 +213,7 @@ def test_cli(tmp_path: Path) -> None:
     _hf_equal(FIX / "tiny-moe", tmp_path / "hf")
     res = runner.invoke(main, ["megatron-to-hf", str(tmp_path / "r"), str(tmp_path / "hf2"), "--assets-dir",
                                str(tmp_path / "nowhere")])
-    assert res.exit_code == 1 and "--assets-dir" in res.output and not (tmp_path / "hf2").exists()
+    assert res.exit_code == 2 and "--assets-dir" in res.output and not (tmp_path / "hf2").exists()
     # a truncated rank file: one clear line, nothing published
     victim = tmp_path / "r/release/mp_rank_00_003/model_optim_rng.pt"
     victim.write_bytes(victim.read_bytes()[:-5000])

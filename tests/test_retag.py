@@ -527,7 +527,7 @@ def test_cli(tied: Path, work: Path) -> None:
 
     result = runner.invoke(main, ["retag-think", str(tied), "--out", str(work / "cli-bad"), "--open", "<a>",
                                   "--close", "</b>"])
-    assert result.exit_code == 1 and "not balanced" in result.stderr
+    assert result.exit_code == 2 and "not balanced" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (work / "cli-bad").exists()
 
     taken = work / "taken.jsonl"
@@ -537,7 +537,7 @@ def test_cli(tied: Path, work: Path) -> None:
     assert result.exit_code == 1 and "already exists" in result.stderr and not (work / "cli-data").exists()
 
     result = runner.invoke(main, ["retag-think", str(tied), "--out", str(work / "x"), "--in-place"])
-    assert result.exit_code == 1 and "exactly one of" in result.stderr
+    assert result.exit_code == 2 and "exactly one of" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["tiny-dense-tied", "tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"])

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
-from vlconvert.errors import Terminated, UserError, interrupt_line
+from vlconvert.errors import Terminated, UsageError, UserError, interrupt_line
 
 DEBUG = False  # set by --debug (group or command): show tracebacks instead of one line
 VERBOSE = False  # set by -v/--verbose (group or command): list assets copied and other details
@@ -151,9 +151,10 @@ def fail(message: str, code: int = 1, as_json: bool = False) -> None:
 def handle_errors(func: Callable) -> Callable:
     """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug).
 
-    UserError: its message, exit 1. Ctrl-C: exit 130. A full disk and other OS errors: one line naming
-    the file, exit 1. Anything else is a bug: one line saying so, exit 1. With --json the same message
-    also goes to stdout as ``{"ok": false, "error": ...}``.
+    UsageError (a usage mistake): its message and ``see 'vlconvert CMD --help'``, exit 2, as click's own
+    usage errors (cli.LazyGroup). UserError: its message, exit 1. Ctrl-C: exit 130. A full disk and other
+    OS errors: one line naming the file, exit 1. Anything else is a bug: one line saying so, exit 1. With
+    --json the same message also goes to stdout as ``{"ok": false, "error": ...}``.
     """
 
     @functools.wraps(func)
@@ -168,6 +169,12 @@ def handle_errors(func: Callable) -> Callable:
         previous = _on_sigterm()
         try:
             return func(*args, **kwargs)
+        except UsageError as exc:  # a usage mistake: exit 2 and where to look, as click's own
+            if debug:
+                raise
+            ctx = click.get_current_context(silent=True)
+            where = ctx.command_path if ctx is not None else "vlconvert"
+            fail(f"error: {exc}; see '{where} --help'", 2, as_json=as_json)
         except UserError as exc:
             if debug:
                 raise

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 
 CONV3D_ISSUE = "https://github.com/pytorch/pytorch/issues/166122"
 
@@ -217,7 +217,7 @@ def run_doctor(facts: EnvFacts | None = None, target: str | Path | None = None, 
             findings.append(square)
     if target is not None:
         if config is None:
-            raise UserError("--target needs --config CONFIG.json to know the planned output size")
+            raise UsageError("--target needs --config CONFIG.json to know the planned output size")
         from vlconvert.planning import plan_conversion
 
         plan = plan_conversion(config, to, **plan_options)

@@ -25,7 +25,7 @@ import torch
 
 from vlconvert import buffers
 from vlconvert.dtypes import element_size, parse_dtype
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes
@@ -126,7 +126,7 @@ class Converter:
         if to not in TARGETS:
             raise UserError(f"unknown target '{to}': use {', '.join(TARGETS)}")
         if iteration is not None and iteration < 0:
-            raise UserError(f"--iteration {iteration} is negative: give the training step (0 or more), or leave it "
+            raise UsageError(f"--iteration {iteration} is negative: give the training step (0 or more), or leave it "
                             "out to write release/")
         self.src, self.dst, self.to = src, Path(dst), to
         self.options = dict(dtype=dtype, experts_layout=experts_layout, prefix=prefix, src_prefix=src_prefix,
@@ -141,7 +141,7 @@ class Converter:
 
             _known_consumer(consumer)
             if to != "torch_dist":
-                raise UserError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load); "
+                raise UsageError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load); "
                                 f"drop it for --to {to}")
         self.assets_dir, self.config = assets_dir, config
         self.overwrite, self.resume, self.info = overwrite, resume, info
@@ -163,7 +163,7 @@ class Converter:
                 try:
                     self.assets = resolve_source(self.assets_dir)
                 except UserError as exc:
-                    raise UserError(f"--assets-dir '{self.assets_dir}' does not exist "
+                    raise UsageError(f"--assets-dir '{self.assets_dir}' does not exist "
                                     "(nor is it a model id in the local Hugging Face cache)") from exc
                 if not (self.assets / "config.json").is_file():
                     raise UserError(f"--assets-dir '{self.assets_dir}' has no config.json: give the original "
@@ -231,7 +231,7 @@ class Converter:
 
     def _plan_hf(self, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         if self.assets is None and source.layout != "hf":
-            raise UserError(f"'{self.src}' is a {source.layout} checkpoint: pass --assets-dir with the original "
+            raise UsageError(f"'{self.src}' is a {source.layout} checkpoint: pass --assets-dir with the original "
                             "Hugging Face folder (config, tokenizer and processor files are copied from it)")
         layout = self._experts_layout("released")
         sk = source.skeleton
@@ -689,9 +689,9 @@ def _memory_budget(value: str | int | None) -> int | None:
     try:
         budget = parse_size(value)
     except (UserError, ValueError) as exc:
-        raise UserError(f"--max-memory '{value}' is not a size: write e.g. 1GiB or 800MB") from exc
+        raise UsageError(f"--max-memory '{value}' is not a size: write e.g. 1GiB or 800MB") from exc
     if budget <= 0:
-        raise UserError(f"--max-memory '{value}' is not a positive size")
+        raise UsageError(f"--max-memory '{value}' is not a positive size")
     return budget
 
 

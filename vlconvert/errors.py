@@ -8,6 +8,13 @@ class UserError(Exception):
     """
 
 
+class UsageError(UserError):
+    """A mistake in how the command was called, not in the data: a missing or extra argument, a bad option
+    value (``--tp 0``), a missing required option (``--assets-dir`` for a DCP to HF, ``--out`` or
+    ``--in-place``), a path that does not exist. The command line exits 2 and says where to look
+    (``see 'vlconvert CMD --help'``), as click does for its own usage errors; every other error exits 1."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers send), raised in the main thread by the handler the command line installs:
     handled everywhere as Ctrl-C is (finished files kept for ``--resume``), exit code 143."""

@@ -18,7 +18,7 @@ import math
 import torch
 
 from vlconvert import buffers
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 
 # A row map is a list of (source, start, stop): rows start..stop-1 of ``source`` (a small int or str tag).
 RowMap = list[tuple[object, int, int]]
@@ -135,10 +135,10 @@ def pipeline_layers(layers: int, pp: int, first: int | None = None, last: int | 
     must then split the rest evenly. Refusals name counts that would work.
     """
     if pp < 1:
-        raise UserError("--pp must be at least 1")
+        raise UsageError("--pp must be at least 1")
     if pp == 1:
         if first not in (None, layers) or last not in (None, layers):
-            raise UserError("--pp-first-layers/--pp-last-layers need --pp of at least 2")
+            raise UsageError("--pp-first-layers/--pp-last-layers need --pp of at least 2")
         return [layers]
     if pp > layers:
         divisors = [d for d in range(1, layers + 1) if layers % d == 0 and d <= 64]

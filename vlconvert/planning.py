@@ -23,7 +23,7 @@ import torch
 
 from vlconvert import ops
 from vlconvert.dtypes import dtype_name, element_size
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD, Skeleton, build_skeleton, is_expert, load_config
 from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the plan command's split rules
@@ -237,7 +237,7 @@ def _megatron_checks(info, tp: int, pp: int, ep: int, etp: int, checks: list[Che
 
     for label, value in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", etp)):
         if value < 1:
-            raise UserError(f"--{label} must be at least 1")
+            raise UsageError(f"--{label} must be at least 1")
     add("heads % tp", info.heads % tp == 0, f"{info.heads} attention heads {'' if info.heads % tp == 0 else 'not '}"
         f"divisible by tp {tp}")
     g = info.kv_heads
@@ -487,13 +487,13 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
     from vlconvert.inspection import identify_model
 
     if to not in TARGETS:
-        raise UserError(f"--to must be one of {', '.join(TARGETS)}, not '{to}'")
+        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, not '{to}'")
     if config is None:
         if source is None:
-            raise UserError("give --config CONFIG.json (or --source DIR holding a config.json)")
+            raise UsageError("give --config CONFIG.json (or --source DIR holding a config.json)")
         config = Path(source) / "config.json"
         if not config.is_file():
-            raise UserError(f"'{source}' has no config.json: pass --config")
+            raise UsageError(f"'{source}' has no config.json: pass --config")
     info = load_config(config)
     skeleton = build_skeleton(info)
     dt = output_dtype(skeleton, dtype)
@@ -512,7 +512,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
     if to not in ("megatron", "torch_dist") and (tp, pp, ep, etp or 1) != (1, 1, 1, 1):
         plan.notes.append(f"--tp/--pp/--ep apply to --to megatron only; ignored for {to}")
     if consumer is not None and to != "torch_dist":
-        raise UserError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load)")
+        raise UsageError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load)")
     if source is not None:
         _source_checks(plan, skeleton, source, config)
 
@@ -542,7 +542,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
                                      "unless --overwrite", blocking=False))
     if disk_speed is not None:
         if disk_speed <= 0:
-            raise UserError("--disk-speed must be positive (MB/s)")
+            raise UsageError("--disk-speed must be positive (MB/s)")
         plan.disk.update({"speed_mb_s": float(disk_speed), "speed_source": "given"})
     elif target is not None and overlap is None:
         speed, where = measure_disk_speed(target, probe_bytes)

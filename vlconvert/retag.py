@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from vlconvert import __version__, publish
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.hf import (
     INDEX_NAME,
@@ -91,7 +91,7 @@ def _brackets_balanced(text: str) -> bool:
 
 
 def resolve_tags(open_tag: str | None = None, close_tag: str | None = None) -> Tags:
-    """Validate (and, from one ``<name>``-style tag, complete) the new tag pair; UserError if unusable.
+    """Validate (and, from one ``<name>``-style tag, complete) the new tag pair; UsageError if unusable.
 
     Rules: non-empty, no surrounding whitespace or line breaks, brackets balanced inside each tag, the two
     tags differ and neither contains the other or an old tag, and an ``<x>`` opening closes with ``</x>``.
@@ -101,30 +101,30 @@ def resolve_tags(open_tag: str | None = None, close_tag: str | None = None) -> T
     elif close_tag is None:
         m = _ANGLE_OPEN.match(open_tag or "")
         if not m:
-            raise UserError(f"--open '{open_tag}' is not of the form <name>: give --close as well")
+            raise UsageError(f"--open '{open_tag}' is not of the form <name>: give --close as well")
         close_tag = f"</{m.group(1)}>"
     elif open_tag is None:
         m = _ANGLE_CLOSE.match(close_tag)
         if not m:
-            raise UserError(f"--close '{close_tag}' is not of the form </name>: give --open as well")
+            raise UsageError(f"--close '{close_tag}' is not of the form </name>: give --open as well")
         open_tag = f"<{m.group(1)}>"
     assert open_tag is not None and close_tag is not None
     for flag, tag in (("--open", open_tag), ("--close", close_tag)):
         if not tag or tag != tag.strip() or "\n" in tag or "\r" in tag:
-            raise UserError(f"{flag} '{tag}' must be non-empty, without surrounding spaces or line breaks")
+            raise UsageError(f"{flag} '{tag}' must be non-empty, without surrounding spaces or line breaks")
         if _OLD_TAG_RE.search(tag):
-            raise UserError(f"{flag} '{tag}' contains an old tag ({OLD_OPEN} or {OLD_CLOSE}): choose another tag")
+            raise UsageError(f"{flag} '{tag}' contains an old tag ({OLD_OPEN} or {OLD_CLOSE}): choose another tag")
         if not _brackets_balanced(tag):
-            raise UserError(f"{flag} '{tag}' is not balanced: its brackets do not pair up")
+            raise UsageError(f"{flag} '{tag}' is not balanced: its brackets do not pair up")
     if open_tag == close_tag or open_tag in close_tag or close_tag in open_tag:
-        raise UserError(f"--open '{open_tag}' and --close '{close_tag}' must differ and not contain each other")
+        raise UsageError(f"--open '{open_tag}' and --close '{close_tag}' must differ and not contain each other")
     m = _ANGLE_OPEN.match(open_tag)
     if m and close_tag != f"</{m.group(1)}>":
-        raise UserError(f"tags are not balanced: --open '{open_tag}' closes with '</{m.group(1)}>', "
+        raise UsageError(f"tags are not balanced: --open '{open_tag}' closes with '</{m.group(1)}>', "
                         f"not '{close_tag}'")
     m = _ANGLE_CLOSE.match(close_tag)
     if m and open_tag != f"<{m.group(1)}>":
-        raise UserError(f"tags are not balanced: --close '{close_tag}' opens with '<{m.group(1)}>', "
+        raise UsageError(f"tags are not balanced: --close '{close_tag}' opens with '<{m.group(1)}>', "
                         f"not '{open_tag}'")
     return Tags(open_tag, close_tag)
 
@@ -727,7 +727,7 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy '{strategy}': use {' or '.join(STRATEGIES)}")
     if (dst is None) == (not in_place):
-        raise UserError("give exactly one of --out DST and --in-place")
+        raise UsageError("give exactly one of --out DST and --in-place")
     src_path = resolve_source(src).absolute()
     dst_path = src_path if in_place else Path(dst).expanduser().absolute()  # type: ignore[arg-type]
     if not in_place and dst_path.resolve() == src_path.resolve():
@@ -849,9 +849,9 @@ def check_jsonl_paths(src: str | Path, dst: str | Path, *, overwrite: bool = Fal
     (SRC, an input) and ``out`` (the folder being written, SRC itself with --in-place) may not hold --data-out."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise UserError(f"--data '{src}' does not exist")
+        raise UsageError(f"--data '{src}' does not exist")
     if dst.exists() and dst.resolve() == src.resolve():
-        raise UserError("--data-out must differ from --data")
+        raise UsageError("--data-out must differ from --data")
     if out is not None:
         real_dst, real_out = Path(os.path.realpath(dst)), Path(os.path.realpath(out))
         if real_dst.is_relative_to(real_out) or real_out.is_relative_to(real_dst):
@@ -861,7 +861,7 @@ def check_jsonl_paths(src: str | Path, dst: str | Path, *, overwrite: bool = Fal
     if dst.exists() and not overwrite:
         raise UserError(f"--data-out '{dst}' already exists: choose another path or pass --overwrite")
     if not dst.absolute().parent.is_dir():
-        raise UserError(f"--data-out parent folder '{dst.absolute().parent}' does not exist")
+        raise UsageError(f"--data-out parent folder '{dst.absolute().parent}' does not exist")
 
 
 def _bad_utf8_line(src: Path) -> int:
@@ -942,7 +942,7 @@ def validate_jsonl(src: str | Path, tags: Tags) -> dict:
     """
     src = Path(src)
     if not src.is_file():
-        raise UserError(f"--data '{src}' does not exist")
+        raise UsageError(f"--data '{src}' does not exist")
     return _scan_jsonl(src, tags)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from vlconvert import sources
 from vlconvert.dtypes import dtype_name
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError
 from vlconvert.models.qwen3vl import Skeleton
 from vlconvert.sources import Source
 
@@ -30,7 +30,7 @@ def open_source(path: str | Path, config: str | Path | dict | None = None, asset
     """Open any checkpoint folder as a :class:`~vlconvert.sources.Source` (layout detected from its files)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"'{path}' does not exist")
+        raise UsageError(f"'{path}' does not exist")
     return sources.open_source(path, config=config, assets_dir=assets_dir, skeleton=skeleton,
                                experts_layout=experts_layout)
 

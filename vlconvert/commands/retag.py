@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vlconvert.console import Reporter, handle_errors, output_options
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 
 
 def _check_rows(report: dict) -> list[tuple[str, str]]:
@@ -77,7 +77,7 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     if bool(data) != bool(data_out):
         raise UserError("--data and --data-out go together")
     if bool(dst) == in_place:
-        raise UserError("give exactly one of --out DST and --in-place")
+        raise UsageError("give exactly one of --out DST and --in-place")
     tags_pair = resolve_tags(open_tag, close_tag)
     if data and data_out:
         checkpoint = resolve_source(src)

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 
 
@@ -39,7 +39,7 @@ def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_j
         check_folder_manifest(a, reporter)
         return
     if b is None:
-        raise UserError("give two checkpoints A B to compare, or one folder with --manifest")
+        raise UsageError("give two checkpoints A B to compare, or one folder with --manifest")
     src_a, src_b = open_pair(a, b, config, assets_dir)
     report = VerifyReport(str(a), str(b), src_a.layout, src_b.layout, tolerance)
     reporter.info(f"comparing {a} ({src_a.layout}) with {b} ({src_b.layout})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def consumer(name: str | None) -> Consumer:
     """The :class:`Consumer` called ``name`` (None: the default), or one line naming the choices."""
     name = name or DEFAULT_CONSUMER
     if name not in CONSUMERS:
-        raise UserError(f"unknown --for '{name}': use one of {', '.join(CONSUMERS)}")
+        raise UsageError(f"unknown --for '{name}': use one of {', '.join(CONSUMERS)}")
     return CONSUMERS[name]
 
 

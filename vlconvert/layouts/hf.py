@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, dtype_name, element_size
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes, read_exact
@@ -141,7 +141,7 @@ def resolve_source(src: str | Path) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"'{src}' is a file: give the checkpoint folder")
+            raise UsageError(f"'{src}' is a file: give the checkpoint folder")
         return path
     if "/" in str(src) and not str(src).startswith((".", "/")):
         try:
@@ -149,9 +149,9 @@ def resolve_source(src: str | Path) -> Path:
 
             return Path(snapshot_download(str(src), local_files_only=True))
         except Exception as exc:  # noqa: BLE001 - any hub error means "not in the local cache"
-            raise UserError(f"'{src}' is neither a folder nor a model in the local Hugging Face cache: download it "
+            raise UsageError(f"'{src}' is neither a folder nor a model in the local Hugging Face cache: download it "
                             f"first with 'hf download {src}' (vlconvert never downloads)") from exc
-    raise UserError(f"'{src}' does not exist")
+    raise UsageError(f"'{src}' does not exist")
 
 
 _MAX_INDEX = 100 * 2**20
@@ -456,7 +456,7 @@ def copy_assets(src: Path, dst: Path) -> list[str]:
     """Copy every non-weight file of ``src`` into ``dst`` byte for byte; return their relative names."""
     src = Path(src)
     if not src.is_dir():
-        raise UserError(f"assets folder '{src}' does not exist")
+        raise UsageError(f"assets folder '{src}' does not exist")
     copied = []
     for path in asset_files(src):
         rel = path.relative_to(src)

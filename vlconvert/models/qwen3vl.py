@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from vlconvert.dtypes import element_size, parse_dtype
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 
 EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 LM_HEAD = "lm_head.weight"
@@ -74,7 +74,7 @@ def read_config_json(path: str | Path) -> dict:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise UserError(f"config '{path}' does not exist") from exc
+        raise UsageError(f"config '{path}' does not exist") from exc
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
         raise UserError(f"config '{path}' is not valid JSON") from exc
     except OSError as exc:

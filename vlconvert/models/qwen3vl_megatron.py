@@ -28,7 +28,7 @@ import torch
 
 from vlconvert import ops
 from vlconvert.dtypes import element_size, parse_dtype
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor
 from vlconvert.layouts.megatron import rank_folder
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD, ModelInfo, Skeleton, build_skeleton
@@ -107,9 +107,9 @@ def megatron_params(skeleton: Skeleton, *, spec: str = "te", experts: str = "gro
                     padded_vocab: int | None = None) -> list[Param]:
     """Every Megatron parameter of the model in state-dict order, globally numbered, with its recipe."""
     if spec not in SPECS:
-        raise UserError(f"unknown --spec '{spec}': use one of {', '.join(SPECS)}")
+        raise UsageError(f"unknown --spec '{spec}': use one of {', '.join(SPECS)}")
     if experts not in EXPERT_STYLES:
-        raise UserError(f"unknown --experts '{experts}': use one of {', '.join(EXPERT_STYLES)}")
+        raise UsageError(f"unknown --experts '{experts}': use one of {', '.join(EXPERT_STYLES)}")
     info = skeleton.info
     if info.raw.get("text_config", {}).get("attention_bias"):
         raise UserError("attention_bias=True is not supported for Qwen3-VL Megatron conversion")
@@ -334,7 +334,7 @@ def plan_megatron_ranks(model: Skeleton | ModelInfo | dict | str | Path, tp: int
     etp = tp if etp is None else etp
     for flag, value in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp)):
         if value < 1:
-            raise UserError(f"{flag} must be at least 1")
+            raise UsageError(f"{flag} must be at least 1")
     _check_heads(info, tp)
     if not info.is_moe and (ep > 1 or etp != tp):
         raise UserError(f"{info.family} is a dense model: --ep and --etp apply only to MoE models")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vlconvert import buffers
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, expert_layout_of, is_expert
@@ -100,7 +100,7 @@ class DCPSource(Source):
         if skeleton is None:
             skeleton = skeleton_for(self.folder, config, assets_dir)
         if skeleton is None:
-            raise UserError(f"'{folder}' is a DCP without config.json: pass --assets-dir (or --config)")
+            raise UsageError(f"'{folder}' is a DCP without config.json: pass --assets-dir (or --config)")
         self.skeleton = skeleton
         self.keys = map_dcp_keys(self.reader, set(skeleton.tensors), prefix)
         self.notes: list[str] = []

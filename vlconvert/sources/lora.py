@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vlconvert.errors import UserError, one_line
+from vlconvert.errors import UsageError, UserError, one_line
 from vlconvert.models.qwen3vl import is_expert
 from vlconvert.models.qwen3vl_megatron import Src
 from vlconvert.sources.base import Source
@@ -114,6 +114,8 @@ def _check_config(config: dict, path: Path) -> None:
 
 def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.exists():
+        raise UsageError(f"--merge-lora '{folder}' does not exist")
     if not folder.is_dir() or not config_path.is_file():
         raise UserError(f"--merge-lora '{folder}' is not a PEFT adapter folder (no {CONFIG_NAME})")
     if not weights_path.is_file():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, load_config
@@ -119,7 +119,7 @@ def _open_megatron(root: Path, config: str | Path | dict | None
         info = load_config(json.loads(meta["hf_config"]))
         notes.append("model config read from the checkpoint's vlconvert metadata")
     else:
-        raise UserError(f"'{root}' carries no model config: pass --assets-dir (or --config) with the "
+        raise UsageError(f"'{root}' carries no model config: pass --assets-dir (or --config) with the "
                         "original Hugging Face config.json")
     sk = build_skeleton(info)
     names = set().union(*(f.tensors for f in files.values()))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
@@ -101,7 +101,7 @@ class TorchDistSource(RankMappedSource):
             skeleton = build_skeleton(load_config(json.loads(meta["hf_config"])))
             self.notes.append("model config read from the checkpoint's vlconvert metadata")
         if skeleton is None:
-            raise UserError(f"'{folder}' carries no model config: pass --assets-dir (or --config) with the "
+            raise UsageError(f"'{folder}' carries no model config: pass --assets-dir (or --config) with the "
                             "original Hugging Face config.json")
         self.skeleton = skeleton
         self.saved_from = {k: meta[k] for k in ("tp", "pp", "ep", "etp") if isinstance(meta.get(k), int)} or None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from vlconvert import buffers
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
 from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, is_expert
@@ -180,7 +180,7 @@ class VerlSource(Source):
         if skeleton is None:
             skeleton = skeleton_for(folder, config, assets_dir if assets_dir is not None else self.assets)
         if skeleton is None:
-            raise UserError(f"'{folder}' is a verl checkpoint without {ASSETS}/config.json: pass --assets-dir")
+            raise UsageError(f"'{folder}' is a verl checkpoint without {ASSETS}/config.json: pass --assets-dir")
         self.skeleton = skeleton
         self.notes: list[str] = []
         self.files = self._rank_files()
