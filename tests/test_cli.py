@@ -88,8 +88,8 @@ def test_bad_values_missing_options_and_paths_exit_2(tmp_path: Path) -> None:
     assert line.endswith("); see 'vlconvert plan --help'")
     assert "missing argument 'DST'" in usage_error("convert", MOE)
     assert "'--tp': 'x' is not a valid integer" in usage_error("plan", "--to", "megatron", "--tp", "x")
-    assert "does not exist" in usage_error("inspect", tmp_path / "nope")
-    assert "does not exist" in usage_error("verify", tmp_path / "nope", MOE)
+    assert "no such folder" in usage_error("inspect", tmp_path / "nope")
+    assert "no such folder" in usage_error("verify", tmp_path / "nope", MOE)
     assert "does not exist" in usage_error("doctor", "--config", tmp_path / "nope.json")
     assert not (tmp_path / "o").exists()
 
@@ -169,7 +169,8 @@ def test_usage_mistakes_exit_2_with_one_line(command: str, mistake: str, tmp_pat
 @pytest.mark.parametrize("args", [
     ["convert", MOE, "{tmp}/taken", "--to", "hf"], ["hf-to-dcp", MOE, "{tmp}/taken"],
     ["hf-to-megatron", DENSE, "{tmp}/o", "--tp", "3"], ["retag-think", "{tmp}/taken", "--out", "{tmp}/o"],
-    ["verify", "--manifest", "{tmp}/taken"], ["inspect", "{tmp}/taken"], ["plan", "--config", "{tmp}/taken/bad.json", "--to", "hf"],
+    ["verify", "--manifest", "{tmp}/taken"], ["inspect", "{tmp}/taken"],
+    ["plan", "--config", "{tmp}/taken/bad.json", "--to", "hf"],
 ], ids=["convert", "hf-to-dcp", "hf-to-megatron", "retag-think", "verify", "inspect", "plan"])
 def test_other_errors_exit_1_and_json(args: list, tmp_path: Path) -> None:
     taken = tmp_path / "taken"  # exists, holds no checkpoint; bad.json is not JSON
@@ -189,7 +190,7 @@ def test_json_usage_error_is_json_too(tmp_path: Path) -> None:
     result = invoke("inspect", tmp_path / "nope", "--json")
     assert result.exit_code == 2
     data = json.loads(result.stdout)
-    assert data["ok"] is False and data["exit_code"] == 2 and "does not exist" in data["error"]
+    assert data["ok"] is False and data["exit_code"] == 2 and "no such folder" in data["error"]
 
 
 def test_messages_that_read_wrong_before(tmp_path: Path) -> None:

@@ -230,7 +230,7 @@ def test_existing_output_refused_then_overwrite(tmp_path):
 
 
 def test_bad_inputs_give_one_clear_line(tmp_path):
-    assert "does not exist" in run_cli("hf-to-dcp", tmp_path / "nope", tmp_path / "o", expect=2).output
+    assert "no such folder" in run_cli("hf-to-dcp", tmp_path / "nope", tmp_path / "o", expect=2).output
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no safetensors" in error_line("hf-to-dcp", empty, tmp_path / "o")

@@ -16,6 +16,7 @@ from typing import Any
 
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
+from vlconvert.layouts.hf import resolve_source
 from vlconvert.models.qwen3vl import (
     EMBED,
     LM_HEAD,
@@ -168,9 +169,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
     ``rows=True`` also reads the embedding matrices of an HF folder to compare the think tags' rows
     with trained rows (norm against the median row norm).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"'{path}' does not exist or is not a folder")
+    path = resolve_source(path)  # a folder, or a model id in the local Hugging Face cache
     layout = detect_layout(path)
     if layout == "unknown":
         raise UserError(f"'{path}' holds no safetensors, DCP (.metadata) or Megatron (mp_rank_*) checkpoint")

@@ -24,7 +24,7 @@ import torch
 from vlconvert import ops
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UsageError, UserError
-from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
+from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, resolve_source, shard_file_names
 from vlconvert.models.qwen3vl import EMBED, LM_HEAD, Skeleton, build_skeleton, is_expert, load_config
 from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the plan command's split rules
     balanced_pp_split,
@@ -488,6 +488,8 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
 
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, not '{to}'")
+    if source is not None:
+        source = resolve_source(source)  # a folder, or a model id in the local Hugging Face cache
     if config is None:
         if source is None:
             raise UsageError("give --config CONFIG.json (or --source DIR holding a config.json)")

@@ -18,7 +18,7 @@ import torch
 
 from vlconvert import sources
 from vlconvert.dtypes import dtype_name
-from vlconvert.errors import UsageError
+from vlconvert.layouts.hf import resolve_source
 from vlconvert.models.qwen3vl import Skeleton
 from vlconvert.sources import Source
 
@@ -28,9 +28,7 @@ _BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float6
 def open_source(path: str | Path, config: str | Path | dict | None = None, assets_dir: str | Path | None = None,
                 skeleton: Skeleton | None = None, experts_layout: str | None = None) -> Source:
     """Open any checkpoint folder as a :class:`~vlconvert.sources.Source` (layout detected from its files)."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"'{path}' does not exist")
+    path = resolve_source(path)  # a folder, or a model id in the local Hugging Face cache
     return sources.open_source(path, config=config, assets_dir=assets_dir, skeleton=skeleton,
                                experts_layout=experts_layout)
 

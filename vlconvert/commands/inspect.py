@@ -11,7 +11,7 @@ from vlconvert.inspection import inspect_checkpoint
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path())
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="config.json for folders without one (DCP, Megatron).")
 @click.option("--assets-dir", type=click.Path(exists=True, file_okay=False), default=None,

@@ -33,7 +33,7 @@ _MAX_ROWS = 40
 @click.option("--max-shard-size", default="5GB", show_default=True, help="HF shard size.")
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default=None,
               help="DCP expert orientation (default: the installed transformers' run-time one).")
-@click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--source", type=click.Path(), default=None,
               help="Check this source checkpoint's keys and shapes against the config (metadata only).")
 @click.option("--target", type=click.Path(), default=None,
               help="Output folder: check its free space and measure its write speed (64 MiB probe).")

@@ -13,8 +13,8 @@ from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes
 
 
 @click.command("verify")
-@click.argument("a", type=click.Path(exists=True, file_okay=False))
-@click.argument("b", type=click.Path(exists=True, file_okay=False), required=False)
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path(), required=False)
 @click.option("--manifest", "manifest", is_flag=True,
               help="Check folder A against its vlconvert-manifest.json (every file's size and sha256) instead.")
 @click.option("--tolerance", type=float, default=0.0, show_default=True,
@@ -59,9 +59,10 @@ def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_j
 
 def check_folder_manifest(folder: str, reporter: Reporter) -> None:
     """``verify --manifest``: sizes and sha256 of every file against the manifest; exit 1 on any problem."""
+    from vlconvert.layouts.hf import resolve_source
     from vlconvert.publish import check_manifest, read_manifest
 
-    files = read_manifest(folder)
+    files = read_manifest(resolve_source(folder))  # a missing folder: no such folder (did you mean...)
     with reporter.bytes_progress("verify --manifest", sum(e["size"] for e in files.values())) as advance:
         problems = check_manifest(folder, advance)
     data = {"folder": str(folder), "files": len(files), "ok": not problems,
