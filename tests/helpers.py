@@ -44,3 +44,31 @@ def run_cli(*args: str, expect: int = 0):
 def run_cli_json(*args: str) -> dict:
     """Invoke ``vlconvert ... --json`` and parse its summary."""
     return json.loads(run_cli(*args, "--json").stdout)
+
+
+def cpu_save_patches() -> None:
+    """Make megatron-core's ``dist_checkpointing.save`` run on a CPU-only torch: no CUDA calls (synchronize,
+    current_device, the RNG state), and its forked writer processes run in-process (they die silently here)."""
+    import queue
+    import types
+
+    import torch.cuda as tc
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    class _Inline:
+        def __init__(self, target, kwargs):
+            self.target, self.kwargs = target, kwargs
+
+        def start(self) -> None:
+            self.target(**self.kwargs)
+
+        def join(self, *_a) -> None:
+            pass
+
+    ctx = types.SimpleNamespace(Queue=queue.Queue, JoinableQueue=queue.Queue, Process=_Inline)
+    tc.synchronize = lambda *a, **k: None
+    tc.current_device = lambda: "cpu"
+    tc.get_rng_state = lambda *a, **k: torch.zeros(16, dtype=torch.uint8)
+    fa.mp = types.SimpleNamespace(get_context=lambda _m: ctx, Queue=queue.Queue, SimpleQueue=queue.Queue,
+                                  JoinableQueue=queue.Queue)
+    fa._results_queue = queue.Queue()

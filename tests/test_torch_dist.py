@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import folder_digest, load_hf_tensors, run_cli, tensor_bytes
+from helpers import cpu_save_patches, folder_digest, load_hf_tensors, run_cli, tensor_bytes
 
 from vlconvert.sources import detect_layout, open_source
 
@@ -54,7 +52,8 @@ def test_dcp_to_torch_dist_equals_route_through_hf(tmp_path: Path) -> None:
     run_cli("convert", FIX / fixture, tmp_path / "dcp", "--to", "dcp", "-q")
     run_cli("convert", tmp_path / "dcp", tmp_path / "direct", "--to", "torch_dist", *assets, "-q")
     run_cli("convert", tmp_path / "dcp", tmp_path / "hf", "--to", "hf", *assets, "-q")
-    run_cli("convert", tmp_path / "hf", tmp_path / "via-hf", "--to", "torch_dist", "-q")
+    # the same HF model named (run_config.yaml's hf_model_id) by both routes
+    run_cli("convert", tmp_path / "hf", tmp_path / "via-hf", "--to", "torch_dist", *assets, "-q")
     assert folder_digest(tmp_path / "direct") == folder_digest(tmp_path / "via-hf")
     # and back: torch_dist -> dcp equals hf -> dcp
     run_cli("convert", tmp_path / "direct", tmp_path / "dcp2", "--to", "dcp", *assets, "-q")
@@ -79,36 +78,13 @@ def test_torch_dist_source_to_megatron_and_inspect(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- megatron-core itself
-def _cpu_save_patches():
-    """Make ``dist_checkpointing.save`` run on a CPU-only torch: no CUDA calls, writers in-process."""
-    import torch.cuda as tc
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    class _Inline:
-        def __init__(self, target, kwargs):
-            self.target, self.kwargs = target, kwargs
-
-        def start(self) -> None:
-            self.target(**self.kwargs)
-
-        def join(self, *_a) -> None:
-            pass
-
-    ctx = types.SimpleNamespace(Queue=queue.Queue, JoinableQueue=queue.Queue, Process=_Inline)
-    tc.synchronize = lambda *a, **k: None
-    tc.current_device = lambda: "cpu"
-    fa.mp = types.SimpleNamespace(get_context=lambda _m: ctx, Queue=queue.Queue, SimpleQueue=queue.Queue,
-                                  JoinableQueue=queue.Queue)
-    fa._results_queue = queue.Queue()
-
-
 def _core_worker(jobs: list[tuple[str, str, str, str]], port: int) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from test_megatron_core import _init, _lm_part, build_gpt
 
     _init(0, 1, port, 1)
-    _cpu_save_patches()
+    cpu_save_patches()
     for fixture, legacy, saved, written in jobs:
         model = build_gpt(fixture)
         sd = _lm_part(Path(legacy) / "release/mp_rank_00/model_optim_rng.pt")

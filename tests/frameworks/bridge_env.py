@@ -11,7 +11,7 @@ What is replaced, and nothing else:
 - ``GPTModelProvider.finalize`` first turns off the fused CUDA/TE kernels the provider asks for
   (:func:`cpu_settings`), since a provider read back from ``run_config.yaml`` asks for them.
 - ``torch.cuda.synchronize``/``current_device``/``get_rng_state``, the CUDA RNG tracker, and the forked
-  writer processes of ``dist_checkpointing.save`` (no CUDA here), as in ``tests/test_torch_dist.py``.
+  writer processes of ``dist_checkpointing.save`` (no CUDA here): ``tests/helpers.py`` ``cpu_save_patches``.
 Everything else (AutoBridge, providers, weight mappings, checkpoint loaders, megatron-core) is the
 installed code.
 """
@@ -19,9 +19,9 @@ installed code.
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import types
+from pathlib import Path
 
 
 class _NoLoRA:
@@ -36,27 +36,10 @@ def install() -> None:
         setattr(stub, name, type(name, (_NoLoRA,), {}))
     sys.modules["megatron.bridge.peft.lora_layers"] = stub
 
-    import torch
-    import torch.cuda as tc
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+    from helpers import cpu_save_patches
 
-    class _Inline:
-        def __init__(self, target, kwargs):
-            self.target, self.kwargs = target, kwargs
-
-        def start(self) -> None:
-            self.target(**self.kwargs)
-
-        def join(self, *_a) -> None:
-            pass
-
-    ctx = types.SimpleNamespace(Queue=queue.Queue, JoinableQueue=queue.Queue, Process=_Inline)
-    tc.synchronize = lambda *a, **k: None
-    tc.current_device = lambda: "cpu"
-    tc.get_rng_state = lambda *a, **k: torch.zeros(16, dtype=torch.uint8)
-    fa.mp = types.SimpleNamespace(get_context=lambda _m: ctx, Queue=queue.Queue, SimpleQueue=queue.Queue,
-                                  JoinableQueue=queue.Queue)
-    fa._results_queue = queue.Queue()
+    cpu_save_patches()
 
     from megatron.bridge.models.qwen_vl import qwen3_vl_provider
     from megatron.bridge.models.qwen_vl.modelling_qwen3_vl import model as qmodel

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import importlib
 import os
-import queue
 import sys
 import types
+from pathlib import Path
 
 _MCORE_FIRST = (
     "megatron.core.models.gpt.gpt_layer_specs", "megatron.core.extensions.kitchen",
@@ -60,27 +60,10 @@ def _placeholder(name: str) -> type:
 
 
 def _cuda_stubs() -> None:
-    import torch
-    import torch.cuda as tc
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+    from helpers import cpu_save_patches
 
-    class _Inline:
-        def __init__(self, target, kwargs):
-            self.target, self.kwargs = target, kwargs
-
-        def start(self) -> None:
-            self.target(**self.kwargs)
-
-        def join(self, *_a) -> None:
-            pass
-
-    ctx = types.SimpleNamespace(Queue=queue.Queue, JoinableQueue=queue.Queue, Process=_Inline)
-    tc.synchronize = lambda *a, **k: None
-    tc.current_device = lambda: "cpu"
-    tc.get_rng_state = lambda *a, **k: torch.zeros(16, dtype=torch.uint8)
-    fa.mp = types.SimpleNamespace(get_context=lambda _m: ctx, Queue=queue.Queue, SimpleQueue=queue.Queue,
-                                  JoinableQueue=queue.Queue)
-    fa._results_queue = queue.Queue()
+    cpu_save_patches()
 
 
 class _CpuTorch(types.ModuleType):

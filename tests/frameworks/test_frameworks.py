@@ -8,52 +8,13 @@ Transformer Engine's (which cannot be built here), so vlconvert writes them with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from fwrun import FIX, same_as_fixture, vlconvert, worker
 
-ROOT = Path(__file__).resolve().parents[2]
-FIX = ROOT / "fixtures"
 FIXTURES = ["tiny-dense-tied", "tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"]
 WORKER = Path(__file__).with_name("worker.py")
-_PORT = [29600]
-
-
-def vlconvert(*args: object) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "vlconvert", *map(str, args), "-q"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def worker(*args: object) -> dict:
-    _PORT[0] += 1
-    env = {**os.environ, "PORT": str(_PORT[0]), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-1500:], proc.stderr[-3000:])
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def same_as_fixture(folder: Path, fixture: str) -> None:
-    want, have = hf_tensors(FIX / fixture), hf_tensors(folder)
-    assert set(have) == set(want), sorted(set(have) ^ set(want))[:5]
-    bad = [k for k in want if not torch.equal(want[k], have[k])]
-    assert not bad, bad[:5]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
@@ -61,9 +22,9 @@ def test_bridge_loads_vlconvert_output_bit_exact(tmp_path: Path, fixture: str) -
     """Row 2/3 of issue 19: AutoBridge.load_megatron_model and load_model_config take vlconvert's output."""
     vlconvert("convert", FIX / fixture, tmp_path / "td", "--to", "torch_dist", "--spec", "local")
     assert (tmp_path / "td/latest_train_state.pt").is_file()
-    got = worker("bridge-load", FIX / fixture, tmp_path / "td")
+    got = worker(WORKER, "bridge-load", FIX / fixture, tmp_path / "td")
     assert got["tensors"] > 40 and not got["mismatched"], got
-    cfg = worker("bridge-config", FIX / fixture, tmp_path / "td/iter_0000000")
+    cfg = worker(WORKER, "bridge-config", FIX / fixture, tmp_path / "td/iter_0000000")
     assert cfg["fields"] > 300 and not cfg["differ"], cfg
 
 
@@ -71,7 +32,7 @@ def test_bridge_loads_vlconvert_output_bit_exact(tmp_path: Path, fixture: str) -
 def test_bridge_export_ckpt_of_vlconvert_output(tmp_path: Path, fixture: str) -> None:
     """Bridge's own Megatron -> HF export of vlconvert's output gives the fixture's tensors back."""
     vlconvert("convert", FIX / fixture, tmp_path / "td", "--to", "torch_dist", "--spec", "local")
-    worker("bridge-export", FIX / fixture, tmp_path / "td", tmp_path / "hf")
+    worker(WORKER, "bridge-export", FIX / fixture, tmp_path / "td", tmp_path / "hf")
     same_as_fixture(tmp_path / "hf", fixture)
 
 
@@ -79,7 +40,7 @@ def test_bridge_export_ckpt_of_vlconvert_output(tmp_path: Path, fixture: str) ->
 def test_vlconvert_reads_bridge_own_save(tmp_path: Path, fixture: str) -> None:
     """Bridge's save_megatron_model (megatron-core 0.19: common state inside the DCP, run_config.yaml) back
     to HF with vlconvert: the fixture's tensors, bit for bit."""
-    saved = worker("bridge-save", FIX / fixture, tmp_path / "saved")
+    saved = worker(WORKER, "bridge-save", FIX / fixture, tmp_path / "saved")
     assert "iter_0000000/run_config.yaml" in saved["saved"] and "iter_0000000/common.pt" not in saved["saved"]
     vlconvert("convert", tmp_path / "saved", tmp_path / "hf", "--to", "hf", "--assets-dir", FIX / fixture)
     same_as_fixture(tmp_path / "hf", fixture)
@@ -90,7 +51,7 @@ def test_full_model_loads_on_two_ranks_at_default_strictness(tmp_path: Path, tp:
     """Row 1: the whole Qwen3-VL model (language model and vision tower) at TP 2 / EP 2 over two gloo ranks,
     ``dist_checkpointing.load`` at megatron-core's default strictness."""
     vlconvert("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--spec", "local")
-    got = worker("mcore-parallel", FIX / "tiny-moe", tmp_path / "td/iter_0000000", tp, ep, tmp_path)
+    got = worker(WORKER, "mcore-parallel", FIX / "tiny-moe", tmp_path / "td/iter_0000000", tp, ep, tmp_path)
     assert all(r["tensors"] > 40 and not r["mismatched"] for r in got["ranks"]), got
 
 
@@ -100,7 +61,7 @@ def test_megatron_lm_gptmodel_from_checkpoint_args(tmp_path: Path, fixture: str)
     Megatron-LM reader and loaded into megatron-core's GPTModel."""
     vlconvert("convert", FIX / fixture, tmp_path / "td", "--to", "torch_dist", "--for", "megatron-lm",
               "--spec", "local")
-    got = worker("mlm-load", FIX / fixture, tmp_path / "td/release")
+    got = worker(WORKER, "mlm-load", FIX / fixture, tmp_path / "td/release")
     assert got["tensors"] > 20 and not got["mismatched"], got
 
 
@@ -109,5 +70,5 @@ def test_bridge_training_loader_takes_vlconvert_output(tmp_path: Path, mode: str
     """Row 2: Bridge's ``load_checkpoint`` as a recipe calls it: ``checkpoint.pretrained_checkpoint`` (fine-tune
     from) and ``checkpoint.load`` (resume)."""
     vlconvert("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--spec", "local")
-    got = worker("bridge-train-load", FIX / "tiny-moe", tmp_path / "td", mode)
+    got = worker(WORKER, "bridge-train-load", FIX / "tiny-moe", tmp_path / "td", mode)
     assert got["tensors"] > 40 and not got["mismatched"] and got["iteration"] == 0, got

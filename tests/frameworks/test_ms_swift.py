@@ -8,49 +8,13 @@ local modules where mcore-bridge asks for Transformer Engine's (``swift_env.py``
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from fwrun import FIX, same_as_fixture, vlconvert, worker  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader
 
-ROOT = Path(__file__).resolve().parents[2]
-FIX = ROOT / "fixtures"
 WORKER = Path(__file__).with_name("swift_worker.py")
-_PORT = [29700]
-
-
-def vlconvert(*args: object) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "vlconvert", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def worker(*args: object) -> dict:
-    _PORT[0] += 1
-    env = {**os.environ, "PORT": str(_PORT[0]), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-1500:], proc.stderr[-3000:])
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def same_as_fixture(folder: Path, fixture: str) -> None:
-    want, have = {}, {}
-    for src, out in ((FIX / fixture, want), (folder, have)):
-        for f in sorted(src.glob("*.safetensors")):
-            out.update(load_file(f))
-    assert set(have) == set(want), sorted(set(have) ^ set(want))[:5]
-    bad = [k for k in want if not torch.equal(want[k], have[k])]
-    assert not bad, bad[:5]
 
 
 def disk_keys(folder: Path) -> dict[str, tuple]:
@@ -65,7 +29,7 @@ def test_swift_loads_vlconvert_output_bit_exact(tmp_path: Path, fixture: str) ->
     vlconvert("convert", FIX / fixture, tmp_path / "td", "--to", "torch_dist", "--for", "ms-swift", "--spec",
               "local", "-q")
     assert (tmp_path / "td/latest_checkpointed_iteration.txt").read_text().strip() == "1"
-    got = worker("swift-load", FIX / fixture, tmp_path / "td")
+    got = worker(WORKER, "swift-load", FIX / fixture, tmp_path / "td")
     assert got["tensors"] > 40 and got["visual"] > 20, got
     assert not got["mismatched"] and not got["mismatched_plain"], got
     assert got["iteration"] == 0 and got["checkpoint_version"] == 3.0, got  # finetune: iteration reset
@@ -75,7 +39,7 @@ def test_swift_loads_vlconvert_output_bit_exact(tmp_path: Path, fixture: str) ->
 def test_vlconvert_reads_swift_own_save(tmp_path: Path, fixture: str) -> None:
     """ms-swift's ``save_mcore_checkpoint`` of mcore-bridge's HF import back to HF with vlconvert: the fixture's
     tensors, bit for bit. vlconvert's own ``--for ms-swift`` output has every key of that save, same shapes."""
-    saved = worker("swift-save", FIX / fixture, tmp_path / "saved")
+    saved = worker(WORKER, "swift-save", FIX / fixture, tmp_path / "saved")
     assert "latest_checkpointed_iteration.txt" in saved["saved"] and "iter_0000001/.metadata" in saved["saved"]
     vlconvert("convert", tmp_path / "saved", tmp_path / "hf", "--to", "hf", "--assets-dir", FIX / fixture, "-q")
     same_as_fixture(tmp_path / "hf", fixture)
