@@ -289,7 +289,7 @@ def test_dry_run_writes_nothing(args: list, tmp_path: Path, made: dict[str, Path
     assert "nothing written" in result.stdout
     assert all(line == line.rstrip() for line in result.stdout.splitlines())
     data = json.loads(invoke(*args, "--dry-run", "--json").stdout)
-    assert data["dry_run"] is True and data["files"] and data["bytes"] > 0
+    assert data["dry_run"] is True and data["files"] == len(data["file_list"]) > 0 and data["tensor_bytes"] > 0
     assert list(tmp_path.iterdir()) == []  # no output, no staging folder, no lock
 
 

@@ -185,11 +185,11 @@ def test_plan_from_config_matches_the_conversion(tmp_path: Path, flavour: str) -
     planned = run_cli_json("plan", "--config", FIX / "tiny-moe/config.json", "--to", "torch_dist", "--for", flavour,
                            "--tp", "2")
     run_cli("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--for", flavour, "--tp", "2", "-q")
-    data = next(f for f in planned["files"] if f["name"].endswith(".distcp"))
+    data = next(f for f in planned["file_list"] if f["name"].endswith(".distcp"))
     reader = DCPReader(tmp_path / "td" / FOLDERS[flavour])
     assert data["name"] == f"{FOLDERS[flavour]}/__0_0.distcp"
     assert data["bytes"] == sum(t.nbytes for t in reader.tensors.values())
-    assert {f["name"] for f in planned["files"]} <= {str(p.relative_to(tmp_path / "td"))
+    assert {f["name"] for f in planned["file_list"]} <= {str(p.relative_to(tmp_path / "td"))
                                                      for p in (tmp_path / "td").rglob("*") if p.is_file()}
 
 

@@ -132,7 +132,7 @@ def test_dry_run_writes_nothing(tmp_path):
     import json
 
     data = json.loads(result.stdout)
-    assert data["dry_run"] and len(data["files"]) == 8 and data["megatron"]["ep"] == 4
+    assert data["dry_run"] and data["files"] == len(data["file_list"]) == 8 and data["megatron"]["ep"] == 4
     assert list(tmp_path.iterdir()) == []
 
 

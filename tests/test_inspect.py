@@ -49,7 +49,8 @@ def test_inspect_hf_fixtures(fixtures_dir: Path, fixture: str, tied: bool, orien
     data = _cli(folder)
     params, nbytes, has_head = _header_counts(folder)
     assert data["layout"] == "hf" and data["files"] == 3
-    assert data["parameters"]["total"] == params and data["bytes"] == nbytes and data["dtypes"] == {"bfloat16": nbytes}
+    assert data["parameters"]["total"] == params and data["tensor_bytes"] == nbytes
+    assert data["dtypes"] == {"bfloat16": nbytes}
     assert data["tied_embeddings"] == {"config": tied, "lm_head_stored": has_head} and has_head is not tied
     assert data.get("experts_orientation") == orientation
     assert data["inconsistencies"] == []
@@ -86,7 +87,7 @@ def test_inspect_dcp_and_megatron(tmp_path: Path, fixtures_dir: Path) -> None:
     params, nbytes, _ = _header_counts(src)
     assert detect_layout(tmp_path / "dcp") == "dcp" and detect_layout(tmp_path / "meg") == "megatron"
     dcp = _cli(tmp_path / "dcp")
-    assert dcp["layout"] == "dcp" and dcp["parameters"]["total"] == params and dcp["bytes"] == nbytes
+    assert dcp["layout"] == "dcp" and dcp["parameters"]["total"] == params and dcp["tensor_bytes"] == nbytes
     assert dcp["dcp_writer_ranks"] == 1 and dcp["experts_orientation_stored"] == "transformers5"
     meg = _cli(tmp_path / "meg", "--assets-dir", str(src))
     assert meg["layout"] == "megatron" and meg["parameters"]["total"] == params

@@ -169,7 +169,7 @@ def test_plan_hf_matches_what_dcp_to_hf_writes(tmp_path: Path, fixtures_dir: Pat
     for entry in reader.tensors.values():
         for chunk in entry.chunks:
             per_file[chunk.file.name] = per_file.get(chunk.file.name, 0) + entry.nbytes
-    assert {f["name"]: f["bytes"] for f in plan_dcp["files"] if f["name"].endswith(".distcp")} == per_file
+    assert {f["name"]: f["bytes"] for f in plan_dcp["file_list"] if f["name"].endswith(".distcp")} == per_file
     out = tmp_path / "hf"
     dcp_to_hf(dcp, out, assets_dir=src, max_shard_size="400KB")
     plan = _cli("plan", "--config", src / "config.json", "--to", "hf", "--max-shard-size", "400KB", "--source", dcp)
@@ -177,7 +177,7 @@ def test_plan_hf_matches_what_dcp_to_hf_writes(tmp_path: Path, fixtures_dir: Pat
     for path in sorted(out.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             written[path.name] = sum(math.prod(f.get_slice(k).get_shape()) * 2 for k in f.keys())
-    assert {f["name"]: f["bytes"] for f in plan["files"]} == written
+    assert {f["name"]: f["bytes"] for f in plan["file_list"]} == written
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == plan["total_bytes"]
     assert [c["name"] for c in plan["checks"] if c["ok"]] == ["source keys", "source shapes"]

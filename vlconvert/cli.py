@@ -130,7 +130,8 @@ class LazyGroup(click.Group):
         try:
             rv = super().main(argv, prog_name or "vlconvert", complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
-            fail(usage_line(exc, list(COMMANDS)), exc.exit_code, as_json=as_json)
+            command = next((a for a in argv if a in COMMANDS), None)
+            fail(usage_line(exc, list(COMMANDS)), exc.exit_code, as_json=as_json, command=command)
         except click.Abort as exc:
             from vlconvert.errors import interrupt_line
 

@@ -132,16 +132,21 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
-def fail(message: str, code: int = 1, as_json: bool = False) -> None:
+def fail(message: str, code: int = 1, as_json: bool = False, command: str | None = None) -> None:
     """Print ``message`` as one plain line on stderr (no markup, never wrapped) and exit with ``code``.
 
-    With ``as_json``, also print ``{"ok": false, "error": ..., "exit_code": ...}`` on stdout, so a script
-    never reads an empty stdout.
+    With ``as_json``, also print ``{"ok": false, "command": ..., "error": ..., "exit_code": ...}`` on stdout
+    (the schema of every --json output, README "JSON output"), so a script never reads an empty stdout.
+    ``command`` defaults to the running click command's name.
     """
     line = one_line(message)
     if as_json:
         error = line.removeprefix("error: ")
-        sys.stdout.write(json.dumps({"ok": False, "error": error, "exit_code": code}) + "\n")
+        if command is None:
+            ctx = click.get_current_context(silent=True)
+            command = ctx.info_name if ctx is not None and ctx.parent is not None else None
+        record = {"ok": False, "command": command, "error": error, "exit_code": code}
+        sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
@@ -317,10 +322,15 @@ class Reporter:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def summary(self, title: str, data: dict[str, Any], rows: list[tuple[str, str]] | None = None) -> None:
-        """Print the end-of-run summary: a table for people, or ``data`` as JSON with --json."""
+    def summary(self, title: str, data: dict[str, Any], rows: list[tuple[str, str]] | None = None,
+                ok: bool | None = None) -> None:
+        """Print the end-of-run summary: a table for people, or ``data`` as JSON with --json.
+
+        The JSON always starts with ``ok`` (``ok`` if given, else ``data["ok"]``, else true: false when the
+        command exits 1 after its summary) and ``command`` (the first word of ``title``): README, "JSON output".
+        """
         if self.as_json:
-            print(json.dumps(data, indent=2, default=str))
+            print(json.dumps(json_record(title.split()[0], data, ok), indent=2, default=str))
             return
         if self.quiet:
             return
@@ -328,6 +338,30 @@ class Reporter:
         for key, value in rows if rows is not None else [(k, str(v)) for k, v in data.items()]:
             table.add_row(key, Text(str(value)))
         stdout.print(table)
+
+
+def json_record(command: str, data: dict[str, Any], ok: bool | None = None) -> dict[str, Any]:
+    """``data`` in the one ``--json`` schema of every command (README, "JSON output"): ``ok`` and ``command``
+    first; ``files`` a count (files written, or read) with the per-file list as ``file_list``; ``rank_files``
+    the Megatron rank files; ``tensor_bytes`` the tensor data (was ``bytes`` / ``bytes_read``);
+    ``bytes_written`` the output on disk; ``assets_copied`` the list of assets copied (was ``assets``)."""
+    out = {k: v for k, v in data.items() if k not in ("ok", "command")}
+    written = out.pop("files_written", None)
+    if isinstance(out.get("files"), list):
+        out["file_list"] = out["files"]
+        out["files"] = len(out["files"]) if written is None else written
+    elif written is not None:
+        if "files" in out:
+            out["rank_files"] = out["files"]
+        out["files"] = written
+    for old in ("bytes", "bytes_read"):
+        if old in out:
+            value = out.pop(old)
+            out.setdefault("tensor_bytes", value)
+    if "assets" in out:
+        assets = out.pop("assets")
+        out.setdefault("assets_copied", assets)
+    return {"ok": bool(data.get("ok", True)) if ok is None else ok, "command": command, **out}
 
 
 def disk_bytes(folder: str | Path) -> int:

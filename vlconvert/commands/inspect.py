@@ -28,7 +28,7 @@ def inspect_command(path, config, assets_dir, rows, as_json, quiet) -> None:
     reporter = Reporter(as_json, quiet)
     report = inspect_checkpoint(path, config=config, assets_dir=assets_dir, rows=rows)
     if as_json:
-        reporter.summary("inspect", report)
+        reporter.summary("inspect", report, ok=not report["inconsistencies"])
     elif reporter.show:
         render_report(report)
     if report["inconsistencies"]:

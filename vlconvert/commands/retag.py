@@ -67,7 +67,7 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     reporter = Reporter(as_json, quiet)
     if check:
         if dst or in_place or data or data_out:
-            raise UserError("--check only reads SRC: drop --out, --in-place, --data and --data-out")
+            raise UsageError("--check only reads SRC: drop --out, --in-place, --data and --data-out")
         tags = [t for t in (open_tag, close_tag) if t]
         report = think_tag_report(resolve_source(src), tags=tags or None)
         if report["tokenizer"] is None:
@@ -75,7 +75,7 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
         reporter.summary("retag-think --check", report, _check_rows(report))
         return
     if bool(data) != bool(data_out):
-        raise UserError("--data and --data-out go together")
+        raise UsageError("--data and --data-out go together")
     if bool(dst) == in_place:
         raise UsageError("give exactly one of --out DST and --in-place")
     tags_pair = resolve_tags(open_tag, close_tag)
