@@ -23,8 +23,8 @@ from vlconvert.sources import open_source
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURES = ["tiny-dense-tied", "tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"]
-FOLDERS = {"megatron-bridge": "iter_0000000", "mbridge": "release", "ms-swift": "iter_0000001",
-           "megatron-lm": "release"}
+FOLDERS = {"megatron-bridge": "iter_0000000", "megatron-bridge-0.3": "iter_0000000", "mbridge": "release",
+           "ms-swift": "iter_0000001", "megatron-lm": "release"}
 
 
 def _released(fixture: str) -> dict[str, torch.Tensor]:
@@ -55,6 +55,9 @@ def test_each_flavour_round_trips_bit_exact(tmp_path: Path, fixture: str, flavou
         assert not any(k.startswith("vision_model.") for k in keys)
     if flavour in ("megatron-bridge", "mbridge"):
         assert "vision_model.decoder.layers.self_attention.linear_qkv.weight" in keys
+    if flavour == "megatron-bridge-0.3":  # HF's tower under vision_model., as Bridge 0.3 keeps it
+        assert "vision_model.blocks.0.attn.qkv.weight" in keys and not any(".decoder." in k for k in keys
+                                                                             if k.startswith("vision_model."))
     back = ["--allow-missing"] if flavour == "megatron-lm" else []
     run_cli("convert", tmp_path / "td", tmp_path / "hf", "--to", "hf", "--assets-dir", FIX / fixture, *back, "-q")
     want = _released(fixture)

@@ -184,7 +184,7 @@ def test_dangling_symlink_output_leaves_nothing_behind(tmp_path):
 def test_missing_parent_folders_are_created_and_removed_on_failure(tmp_path):
     run_cli("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "a" / "b" / "out", "-q")
     run_cli("verify", "--manifest", tmp_path / "a" / "b" / "out", "-q")
-    one_error_line("hf-to-dcp", tmp_path / "nope", tmp_path / "c" / "d" / "out")
+    one_error_line("hf-to-dcp", tmp_path / "nope", tmp_path / "c" / "d" / "out", expect=2)  # a missing SRC: usage
     assert not (tmp_path / "c").exists()
 
 

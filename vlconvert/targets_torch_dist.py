@@ -99,7 +99,8 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
         assets += [tdl.LATEST_TRAIN_STATE, f"{it}/{tdl.TRAIN_STATE}", f"{it}/{tdl.RUN_CONFIG}"]
     plan = ConversionPlan(source, source_layout, "torch_dist", dtype, None, [], megatron=mplan, assets=assets)
     plan.consumer = flavour.name
-    plan.torch_dist_extra = hf_vision_tensors(sk, source_dtypes) if flavour.vision == "hf" else []
+    plan.torch_dist_extra = hf_vision_tensors(sk, source_dtypes, flavour.hf_vision_prefix) \
+        if flavour.vision == "hf" else []
     records = [(f"{gk.key}{list(gk.index)}", t.shape, t.dtype) for t, gk, _ in chunks(plan)]
     plan.files = [PlannedFile(f"{it}/{DATA_FILE}", records)]
     plan.notes = [f"torch_dist for {flavour.name}: global tensors (layers stacked), spec {spec}, vocabulary "

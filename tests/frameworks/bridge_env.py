@@ -2,7 +2,9 @@
 
 What is replaced, and nothing else:
 - ``megatron.bridge.peft.lora_layers`` (imports TE unconditionally) by a module whose three classes
-  (LinearAdapter, LoRALinear, LoRATopKRouter) raise if built; no LoRA is used by these tests.
+  (LinearAdapter, LoRALinear, LoRATopKRouter) raise if built; no LoRA is used by these tests. Bridge 0.3.1
+  (the one for megatron-core 0.16) imports TE in ``megatron.bridge.peft.lora`` too: stubbed the same way
+  there (LoRA, VLMLoRA, LoRAMerge), and only for that version.
 - The TE module classes Bridge's Qwen3-VL model and provider pick (``get_vit_layer_with_transformer_engine_spec``,
   ``TENorm``/``TEColumnParallelLinear``/``TERowParallelLinear`` for the patch mergers and
   ``get_gpt_layer_with_transformer_engine_spec`` for the language model) by megatron-core's local
@@ -35,6 +37,14 @@ def install() -> None:
     for name in ("LinearAdapter", "LoRALinear", "LoRATopKRouter", "TEFusedLoRALinear"):
         setattr(stub, name, type(name, (_NoLoRA,), {}))
     sys.modules["megatron.bridge.peft.lora_layers"] = stub
+    import importlib.util
+
+    lora = Path(importlib.util.find_spec("megatron.bridge").origin).parent / "peft" / "lora.py"  # not imported
+    if lora.is_file() and "import transformer_engine" in lora.read_text():  # Bridge < 0.6 (0.3.1: mcore 0.16)
+        stub = types.ModuleType("megatron.bridge.peft.lora")
+        for name in ("LoRA", "VLMLoRA", "LoRAMerge", "CanonicalLoRA"):
+            setattr(stub, name, type(name, (_NoLoRA,), {}))
+        sys.modules["megatron.bridge.peft.lora"] = stub
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
     from helpers import cpu_save_patches

@@ -25,12 +25,13 @@ def vlconvert(*args: object) -> str:
     return proc.stdout
 
 
-def worker(script: Path, *args: object) -> dict:
-    """Run one job of a worker script; its ``RESULT {...}`` line (asserts exit 0)."""
+def worker(script: Path, *args: object, python: str | None = None) -> dict:
+    """Run one job of a worker script (with this Python, or ``python``); its ``RESULT {...}`` line (asserts
+    exit 0)."""
     _PORT[0] += 1
     env = {**os.environ, "PORT": str(_PORT[0]), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([python or sys.executable, str(script), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-1500:], proc.stderr[-3000:])
     return json.loads(lines[-1][len("RESULT "):])

@@ -19,4 +19,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q cryptography==50.0.2
   "$VENV/bin/pip" uninstall -q -y kernels || true  # its hub-kernel registry breaks transformers 5.12's import
 fi
-VLCONVERT_FRAMEWORKS=1 exec "$VENV/bin/python" -m pytest -q tests/frameworks "$@"
+# megatron-core 0.16.1 with the Megatron-Bridge made for it (0.3.1), in a second environment
+VENV016=${VENV016:-.venv-frameworks-mcore016}
+if [ ! -x "$VENV016/bin/python" ]; then
+  "$PY312" -m venv "$VENV016"
+  "$VENV016/bin/pip" install -q torch==2.13.0 megatron-core==0.16.1 psutil 'transformers==5.12.1' safetensors \
+    click rich numpy pyyaml omegaconf einops nvidia-modelopt==0.47.0 megatron-energon tensorboard requests datasets \
+    matplotlib ipython
+  "$VENV016/bin/pip" install -q --no-deps megatron-bridge==0.3.1
+  "$VENV016/bin/pip" uninstall -q -y kernels || true
+fi
+MCORE016_PYTHON="$VENV016/bin/python" VLCONVERT_FRAMEWORKS=1 exec "$VENV/bin/python" -m pytest -q tests/frameworks "$@"

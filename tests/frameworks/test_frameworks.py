@@ -8,10 +8,12 @@ Transformer Engine's (which cannot be built here), so vlconvert writes them with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from fwrun import FIX, same_as_fixture, vlconvert, worker
+import torch
+from fwrun import FIX, hf_tensors, same_as_fixture, vlconvert, worker
 
 FIXTURES = ["tiny-dense-tied", "tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"]
 WORKER = Path(__file__).with_name("worker.py")
@@ -72,3 +74,23 @@ def test_bridge_training_loader_takes_vlconvert_output(tmp_path: Path, mode: str
     vlconvert("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--spec", "local")
     got = worker(WORKER, "bridge-train-load", FIX / "tiny-moe", tmp_path / "td", mode)
     assert got["tensors"] > 40 and not got["mismatched"] and got["iteration"] == 0, got
+
+
+MCORE016 = os.environ.get("MCORE016_PYTHON")
+
+
+@pytest.mark.skipif(not MCORE016, reason="needs MCORE016_PYTHON (run.sh makes it: megatron-core 0.16.1 + Bridge 0.3.1)")
+@pytest.mark.parametrize("fixture", ["tiny-dense-tied", "tiny-moe"])
+def test_bridge_03_on_megatron_core_016_loads_the_full_model(tmp_path: Path, fixture: str) -> None:
+    """Row 1 with megatron-core 0.16.1: Megatron-Bridge 0.3.1 (its Bridge; it keeps HF's vision tower under
+    ``vision_model.``) loads ``--for megatron-bridge-0.3`` with its own ``load_megatron_model``: the language
+    model equal to Bridge 0.6.2's own HF import, the vision tower equal to the HF fixture's."""
+    vlconvert("convert", FIX / fixture, tmp_path / "td", "--to", "torch_dist", "--for", "megatron-bridge-0.3",
+              "--spec", "local")
+    got = worker(WORKER, "bridge-dump", tmp_path / "td/iter_0000000", tmp_path / "got.pt", python=MCORE016)
+    worker(WORKER, "reference-dump", FIX / fixture, tmp_path / "ref.pt")
+    have, ref, hf = torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "ref.pt"), hf_tensors(FIX / fixture)
+    want = {k: v for k, v in ref.items() if k.startswith("language_model.")}
+    want |= {f"vision_model.{k[len('model.visual.'):]}": v for k, v in hf.items() if k.startswith("model.visual.")}
+    assert got["tensors"] == len(have) and set(have) == set(want), sorted(set(have) ^ set(want))[:5]
+    assert not [k for k in want if not torch.equal(want[k], have[k])]

@@ -208,9 +208,31 @@ def bridge_train_load(fixture: str, dst: str, mode: str) -> int:
     return 1 if bad or not want else 0
 
 
+def bridge_dump(dst: str, out: str) -> int:
+    """Bridge's ``load_megatron_model(DST)`` (any Bridge version: 0.3 for megatron-core 0.16, 0.6 for 0.19),
+    its weights saved to ``out`` for a comparison made in another environment."""
+    from megatron.bridge.training.model_load_save import load_megatron_model
+
+    bridge_env.init_dist(port=int(os.environ.get("PORT", "29511")))
+    model = load_megatron_model(dst, use_cpu_init=True, skip_temp_dist_context=True)
+    weights = _weights(model if isinstance(model, list) else [model])
+    torch.save(weights, out)
+    _result(tensors=len(weights))
+    return 0 if weights else 1
+
+
+def reference_dump(fixture: str, out: str) -> int:
+    """Bridge's own HF import of ``fixture``, its weights saved to ``out``."""
+    bridge_env.init_dist(port=int(os.environ.get("PORT", "29511")))
+    weights = _weights(_reference(_bridge(fixture)))
+    torch.save(weights, out)
+    _result(tensors=len(weights))
+    return 0
+
+
 JOBS = {"bridge-load": bridge_load, "bridge-export": bridge_export, "bridge-save": bridge_save,
         "bridge-config": bridge_config, "bridge-train-load": bridge_train_load, "mcore-parallel": mcore_parallel,
-        "mlm-load": mlm_load}
+        "mlm-load": mlm_load, "bridge-dump": bridge_dump, "reference-dump": reference_dump}
 
 if __name__ == "__main__":
     code = JOBS[sys.argv[1]](*sys.argv[2:])

@@ -27,7 +27,7 @@ _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 # megatron-core's local ViT spec keeps its norms' own names (no TE-name mapping on save)
 _LOCAL_VISION_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
                        ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
-HF_VISION = "visual.visual."
+HF_VISION_PREFIXES = ("visual.visual.", "vision_model.")
 
 
 def _bridge_hf_folder(folder: Path) -> Path | None:
@@ -45,10 +45,10 @@ def _bridge_hf_folder(folder: Path) -> Path | None:
     return found if (found / "config.json").is_file() else None
 
 
-def _detect_consumer(folder: Path, common: dict, prefix: str, hf_vision: bool) -> str:
+def _detect_consumer(folder: Path, common: dict, prefix: str, hf_vision: str | None) -> str:
     """Which framework saved this checkpoint, from what its save leaves (said in the notes)."""
     if (folder / tdl.RUN_CONFIG).is_file():
-        return "megatron-bridge"
+        return "megatron-bridge-0.3" if hf_vision == "vision_model." else "megatron-bridge"
     if hf_vision:
         return "ms-swift"
     if not prefix:
@@ -116,11 +116,12 @@ class TorchDistSource(RankMappedSource):
         self.prefix = prefix
         self.plan = plan_megatron_ranks(skeleton, 1, 1, 1, spec="te", experts="sequential",
                                         padded_vocab_size=emb.shape[0])
-        hf_vision = any(k.startswith(HF_VISION) for k in self.reader.tensors)
+        # the HF vision tower kept as a plain module: ms-swift (visual.visual.), Megatron-Bridge 0.3 (vision_model.)
+        hf_vision = next((p for p in HF_VISION_PREFIXES if f"{p}blocks.0.norm1.weight" in self.reader.tensors), None)
         self.consumer = _detect_consumer(self.iter_dir, self.common, prefix, hf_vision)
         self.tensors: list[RankTensor] = list(self.plan.ranks[0].tensors)
-        if hf_vision:  # ms-swift keeps the HF vision tower as a plain module
-            self.tensors = hf_vision_tensors(skeleton, {}, HF_VISION) + [
+        if hf_vision:
+            self.tensors = hf_vision_tensors(skeleton, {}, hf_vision) + [
                 t for t in self.tensors if not t.name.startswith(MVIS)]
         self.locations: list[tuple[str, tuple[int, ...]]] = []
         used: set[str] = set()
@@ -132,7 +133,7 @@ class TorchDistSource(RankMappedSource):
             try:
                 key, index = self._resolve(gk, name)
             except UserError:
-                if not (t.name.startswith(MVIS) or t.name.startswith(HF_VISION)):
+                if not (t.name.startswith(MVIS) or hf_vision and t.name.startswith(hf_vision)):
                     raise
                 self.tensors.remove(t)  # a language-model-only checkpoint (megatron-core GPTModel)
                 missing_vision += 1
