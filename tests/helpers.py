@@ -72,3 +72,20 @@ def cpu_save_patches() -> None:
     fa.mp = types.SimpleNamespace(get_context=lambda _m: ctx, Queue=queue.Queue, SimpleQueue=queue.Queue,
                                   JoinableQueue=queue.Queue)
     fa._results_queue = queue.Queue()
+
+
+def init_gloo(rank: int = 0, world: int = 1, port: int = 29511, tp: int = 1, ep: int = 1) -> None:
+    """A gloo process group and megatron-core's model-parallel groups on the CPU (no CUDA RNG streams)."""
+    import os
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mrandom
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.add = lambda *a, **k: None
+    tracker.get_states = lambda: {}
+    torch.manual_seed(0)

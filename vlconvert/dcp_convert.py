@@ -58,11 +58,17 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, dtype
                      max_shard_size=max_shard_size, src_prefix=prefix, allow_missing=allow_missing,
                      allow_unexpected=allow_unexpected, overwrite=overwrite, resume=resume, info=reporter.info,
                      source_layout="dcp")
+    return run_dcp_to_hf(conv, src, reporter)
+
+
+def run_dcp_to_hf(conv: Converter, src: str | Path, reporter: Reporter) -> dict:
+    """Run a DCP -> HF ``conv`` (``dcp_to_hf``'s, or the command's with ``--merge-lora``); its summary."""
     reporter.expect(conv.plan().files)  # the progress bar counts files and tensors
     result = conv.run(reporter.bytes_progress)
     plan = result.plan
     source = conv.source
-    keys = source.keys if isinstance(source, DCPSource) else None
+    dcp = getattr(source, "inner", source)  # the DCP reader, also under --merge-lora's wrapper
+    keys = dcp.keys if isinstance(dcp, DCPSource) else None
     for rel in result.assets:
         reporter.detail(f"copied {rel}")
     return {
@@ -73,7 +79,7 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, dtype
         "assets_copied": result.assets, "dropped_non_model_tensors": keys.dropped_non_model if keys else 0,
         "dropped_non_tensor_entries": keys.dropped_non_tensor if keys else 0,
         "dropped_unexpected": list(keys.unexpected) if keys else [], "missing": plan.missing,
-        "tied_lm_head_dropped": bool(getattr(source, "tied_lm_head_dropped", False)), "notes": result.notes,
+        "tied_lm_head_dropped": bool(getattr(dcp, "tied_lm_head_dropped", False)), "notes": result.notes,
         "seconds": round(reporter.elapsed, 3),
     }
 

@@ -133,26 +133,20 @@ def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None], name
     """
     target = _real(dst)
     given = [(label, path) for label, path in inputs.items() if path is not None]
-    for label, path in given:
-        source = _real(path)
-        if target == source:
-            raise UserError(f"{name} '{dst}' is the input {label} '{path}': choose another output folder")
-        if _within(target, source):
-            raise UserError(f"{name} '{dst}' is inside the input {label} '{path}': choose a folder outside it")
-        if _within(source, target):
-            raise UserError(f"{name} '{dst}' contains the input {label} '{path}': choose another output folder")
+    # the paths typed first (their messages name them), then what they reach through links
+    covered = [(_real(path), f"the input {label} '{path}'", None) for label, path in given]
     for label, path in given:
         for source, how in input_paths(path):
-            if not how:
-                continue
-            whose = f"{how} {'of' if how.startswith('the Hugging') else 'in'} the input {label} '{path}'"
-            what = f"'{source}', {whose}"
-            if target == source:
-                raise UserError(f"{name} '{dst}' is {whose}: choose another output folder")
-            if _within(target, source):
-                raise UserError(f"{name} '{dst}' is inside {what}: choose a folder outside it")
-            if _within(source, target):
-                raise UserError(f"{name} '{dst}' contains {what}: choose another output folder")
+            if how:
+                whose = f"{how} {'of' if how.startswith('the Hugging') else 'in'} the input {label} '{path}'"
+                covered.append((source, whose, f"'{source}', {whose}"))
+    for source, whose, what in covered:
+        if target == source:
+            raise UserError(f"{name} '{dst}' is {whose}: choose another output folder")
+        if _within(target, source):
+            raise UserError(f"{name} '{dst}' is inside {what or whose}: choose a folder outside it")
+        if _within(source, target):
+            raise UserError(f"{name} '{dst}' contains {what or whose}: choose another output folder")
     here = _real(Path.cwd())
     if _within(here, target):
         raise UserError(f"{name} '{dst}' contains the current directory: choose another output folder")

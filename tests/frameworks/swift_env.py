@@ -36,7 +36,6 @@ load_mcore_checkpoint/save_mcore_checkpoint, megatron-core) is the installed cod
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import types
 from pathlib import Path
@@ -200,16 +199,8 @@ def model_config(fixture: str, tp: int = 1, ep: int = 1):
 
 
 def init_dist(rank: int = 0, world: int = 1, port: int = 29711, tp: int = 1, ep: int = 1) -> None:
-    """gloo process group and megatron-core model-parallel groups on the CPU (as ``bridge_env.init_dist``)."""
-    import torch
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random as mrandom
+    """gloo process group and megatron-core model-parallel groups on the CPU (``tests/helpers.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+    from helpers import init_gloo
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-    tracker = mrandom.get_cuda_rng_tracker()
-    tracker.add = lambda *a, **k: None  # CPU: no CUDA RNG streams
-    tracker.get_states = lambda: {}
-    torch.manual_seed(0)
+    init_gloo(rank, world, port, tp, ep)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from vlconvert.commands.common import asset_rows, file_count, merge_lora_option, show_dry_run, written
@@ -86,9 +84,8 @@ def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_l
                       prefix: str | None, allow_missing: bool, allow_unexpected: bool, merge_lora: str | None,
                       overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Convert the DCP folder SRC (from vlconvert or an FSDP2 training job) to a Hugging Face folder DST."""
-    from vlconvert.dtypes import dtype_name
+    from vlconvert.dcp_convert import run_dcp_to_hf
     from vlconvert.engine import Converter
-    from vlconvert.sources import DCPSource
 
     reporter = Reporter(as_json, quiet)
     # the Converter vlconvert.dcp_convert.dcp_to_hf builds, plus --merge-lora
@@ -99,25 +96,7 @@ def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_l
     if dry_run:
         show_dry_run(reporter, conv, dst, "dcp-to-hf")
         return
-    reporter.expect(conv.plan().files)  # the progress bar counts files and tensors
-    result = conv.run(reporter.bytes_progress)
-    plan = result.plan
-    source = conv.source
-    dcp = getattr(source, "inner", source)  # the DCP reader, also under --merge-lora's wrapper
-    keys = dcp.keys if isinstance(dcp, DCPSource) else None
-    for rel in result.assets:
-        reporter.detail(f"copied {rel}")
-    summary = {  # the summary dcp_to_hf returns
-        "command": "dcp-to-hf", "source": str(Path(src).absolute()), "output": str(result.output.absolute()),
-        "tensors": sum(len(f.tensors) for f in plan.files), "bytes_written": plan.tensor_bytes,
-        "files": [f.name for f in plan.files], "dtype": dtype_name(plan.dtype) if plan.dtype else "keep",
-        "experts_layout": plan.experts_layout, "prefix": keys.prefix if keys else None,
-        "assets_copied": result.assets, "dropped_non_model_tensors": keys.dropped_non_model if keys else 0,
-        "dropped_non_tensor_entries": keys.dropped_non_tensor if keys else 0,
-        "dropped_unexpected": list(keys.unexpected) if keys else [], "missing": plan.missing,
-        "tied_lm_head_dropped": bool(getattr(dcp, "tied_lm_head_dropped", False)), "notes": result.notes,
-        "seconds": round(reporter.elapsed, 3),
-    }
+    summary = run_dcp_to_hf(conv, src, reporter)
     summary["tensor_bytes"] = summary["bytes_written"]
     summary["bytes_written"] = written(summary["output"])  # bytes on disk, as in every command
     reporter.summary("dcp-to-hf", summary, _rows(summary, reporter))
