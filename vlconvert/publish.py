@@ -808,7 +808,7 @@ class Stage(os.PathLike):
         self.kept = kept
         self.entries = dict(kept)
         info(f"resuming the run{who} that wrote {self.path}: {len(kept)} finished files kept")
-        self.notes.append(f"resumed: {len(kept)} files kept from the interrupted run")
+        self.notes.append(f"resumed: {len(kept)} file{'' if len(kept) == 1 else 's'} kept from the interrupted run")
 
     def finish(self) -> None:
         """Write the manifest last; every file in the stage must have been journaled."""
