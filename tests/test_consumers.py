@@ -228,3 +228,14 @@ def test_resume_keeps_the_data_file_only_if_its_journal_holds_up(tmp_path: Path,
     out = run_cli(*argv[:-1], "--resume").output
     assert folder_digest(tmp_path / "out") == folder_digest(tmp_path / "clean")
     assert ("redone: the journaled state of 'iter_0000000/__0_0.distcp'" in out) == (edit is not None), out
+
+
+def test_run_config_yaml_reads_back_equal_whatever_the_config_holds() -> None:
+    """JSON configs may hold NaN/Infinity and floats like 1e-06 (a string to YAML 1.1): written so that
+    ``yaml.safe_load`` (what Bridge reads run_config.yaml with) gives the same values back."""
+    import math
+
+    value = {"eps": 1e-06, "big": 1e20, "nan": float("nan"), "inf": float("inf"), "ninf": -float("inf"),
+             "s": "1e-06", "n": None, "b": True, "l": [1, 2.5, "x", {}], "d": {"k": 0.1}}
+    back = yaml.safe_load(tdl.yaml_text(value))
+    assert math.isnan(back.pop("nan")) and back == {k: v for k, v in value.items() if k != "nan"}

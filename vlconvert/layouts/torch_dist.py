@@ -130,7 +130,9 @@ def yaml_text(value: object, indent: int = 0) -> str:
         return "{\n" + ",\n".join(items) + f"\n{pad}}}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(yaml_text(v, indent + 1) for v in value) + "]"
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):  # JSON configs may hold them
+        return ".nan" if value != value else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, float):
         text = repr(value)
         mantissa, e, exponent = text.partition("e")
         return (mantissa if "." in mantissa else mantissa + ".0") + (f"e{exponent}" if e else "")

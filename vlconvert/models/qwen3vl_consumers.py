@@ -35,11 +35,10 @@ _CONFIG_MAPPING = (("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_
                    ("num_local_experts", "num_moe_experts"), ("num_experts_per_tok", "moe_router_topk"),
                    ("moe_intermediate_size", "moe_ffn_hidden_size"), ("aux_loss_alpha", "moe_aux_loss_coeff"),
                    ("router_aux_loss_coef", "moe_aux_loss_coeff"))
-_TORCH_NAMES = {torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16", torch.float32: "torch.float32"}
 
 
 def _dtype_ref(dtype: torch.dtype) -> dict:
-    return {"_target_": _TORCH_NAMES[dtype], "_call_": False}
+    return {"_target_": str(dtype), "_call_": False}  # str(torch.bfloat16) == "torch.bfloat16"
 
 
 def _rope(text: dict) -> dict:
