@@ -36,8 +36,8 @@ DATA_FILE = "__0_0.distcp"
 def _out_name(name: str, local: bool, flavour: tdl.Consumer) -> str:
     """A legacy tp=1 name as the consumer's model calls it in its sharded state dict."""
     if local and name.startswith(MLM):  # megatron-core maps the GPT local spec's norms to TE names on save
-        name = name.replace(".input_layernorm.", ".self_attention.linear_qkv.layer_norm_")
-        name = name.replace(".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_")
+        for local_name, te_name in tdl.LOCAL_NORM_NAMES:
+            name = name.replace(local_name, te_name)
     if name.startswith(MLM):
         name = flavour.prefix + name[len(MLM):]
     return name
@@ -92,7 +92,7 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
     vocab = sk.shape_in("model.language_model.embed_tokens.weight", "released")[0]
     mplan = plan_megatron_ranks(sk, 1, 1, 1, spec=spec, experts="sequential", dtype=dtype,
                                 padded_vocab_size=padded, source_dtypes=source_dtypes)
-    iteration = o["iteration"] if o["iteration"] is not None else flavour.iteration
+    iteration = flavour.iteration_for(o["iteration"])
     it = mlay.iteration_folder(iteration)
     assets = [mlay.TRACKER, f"{it}/{tdl.COMMON}", f"{it}/{tdl.METADATA_JSON}"]
     if flavour.run_config:
@@ -130,7 +130,7 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
     source = conv.source
     o = conv.options
     flavour = tdl.consumer(plan.consumer)
-    iteration = o["iteration"] if o["iteration"] is not None else flavour.iteration
+    iteration = flavour.iteration_for(o["iteration"])
     folder = stage / mlay.iteration_folder(iteration)
     folder.mkdir(exist_ok=True)
     assert plan.megatron is not None

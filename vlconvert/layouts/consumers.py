@@ -33,6 +33,10 @@ class Consumer:
     load: str  # how to load the result there, for the summary
     hf_vision_prefix: str = "visual.visual."
 
+    def iteration_for(self, given: int | None) -> int | None:
+        """The iteration folder written: ``--iteration`` when given, else the framework's own (None: release/)."""
+        return given if given is not None else self.iteration
+
 
 CONSUMERS = {
     "megatron-bridge": Consumer("megatron-bridge", "language_model.", "megatron", 0, False, True, False,

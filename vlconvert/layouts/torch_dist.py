@@ -38,6 +38,9 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "commo
 _MAX_COMMON = 64 * 2**20
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$")
+# megatron-core's local-spec norm names and the TE names its GPT layers save them under (its ViT keeps the former)
+LOCAL_NORM_NAMES = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+                    (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
 # the last name of every module with an ``_extra_state`` entry (see :func:`extra_state_keys`)
 EXTRA_STATE_MODULES = frozenset({"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "q_layernorm", "k_layernorm",
                                  "pre_mlp_layernorm", "final_layernorm", "patch_norm"})

@@ -24,9 +24,6 @@ from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, Src, plan_m
 from vlconvert.sources.base import RankMappedSource, skeleton_for
 
 _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
-# megatron-core's local ViT spec keeps its norms' own names (no TE-name mapping on save)
-_LOCAL_VISION_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
-                       ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
 HF_VISION_PREFIXES = ("visual.visual.", "vision_model.")
 
 
@@ -169,7 +166,8 @@ class TorchDistSource(RankMappedSource):
 
         options = [(gk.key, gk.index), (alt_norm(gk.key), gk.index)]
         if gk.key.startswith(MVIS):
-            options += [(gk.key.replace(te, local), gk.index) for te, local in _LOCAL_VISION_NORMS if te in gk.key]
+            # megatron-core's local ViT spec keeps its norms' own names (no TE-name mapping on save)
+            options += [(gk.key.replace(te, local), gk.index) for local, te in tdl.LOCAL_NORM_NAMES if te in gk.key]
         if gk.alt is not None:
             options += [(gk.alt, gk.index[1:]), (alt_norm(gk.alt), gk.index[1:])]
         for key, index in options:
