@@ -197,6 +197,9 @@ class Converter:
         """Refuse sources that do not fit the model (missing, unexpected tensors, wrong shapes)."""
         sk = source.skeleton
         names = source.names()
+        different = self._different_model(source, names)
+        if different:
+            raise UserError(different)
         if not names:
             raise UserError(f"'{self.src}' holds no tensor of a {sk.info.family} model with this config: "
                             "check --assets-dir or pass --prefix")
@@ -220,6 +223,61 @@ class Converter:
                 raise UserError(f"'{name}' has shape {list(shape)} in '{self.src}' but config.json implies "
                                 f"{list(want)}")
         return missing
+
+    def _different_model(self, source: Source, names: list[str]) -> str | None:
+        """Part of :meth:`_check`: one line when the weights and the config describe different models
+        (dense vs MoE, expert count, hidden or vision width, decoder layers), before any tensor-level
+        complaint (a missing tensor's --allow-missing hint would send the user the wrong way)."""
+        import re
+
+        info = source.skeleton.info
+
+        def shape(name: str) -> tuple[int, ...] | None:
+            try:
+                return tuple(source.spec(name)[0])
+            except Exception:  # noqa: BLE001 - a reader that cannot describe a foreign tensor
+                return None
+
+        held = list(names) + [n for n in source.extra_names() if isinstance(n, str)]
+        weights: dict[str, object] = {}
+        routers = [n for n in held if re.search(r"layers\.\d+\.mlp\.(gate\.weight|router\.weight)$", n)
+                   and "vis" not in n]
+        dense_mlp = [n for n in held if re.search(r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight$", n)
+                     and "vis" not in n]
+        if routers or any(".mlp.experts." in n and "vis" not in n for n in held):
+            weights["model"] = "MoE"
+            counts = [s[0] for s in (shape(n) for n in routers) if s]
+            if counts:
+                weights["experts"] = counts[0]
+        elif dense_mlp:
+            weights["model"] = "dense"
+        if EMBED in names and (s := shape(EMBED)) and len(s) == 2:
+            weights["hidden size"] = s[1]
+        patch = "model.visual.patch_embed.proj.weight"
+        if patch in names and (s := shape(patch)):
+            weights["vision width"] = s[0]
+        layers = {int(m.group(1)) for n in held if "vis" not in n
+                  for m in [re.search(r"language_model\.(?:decoder\.)?layers\.(\d+)\.", n)] if m}
+        if layers and layers == set(range(len(layers))):
+            weights["decoder layers"] = len(layers)
+        config = {"model": "MoE" if info.is_moe else "dense", "experts": info.experts,
+                  "hidden size": info.hidden, "vision width": info.vision_hidden, "decoder layers": info.layers}
+        differ = [k for k, v in weights.items() if k in config and config[k] != v
+                  and not (k == "experts" and weights.get("model") != config["model"])]
+        if not differ:
+            return None
+
+        def describe(facts: dict) -> str:
+            return ", ".join((f"{facts[k]} ({facts['experts']} experts)" if facts[k] == "MoE" and facts.get("experts")
+                              else str(facts[k])) if k == "model" else f"{k} {facts[k]}" for k in differ)
+
+        where = (f"--config '{self.config}'" if self.config is not None else
+                 f"--assets-dir '{self.assets_dir}'" if self.assets_dir is not None else "its config.json")
+        fix = ("give the config (--assets-dir or --config) of the model these weights come from"
+               if self.config is not None or self.assets_dir is not None else
+               "give the config of the model these weights come from with --config")
+        return (f"the weights in '{self.src}' and the config ({where}) are different models: weights "
+                f"{describe(weights)}; config {describe(config)}; {fix}")
 
     def _experts_layout(self, default: str) -> str:
         choice = self.options["experts_layout"] or default
