@@ -3,6 +3,7 @@
 Generates on demand (outside the repository, random bf16) one of:
 
 * ``2B``: full-size Qwen3-VL-2B-Instruct (4.26 GB, 28 layers, 24-block ViT),
+* ``8B``: full-size Qwen3-VL-8B-Instruct (17.5 GB, 36 layers, untied output layer),
 * ``235B-slice``: Qwen3-VL-235B-A22B-Instruct with its real widths cut to 2 decoder layers and a 2-block
   ViT (12.2 GB: 128 experts, hidden 4096, moe_intermediate 1536; each fused ``gate_up_proj`` is 3.0 GiB),
 * ``30B-slice``: Qwen3-VL-30B-A3B-Instruct cut the same way (quick runs),
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = {"2B": ("Qwen3-VL-2B-Instruct", None, None),
+          "8B": ("Qwen3-VL-8B-Instruct", None, None),
           "235B-slice": ("Qwen3-VL-235B-A22B-Instruct", 2, 2),
           "30B-slice": ("Qwen3-VL-30B-A3B-Instruct", 2, 2)}
 
