@@ -128,6 +128,24 @@ class Converter:
         if iteration is not None and iteration < 0:
             raise UsageError(f"--iteration {iteration} is negative: give the training step (0 or more), or leave it "
                             "out to write release/")
+        # options that shape one target only: a value other than the default for another target is refused
+        # (a usage error), never ignored (issue 22 item 7); dtype, merge_lora, max_memory... apply everywhere
+        megatron = ("megatron", "torch_dist")
+        given = {"tp": (tp, 1, megatron), "pp": (pp, 1, megatron), "ep": (ep, 1, megatron),
+                 "etp": (etp, None, megatron), "spec": (spec, None, megatron), "experts": (experts, None, megatron),
+                 "pp_first_layers": (pp_first_layers, None, megatron),
+                 "pp_last_layers": (pp_last_layers, None, megatron),
+                 "padded_vocab_size": (padded_vocab_size, None, megatron),
+                 "make_vocab_size_divisible_by": (make_vocab_size_divisible_by, 128, megatron),
+                 "iteration": (iteration, None, megatron), "prefix": (prefix, "", ("dcp",)),
+                 "tied_lm_head": (tied_lm_head, True, ("dcp",)), "max_shard_size": (max_shard_size, "5GB", ("hf",)),
+                 "allow_missing": (allow_missing, False, ("hf",)),
+                 "experts_layout": (experts_layout, None, ("hf", "dcp"))}
+        for key, (value, default, targets) in given.items():
+            if to not in targets and value != default and not (key == "experts_layout" and value == "auto"):
+                flag = "--no-tied-lm-head" if key == "tied_lm_head" else "--" + key.replace("_", "-")
+                shown = flag if isinstance(value, bool) else f"{flag} {value}"
+                raise UsageError(f"{shown} applies to --to {' and '.join(targets)} only, not --to {to}: drop it")
         self.src, self.dst, self.to = src, Path(dst), to
         self.options = dict(dtype=dtype, experts_layout=experts_layout, prefix=prefix, src_prefix=src_prefix,
                             max_shard_size=max_shard_size, tied_lm_head=tied_lm_head, allow_missing=allow_missing,

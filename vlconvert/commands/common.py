@@ -70,3 +70,26 @@ def file_count(folder: str | Path) -> int:
     """Files on disk in the output folder (every summary's "files")."""
     path = Path(folder)
     return sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+MEGATRON_OPTIONS = ("tp", "pp", "ep", "etp", "pp_first_layers", "pp_last_layers", "make_vocab_size_divisible_by",
+                    "padded_vocab_size", "spec", "experts", "iteration")
+
+
+def refuse_inapplicable(to: str, applies: dict[str, tuple[str, ...]]) -> None:
+    """Refuse an option given on the command line that does nothing for ``--to TO`` (a usage error, exit 2):
+    ``applies`` maps a parameter name to the targets it shapes. Options left at their default are fine."""
+    from click.core import ParameterSource
+
+    from vlconvert.errors import UsageError
+
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        targets = applies.get(param.name or "")
+        if not targets or to in targets:
+            continue
+        if ctx.get_parameter_source(param.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            value = ctx.params.get(param.name)
+            flag = max(param.opts, key=len)
+            shown = flag if isinstance(value, bool) else f"{flag} {value}"
+            raise UsageError(f"{shown} applies to --to {' and '.join(targets)} only, not --to {to}: drop it")

@@ -6,6 +6,7 @@ import click
 
 from vlconvert.commands.common import asset_rows, file_count, merge_lora_option, show_dry_run, written
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
+from vlconvert.errors import UsageError
 
 
 @click.command("hf-to-dcp")
@@ -70,7 +71,9 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default="released",
               show_default=True, help="MoE expert orientation to write.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
-@click.option("--prefix", default=None, help="Key prefix to strip (default: detected).")
+@click.option("--src-prefix", "prefix", default=None,
+              help="Key prefix of the DCP to strip (default: detected); as convert --src-prefix.")
+@click.option("--prefix", "old_prefix", default=None, hidden=True, expose_value=True)
 @click.option("--allow-missing", is_flag=True, help="Write even if the DCP lacks some model tensors.")
 @click.option("--allow-unexpected", is_flag=True, help="Drop tensors the model does not have instead of failing.")
 @merge_lora_option
@@ -81,9 +84,13 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @output_options
 @handle_errors
 def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_layout: str, max_shard_size: str,
-                      prefix: str | None, allow_missing: bool, allow_unexpected: bool, merge_lora: str | None,
-                      overwrite: bool, resume: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+                      prefix: str | None, old_prefix: str | None, allow_missing: bool, allow_unexpected: bool,
+                      merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
+                      quiet: bool) -> None:
     """Convert the DCP folder SRC (from vlconvert or an FSDP2 training job) to a Hugging Face folder DST."""
+    if old_prefix is not None:  # one meaning per option name: --prefix is the prefix a DCP output gets
+        raise UsageError(f"--prefix names the key prefix a DCP output gets (hf-to-dcp, convert --to dcp); "
+                         f"the prefix to strip from this DCP's keys is --src-prefix {old_prefix}")
     from vlconvert.dcp_convert import run_dcp_to_hf
     from vlconvert.engine import Converter
 

@@ -7,6 +7,7 @@ import sys
 import click
 from rich.table import Table
 
+from vlconvert.commands.common import refuse_inapplicable
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
 from vlconvert.doctor import findings_dict, findings_ok, run_doctor
 from vlconvert.planning import TARGETS
@@ -30,8 +31,22 @@ def doctor_command(target, config, to, tp, pp, ep, as_json, quiet) -> None:
     """Check torch (2.9.x cuDNN Conv3d regression vs Qwen3-VL's patch embedding), the installed
     transformers' MoE expert orientation, the torch build, and free disk for a planned output.
     Exits 1 when a blocking trap is found."""
+    ctx = click.get_current_context()
+    if target is None:
+        from click.core import ParameterSource
+
+        from vlconvert.errors import UsageError
+
+        given = [f"--{n}" for n in ("to", "tp", "pp", "ep")
+                 if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if given:
+            verb = "shapes" if len(given) == 1 else "shape"
+            raise UsageError(f"{' and '.join(given)} {verb} the free-space check of --target: give --target OUT "
+                             "and --config CONFIG.json too, or drop them")
+    refuse_inapplicable(to, {"tp": ("megatron", "torch_dist"), "pp": ("megatron", "torch_dist"),
+                             "ep": ("megatron", "torch_dist")})
     reporter = Reporter(as_json, quiet)
-    options = {"tp": tp, "pp": pp, "ep": ep} if to == "megatron" else {}
+    options = {"tp": tp, "pp": pp, "ep": ep} if to in ("megatron", "torch_dist") else {}
     findings = run_doctor(target=target, config=config, to=to, **options)
     if as_json:
         reporter.summary("doctor", findings_dict(findings))

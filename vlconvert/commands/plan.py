@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from vlconvert.commands.common import MEGATRON_OPTIONS, refuse_inapplicable
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options, plural, stdout
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER
 from vlconvert.planning import DEFAULT_VOCAB_DIVISOR, TARGETS, Plan, RankPlan, plan_conversion
@@ -51,6 +52,9 @@ def plan_command(config, to, tp, pp, ep, etp, pp_first_layers, pp_last_layers, m
 
     Exits 1 when a check fails (e.g. experts not divisible by EP, KV groups vs TP, an uneven pipeline
     split without --pp-first-layers/--pp-last-layers: the proposed counts are printed)."""
+    megatron = ("megatron", "torch_dist")
+    refuse_inapplicable(to, {**{k: megatron for k in MEGATRON_OPTIONS}, "max_shard_size": ("hf",),
+                             "experts_layout": ("hf", "dcp"), "consumer": ("torch_dist",)})
     reporter = Reporter(as_json, quiet)
     plan = plan_conversion(config, to, tp=tp, pp=pp, ep=ep, etp=etp, pp_first_layers=pp_first_layers,
                            pp_last_layers=pp_last_layers, source=source, target=target, disk_speed=disk_speed,

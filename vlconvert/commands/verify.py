@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
-from vlconvert.errors import UsageError, UserError
+from vlconvert.errors import UsageError
 from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 
 
@@ -35,7 +35,16 @@ def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_j
     reporter = Reporter(as_json, quiet)
     if manifest:
         if b is not None:
-            raise UserError("--manifest checks one folder: give only A")
+            raise UsageError("--manifest checks one folder: give only A")
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        given = [max(p.opts, key=len) for p in ctx.command.params
+                 if p.name in ("tolerance", "config", "assets_dir", "show_all")
+                 and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise UsageError(f"{' and '.join(given)} apply to comparing two checkpoints, not to --manifest: drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
         check_folder_manifest(a, reporter)
         return
     if b is None:
