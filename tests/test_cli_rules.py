@@ -3,6 +3,7 @@ command it applies to, comparing outputs, bytes and exit codes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,18 @@ def test_prefix_has_one_meaning(tmp_path):
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     for p in a.glob("*.safetensors"):
         assert p.read_bytes() == (b / p.name).read_bytes()
+
+
+# ------------------------------------------- item 8: no output path is printed that was not written
+def test_retag_of_a_retagged_source_names_no_output_it_did_not_write(tmp_path):
+    rt1, rt2 = tmp_path / "rt1", tmp_path / "rt2"
+    assert invoke("retag-think", MOE, "--out", rt1, "-q").exit_code == 0
+    result = invoke("retag-think", rt1, "--out", rt2)
+    assert result.exit_code == 0, result.output
+    assert not rt2.exists() and str(rt2) not in result.stdout
+    assert f"none written (use {rt1} as it is)" in result.stdout
+    record = json.loads(invoke("retag-think", rt1, "--out", rt2, "--json").stdout)
+    assert record["output"] is None and record["retagged"] == str(rt1) and record["changed"] is False
+    # the output itself already retagged from this source: that output is named, and it exists
+    record = json.loads(invoke("retag-think", MOE, "--out", rt1, "--json").stdout)
+    assert record["output"] == str(rt1) and record["changed"] is False

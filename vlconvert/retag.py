@@ -746,8 +746,15 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
                                    fix="pass --overwrite to replace it with these tags and strategy")
             where = "the output"
     if record is not None:
-        info(f"{where} is already retagged ({strategy}: {tags.open} {tags.close}); nothing to do")
-        return {**base, "changed": False, "reason": f"{where} is already retagged", "record": record}
+        retagged = src_path if where == "the source" else dst_path
+        if where == "the source" and not in_place:  # nothing is written: never name --out as the output
+            base["output"] = None
+            info(f"the source is already retagged ({strategy}: {tags.open} {tags.close}); nothing written to "
+                 f"'{dst_path}': use '{src_path}' as it is")
+        else:
+            info(f"{where} is already retagged ({strategy}: {tags.open} {tags.close}); nothing to do")
+        return {**base, "changed": False, "reason": f"{where} is already retagged", "record": record,
+                "retagged": str(retagged)}
 
     plan = plan_tokenizer_rewrite(src_path, tags, strategy)
     ckpt = HFCheckpoint(src_path)
@@ -1062,7 +1069,8 @@ def think_tag_report(folder: str | Path, tags: list[str] | None = None, *, weigh
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """Rows of the human summary table of one retag run."""
     if not summary.get("changed"):
-        return [("result", summary.get("reason", "nothing to do")), ("output", summary["output"])]
+        output = summary["output"] or f"none written (use {summary.get('retagged') or summary['source']} as it is)"
+        return [("result", summary.get("reason", "nothing to do")), ("output", output)]
     rows = [("strategy", summary["strategy"]),
             ("tags", f"{OLD_OPEN} -> {summary['new'][0]}, {OLD_CLOSE} -> {summary['new'][1]}"),
             ("pieces", ", ".join(f"{k} = {v}" for k, v in summary["pieces"].items())),
