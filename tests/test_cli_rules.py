@@ -118,3 +118,62 @@ def test_retag_of_a_retagged_source_names_no_output_it_did_not_write(tmp_path):
     # the output itself already retagged from this source: that output is named, and it exists
     record = json.loads(invoke("retag-think", MOE, "--out", rt1, "--json").stdout)
     assert record["output"] == str(rt1) and record["changed"] is False
+
+
+# ---------------------------------------------------------- item 9: one run, one set of numbers
+@pytest.mark.parametrize("args", [
+    ["convert", MOE, "OUT", "--to", "dcp"], ["convert", MOE, "OUT", "--to", "hf", "--max-shard-size", "300KB"],
+    ["hf-to-megatron", MOE, "OUT", "--tp", "2"], ["convert", MOE, "OUT", "--to", "torch_dist"],
+])
+def test_dry_run_and_summary_count_the_same_files(tmp_path, args):
+    args = [tmp_path / "o" if a == "OUT" else a for a in args]
+    dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
+    text = invoke(*args, "--dry-run").stdout
+    assert text.splitlines()[-1].startswith(f"{dry['tensor_files']} file"), text
+    done = json.loads(invoke(*args, "--json").stdout)
+    on_disk = sum(1 for p in (tmp_path / "o").rglob("*") if p.is_file())
+    assert done["tensor_files"] == dry["tensor_files"] and done["files"] == on_disk
+    import shutil
+
+    shutil.rmtree(tmp_path / "o")
+    table = invoke(*args).stdout
+    assert f"{on_disk} ({dry['tensor_files']} of tensors)" in table, table
+
+
+def test_plan_counts_the_tensors_of_the_split_it_shows():
+    """The ranks of a proposed pipeline split count the tensors the converter writes for that split."""
+    proposed = json.loads(invoke("plan", "--config", UNTIED, "--to", "megatron", "--pp", "2", "--json").stdout)
+    first, last = (proposed["pipeline"]["proposal"][k] for k in ("pp_first_layers", "pp_last_layers"))
+    given = json.loads(invoke("plan", "--config", UNTIED, "--to", "megatron", "--pp", "2", "--pp-first-layers",
+                              first, "--pp-last-layers", last, "--json").stdout)
+    assert proposed["pipeline"]["stage_layers"] == given["pipeline"]["stage_layers"]
+    assert [r["tensors"] for r in proposed["ranks"]] == [r["tensors"] for r in given["ranks"]]
+
+
+def test_time_estimate_counts_start_up_and_checksums(tmp_path):
+    data = json.loads(invoke("plan", "--config", MOE, "--to", "dcp", "--disk-speed", "1000000", "--json").stdout)
+    disk = data["disk"]
+    assert disk["estimated_seconds"] >= disk["startup_seconds"] > 0  # not "~0s" for a run that takes seconds
+    rate = min(disk["speed_mib_s"], disk["checksum_mib_s"]) * 2**20
+    assert disk["estimated_seconds"] == pytest.approx(disk["startup_seconds"] + data["total_bytes"] / rate, abs=0.11)
+
+
+# ------------------------------------------------------------- item 12: binary units everywhere
+def test_sizes_and_speeds_are_binary_everywhere(tmp_path):
+    import re
+
+    outputs = [invoke("plan", "--config", MOE, "--to", "dcp", "--target", tmp_path / "t").stdout,
+               invoke("doctor", "--target", tmp_path / "t", "--config", MOE).stdout,
+               invoke("convert", MOE, tmp_path / "o", "--to", "megatron", "--tp", "2").stdout]
+    for text in outputs:
+        assert re.search(r"\d (KiB|MiB|GiB)", text), text
+        assert not re.search(r"\d ?(KB|MB|GB|TB)\b", text), text
+        assert "MB/s" not in text
+
+
+@pytest.mark.parametrize("spelling, limit", [("300KB", 300_000), ("300KiB", 300 * 1024), ("1MB", 10**6)])
+def test_max_shard_size_takes_both_spellings_at_their_meaning(tmp_path, spelling, limit):
+    data = json.loads(invoke("convert", MOE, tmp_path / "o", "--to", "hf", "--max-shard-size", spelling,
+                             "--dry-run", "--json").stdout)
+    sizes = [f["bytes"] for f in data["file_list"]]
+    assert max(sizes) <= limit and len(sizes) > 1 or limit >= sum(sizes)

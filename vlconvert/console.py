@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vlconvert.errors import Terminated, UsageError, UserError, interrupt_line
+from vlconvert.progress import human_bytes  # noqa: F401 - re-exported: every command's size format
 
 DEBUG = False  # set by --debug (group or command): show tracebacks instead of one line
 VERBOSE = False  # set by -v/--verbose (group or command): list assets copied and other details
@@ -367,12 +368,3 @@ def json_record(command: str, data: dict[str, Any], ok: bool | None = None) -> d
 def disk_bytes(folder: str | Path) -> int:
     """Bytes on disk of every file under ``folder`` (what "written" means in every summary)."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

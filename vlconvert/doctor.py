@@ -194,7 +194,9 @@ def check_disk(target: str | Path, needed: int) -> Finding:
 
     where = existing_parent(target)
     free = shutil.disk_usage(where).free
-    text = f"{free / 1e9:,.1f} GB free in '{where}', the planned output needs {needed / 1e9:,.1f} GB"
+    from vlconvert.progress import human_bytes
+
+    text = f"{human_bytes(free)} free in '{where}', the planned output needs {human_bytes(needed)}"
     if free < needed:
         return Finding("free disk", "fail", text, "free space or choose another --target")
     if free < needed * 1.1:

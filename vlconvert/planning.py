@@ -37,6 +37,7 @@ from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the
     stage_costs,
     stage_layer_counts,
 )
+from vlconvert.progress import human_bytes
 from vlconvert.sources import detect_layout, open_source
 
 TARGETS = ("hf", "dcp", "megatron", "torch_dist")
@@ -145,6 +146,30 @@ def measure_disk_speed(folder: str | Path, size: int = PROBE_BYTES) -> tuple[flo
     finally:
         path.unlink(missing_ok=True)
     return written / elapsed, probe_dir
+
+
+def measure_checksum_speed(size: int = 16 * 2**20) -> float:
+    """Bytes per second this machine hashes with sha256 (what the manifest costs per byte written)."""
+    import hashlib
+
+    block = bytes(size)
+    start = time.perf_counter()
+    hashlib.sha256(block).digest()
+    return size / max(time.perf_counter() - start, 1e-6)
+
+
+def startup_seconds() -> float:
+    """Seconds this process took to get here (python, torch, the plan): what a conversion pays before its
+    first byte. Linux: from the process start time; elsewhere 2 s."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / ticks
+        with open("/proc/uptime") as f:
+            now = float(f.read().split()[0])
+        return max(0.0, now - started)
+    except (OSError, ValueError, IndexError):
+        return 2.0
 
 
 def existing_parent(folder: str | Path) -> Path:
@@ -412,6 +437,16 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
                       f"{' and the last stage output_layer copy' if info.tied and pp > 1 else ''}): {unique:,}")
     if plan.ok and source in ("even", "given"):
         _cross_check_megatron(plan, skeleton, dtype, tp, pp, ep, etp, first, last, divisible_by, padded_size)
+    elif source == "proposed" and proposal is not None and all(c.name == "pp layers" for c in plan.failed):
+        # the ranks shown are those of the proposed split: count their tensors as the converter would write
+        # them with --pp-first-layers/--pp-last-layers, as when the split is given (one count per split)
+        flags = plan.parallel.get("training_flags")
+        _cross_check_megatron(plan, skeleton, dtype, tp, pp, ep, etp, proposal[0], proposal[1], divisible_by,
+                              padded_size)
+        if flags is None:
+            plan.parallel.pop("training_flags", None)
+        else:
+            plan.parallel["training_flags"] = flags
 
 
 def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
@@ -481,7 +516,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
     """Plan a conversion to ``to`` ('hf', 'dcp', 'megatron', 'torch_dist' for framework ``consumer``) from a
     config alone; touch no weights.
 
-    ``config`` defaults to ``source``'s config.json. ``disk_speed`` is in MB/s (10^6 bytes); without it
+    ``config`` defaults to ``source``'s config.json. ``disk_speed`` is in MiB/s (2^20 bytes); without it
     the speed is measured on ``target`` with a short write+fsync probe of ``probe_bytes``.
     """
     from vlconvert.inspection import identify_model
@@ -537,19 +572,25 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
         free = shutil.disk_usage(probe_dir).free
         plan.disk.update({"target": str(target), "free_bytes": free})
         plan.checks.append(Check("free disk", free >= plan.total_bytes,
-                                 f"{free / 1e9:,.1f} GB free in '{probe_dir}', "
-                                 f"{plan.total_bytes / 1e9:,.1f} GB needed"))
+                                 f"{human_bytes(free)} free in '{probe_dir}', "
+                                 f"{human_bytes(plan.total_bytes)} needed"))
         if Path(target).exists():
             plan.checks.append(Check("target free", False, f"'{target}' exists: the conversion refuses it "
                                      "unless --overwrite", blocking=False))
     if disk_speed is not None:
         if disk_speed <= 0:
-            raise UsageError("--disk-speed must be positive (MB/s)")
-        plan.disk.update({"speed_mb_s": float(disk_speed), "speed_source": "given"})
+            raise UsageError("--disk-speed must be positive (MiB/s)")
+        plan.disk.update({"speed_mib_s": float(disk_speed), "speed_source": "given"})
     elif target is not None and overlap is None:
         speed, where = measure_disk_speed(target, probe_bytes)
-        plan.disk.update({"speed_mb_s": round(speed / 1e6, 1), "speed_source": f"measured in '{where}' "
+        plan.disk.update({"speed_mib_s": round(speed / 2**20, 1), "speed_source": f"measured in '{where}' "
                           f"({probe_bytes / 2**20:.0f} MiB write+fsync)"})
-    if "speed_mb_s" in plan.disk:
-        plan.disk["estimated_seconds"] = round(plan.total_bytes / (plan.disk["speed_mb_s"] * 1e6), 1)
+    if "speed_mib_s" in plan.disk:
+        # a run is start-up (python, torch, the plan) plus the bytes at the slower of the disk and the sha256
+        # every byte gets for the manifest (written and hashed in parallel threads): not the disk alone
+        checksum = measure_checksum_speed()
+        startup = startup_seconds()
+        rate = min(plan.disk["speed_mib_s"] * 2**20, checksum)
+        plan.disk.update({"checksum_mib_s": round(checksum / 2**20, 1), "startup_seconds": round(startup, 1),
+                          "estimated_seconds": round(startup + plan.total_bytes / rate, 1)})
     return plan

@@ -64,3 +64,12 @@ def progress_bar(progress: Any, description: str, total: int) -> Iterator[Advanc
         raise TypeError("progress(description, total) must return advance(n), a bar with update(n), a context "
                         f"manager yielding one, or None; not {type(made).__name__}")
     yield advance
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB': the one size convention of every output (binary units: KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

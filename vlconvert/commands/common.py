@@ -28,6 +28,7 @@ def show_dry_run(rep: Reporter, conv: Any, dst: str | Path, command: str) -> Non
     plan = conv.plan()
     data = plan.to_dict()
     data["dry_run"] = True
+    data["tensor_files"] = len(plan.files)  # the same key and number as the run's summary
     data["output"] = str(Path(dst).absolute())
     notes = list(plan.notes)
     if Path(dst).exists() and not conv.overwrite and not conv.resume:
@@ -46,8 +47,9 @@ def show_dry_run(rep: Reporter, conv: Any, dst: str | Path, command: str) -> Non
     for note in notes:
         stdout.print(f"note: {note}", markup=False, highlight=False)
     tensors = sum(len(f.tensors) for f in plan.files)
-    stdout.print(f"{plural(len(plan.files), 'file')}, {plural(tensors, 'tensor')}, {human_bytes(plan.tensor_bytes)} "
-                 "of tensors; nothing written (drop --dry-run to convert)", markup=False, highlight=False)
+    stdout.print(f"{plural(len(plan.files), 'file')} of tensors (+ index or metadata, config, manifest), "
+                 f"{plural(tensors, 'tensor')}, {human_bytes(plan.tensor_bytes)}; nothing written (drop --dry-run "
+                 "to convert)", markup=False, highlight=False)
 
 
 def asset_rows(assets: list[str], verbose: bool) -> list[tuple[str, str]]:
@@ -64,6 +66,12 @@ def written(folder: str | Path) -> int:
     """Bytes on disk of the output folder: what "written" means in every summary."""
     path = Path(folder)
     return disk_bytes(path) if path.is_dir() else 0
+
+
+def files_text(total: int, tensor_files: int) -> str:
+    """The summary's "files" row: every file on disk, and how many hold tensors (the count --dry-run and the
+    progress bar give), so the numbers of one run agree: '6 (3 of tensors)'."""
+    return f"{total} ({tensor_files} of tensors)"
 
 
 def file_count(folder: str | Path) -> int:

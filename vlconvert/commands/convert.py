@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vlconvert.commands.common import asset_rows, merge_lora_option, show_dry_run
+from vlconvert.commands.common import asset_rows, files_text, merge_lora_option, show_dry_run
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER
 
@@ -28,7 +28,8 @@ TARGETS = ("hf", "dcp", "megatron", "torch_dist")
                    "transformers').")
 @click.option("--prefix", default="", help="DCP output: prepend this to every key (e.g. 'model.').")
 @click.option("--src-prefix", default=None, help="DCP source: key prefix to strip (default: detected).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="HF output: largest safetensors file.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="HF output: largest safetensors file: 5GB is 5*10^9 bytes (as transformers), 5GiB 5*2^30.")
 @click.option("--no-tied-lm-head", is_flag=True, help="DCP output of a tied model: leave lm_head.weight out.")
 @click.option("--allow-missing", is_flag=True, help="HF output: write even if the source lacks some tensors.")
 @click.option("--allow-unexpected", is_flag=True, help="Drop source tensors the model does not have.")
@@ -95,10 +96,12 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
     rep.expect(plan.files)  # the progress bar counts files and tensors
     result = conv.run(rep.bytes_progress)
     data = {**data, "output": str(result.output.absolute()), "files_written": result.files,
+            "tensor_files": len(plan.files),
             "bytes_written": result.bytes_written, "assets_copied": result.assets, "notes": result.notes,
             "seconds": round(rep.elapsed, 3)}
     rows = [("output", str(result.output)), ("from", f"{plan.source_layout} ({plan.source})"), ("to", to),
-            ("files", str(result.files)), ("written", f"{human_bytes(result.bytes_written)} on disk"),
+            ("files", files_text(result.files, len(plan.files))),
+            ("written", f"{human_bytes(result.bytes_written)} on disk"),
             ("dtype", data["dtype"]), ("time", f"{rep.elapsed:.1f} s")]
     if plan.experts_layout:
         rows.append(("experts", plan.experts_layout))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vlconvert.commands.common import asset_rows, file_count, merge_lora_option, show_dry_run, written
+from vlconvert.commands.common import asset_rows, file_count, files_text, merge_lora_option, show_dry_run, written
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 from vlconvert.errors import UsageError
 
@@ -55,6 +55,7 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
         "bytes_written": result.bytes_written, "files": result.files,
         "dtype": dtype_name(plan.dtype) if plan.dtype else "keep", "experts_layout": plan.experts_layout,
         "prefix": prefix, "tied": conv.source.skeleton.info.tied, "notes": result.notes,
+        "tensor_files": len(plan.files),
         "seconds": round(reporter.elapsed, 3),
     }
     reporter.summary("hf-to-dcp", summary, _rows(summary, reporter))
@@ -70,7 +71,8 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
               help="Output dtype: config (the one config.json names), keep, auto (= config), bf16, fp16, fp32.")
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default="released",
               show_default=True, help="MoE expert orientation to write.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest safetensors file: 5GB is 5*10^9 bytes (as transformers), 5GiB 5*2^30.")
 @click.option("--src-prefix", "prefix", default=None,
               help="Key prefix of the DCP to strip (default: detected); as convert --src-prefix.")
 @click.option("--prefix", "old_prefix", default=None, hidden=True, expose_value=True)
@@ -104,6 +106,7 @@ def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_l
         show_dry_run(reporter, conv, dst, "dcp-to-hf")
         return
     summary = run_dcp_to_hf(conv, src, reporter)
+    summary["tensor_files"] = len(conv.plan().files)
     summary["tensor_bytes"] = summary["bytes_written"]
     summary["bytes_written"] = written(summary["output"])  # bytes on disk, as in every command
     reporter.summary("dcp-to-hf", summary, _rows(summary, reporter))
@@ -116,7 +119,7 @@ def _rows(summary: dict, reporter: Reporter) -> list[tuple[str, str]]:
     rows = [r for r in summary_rows(summary) if r[0] != "assets copied"]
     at = next((i for i, r in enumerate(rows) if r[0] == "written"), len(rows))
     rows[at] = ("written", f"{human_bytes(summary['bytes_written'])} on disk")
-    rows[at + 1:at + 1] = [("files", str(file_count(summary["output"])))]
+    rows[at + 1:at + 1] = [("files", files_text(file_count(summary["output"]), summary["tensor_files"]))]
     notes = [i for i, r in enumerate(rows) if r[0] == "note"]
     at = notes[0] if notes else len(rows)
     rows[at:at] = asset_rows(summary.get("assets_copied") or [], reporter.verbose)

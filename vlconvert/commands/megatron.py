@@ -10,7 +10,7 @@ import click
 if TYPE_CHECKING:
     import torch
 
-from vlconvert.commands.common import asset_rows, file_count, merge_lora_option, show_dry_run, written
+from vlconvert.commands.common import asset_rows, file_count, files_text, merge_lora_option, show_dry_run, written
 from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
 
 DTYPE = DtypeParam("keep", "config")
@@ -58,9 +58,10 @@ def _report(rep: Reporter, title: str, result, extra_rows: list[tuple[str, str]]
     plan = result.plan
     on_disk = written(result.output)
     files = file_count(result.output)
-    data = {"output": str(result.output), "files": result.files, "files_written": files, "bytes": result.bytes,
+    data = {"output": str(result.output), "files": result.files, "files_written": files,
+            "tensor_files": result.files, "bytes": result.bytes,
             "bytes_written": on_disk, "seconds": round(rep.elapsed, 3), "notes": result.notes}
-    rows = [("output", str(result.output)), ("files", str(files)),
+    rows = [("output", str(result.output)), ("files", files_text(files, result.files)),
             ("written", f"{human_bytes(on_disk)} on disk"), ("weights", human_bytes(result.bytes)),
             ("time", f"{rep.elapsed:.1f} s")]
     if plan is not None:
@@ -134,7 +135,8 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
               help="The original Hugging Face folder: config, tokenizer and processor files are copied byte for "
                    "byte from it (config.json rewritten only where it must describe the weights written: no "
                    "quantization_config, their dtype).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest safetensors file: 5GB is 5*10^9 bytes (as transformers), 5GiB 5*2^30.")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Cast weights: keep (default: the stored dtype), config (config.json's), bf16, fp16, fp32.")
 @merge_lora_option

@@ -31,14 +31,15 @@ _MAX_ROWS = 40
 @click.option("--padded-vocab-size", type=int, default=None, help="Explicit padded vocab rows (megatron).")
 @click.option("--dtype", type=DtypeParam("config", "keep"), default=None,
               help="Output dtype: config (default: config.json's), keep (= config), bf16, fp16, fp32.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="HF shard size.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="HF shard size: 5GB is 5*10^9 bytes (as transformers), 5GiB 5*2^30.")
 @click.option("--experts-layout", type=click.Choice(["released", "transformers5"]), default=None,
               help="DCP expert orientation (default: the installed transformers' run-time one).")
 @click.option("--source", type=click.Path(), default=None,
               help="Check this source checkpoint's keys and shapes against the config (metadata only).")
 @click.option("--target", type=click.Path(), default=None,
               help="Output folder: check its free space and measure its write speed (64 MiB probe).")
-@click.option("--disk-speed", type=float, default=None, help="Write speed in MB/s instead of measuring one.")
+@click.option("--disk-speed", type=float, default=None, help="Write speed in MiB/s instead of measuring one.")
 @click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), default=None,
               help=f"--to torch_dist: the framework that will load it (default: {DEFAULT_CONSUMER}).")
 @click.option("--all", "show_all", is_flag=True, help="List every file / rank, not a summary.")
@@ -106,11 +107,12 @@ def render_plan(plan: Plan, show_all: bool = False) -> None:
         d = plan.disk
         if "free_bytes" in d:
             head.add_row("target", f"{d['target']}: {human_bytes(d['free_bytes'])} free")
-        if "speed_mb_s" in d:
-            head.add_row("time", f"~{_duration(d['estimated_seconds'])} at {d['speed_mb_s']:.0f} MB/s "
-                         f"({d['speed_source']})")
+        if "speed_mib_s" in d:
+            head.add_row("time", f"~{_duration(d['estimated_seconds'])}: start-up {d['startup_seconds']:.1f} s, then "
+                         f"the disk at {d['speed_mib_s']:.0f} MiB/s ({d['speed_source']}) or the sha256 at "
+                         f"{d['checksum_mib_s']:.0f} MiB/s, whichever is slower")
     else:
-        head.add_row("time", "give --target DIR (measured) or --disk-speed MB/s for an estimate")
+        head.add_row("time", "give --target DIR (measured) or --disk-speed MiB/s for an estimate")
     for note in plan.notes:
         head.add_row("note", Text(note))
     stdout.print(head)
@@ -162,6 +164,8 @@ def _span(values: list[int]) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
