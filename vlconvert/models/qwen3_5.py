@@ -1,0 +1,704 @@
+"""Qwen3.5-VL dense and MoE (Qwen3.6 uses the same classes): config, skeleton, roles, Megatron table.
+
+Facts behind every rule here: ``docs/families/qwen3_5.md``.
+
+Canonical names are the Hugging Face ones (``model.visual.*``, ``model.language_model.*``,
+``lm_head.weight``) plus the multi-token-prediction head ``mtp.*`` that released checkpoints carry
+and transformers drops on load. Routed experts have two stored forms, both in ``[out, in]``
+orientation (transformers 5 run time; no transpose anywhere in this family):
+
+* ``fused``: ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate first) and ``mlp.experts.down_proj`` [E, H, I]
+  (released main decoder; Qwen3.6's MTP layer);
+* ``per_expert``: ``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` (what transformers 5.x
+  ``save_pretrained`` writes; Qwen3.5's released MTP layer).
+
+The Megatron side follows megatron-core 0.19 (``GatedDeltaNet``, gated attention, ``SharedExpertMLP``,
+``MultiTokenPredictionBlock``) as Megatron-Bridge 0.6.2's Qwen3.5-VL bridges name it: LM under
+``language_model.``, ViT under ``vision_model.``. Two rules are new to the shared Param vocabulary
+(see :class:`Param35`): split ``blocks`` (each row block chunked over TP separately, e.g. GDN
+``in_proj`` = per rank [q_r; k_r; v_r; z_r; b_r; a_r]) and the value op ``minus_one`` (GDN output norm:
+HF plain RMSNorm gain, Megatron zero-centred gain).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlconvert import ops
+from vlconvert.dtypes import element_size, parse_dtype
+from vlconvert.errors import UsageError, UserError
+from vlconvert.models.qwen3vl import read_config_json
+from vlconvert.models.qwen3vl_megatron import Param, Src
+
+FAMILIES = {"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+LM = "model.language_model."
+VIS = "model.visual."
+MTP = "mtp."
+EMBED = f"{LM}embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+EXPERT_LAYOUTS = ("fused", "per_expert")
+SPECS = ("te", "local")
+EXPERT_STYLES = ("grouped", "sequential")
+MLM = "language_model."
+MVIS = "vision_model."
+
+# Class defaults of transformers 5.25's Qwen3.5 configs, used where config.json leaves a field out.
+_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "in_channels": 3,
+    "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584,
+    "num_position_embeddings": 2304,
+}
+_TEXT_COMMON: dict[str, Any] = {
+    "vocab_size": 248320, "num_attention_heads": 16, "head_dim": 256, "attention_bias": False,
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+}
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_5": {**_TEXT_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+                "num_key_value_heads": 4},
+    "qwen3_5_moe": {**_TEXT_COMMON, "hidden_size": 2048, "num_hidden_layers": 40, "num_key_value_heads": 2,
+                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts": 256,
+                    "num_experts_per_tok": 8},
+}
+# Upper bounds that refuse a hostile or corrupt config before anything is allocated per layer/expert/row.
+_BOUND = {"num_hidden_layers": 2**12, "hidden_size": 2**17, "intermediate_size": 2**20, "vocab_size": 2**23,
+          "num_experts": 2**14, "num_attention_heads": 2**12, "num_key_value_heads": 2**12, "head_dim": 2**14,
+          "moe_intermediate_size": 2**20, "shared_expert_intermediate_size": 2**20, "linear_key_head_dim": 2**14,
+          "linear_value_head_dim": 2**14, "linear_num_key_heads": 2**12, "linear_num_value_heads": 2**12,
+          "linear_conv_kernel_dim": 2**8, "mtp_num_hidden_layers": 2**6, "depth": 2**10,
+          "num_heads": 2**12, "out_hidden_size": 2**17, "num_position_embeddings": 2**24, "patch_size": 2**10,
+          "spatial_merge_size": 2**6, "temporal_patch_size": 2**6, "in_channels": 2**6}
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class Qwen35Info:
+    """The facts about a Qwen3.5-VL model that converters need, read from its config.json.
+
+    Field names shared with Qwen3-VL's ``ModelInfo`` mean the same; ``deepstack`` is always empty.
+    """
+
+    family: str  # "qwen3_5" or "qwen3_5_moe"
+    tied: bool
+    hidden: int
+    layers: int
+    layer_types: tuple[str, ...]  # "linear_attention" | "full_attention" per decoder layer
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    intermediate: int  # dense MLP width (0 for MoE)
+    experts: int  # 0 for dense
+    experts_per_token: int
+    moe_intermediate: int
+    shared_intermediate: int
+    linear_key_heads: int
+    linear_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    conv_kernel: int
+    mtp_layers: int
+    vision_depth: int
+    vision_hidden: int
+    vision_heads: int
+    vision_intermediate: int
+    dtype: torch.dtype | None
+    deepstack: tuple[int, ...] = ()
+    raw: dict = field(repr=False, compare=False, hash=False, default_factory=dict)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def key_dim(self) -> int:
+        """Rows of q (and of k) in the GDN projections: linear key heads x key head dim."""
+        return self.linear_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """Rows of v (and of z) in the GDN projections: linear value heads x value head dim."""
+        return self.linear_value_heads * self.linear_value_head_dim
+
+
+def _field(section: dict, defaults: dict, key: str, where: str) -> int:
+    """An integer field (or its class default), refused when not an integer or beyond sane bounds."""
+    value = section.get(key, defaults.get(key))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"config field '{where}.{key}' must be an integer, got {value!r}")
+    bound = _BOUND.get(key)
+    if value < 0 or (bound is not None and value > bound):
+        raise UserError(f"config field '{where}.{key}' is {value}, outside what vlconvert can convert "
+                        f"(0..{bound:,}): is config.json corrupt?")
+    return value
+
+
+def _layer_types(text: dict, layers: int) -> tuple[str, ...]:
+    """``layer_types`` as saved by transformers >= 5.5, else from ``full_attention_interval`` (default 4)."""
+    types = text.get("layer_types")
+    if types is None:
+        interval = text.get("full_attention_interval", 4)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise UserError(f"config field 'text_config.full_attention_interval' must be a positive integer, "
+                            f"got {interval!r}")
+        return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers))
+    if not isinstance(types, list) or len(types) != layers:
+        raise UserError(f"config field 'text_config.layer_types' must list {layers} layer types")
+    bad = [t for t in types if t not in ("linear_attention", "full_attention")]
+    if bad:
+        raise UserError(f"config field 'text_config.layer_types' has '{bad[0]}': Qwen3.5 layers are "
+                        "linear_attention or full_attention")
+    return tuple(types)
+
+
+def load_config(path_or_dict: str | Path | dict) -> Qwen35Info:
+    """Read a Qwen3.5-VL / Qwen3.5-VL-MoE (or Qwen3.6) config.json into :class:`Qwen35Info`."""
+    raw = path_or_dict if isinstance(path_or_dict, dict) else read_config_json(path_or_dict)
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"model_type '{family}' is not a Qwen3.5-VL model ({', '.join(FAMILIES)})")
+    text, vision = raw.get("text_config") or {}, raw.get("vision_config") or {}
+    for key, section in (("text_config", text), ("vision_config", vision)):
+        if not isinstance(section, dict):
+            raise UserError(f"the config's {key} is a {type(section).__name__}, not an object")
+    td, vd = _TEXT_DEFAULTS[family], _VISION_DEFAULTS
+    t = lambda k: _field(text, td, k, "text_config")  # noqa: E731
+    v = lambda k: _field(vision, vd, k, "vision_config")  # noqa: E731
+    if text.get("attention_bias", False):
+        raise UserError("attention_bias=True is not a Qwen3.5 model vlconvert knows (no released one has it)")
+    if text.get("attn_output_gate", True) is False:
+        raise UserError("attn_output_gate=false: transformers' Qwen3.5 always gates attention (q_proj twice "
+                        "as wide); this config describes another model")
+    layers = t("num_hidden_layers")
+    moe = family == "qwen3_5_moe"
+    mtp = text.get("mtp_num_hidden_layers", 0)
+    mtp = _field({"mtp_num_hidden_layers": mtp}, {}, "mtp_num_hidden_layers", "text_config")
+    dtype_text = raw.get("dtype") or raw.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    info = Qwen35Info(
+        family=family, tied=bool(raw.get("tie_word_embeddings", False)),
+        hidden=t("hidden_size"), layers=layers, layer_types=_layer_types(text, layers),
+        heads=t("num_attention_heads"), kv_heads=t("num_key_value_heads"), head_dim=t("head_dim"),
+        vocab=t("vocab_size"), intermediate=0 if moe else t("intermediate_size"),
+        experts=t("num_experts") if moe else 0, experts_per_token=t("num_experts_per_tok") if moe else 0,
+        moe_intermediate=t("moe_intermediate_size") if moe else 0,
+        shared_intermediate=t("shared_expert_intermediate_size") if moe else 0,
+        linear_key_heads=t("linear_num_key_heads"), linear_value_heads=t("linear_num_value_heads"),
+        linear_key_head_dim=t("linear_key_head_dim"), linear_value_head_dim=t("linear_value_head_dim"),
+        conv_kernel=t("linear_conv_kernel_dim"), mtp_layers=mtp,
+        vision_depth=v("depth"), vision_hidden=v("hidden_size"), vision_heads=v("num_heads"),
+        vision_intermediate=v("intermediate_size"),
+        dtype=parse_dtype(dtype_text) if isinstance(dtype_text, str) else None, raw=raw)
+    if info.heads % max(info.kv_heads, 1) or info.kv_heads == 0:
+        raise UserError(f"{info.heads} attention heads are not a multiple of {info.kv_heads} KV heads")
+    if info.linear_key_heads == 0 or info.linear_value_heads % info.linear_key_heads:
+        raise UserError(f"{info.linear_value_heads} linear value heads are not a multiple of "
+                        f"{info.linear_key_heads} linear key heads")
+    return info
+
+
+# ----------------------------------------------------------------------------------------- skeleton
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one canonical tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+
+@dataclass
+class Skeleton:
+    """Every canonical key, shape and dtype of a Qwen3.5-VL checkpoint, computed from config.json.
+
+    ``tensors`` holds ``lm_head.weight`` also when tied (the model's state dict has it); :meth:`hf_keys`
+    gives what a folder holds. ``experts`` / ``mtp_experts``: the stored form of the routed experts of the
+    decoder and of the MTP layers (``fused`` or ``per_expert``). ``mtp``: whether ``mtp.*`` is included.
+    """
+
+    info: Qwen35Info
+    tensors: dict[str, TensorSpec]
+    experts: str = "fused"
+    mtp_experts: str = "per_expert"
+    mtp: bool = True
+
+    def hf_keys(self) -> list[str]:
+        return [k for k in self.tensors if not (self.info.tied and k == LM_HEAD)]
+
+    def model_keys(self) -> list[str]:
+        """The keys transformers loads (everything but ``mtp.*``)."""
+        return [k for k in self.hf_keys() if not k.startswith(MTP)]
+
+    def mtp_keys(self) -> list[str]:
+        return [k for k in self.tensors if k.startswith(MTP)]
+
+    def shape_in(self, name: str, experts_layout: str | None = None) -> tuple[int, ...]:
+        """The stored shape of ``name`` (one orientation only in this family)."""
+        return self.tensors[name].shape
+
+
+def _check_layout(what: str, layout: str) -> str:
+    if layout not in EXPERT_LAYOUTS:
+        raise UsageError(f"unknown {what} layout '{layout}': use one of {', '.join(EXPERT_LAYOUTS)}")
+    return layout
+
+
+def _layer_shapes(info: Qwen35Info, prefix: str, kind: str, experts: str) -> dict[str, tuple[int, ...]]:
+    """One decoder layer's tensors in transformers' registration order (attention, MLP, norms)."""
+    h, hd = info.hidden, info.head_dim
+    s: dict[str, tuple[int, ...]] = {}
+    if kind == "linear_attention":
+        a = f"{prefix}linear_attn."
+        conv = 2 * info.key_dim + info.value_dim
+        s[f"{a}dt_bias"] = (info.linear_value_heads,)
+        s[f"{a}A_log"] = (info.linear_value_heads,)
+        s[f"{a}conv1d.weight"] = (conv, 1, info.conv_kernel)
+        s[f"{a}norm.weight"] = (info.linear_value_head_dim,)
+        s[f"{a}out_proj.weight"] = (h, info.value_dim)
+        s[f"{a}in_proj_qkv.weight"] = (conv, h)
+        s[f"{a}in_proj_z.weight"] = (info.value_dim, h)
+        s[f"{a}in_proj_b.weight"] = (info.linear_value_heads, h)
+        s[f"{a}in_proj_a.weight"] = (info.linear_value_heads, h)
+    else:
+        a = f"{prefix}self_attn."
+        s[f"{a}q_proj.weight"] = (2 * info.heads * hd, h)  # per head [query; gate]
+        s[f"{a}k_proj.weight"] = (info.kv_heads * hd, h)
+        s[f"{a}v_proj.weight"] = (info.kv_heads * hd, h)
+        s[f"{a}o_proj.weight"] = (h, info.heads * hd)
+        s[f"{a}q_norm.weight"] = (hd,)
+        s[f"{a}k_norm.weight"] = (hd,)
+    m = f"{prefix}mlp."
+    if info.is_moe:
+        n, i, sh = info.experts, info.moe_intermediate, info.shared_intermediate
+        s[f"{m}gate.weight"] = (n, h)
+        if experts == "fused":
+            s[f"{m}experts.gate_up_proj"] = (n, 2 * i, h)
+            s[f"{m}experts.down_proj"] = (n, h, i)
+        else:
+            for e in range(n):
+                s[f"{m}experts.{e}.gate_proj.weight"] = (i, h)
+                s[f"{m}experts.{e}.up_proj.weight"] = (i, h)
+                s[f"{m}experts.{e}.down_proj.weight"] = (h, i)
+        s[f"{m}shared_expert.gate_proj.weight"] = (sh, h)
+        s[f"{m}shared_expert.up_proj.weight"] = (sh, h)
+        s[f"{m}shared_expert.down_proj.weight"] = (h, sh)
+        s[f"{m}shared_expert_gate.weight"] = (1, h)
+    else:
+        s[f"{m}gate_proj.weight"] = (info.intermediate, h)
+        s[f"{m}up_proj.weight"] = (info.intermediate, h)
+        s[f"{m}down_proj.weight"] = (h, info.intermediate)
+    s[f"{prefix}input_layernorm.weight"] = (h,)
+    s[f"{prefix}post_attention_layernorm.weight"] = (h,)
+    return s
+
+
+def skeleton_shapes(info: Qwen35Info, experts: str = "fused", mtp_experts: str = "per_expert",
+                    mtp: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every canonical key and shape: vision tower, language model, ``lm_head`` (transformers'
+    registration order), then ``mtp.*`` (``fc``, layers, ``norm``, the two pre-fc norms)."""
+    raw = info.raw
+    vision = {**_VISION_DEFAULTS, **(raw.get("vision_config") or {})}
+    v = lambda k: _field(vision, {}, k, "vision_config")  # noqa: E731
+    hv, iv = info.vision_hidden, info.vision_intermediate
+    merged = hv * v("spatial_merge_size") ** 2
+    s: dict[str, tuple[int, ...]] = {}
+    s[f"{VIS}patch_embed.proj.weight"] = (hv, v("in_channels"), v("temporal_patch_size"), v("patch_size"),
+                                          v("patch_size"))
+    s[f"{VIS}patch_embed.proj.bias"] = (hv,)
+    s[f"{VIS}pos_embed.weight"] = (v("num_position_embeddings"), hv)
+    for j in range(info.vision_depth):
+        b = f"{VIS}blocks.{j}."
+        for name, shape in (("norm1.weight", (hv,)), ("norm1.bias", (hv,)), ("norm2.weight", (hv,)),
+                            ("norm2.bias", (hv,)), ("attn.qkv.weight", (3 * hv, hv)), ("attn.qkv.bias", (3 * hv,)),
+                            ("attn.proj.weight", (hv, hv)), ("attn.proj.bias", (hv,)),
+                            ("mlp.linear_fc1.weight", (iv, hv)), ("mlp.linear_fc1.bias", (iv,)),
+                            ("mlp.linear_fc2.weight", (hv, iv)), ("mlp.linear_fc2.bias", (hv,))):
+            s[b + name] = shape
+    out = v("out_hidden_size")
+    s[f"{VIS}merger.norm.weight"] = (hv,)  # normed before the 2x2 shuffle
+    s[f"{VIS}merger.norm.bias"] = (hv,)
+    s[f"{VIS}merger.linear_fc1.weight"] = (merged, merged)
+    s[f"{VIS}merger.linear_fc1.bias"] = (merged,)
+    s[f"{VIS}merger.linear_fc2.weight"] = (out, merged)
+    s[f"{VIS}merger.linear_fc2.bias"] = (out,)
+    s[EMBED] = (info.vocab, info.hidden)
+    for i, kind in enumerate(info.layer_types):
+        s.update(_layer_shapes(info, f"{LM}layers.{i}.", kind, experts))
+    s[f"{LM}norm.weight"] = (info.hidden,)
+    s[LM_HEAD] = (info.vocab, info.hidden)
+    if mtp and info.mtp_layers:
+        s[f"{MTP}fc.weight"] = (info.hidden, 2 * info.hidden)  # input: cat[normed embedding, normed hidden]
+        for k in range(info.mtp_layers):
+            s.update(_layer_shapes(info, f"{MTP}layers.{k}.", "full_attention", mtp_experts))
+        s[f"{MTP}norm.weight"] = (info.hidden,)
+        s[f"{MTP}pre_fc_norm_hidden.weight"] = (info.hidden,)
+        s[f"{MTP}pre_fc_norm_embedding.weight"] = (info.hidden,)
+    return s
+
+
+def build_skeleton(config: str | Path | dict | Qwen35Info, *, experts: str = "fused",
+                   mtp_experts: str = "per_expert", mtp: bool = True) -> Skeleton:
+    """Every canonical key, shape and dtype, from the config alone (pure Python, no transformers).
+
+    Defaults describe a released Qwen3.5 MoE checkpoint (fused decoder experts, per-expert MTP experts);
+    pass the layouts :func:`detect_expert_layouts` finds for any other folder.
+    """
+    info = config if isinstance(config, Qwen35Info) else load_config(config)
+    _check_layout("experts", experts)
+    _check_layout("MTP experts", mtp_experts)
+    shapes = skeleton_shapes(info, experts, mtp_experts, mtp)
+    dtype = info.dtype or torch.bfloat16
+    return Skeleton(info, {n: TensorSpec(sh, dtype) for n, sh in shapes.items()}, experts, mtp_experts, mtp)
+
+
+_PER_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def detect_expert_layouts(names: Iterable[str]) -> tuple[str, str, bool]:
+    """(decoder experts layout, MTP experts layout, holds mtp.*) of a set of stored names.
+
+    A layout seen in neither place defaults to ``fused`` for the decoder and ``per_expert`` for the MTP
+    layer (released Qwen3.5); a mix inside one of the two is refused.
+    """
+    found: dict[bool, set[str]] = {False: set(), True: set()}
+    has_mtp = False
+    for n in names:
+        is_mtp = n.startswith(MTP)
+        has_mtp |= is_mtp
+        if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            found[is_mtp].add("fused")
+        elif _PER_EXPERT.search(n):
+            found[is_mtp].add("per_expert")
+    for is_mtp, kinds in found.items():
+        if len(kinds) > 1:
+            raise UserError(f"the checkpoint stores {'MTP' if is_mtp else 'decoder'} experts both fused "
+                            "(experts.gate_up_proj) and per expert (experts.N.gate_proj): one layout per checkpoint")
+    main = next(iter(found[False]), "fused")
+    return main, next(iter(found[True]), "per_expert"), has_mtp
+
+
+# -------------------------------------------------------------------------------------------- roles
+ROLES = ("embedding", "output", "experts", "mtp", "vision", "zero_centered_norm", "other")
+
+
+def is_expert(name: str) -> bool:
+    """True for the fused 3-D routed expert tensors (decoder or MTP)."""
+    return name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))
+
+
+def tensor_role(name: str) -> str:
+    """The role of a canonical tensor: embedding, output (lm_head), experts (fused routed experts), mtp
+    (the MTP head: transformers ignores it), vision, zero_centered_norm (GDN output norm: its Megatron
+    value is HF - 1) or other."""
+    if name == EMBED:
+        return "embedding"
+    if name == LM_HEAD:
+        return "output"
+    if name.startswith(MTP):
+        return "mtp"
+    if is_expert(name):
+        return "experts"
+    if name.startswith(VIS):
+        return "vision"
+    if name.endswith(".linear_attn.norm.weight"):
+        return "zero_centered_norm"
+    return "other"
+
+
+# ------------------------------------------------------------------------------------- Megatron table
+@dataclass(frozen=True)
+class Param35(Param):
+    """A :class:`~vlconvert.models.qwen3vl_megatron.Param` with the two rules Qwen3.5 adds.
+
+    ``split == "blocks"``: ``rows`` is the concatenation of row blocks of sizes ``blocks`` (in order);
+    TP rank r holds [chunk r of block 0; chunk r of block 1; ...] (``halves`` is the two-block case).
+    ``value_op == "minus_one"``: Megatron value = HF value - 1 (HF -> Megatron), + 1 back.
+    """
+
+    blocks: tuple[int, ...] = ()
+    value_op: str | None = None
+
+
+Seg = tuple[Src | None, int, int]
+
+
+def _whole(src: Src, shape: tuple[int, ...], name: str, split: str = "none", **kw: Any) -> Param35:
+    return Param35(name, shape, ((src, 0, shape[0]),), split, **kw)
+
+
+def source_shape(skeleton: Skeleton, src: Src) -> tuple[int, ...]:
+    """Shape of a source matrix; ``Src(name, e)`` is expert e of a fused tensor, already [out, in]."""
+    shape = skeleton.tensors[src.hf].shape
+    return shape if src.expert is None else shape[1:]
+
+
+def gated_qkv_row_map(heads: int, groups: int, head_dim: int) -> ops.RowMap:
+    """Rows of Megatron's gated ``linear_qkv`` as slices of HF q_proj / k_proj / v_proj (tags q, k, v).
+
+    HF q_proj holds per head [query (hd rows); gate (hd rows)]. Megatron, per query group g of r heads:
+    [query of the r heads; gate of the r heads; k head g; v head g].
+    """
+    if heads % groups:
+        raise UserError(f"{heads} attention heads are not a multiple of {groups} query groups")
+    r = heads // groups
+    out: ops.RowMap = []
+    for g in range(groups):
+        hs = range(g * r, (g + 1) * r)
+        out += [("q", 2 * h * head_dim, (2 * h + 1) * head_dim) for h in hs]
+        out += [("q", (2 * h + 1) * head_dim, (2 * h + 2) * head_dim) for h in hs]
+        out += [("k", g * head_dim, (g + 1) * head_dim), ("v", g * head_dim, (g + 1) * head_dim)]
+    return out
+
+
+def gdn_in_proj_blocks(info: Qwen35Info) -> tuple[int, ...]:
+    """Row blocks of Megatron's GDN ``in_proj``: q, k, v, z, b (beta), a (alpha)."""
+    kd, vd, nv = info.key_dim, info.value_dim, info.linear_value_heads
+    return (kd, kd, vd, vd, nv, nv)
+
+
+def check_tp(info: Qwen35Info, tp: int) -> None:
+    """Refuse a TP size that does not divide the heads each split needs (one line naming the field)."""
+    for what, n in (("attention heads", info.heads), ("vision attention heads", info.vision_heads),
+                    ("linear-attention key heads", info.linear_key_heads),
+                    ("linear-attention value heads", info.linear_value_heads)):
+        if n % tp:
+            raise UserError(f"--tp {tp} must divide the {n} {what}")
+    if info.kv_heads % tp and tp % info.kv_heads:
+        raise UserError(f"--tp {tp} must be a multiple or a divisor of the {info.kv_heads} KV groups")
+
+
+def megatron_params(skeleton: Skeleton, *, spec: str = "te", experts: str = "grouped",
+                    padded_vocab: int | None = None) -> list[Param35]:
+    """Every Megatron parameter in state-dict order, globally numbered, with its recipe.
+
+    Decoder layers use ``{layer}``; experts ``{expert}``. MTP parameters (``language_model.mtp.layers.K.``)
+    have ``stage="last"`` and no layer; their routed experts carry ``expert`` and are EP-placed like the
+    decoder's. Without ``mtp.*`` in the skeleton there are no MTP parameters.
+    """
+    if spec not in SPECS:
+        raise UsageError(f"unknown --spec '{spec}': use one of {', '.join(SPECS)}")
+    if experts not in EXPERT_STYLES:
+        raise UsageError(f"unknown --experts '{experts}': use one of {', '.join(EXPERT_STYLES)}")
+    info = skeleton.info
+    out: list[Param35] = _vision_params(skeleton, spec)
+    vocab, hidden = info.vocab, info.hidden
+    vp = padded_vocab or vocab
+    pad = ((None, vocab, vp),) if vp > vocab else ()
+    out.append(Param35(f"{MLM}embedding.word_embeddings.weight", (vp, hidden), ((Src(EMBED), 0, vocab),) + pad,
+                       "rows", stage="first"))
+    for layer, kind in enumerate(info.layer_types):
+        out += _layer_params(skeleton, f"{LM}layers.{layer}.", f"{MLM}decoder.layers.{{layer}}.", kind, spec,
+                             experts, {"stage": "layer", "layer": layer})
+    norm = f"{LM}norm.weight"
+    out.append(_whole(Src(norm), skeleton.tensors[norm].shape, f"{MLM}decoder.final_layernorm.weight", stage="last"))
+    head = EMBED if info.tied else LM_HEAD
+    out.append(Param35(f"{MLM}output_layer.weight", (vp, hidden), ((Src(head), 0, vocab),) + pad, "rows",
+                       stage="last"))
+    if skeleton.mtp and info.mtp_layers:
+        out += _mtp_params(skeleton, spec, experts)
+    return out
+
+
+def _vision_params(skeleton: Skeleton, spec: str) -> list[Param35]:
+    """The ViT as Qwen3-VL's (Megatron-Bridge maps both alike), without deepstack mergers."""
+    info, sh = skeleton.info, (lambda n: skeleton.tensors[n].shape)
+    out = [_whole(Src(VIS + n), sh(VIS + n), MVIS + n)
+           for n in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed.weight")]
+    heads = info.vision_heads
+    for b in range(info.vision_depth):
+        hf, mg = f"{VIS}blocks.{b}.", f"{MVIS}decoder.layers.{b}."
+        norm1 = f"{mg}self_attention.linear_qkv.layer_norm_" if spec == "te" else f"{mg}input_layernorm."
+        norm2 = f"{mg}mlp.linear_fc1.layer_norm_" if spec == "te" else f"{mg}pre_mlp_layernorm."
+        for part in ("weight", "bias"):
+            out.append(_whole(Src(f"{hf}norm1.{part}"), sh(f"{hf}norm1.{part}"), f"{norm1}{part}"))
+            qkv = f"{hf}attn.qkv.{part}"
+            rows = tuple((Src(qkv), a, z) for _, a, z in ops.vision_qkv_row_map(heads, info.vision_hidden // heads))
+            out.append(Param35(f"{mg}self_attention.linear_qkv.{part}", sh(qkv), rows, "rows"))
+        out.append(_whole(Src(f"{hf}attn.proj.weight"), sh(f"{hf}attn.proj.weight"),
+                          f"{mg}self_attention.linear_proj.weight", "cols"))
+        out.append(_whole(Src(f"{hf}attn.proj.bias"), sh(f"{hf}attn.proj.bias"),
+                          f"{mg}self_attention.linear_proj.bias"))
+        for part in ("weight", "bias"):
+            out.append(_whole(Src(f"{hf}norm2.{part}"), sh(f"{hf}norm2.{part}"), f"{norm2}{part}"))
+        out += _plain_mlp(f"{hf}mlp.", f"{mg}mlp.", sh)
+    hf, mg = f"{VIS}merger.", f"{MVIS}merger."
+    for part in ("weight", "bias"):
+        out.append(_whole(Src(f"{hf}norm.{part}"), sh(f"{hf}norm.{part}"), f"{mg}patch_norm.{part}"))
+    out += _plain_mlp(hf, mg, sh)
+    return out
+
+
+def _plain_mlp(hf: str, mg: str, sh) -> list[Param35]:
+    """Two linears with biases: fc1 column parallel, fc2 row parallel (its bias replicated)."""
+    return [_whole(Src(f"{hf}linear_fc1.weight"), sh(f"{hf}linear_fc1.weight"), f"{mg}linear_fc1.weight", "rows"),
+            _whole(Src(f"{hf}linear_fc1.bias"), sh(f"{hf}linear_fc1.bias"), f"{mg}linear_fc1.bias", "rows"),
+            _whole(Src(f"{hf}linear_fc2.weight"), sh(f"{hf}linear_fc2.weight"), f"{mg}linear_fc2.weight", "cols"),
+            _whole(Src(f"{hf}linear_fc2.bias"), sh(f"{hf}linear_fc2.bias"), f"{mg}linear_fc2.bias")]
+
+
+def _gated_mlp(gate: str, up: str, down: str, mg: str, sh, **kw: Any) -> list[Param35]:
+    """SwiGLU MLP: fc1 = [gate; up] split as halves, fc2 row parallel."""
+    inter, hidden = sh(gate)
+    return [Param35(f"{mg}linear_fc1.weight", (2 * inter, hidden), ((Src(gate), 0, inter), (Src(up), 0, inter)),
+                    "halves", **kw),
+            _whole(Src(down), sh(down), f"{mg}linear_fc2.weight", "cols", **kw)]
+
+
+def _layer_params(skeleton: Skeleton, hf: str, mg: str, kind: str, spec: str, experts: str,
+                  kw: dict[str, Any]) -> list[Param35]:
+    """One decoder (or MTP) layer: GDN or gated attention, then dense MLP or MoE with shared expert."""
+    info, sh = skeleton.info, (lambda n: skeleton.tensors[n].shape)
+    out: list[Param35] = []
+    if kind == "linear_attention":
+        a, m = f"{hf}linear_attn.", f"{mg}self_attention."
+        norm1 = f"{m}in_proj.layer_norm_weight" if spec == "te" else f"{mg}input_layernorm.weight"
+        out.append(_whole(Src(f"{hf}input_layernorm.weight"), (info.hidden,), norm1, **kw))
+        kd, vd, nv = info.key_dim, info.value_dim, info.linear_value_heads
+        qkv, z = Src(f"{a}in_proj_qkv.weight"), Src(f"{a}in_proj_z.weight")
+        bb, aa = Src(f"{a}in_proj_b.weight"), Src(f"{a}in_proj_a.weight")
+        rows = ((qkv, 0, 2 * kd + vd), (z, 0, vd), (bb, 0, nv), (aa, 0, nv))
+        out.append(Param35(f"{m}in_proj.weight", (2 * kd + 2 * vd + 2 * nv, info.hidden), rows, "blocks",
+                           blocks=gdn_in_proj_blocks(info), **kw))
+        conv = f"{a}conv1d.weight"
+        out.append(_whole(Src(conv), sh(conv), f"{m}conv1d.weight", "blocks", blocks=(kd, kd, vd), **kw))
+        out.append(_whole(Src(f"{a}A_log"), (nv,), f"{m}A_log", "rows", **kw))
+        out.append(_whole(Src(f"{a}dt_bias"), (nv,), f"{m}dt_bias", "rows", **kw))
+        out.append(_whole(Src(f"{a}norm.weight"), sh(f"{a}norm.weight"), f"{m}out_norm.weight",
+                          value_op="minus_one", **kw))
+        out.append(_whole(Src(f"{a}out_proj.weight"), sh(f"{a}out_proj.weight"), f"{m}out_proj.weight", "cols",
+                          **kw))
+    else:
+        a, m = f"{hf}self_attn.", f"{mg}self_attention."
+        norm1 = f"{m}linear_qkv.layer_norm_weight" if spec == "te" else f"{mg}input_layernorm.weight"
+        out.append(_whole(Src(f"{hf}input_layernorm.weight"), (info.hidden,), norm1, **kw))
+        tags = {t: Src(f"{a}{t}_proj.weight") for t in "qkv"}
+        rows = tuple((tags[t], s, e) for t, s, e in gated_qkv_row_map(info.heads, info.kv_heads, info.head_dim))
+        out.append(Param35(f"{m}linear_qkv.weight", (ops.total_rows(rows), info.hidden), rows, "rows", **kw))
+        out.append(_whole(Src(f"{a}q_norm.weight"), sh(f"{a}q_norm.weight"), f"{m}q_layernorm.weight", **kw))
+        out.append(_whole(Src(f"{a}k_norm.weight"), sh(f"{a}k_norm.weight"), f"{m}k_layernorm.weight", **kw))
+        out.append(_whole(Src(f"{a}o_proj.weight"), sh(f"{a}o_proj.weight"), f"{m}linear_proj.weight", "cols", **kw))
+    post, hm, mm = f"{hf}post_attention_layernorm.weight", f"{hf}mlp.", f"{mg}mlp."
+    if not info.is_moe:
+        norm2 = f"{mm}linear_fc1.layer_norm_weight" if spec == "te" else f"{mg}pre_mlp_layernorm.weight"
+        out.append(_whole(Src(post), (info.hidden,), norm2, **kw))
+        return out + _gated_mlp(f"{hm}gate_proj.weight", f"{hm}up_proj.weight", f"{hm}down_proj.weight", mm, sh, **kw)
+    out.append(_whole(Src(post), (info.hidden,), f"{mg}pre_mlp_layernorm.weight", **kw))
+    out.append(_whole(Src(f"{hm}gate.weight"), sh(f"{hm}gate.weight"), f"{mm}router.weight", **kw))
+    if experts == "grouped":
+        fc1, fc2 = f"{mm}experts.linear_fc1.weight{{expert}}", f"{mm}experts.linear_fc2.weight{{expert}}"
+    else:
+        fc1 = f"{mm}experts.local_experts.{{expert}}.linear_fc1.weight"
+        fc2 = f"{mm}experts.local_experts.{{expert}}.linear_fc2.weight"
+    i, h = info.moe_intermediate, info.hidden
+    fused = f"{hm}experts.gate_up_proj" in skeleton.tensors
+    for e in range(info.experts):
+        if fused:
+            gu, down = Src(f"{hm}experts.gate_up_proj", e), Src(f"{hm}experts.down_proj", e)
+            rows = ((gu, 0, i), (gu, i, 2 * i))
+        else:
+            p = f"{hm}experts.{e}."
+            down = Src(f"{p}down_proj.weight")
+            rows = ((Src(f"{p}gate_proj.weight"), 0, i), (Src(f"{p}up_proj.weight"), 0, i))
+        out.append(Param35(fc1, (2 * i, h), rows, "halves", group="etp", expert=e, **kw))
+        out.append(Param35(fc2, (h, i), ((down, 0, h),), "cols", group="etp", expert=e, **kw))
+    s = f"{hm}shared_expert."
+    out += _gated_mlp(f"{s}gate_proj.weight", f"{s}up_proj.weight", f"{s}down_proj.weight",
+                      f"{mm}shared_experts.", sh, **kw)
+    out.append(_whole(Src(f"{hm}shared_expert_gate.weight"), (1, h), f"{mm}shared_experts.gate_weight", **kw))
+    return out
+
+
+def _mtp_params(skeleton: Skeleton, spec: str, experts: str) -> list[Param35]:
+    """The MTP head: one Megatron ``MultiTokenPredictionLayer`` per HF ``mtp.layers.K``."""
+    info = skeleton.info
+    if info.mtp_layers != 1:
+        raise UserError(f"mtp_num_hidden_layers={info.mtp_layers}: HF Qwen3.5 shares one mtp.fc/mtp.norm across "
+                        "MTP layers while Megatron gives each its own; only 1 (every released model) converts")
+    mg, kw = f"{MLM}mtp.layers.0.", {"stage": "last"}
+    h = info.hidden
+    out = [_whole(Src(f"{MTP}pre_fc_norm_embedding.weight"), (h,), f"{mg}enorm.weight", **kw),
+           _whole(Src(f"{MTP}pre_fc_norm_hidden.weight"), (h,), f"{mg}hnorm.weight", **kw),
+           _whole(Src(f"{MTP}fc.weight"), (h, 2 * h), f"{mg}eh_proj.weight", "rows", **kw)]
+    out += _layer_params(skeleton, f"{MTP}layers.0.", f"{mg}mtp_model_layer.", "full_attention", spec, experts, kw)
+    out.append(_whole(Src(f"{MTP}norm.weight"), (h,), f"{mg}final_layernorm.weight", **kw))
+    return out
+
+
+# --------------------------------------------------------------------------------- splits and ops
+def split_param(p: Param, size: int, rank: int) -> tuple[int, tuple[Seg, ...], tuple[int, ...]]:
+    """(axis, segments, shape) of TP (or ETP) rank ``rank`` of ``size`` for ``p``: the shared rules
+    (none, rows, halves, cols) plus ``blocks``. Axis 0: concatenation of row segments; axis 1: columns
+    ``a:b`` of the single source."""
+    rows = list(p.rows)
+    what = p.name.format(layer="L", expert="E")
+    try:
+        if p.split == "none" or (size == 1 and p.split != "cols"):
+            return 0, tuple(rows), p.shape
+        if p.split in ("rows", "halves", "blocks"):
+            blocks = getattr(p, "blocks", ()) if p.split == "blocks" else ()
+            blocks = blocks or ((p.shape[0],) if p.split == "rows" else (p.shape[0] // 2,) * 2)
+            segs: ops.RowMap = []
+            start = 0
+            for n in blocks:
+                a, b = ops.chunk_range(n, size, rank, what)
+                segs += ops.slice_row_map(rows, start + a, start + b)
+                start += n
+            return 0, tuple(ops.merge_row_map(segs)), (ops.total_rows(segs), *p.shape[1:])
+        if p.split == "cols":
+            a, b = ops.chunk_range(p.shape[1], size, rank, what)
+            return 1, ((rows[0][0], a, b),), (p.shape[0], b - a)
+    except UserError as exc:
+        raise UserError(f"cannot split {what}: {exc}") from exc
+    raise AssertionError(p.split)
+
+
+def to_megatron_value(p: Param, tensor: torch.Tensor) -> torch.Tensor:
+    """Apply ``p``'s value op going HF -> Megatron (``minus_one``: computed in fp32, cast back)."""
+    if getattr(p, "value_op", None) == "minus_one":
+        return (tensor.float() - 1).to(tensor.dtype)
+    return tensor
+
+
+def to_hf_value(p: Param, tensor: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_megatron_value` (``minus_one``: + 1)."""
+    if getattr(p, "value_op", None) == "minus_one":
+        return (tensor.float() + 1).to(tensor.dtype)
+    return tensor
+
+
+def minus_one_is_exact(tensor: torch.Tensor) -> bool:
+    """True when HF -> Megatron -> HF of a ``minus_one`` tensor gives back the same bits in its dtype.
+
+    Exact for every gain in [0.5, 2) (Sterbenz) and most above; a bf16 gain below 0.5 may lose its low bits.
+    """
+    back = (((tensor.float() - 1).to(tensor.dtype)).float() + 1).to(tensor.dtype)
+    return torch.equal(back.view(torch.int16) if tensor.dtype == torch.bfloat16 else back,
+                       tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor)
+
+
+def interleave_gated_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF gated q_proj ([heads*2*hd, H]: per head [query; gate]), k, v -> Megatron ``linear_qkv``."""
+    hd = k.shape[0] // groups
+    heads = q.shape[0] // (2 * hd)
+    qh = q.reshape(heads, 2, hd, *q.shape[1:])
+    query = qh[:, 0].reshape(groups, -1, *q.shape[1:])
+    gate = qh[:, 1].reshape(groups, -1, *q.shape[1:])
+    return torch.cat([query, gate, k.reshape(groups, hd, *k.shape[1:]), v.reshape(groups, hd, *v.shape[1:])],
+                     dim=1).reshape(-1, *q.shape[1:])
+
+
+def fuse_gdn_in_proj(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor, key_dim: int,
+                     tp: int = 1) -> torch.Tensor:
+    """HF in_proj_qkv/z/b/a -> the full Megatron ``in_proj`` at TP ``tp``: per rank [q_r; k_r; v_r; z_r; b_r; a_r]."""
+    q, k, v = torch.split(qkv, [key_dim, key_dim, qkv.shape[0] - 2 * key_dim])
+    parts = [t.chunk(tp) for t in (q, k, v, z, b, a)]
+    return torch.cat([p[r] for r in range(tp) for p in parts])
