@@ -12,76 +12,48 @@ difference between transformers versions is the orientation of the fused MoE exp
 * transformers 5 run time and its ``save_pretrained``: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]
 
 In both, the gate is the first half of the 2I axis.
+
+:data:`FAMILY` is this module's :class:`~vlconvert.models.family.Family` (the registry lists it); the HF <->
+Megatron table is :mod:`vlconvert.models.qwen3vl_megatron`. The family-neutral types (``ModelInfo``,
+``Skeleton``...) live in :mod:`vlconvert.models.base` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib.metadata
-import json
+import importlib.metadata  # noqa: F401 - tests patch importlib.metadata.version through this module
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlconvert.dtypes import element_size, parse_dtype
-from vlconvert.errors import UsageError, UserError
+from vlconvert.dtypes import parse_dtype
+from vlconvert.errors import UserError
+from vlconvert.models.base import (  # noqa: F401 - re-exported: the names callers import from here
+    EXPERT_LAYOUTS,
+    ModelInfo,
+    Skeleton,
+    TensorSpec,
+    _major_version,
+    convert_expert,
+    expert_layout_of,
+    layer_norm_shapes,
+    linear_shapes,
+    read_config_json,
+    runtime_experts_layout,
+)
+from vlconvert.models.base import config_int as _int
+from vlconvert.models.family import Family, MegatronPrefixes
+
+if TYPE_CHECKING:
+    from vlconvert.models.megatron_table import Param
 
 EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 LM_HEAD = "lm_head.weight"
 EMBED = "model.language_model.embed_tokens.weight"
-EXPERT_LAYOUTS = ("released", "transformers5")
 FAMILIES = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The facts about a model that converters need, read from its config.json."""
-
-    family: str  # "qwen3_vl" or "qwen3_vl_moe"
-    tied: bool
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    intermediate: int
-    experts: int  # 0 for dense
-    experts_per_token: int
-    moe_intermediate: int
-    vision_depth: int
-    vision_hidden: int
-    vision_heads: int
-    vision_intermediate: int
-    deepstack: tuple[int, ...]
-    dtype: torch.dtype | None
-    raw: dict = field(repr=False, compare=False, hash=False, default_factory=dict)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts > 0
-
-
-def read_config_json(path: str | Path) -> dict:
-    """Read a config.json (or the config.json inside a folder) as a dict, with a clear error."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise UsageError(f"config '{path}' does not exist") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-        raise UserError(f"config '{path}' is not valid JSON") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read config '{path}': {exc.strerror}") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"config '{path}' holds a {type(raw).__name__}, not a JSON object")
-    return raw
 
 
 # Sane upper bounds for the sizes a config names (the largest released Qwen3-VL is far below each): a
@@ -145,44 +117,6 @@ def load_config(path_or_dict: str | Path | dict) -> ModelInfo:
         raise UserError(f"config is missing or has a bad value for {exc}") from exc
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one parameter as the installed transformers model holds it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * element_size(self.dtype)
-
-
-@dataclass
-class Skeleton:
-    """Every key, shape and dtype a model expects, in the installed transformers' run-time layout.
-
-    ``tensors`` includes ``lm_head.weight`` also for tied models (it is in the model's state dict);
-    :meth:`hf_keys` gives the keys a Hugging Face folder holds (no ``lm_head.weight`` when tied).
-    """
-
-    info: ModelInfo
-    tensors: dict[str, TensorSpec]
-    runtime_experts: str  # orientation of the installed transformers: "released" or "transformers5"
-
-    def hf_keys(self) -> list[str]:
-        return [k for k in self.tensors if not (self.info.tied and k == LM_HEAD)]
-
-    def shape_in(self, name: str, experts_layout: str) -> tuple[int, ...]:
-        """The shape of ``name`` on disk when experts are stored in ``experts_layout``."""
-        shape = self.tensors[name].shape
-        if is_expert(name) and experts_layout != self.runtime_experts:
-            return (shape[0], shape[2], shape[1])
-        return shape
-
-
 def is_expert(name: str) -> bool:
     """True for the fused 3-D MoE expert tensors."""
     return name.endswith(EXPERT_SUFFIXES)
@@ -202,14 +136,6 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
                      "decoder_sparse_step": 1, "moe_intermediate_size": 1408, "num_experts": 60,
                      "mlp_only_layers": None},
 }
-
-
-def _int(section: dict, defaults: dict, key: str) -> int:
-    """An integer field of a config section (or its class default); bools and non-integers are refused."""
-    value = section.get(key, defaults.get(key))
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"config field '{key}' must be an integer, got {value!r}")
-    return value
 
 
 def _skeleton_shapes(raw: dict, runtime_experts: str) -> dict[str, tuple[int, ...]]:
@@ -308,14 +234,7 @@ def _skeleton_shapes(raw: dict, runtime_experts: str) -> dict[str, tuple[int, ..
 def build_skeleton(config: str | Path | dict | ModelInfo) -> Skeleton:
     """Every key, shape and dtype of the model, from its config alone (pure Python: no model is built)."""
     info = config if isinstance(config, ModelInfo) else load_config(config)
-    runtime = runtime_experts_layout()
-    try:
-        shapes = _skeleton_shapes(info.raw, runtime)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"cannot read a {info.family} model's shapes from this config: {exc}") from exc
-    dtype = info.dtype or torch.bfloat16
-    return Skeleton(info=info, tensors={name: TensorSpec(shape, dtype) for name, shape in shapes.items()},
-                    runtime_experts=runtime)
+    return FAMILY.build_skeleton(info)
 
 
 def _meta_model(raw: dict) -> Any:
@@ -340,26 +259,6 @@ def _skeleton_from_transformers(config: str | Path | dict | ModelInfo) -> Skelet
     return Skeleton(info=info, tensors=tensors, runtime_experts=measured_runtime_experts_layout())
 
 
-def _major_version(version: str) -> int | None:
-    match = re.match(r"\s*v?(\d+)", version)
-    return int(match.group(1)) if match else None
-
-
-@functools.lru_cache(maxsize=1)
-def runtime_experts_layout() -> str:
-    """Which expert orientation the installed transformers holds in memory, from its version (no import).
-
-    transformers 5 holds ``gate_up_proj`` [E, 2I, H]; 4.x holds the released [E, H, 2I]. Without
-    transformers installed, the layout of the version vlconvert requires (5.x) is assumed.
-    :func:`measured_runtime_experts_layout` finds it by building a model; the tests check both agree.
-    """
-    try:
-        major = _major_version(importlib.metadata.version("transformers"))
-    except importlib.metadata.PackageNotFoundError:
-        return "transformers5"
-    return "released" if major is not None and major < 5 else "transformers5"
-
-
 @functools.lru_cache(maxsize=1)
 def measured_runtime_experts_layout() -> str:
     """Which expert orientation the installed transformers holds in memory, found by building a tiny
@@ -377,23 +276,39 @@ def measured_runtime_experts_layout() -> str:
     return "transformers5" if tuple(shape) == (2, 4, 8) else "released"
 
 
-def expert_layout_of(name: str, shape: tuple[int, ...], skeleton: Skeleton, hint: str | None = None) -> str:
-    """Decide the orientation of a stored expert tensor from its shape against the skeleton.
-
-    A square tensor (2I == H for gate_up, I == H for down) cannot be told apart: then ``hint``
-    (a declared layout) decides, else the released layout is assumed.
-    """
-    runtime = skeleton.tensors[name].shape
-    flipped = (runtime[0], runtime[2], runtime[1])
-    if runtime == flipped:
-        return hint or "released"
-    if tuple(shape) == runtime:
-        return skeleton.runtime_experts
-    if tuple(shape) == flipped:
-        return "released" if skeleton.runtime_experts == "transformers5" else "transformers5"
-    raise UserError(f"'{name}' has shape {list(shape)}, the config expects {list(runtime)} or {list(flipped)}")
+_LM_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 
-def convert_expert(tensor: torch.Tensor, src_layout: str, dst_layout: str) -> torch.Tensor:
-    """Change the orientation of a fused expert tensor (a transpose of its last two dims)."""
-    return tensor if src_layout == dst_layout else tensor.transpose(1, 2)
+class Qwen3VLFamily(Family):
+    """Qwen3-VL dense and MoE: fused 3-D experts, a TP-split Megatron-Core ViT with deepstack mergers."""
+
+    name = "qwen3_vl"
+    model_types = tuple(FAMILIES)
+    architectures = tuple(FAMILIES.values())
+    megatron_prefixes = MegatronPrefixes(language="language_model.", vision="vision_model.")
+    embed = EMBED
+    output = LM_HEAD
+    expert_storage = "fused"
+    vision_tensor_parallel = True
+    layer_pattern = _LM_LAYER
+
+    def load_config(self, raw: dict) -> ModelInfo:
+        return load_config(raw)
+
+    def skeleton_shapes(self, info: ModelInfo, runtime_experts: str) -> dict[str, tuple[int, ...]]:
+        return _skeleton_shapes(info.raw, runtime_experts)
+
+    def is_expert(self, name: str) -> bool:
+        return is_expert(name)
+
+    def is_vision(self, name: str) -> bool:
+        return name.startswith("model.visual.")
+
+    def megatron_params(self, skeleton: Skeleton, *, spec: str = "te", experts: str = "grouped",
+                        padded_vocab: int | None = None) -> list[Param]:
+        from vlconvert.models.qwen3vl_megatron import megatron_params
+
+        return megatron_params(skeleton, spec=spec, experts=experts, padded_vocab=padded_vocab)
+
+
+FAMILY = Qwen3VLFamily()

@@ -1,0 +1,174 @@
+"""The :class:`Family` interface: what one model-family module provides to every layer above ``models/``.
+
+A family module (``vlconvert/models/<family>.py``) defines one subclass of :class:`Family` and one instance of
+it, which :mod:`vlconvert.models.registry` lists. It provides, from ``config.json`` alone and without
+importing transformers:
+
+* **detection**: ``model_types`` and ``architectures`` it handles (the registry matches ``model_type`` first);
+* **config**: :meth:`Family.load_config` (the raw dict -> :class:`~vlconvert.models.base.ModelInfo`, one-line
+  :class:`~vlconvert.errors.UserError` on a bad field);
+* **skeleton**: :meth:`Family.skeleton_shapes`, every canonical tensor (the names released checkpoints use
+  on disk, i.e. what transformers' ``save_pretrained`` writes) and its shape, in the model's registration
+  order; :meth:`Family.build_skeleton` wraps it with dtypes;
+* **roles**: ``embed`` / ``output`` names, :meth:`Family.is_expert` (fused 3-D expert tensors whose
+  orientation differs between transformers 4 and 5), :meth:`Family.roles` (tied?, experts and how they are
+  stored, MTP tensors, vision tensors), :meth:`Family.canonical_name` (other spellings of a canonical name,
+  e.g. transformers 5 run-time names -> released names);
+* **Megatron**: ``megatron_prefixes`` (language model / vision tower prefixes of the Megatron model),
+  :meth:`Family.megatron_params` (the HF <-> Megatron parameter table with split rules, as
+  :class:`~vlconvert.models.megatron_table.Param` rows), :meth:`Family.layer_of` and :meth:`Family.stage_of`
+  (pipeline placement of canonical tensors), :meth:`Family.check_tensor_parallel`.
+
+Everything returned is plain data; the machinery that uses it (rank plans, splits, pipeline balance) lives in
+:mod:`vlconvert.models.megatron_table` and is family-neutral.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from vlconvert.errors import UserError
+from vlconvert.models.base import ModelInfo, Skeleton, TensorSpec, runtime_experts_layout
+
+if TYPE_CHECKING:
+    from vlconvert.models.megatron_table import Param
+
+SPECS = ("te", "local")
+EXPERT_STYLES = ("grouped", "sequential")
+# how a family's released checkpoints store MoE experts
+EXPERT_STORAGE = ("none", "fused", "per_expert")
+
+
+@dataclass(frozen=True)
+class MegatronPrefixes:
+    """Where the parts of the model sit in the Megatron model's state dict.
+
+    ``language``: prefix of the GPT language model (``language_model.`` in Megatron-Bridge's VL models, ``""``
+    for Megatron-LM's GPTModel). ``vision``: prefix of the vision tower (``vision_model.`` for a Megatron-Core
+    ViT, ``visual.`` where Megatron-Bridge keeps the HF module itself), ``None`` for a text model.
+    """
+
+    language: str
+    vision: str | None = None
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What each canonical tensor of one model is for (names are canonical HF names)."""
+
+    embed: str  # input embedding [V, H]
+    output: str  # output layer [V, H]; in the skeleton also when tied
+    tied: bool  # output layer = embedding (not stored in HF folders)
+    expert_storage: str  # one of EXPERT_STORAGE
+    experts: tuple[str, ...]  # every routed-expert tensor (fused 3-D or per-expert 2-D)
+    mtp: tuple[str, ...]  # multi-token-prediction tensors (released checkpoints may carry them)
+    vision: tuple[str, ...]  # the vision tower and its merger
+
+
+class Family:
+    """One model family: config -> skeleton, tensor roles, HF <-> Megatron table. Subclass per family module.
+
+    Class attributes every family sets: ``name`` (registry key), ``model_types``, ``architectures``,
+    ``megatron_prefixes``, ``embed``, ``output``; ``expert_storage`` and ``vision_tensor_parallel`` where they
+    differ from the defaults. Methods without a default raise NotImplementedError.
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    architectures: ClassVar[tuple[str, ...]]
+    megatron_prefixes: ClassVar[MegatronPrefixes]
+    embed: ClassVar[str]
+    output: ClassVar[str] = "lm_head.weight"
+    expert_storage: ClassVar[str] = "none"
+    vision_tensor_parallel: ClassVar[bool] = False  # the Megatron vision tower is TP-split (heads must divide)
+    layer_pattern: ClassVar[re.Pattern[str]]  # group 1: the decoder layer number of a canonical name
+
+    def __repr__(self) -> str:
+        return f"<Family {self.name}>"
+
+    # -------------------------------------------------------------------------------------- config
+    def load_config(self, raw: dict) -> ModelInfo:
+        """The config.json dict -> :class:`ModelInfo` (one-line UserError for a missing or bad field)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ skeleton
+    def skeleton_shapes(self, info: ModelInfo, runtime_experts: str) -> dict[str, tuple[int, ...]]:
+        """Every canonical tensor name and its shape, in registration order (fused experts in
+        ``runtime_experts`` orientation)."""
+        raise NotImplementedError
+
+    def build_skeleton(self, info: ModelInfo) -> Skeleton:
+        """Every canonical key, shape and dtype of the model (pure Python: no model is built)."""
+        runtime = runtime_experts_layout()
+        try:
+            shapes = self.skeleton_shapes(info, runtime)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"cannot read a {info.family} model's shapes from this config: {exc}") from exc
+        dtype = info.dtype or torch.bfloat16
+        return Skeleton(info=info, tensors={n: TensorSpec(s, dtype) for n, s in shapes.items()},
+                        runtime_experts=runtime)
+
+    # --------------------------------------------------------------------------------------- roles
+    def is_expert(self, name: str) -> bool:
+        """True for fused 3-D expert tensors (their orientation differs between transformers 4 and 5)."""
+        return False
+
+    def is_routed_expert(self, name: str) -> bool:
+        """True for any routed-expert tensor (fused or per-expert)."""
+        return self.is_expert(name)
+
+    def is_mtp(self, name: str) -> bool:
+        """True for multi-token-prediction tensors."""
+        return False
+
+    def is_vision(self, name: str) -> bool:
+        """True for the vision tower and its merger."""
+        return False
+
+    def roles(self, skeleton: Skeleton) -> Roles:
+        """The role of each canonical tensor of ``skeleton``."""
+        names = list(skeleton.tensors)
+        return Roles(embed=self.embed, output=self.output, tied=skeleton.info.tied,
+                     expert_storage=self.expert_storage if skeleton.info.is_moe else "none",
+                     experts=tuple(n for n in names if self.is_routed_expert(n)),
+                     mtp=tuple(n for n in names if self.is_mtp(n)),
+                     vision=tuple(n for n in names if self.is_vision(n)))
+
+    def canonical_name(self, name: str) -> str:
+        """The canonical name for another spelling of it (e.g. a transformers 5 run-time name); else ``name``."""
+        return name
+
+    # ------------------------------------------------------------------------------------ megatron
+    def megatron_params(self, skeleton: Skeleton, *, spec: str = "te", experts: str = "grouped",
+                        padded_vocab: int | None = None) -> list[Param]:
+        """Every Megatron parameter in state-dict order, globally numbered, with the HF rows it is made of
+        and its split rule."""
+        raise NotImplementedError
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer of a canonical name, or None."""
+        m = self.layer_pattern.match(name)
+        return int(m.group(1)) if m else None
+
+    def stage_of(self, name: str) -> str:
+        """Pipeline placement of a canonical tensor: ``first`` (vision tower, embedding), ``layer`` or
+        ``last`` (final norm, output layer, MTP)."""
+        if self.layer_of(name) is not None:
+            return "layer"
+        if name == self.embed or self.is_vision(name):
+            return "first"
+        return "last"
+
+    def check_tensor_parallel(self, info: ModelInfo, tp: int) -> None:
+        """Refuse a TP size the model's heads do not allow (one line)."""
+        if info.heads % tp:
+            raise UserError(f"--tp {tp} must divide the {info.heads} attention heads")
+        if info.kv_heads % tp and tp % info.kv_heads:
+            raise UserError(f"--tp {tp} must be a multiple or a divisor of the {info.kv_heads} KV groups")
+        if self.vision_tensor_parallel and info.vision_heads % tp:
+            raise UserError(f"--tp {tp} must divide the {info.vision_heads} vision attention heads "
+                            "(the ViT is TP-sharded like the language model)")
