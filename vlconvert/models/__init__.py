@@ -4,7 +4,7 @@
 - :mod:`vlconvert.models.base`: family-neutral :class:`ModelInfo`, :class:`Skeleton`, config reading;
 - :mod:`vlconvert.models.megatron_table`: family-neutral Megatron rank plans and split rules;
 - :mod:`vlconvert.models.gpt_table`: the Qwen-style GPT language model's Megatron rows, shared by families;
-- one module per family: ``qwen3vl`` (+ ``qwen3vl_megatron``).
+- one module per family: ``qwen3vl`` (+ ``qwen3vl_megatron``), ``qwen3_text`` (Qwen3, Qwen3-MoE), ``qwen2_5vl``.
 """
 
 from vlconvert.models.base import ModelInfo, Skeleton

@@ -11,9 +11,11 @@ from pathlib import Path
 from vlconvert.errors import UserError
 from vlconvert.models.base import ModelInfo, Skeleton, read_config_json
 from vlconvert.models.family import Family
+from vlconvert.models.qwen2_5vl import FAMILY as QWEN2_5_VL
+from vlconvert.models.qwen3_text import FAMILY as QWEN3_TEXT
 from vlconvert.models.qwen3vl import FAMILY as QWEN3_VL
 
-FAMILIES: tuple[Family, ...] = (QWEN3_VL,)
+FAMILIES: tuple[Family, ...] = (QWEN3_VL, QWEN3_TEXT, QWEN2_5_VL)
 
 
 def supported_model_types() -> list[str]:

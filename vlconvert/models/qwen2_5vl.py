@@ -1,0 +1,146 @@
+"""Qwen2.5-VL (``qwen2_5_vl``): a Qwen2 language model (q/k/v biases, no q/k norms) and a window-attention ViT.
+
+Canonical names are the released checkpoints' (transformers 4.49 era), which transformers 4.52+ and 5.x also
+write with ``save_pretrained`` (``conversion_mapping.py`` renames on load and back on save): ``visual.*``
+(``patch_embed.proj`` without bias, ``blocks.N.norm1/norm2`` RMSNorm, ``attn.qkv`` / ``attn.proj`` with biases,
+gated ``mlp.gate_proj/up_proj/down_proj`` with biases, ``merger.ln_q`` + ``merger.mlp.0`` / ``mlp.2``; no
+deepstack), ``model.embed_tokens`` / ``model.layers.N.*`` / ``model.norm`` and ``lm_head``. A transformers
+4.52+/5.x model holds them as ``model.visual.*`` and ``model.language_model.*``
+(:meth:`Qwen25VLFamily.canonical_name` maps those back). Released config.json files keep the language
+model's fields at the top level; transformers 5 writes them under ``text_config``: both are read.
+
+Megatron side (Megatron-Bridge 0.6.2's Qwen2.5-VL bridge): the language model under ``language_model.``
+(:mod:`vlconvert.models.gpt_table`, QKV biases interleaved like the weights); the vision tower is the HF
+module itself, kept under ``visual.`` with its HF names and replicated on every TP rank.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from vlconvert.errors import UserError
+from vlconvert.models.base import ModelInfo, Skeleton, as_dict, config_int, linear_shapes
+from vlconvert.models.family import Family, MegatronPrefixes
+from vlconvert.models.gpt_table import decoder_layer_params, embedding_param, final_params
+from vlconvert.models.megatron_table import Param, Src, _whole
+from vlconvert.models.qwen3_text import check_spec, check_text_sizes, lm_shapes, model_dtype, text_fields
+from vlconvert.models.qwen3vl import SIZE_BOUNDS
+
+HF_LM = "model."
+VIS = "visual."
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_RUNTIME_NAMES = ((re.compile(r"^model\.visual\."), VIS), (re.compile(r"^model\.language_model\."), HF_LM))
+
+# Class defaults of transformers' Qwen2_5_VLTextConfig / Qwen2_5_VLVisionConfig (5.x).
+TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": None,
+}
+VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16, "in_channels": 3,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584,
+}
+_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "dtype", "torch_dtype")
+
+
+def text_config(raw: dict) -> dict:
+    """The language model's fields: ``text_config`` (transformers 5), else the top level (released configs)."""
+    text = as_dict(raw.get("text_config"), "text_config")
+    if text:
+        return text
+    return {k: raw[k] for k in _TEXT_KEYS if k in raw}
+
+
+def _vision_sizes(vision: dict) -> None:
+    for name, bound in SIZE_BOUNDS["vision_config"].items():
+        value = vision.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value <= bound:
+            raise UserError(f"config field 'vision_config.{name}' is {value}, more than any model vlconvert can "
+                            f"convert ({bound:,} at most): is config.json corrupt?")
+
+
+class Qwen25VLFamily(Family):
+    """Qwen2.5-VL: Qwen2 language model with QKV biases, window-attention ViT kept as the HF module in Megatron."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    megatron_prefixes = MegatronPrefixes(language="language_model.", vision=VIS)
+    embed = EMBED
+    output = LM_HEAD
+    layer_pattern = _LAYER
+
+    def load_config(self, raw: dict) -> ModelInfo:
+        text = text_config(raw)
+        vision = {**VISION_DEFAULTS, **as_dict(raw.get("vision_config"), "vision_config")}
+        check_text_sizes(text, "text_config." if raw.get("text_config") else "")
+        _vision_sizes(vision)
+        try:
+            f = text_fields(text, TEXT_DEFAULTS)
+            return ModelInfo(
+                family="qwen2_5_vl",
+                tied=bool(raw.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False)),
+                hidden=f["hidden"], layers=f["layers"], heads=f["heads"], kv_heads=f["kv_heads"],
+                head_dim=f["head_dim"], vocab=f["vocab"], intermediate=f["intermediate"], experts=0,
+                experts_per_token=0, moe_intermediate=0,
+                vision_depth=config_int(vision, {}, "depth"), vision_hidden=config_int(vision, {}, "hidden_size"),
+                vision_heads=config_int(vision, {}, "num_heads"),
+                vision_intermediate=config_int(vision, {}, "intermediate_size"), deepstack=(),
+                dtype=model_dtype(raw, text), raw=raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"config is missing or has a bad value for {exc}") from exc
+
+    def skeleton_shapes(self, info: ModelInfo, runtime_experts: str) -> dict[str, tuple[int, ...]]:
+        raw = info.raw
+        vision = {**VISION_DEFAULTS, **(raw.get("vision_config") or {})}
+        shapes: dict[str, tuple[int, ...]] = {}
+        hv, iv = config_int(vision, {}, "hidden_size"), config_int(vision, {}, "intermediate_size")
+        patch, temporal = config_int(vision, {}, "patch_size"), config_int(vision, {}, "temporal_patch_size")
+        shapes[f"{VIS}patch_embed.proj.weight"] = (hv, config_int(vision, {}, "in_channels"), temporal, patch, patch)
+        for j in range(config_int(vision, {}, "depth")):
+            block = f"{VIS}blocks.{j}"
+            shapes[f"{block}.norm1.weight"] = (hv,)
+            shapes[f"{block}.norm2.weight"] = (hv,)
+            linear_shapes(shapes, f"{block}.attn.qkv", 3 * hv, hv, True)
+            linear_shapes(shapes, f"{block}.attn.proj", hv, hv, True)
+            linear_shapes(shapes, f"{block}.mlp.gate_proj", iv, hv, True)
+            linear_shapes(shapes, f"{block}.mlp.up_proj", iv, hv, True)
+            linear_shapes(shapes, f"{block}.mlp.down_proj", hv, iv, True)
+        merged = hv * config_int(vision, {}, "spatial_merge_size") ** 2
+        shapes[f"{VIS}merger.ln_q.weight"] = (hv,)
+        linear_shapes(shapes, f"{VIS}merger.mlp.0", merged, merged, True)
+        linear_shapes(shapes, f"{VIS}merger.mlp.2", config_int(vision, {}, "out_hidden_size"), merged, True)
+        text = text_config(raw)
+        lm_shapes(shapes, text, text_fields(text, TEXT_DEFAULTS), HF_LM, runtime_experts=runtime_experts,
+                  qk_norm=False, qkv_bias=True, o_bias=False)
+        shapes[LM_HEAD] = (info.vocab, info.hidden)  # in the state dict also when tied
+        return shapes
+
+    def is_vision(self, name: str) -> bool:
+        return name.startswith(VIS)
+
+    def canonical_name(self, name: str) -> str:
+        for pattern, prefix in _RUNTIME_NAMES:
+            if pattern.match(name):
+                return pattern.sub(prefix, name, count=1)
+        return name
+
+    def megatron_params(self, skeleton: Skeleton, *, spec: str = "te", experts: str = "grouped",
+                        padded_vocab: int | None = None) -> list[Param]:
+        check_spec(spec, experts)
+        mg = self.megatron_prefixes.language
+        # the vision tower: the HF module under the same names, replicated
+        out = [_whole(Src(n), skeleton.shape_in(n, "released"), n) for n in skeleton.tensors if self.is_vision(n)]
+        out.append(embedding_param(skeleton, EMBED, mg, padded_vocab))
+        for layer in range(skeleton.info.layers):
+            out += decoder_layer_params(skeleton, layer, hf_lm=HF_LM, mg_lm=mg, spec=spec, experts=experts,
+                                        qk_norm=False, qkv_bias=True)
+        out += final_params(skeleton, f"{HF_LM}norm.weight", EMBED, LM_HEAD, mg, padded_vocab)
+        return out
+
+
+FAMILY = Qwen25VLFamily()
