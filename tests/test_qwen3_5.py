@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from vlconvert.errors import UserError
 from vlconvert.models import qwen3_5 as q
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.base import ModelInfo
+from vlconvert.models.megatron_table import Src
 
 transformers = pytest.importorskip("transformers")
 
@@ -353,3 +354,30 @@ def test_mtp_table_names(folders):
         assert mg + n in names
     no_mtp = q.build_skeleton(sk.info, experts=sk.experts, mtp=False)
     assert not [p for p in q.megatron_params(no_mtp) if ".mtp." in p.name]
+
+
+def test_family_interface(folders):
+    fam = q.FAMILY
+    raw = json.loads((folders["moe"] / "config.json").read_text())
+    info = fam.load_config(raw)
+    assert isinstance(info, ModelInfo) and info.is_moe and info.layer_types == ("linear_attention", "full_attention")
+    assert "qwen3_5_moe" in fam.model_types and "Qwen3_5MoeForConditionalGeneration" in fam.architectures
+    released = fam.build_skeleton(info)  # released Qwen3.5: fused decoder experts, per-expert MTP experts
+    assert (released.experts, released.mtp_experts, released.family) == ("fused", "per_expert", fam)
+    sk = fam.skeleton_for(info, _saved(folders["moe"]))
+    assert {k: sk.tensors[k].shape for k in sk.hf_keys()} == _saved(folders["moe"])
+    roles = fam.roles(sk)
+    assert roles.expert_storage == "per_expert" and roles.embed == q.EMBED and not roles.tied
+    assert all(n.startswith("mtp.") for n in roles.mtp) and "mtp.fc.weight" in roles.mtp
+    assert "model.language_model.layers.1.mlp.experts.2.up_proj.weight" in roles.experts
+    assert all(n.startswith("model.visual.") for n in roles.vision) and roles.vision
+    assert not fam.is_expert("model.language_model.layers.0.mlp.experts.gate_up_proj")  # never transposed
+    assert fam.layer_of("model.language_model.layers.1.self_attn.q_proj.weight") == 1
+    assert fam.stage_of("mtp.layers.0.self_attn.q_proj.weight") == "last"
+    assert fam.stage_of("model.visual.pos_embed.weight") == "first"
+    assert fam.source_shape(released, Src("model.language_model.layers.0.mlp.experts.gate_up_proj", 1)) == (32, 32)
+    assert fam.source_shape(released, Src("model.language_model.layers.0.mlp.experts.down_proj", 1)) == (32, 16)
+    fam.check_tensor_parallel(info, 2)
+    with pytest.raises(UserError, match="--tp 4 must divide"):
+        fam.check_tensor_parallel(info, 4)
+    assert len(fam.megatron_params(sk)) == len(q.megatron_params(sk))

@@ -14,7 +14,8 @@ orientation (transformers 5 run time; no transpose anywhere in this family):
 
 The Megatron side follows megatron-core 0.19 (``GatedDeltaNet``, gated attention, ``SharedExpertMLP``,
 ``MultiTokenPredictionBlock``) as Megatron-Bridge 0.6.2's Qwen3.5-VL bridges name it: LM under
-``language_model.``, ViT under ``vision_model.``. Two rules are new to the shared Param vocabulary
+``language_model.``, ViT under ``vision_model.``. :data:`FAMILY` is this module's
+:class:`~vlconvert.models.family.Family`. Two rules are new to the shared Param vocabulary
 (see :class:`Param35`): split ``blocks`` (each row block chunked over TP separately, e.g. GDN
 ``in_proj`` = per rank [q_r; k_r; v_r; z_r; b_r; a_r]) and the value op ``minus_one`` (GDN output norm:
 HF plain RMSNorm gain, Megatron zero-centred gain).
@@ -22,20 +23,21 @@ HF plain RMSNorm gain, Megatron zero-centred gain).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlconvert import ops
-from vlconvert.dtypes import element_size, parse_dtype
+from vlconvert.dtypes import parse_dtype
 from vlconvert.errors import UsageError, UserError
-from vlconvert.models.qwen3vl import read_config_json
-from vlconvert.models.qwen3vl_megatron import Param, Src
+from vlconvert.models.base import ModelInfo, TensorSpec, read_config_json
+from vlconvert.models.base import Skeleton as BaseSkeleton
+from vlconvert.models.family import EXPERT_STYLES, SPECS, Family, MegatronPrefixes, Roles
+from vlconvert.models.megatron_table import Param, Src
 
 FAMILIES = {"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 LM = "model.language_model."
@@ -44,8 +46,6 @@ MTP = "mtp."
 EMBED = f"{LM}embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 EXPERT_LAYOUTS = ("fused", "per_expert")
-SPECS = ("te", "local")
-EXPERT_STYLES = ("grouped", "sequential")
 MLM = "language_model."
 MVIS = "vision_model."
 
@@ -79,43 +79,18 @@ _BOUND = {"num_hidden_layers": 2**12, "hidden_size": 2**17, "intermediate_size":
 
 # ------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class Qwen35Info:
-    """The facts about a Qwen3.5-VL model that converters need, read from its config.json.
+class Qwen35Info(ModelInfo):
+    """:class:`~vlconvert.models.base.ModelInfo` plus the Qwen3.5 facts (hybrid layers, GDN sizes, shared
+    experts, MTP). ``intermediate`` is the dense MLP width (0 for MoE); ``deepstack`` is always empty."""
 
-    Field names shared with Qwen3-VL's ``ModelInfo`` mean the same; ``deepstack`` is always empty.
-    """
-
-    family: str  # "qwen3_5" or "qwen3_5_moe"
-    tied: bool
-    hidden: int
-    layers: int
-    layer_types: tuple[str, ...]  # "linear_attention" | "full_attention" per decoder layer
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    intermediate: int  # dense MLP width (0 for MoE)
-    experts: int  # 0 for dense
-    experts_per_token: int
-    moe_intermediate: int
-    shared_intermediate: int
-    linear_key_heads: int
-    linear_value_heads: int
-    linear_key_head_dim: int
-    linear_value_head_dim: int
-    conv_kernel: int
-    mtp_layers: int
-    vision_depth: int
-    vision_hidden: int
-    vision_heads: int
-    vision_intermediate: int
-    dtype: torch.dtype | None
-    deepstack: tuple[int, ...] = ()
-    raw: dict = field(repr=False, compare=False, hash=False, default_factory=dict)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts > 0
+    layer_types: tuple[str, ...] = ()  # "linear_attention" | "full_attention" per decoder layer
+    shared_intermediate: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    conv_kernel: int = 0
+    mtp_layers: int = 0
 
     @property
     def key_dim(self) -> int:
@@ -193,7 +168,7 @@ def load_config(path_or_dict: str | Path | dict) -> Qwen35Info:
         linear_key_head_dim=t("linear_key_head_dim"), linear_value_head_dim=t("linear_value_head_dim"),
         conv_kernel=t("linear_conv_kernel_dim"), mtp_layers=mtp,
         vision_depth=v("depth"), vision_hidden=v("hidden_size"), vision_heads=v("num_heads"),
-        vision_intermediate=v("intermediate_size"),
+        vision_intermediate=v("intermediate_size"), deepstack=(),
         dtype=parse_dtype(dtype_text) if isinstance(dtype_text, str) else None, raw=raw)
     if info.heads % max(info.kv_heads, 1) or info.kv_heads == 0:
         raise UserError(f"{info.heads} attention heads are not a multiple of {info.kv_heads} KV heads")
@@ -204,35 +179,22 @@ def load_config(path_or_dict: str | Path | dict) -> Qwen35Info:
 
 
 # ----------------------------------------------------------------------------------------- skeleton
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one canonical tensor."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * element_size(self.dtype)
-
-
 @dataclass
-class Skeleton:
-    """Every canonical key, shape and dtype of a Qwen3.5-VL checkpoint, computed from config.json.
+class Skeleton(BaseSkeleton):
+    """The neutral :class:`~vlconvert.models.base.Skeleton` plus how this checkpoint stores its experts.
 
-    ``tensors`` holds ``lm_head.weight`` also when tied (the model's state dict has it); :meth:`hf_keys`
-    gives what a folder holds. ``experts`` / ``mtp_experts``: the stored form of the routed experts of the
-    decoder and of the MTP layers (``fused`` or ``per_expert``). ``mtp``: whether ``mtp.*`` is included.
+    ``experts`` / ``mtp_experts``: the stored form of the routed experts of the decoder and of the MTP
+    layers (``fused`` or ``per_expert``). ``mtp``: whether ``mtp.*`` is included. Fused experts have one
+    orientation in this family, so :meth:`shape_in` never transposes.
     """
 
-    info: Qwen35Info
-    tensors: dict[str, TensorSpec]
     experts: str = "fused"
     mtp_experts: str = "per_expert"
     mtp: bool = True
 
-    def hf_keys(self) -> list[str]:
-        return [k for k in self.tensors if not (self.info.tied and k == LM_HEAD)]
+    @property
+    def family(self) -> Family:  # type: ignore[override]
+        return FAMILY
 
     def model_keys(self) -> list[str]:
         """The keys transformers loads (everything but ``mtp.*``)."""
@@ -242,7 +204,7 @@ class Skeleton:
         return [k for k in self.tensors if k.startswith(MTP)]
 
     def shape_in(self, name: str, experts_layout: str | None = None) -> tuple[int, ...]:
-        """The stored shape of ``name`` (one orientation only in this family)."""
+        """The stored shape of ``name`` (one orientation in this family, whatever ``experts_layout``)."""
         return self.tensors[name].shape
 
 
@@ -357,7 +319,8 @@ def build_skeleton(config: str | Path | dict | Qwen35Info, *, experts: str = "fu
     _check_layout("MTP experts", mtp_experts)
     shapes = skeleton_shapes(info, experts, mtp_experts, mtp)
     dtype = info.dtype or torch.bfloat16
-    return Skeleton(info, {n: TensorSpec(sh, dtype) for n, sh in shapes.items()}, experts, mtp_experts, mtp)
+    return Skeleton(info=info, tensors={n: TensorSpec(sh, dtype) for n, sh in shapes.items()},
+                    runtime_experts="transformers5", experts=experts, mtp_experts=mtp_experts, mtp=mtp)
 
 
 _PER_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
@@ -702,3 +665,90 @@ def fuse_gdn_in_proj(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: tor
     q, k, v = torch.split(qkv, [key_dim, key_dim, qkv.shape[0] - 2 * key_dim])
     parts = [t.chunk(tp) for t in (q, k, v, z, b, a)]
     return torch.cat([p[r] for r in range(tp) for p in parts])
+
+
+# --------------------------------------------------------------------------------------------- family
+_LM_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+
+
+class Qwen35Family(Family):
+    """Qwen3.5-VL dense and MoE (and Qwen3.6): hybrid GDN / gated-attention layers, shared experts, an MTP head.
+
+    Family-specific hooks beyond :class:`~vlconvert.models.family.Family` (the neutral machinery does not call
+    them yet): :meth:`skeleton_for` (the skeleton of a checkpoint from its stored names), :meth:`source_shape`
+    (fused experts are already ``[out, in]``), :meth:`split` (adds ``blocks``), :meth:`to_megatron_value` /
+    :meth:`to_hf_value` (the ``minus_one`` value op).
+    """
+
+    name = "qwen3_5"
+    model_types = tuple(FAMILIES)
+    architectures = tuple(FAMILIES.values())
+    megatron_prefixes = MegatronPrefixes(language=MLM, vision=MVIS)
+    embed = EMBED
+    output = LM_HEAD
+    expert_storage = "fused"  # the released decoder experts; see skeleton_for for other checkpoints
+    vision_tensor_parallel = True
+    layer_pattern = _LM_LAYER
+
+    def load_config(self, raw: dict) -> ModelInfo:
+        return load_config(raw)
+
+    def skeleton_shapes(self, info: ModelInfo, runtime_experts: str) -> dict[str, tuple[int, ...]]:
+        """Released layout (fused decoder experts, per-expert MTP experts, mtp.* included); one orientation."""
+        return skeleton_shapes(_info(info))
+
+    def build_skeleton(self, info: ModelInfo) -> Skeleton:
+        return build_skeleton(_info(info))
+
+    def skeleton_for(self, info: ModelInfo, names: Iterable[str]) -> Skeleton:
+        """The skeleton of a checkpoint holding ``names``: its expert layouts, with ``mtp.*`` only if held."""
+        experts, mtp_experts, has_mtp = detect_expert_layouts(names)
+        return build_skeleton(_info(info), experts=experts, mtp_experts=mtp_experts, mtp=has_mtp)
+
+    def is_routed_expert(self, name: str) -> bool:
+        return is_expert(name) or _PER_EXPERT.search(name) is not None
+
+    def is_mtp(self, name: str) -> bool:
+        return name.startswith(MTP)
+
+    def is_vision(self, name: str) -> bool:
+        return name.startswith(VIS)
+
+    def roles(self, skeleton: BaseSkeleton) -> Roles:
+        roles = super().roles(skeleton)
+        if skeleton.info.is_moe and isinstance(skeleton, Skeleton):
+            roles = replace(roles, expert_storage=skeleton.experts)
+        return roles
+
+    def megatron_params(self, skeleton: BaseSkeleton, *, spec: str = "te", experts: str = "grouped",
+                        padded_vocab: int | None = None) -> list[Param]:
+        return list(megatron_params(_skeleton(skeleton), spec=spec, experts=experts, padded_vocab=padded_vocab))
+
+    def check_tensor_parallel(self, info: ModelInfo, tp: int) -> None:
+        check_tp(_info(info), tp)
+
+    def source_shape(self, skeleton: BaseSkeleton, src: Src) -> tuple[int, ...]:
+        return source_shape(_skeleton(skeleton), src)
+
+    def split(self, p: Param, size: int, rank: int) -> tuple[int, tuple[Seg, ...], tuple[int, ...]]:
+        return split_param(p, size, rank)
+
+    def to_megatron_value(self, p: Param, tensor: torch.Tensor) -> torch.Tensor:
+        return to_megatron_value(p, tensor)
+
+    def to_hf_value(self, p: Param, tensor: torch.Tensor) -> torch.Tensor:
+        return to_hf_value(p, tensor)
+
+
+def _info(info: ModelInfo) -> Qwen35Info:
+    return info if isinstance(info, Qwen35Info) else load_config(info.raw)
+
+
+def _skeleton(skeleton: BaseSkeleton) -> Skeleton:
+    """A Qwen3.5 skeleton for any skeleton of this family (a neutral one gets the expert layouts its names say)."""
+    if isinstance(skeleton, Skeleton):
+        return skeleton
+    return FAMILY.skeleton_for(skeleton.info, skeleton.tensors)
+
+
+FAMILY = Qwen35Family()
