@@ -317,9 +317,77 @@ def test_a_rerun_without_resume_says_first_that_it_discards_finished_files(hf, t
     said = [i for i, ln in enumerate(proc.stderr.splitlines()) if "discard" in ln]
     assert said, proc.stderr
     line = proc.stderr.splitlines()[said[0]]
-    assert f"{kept} finished files" in line and "--resume" in line, line
+    assert f"{kept} finished file" in line and "--resume" in line, line
     assert said[0] < proc.stderr.splitlines().index("WORK-STARTED"), proc.stderr
     assert folder_digest(dst) == folder_digest(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("flag", ["-q", "--json"])
+def test_discarding_finished_files_is_said_even_under_quiet_and_json(hf, tmp_path, flag):
+    """A warning that finished work is thrown away reaches the user whatever the output flags: on stderr,
+    and in the --json record (its notes)."""
+    run_cli("hf-to-dcp", hf, tmp_path / "clean", "-q")
+    dst = tmp_path / "out"
+    assert _signalled_run(["hf-to-dcp", hf, dst, "-q"], _total(tmp_path / "clean") // 2).returncode == \
+        -signal.SIGKILL
+    kept = len(_journal(dst)) - 1
+    assert kept >= 1
+    proc = _signalled_run(["hf-to-dcp", hf, dst, flag], -1)
+    assert proc.returncode == 0, proc.stderr
+    warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: discarding")]
+    assert len(warned) == 1 and f"{kept} finished file" in warned[0] and "--resume" in warned[0], proc.stderr
+    if flag == "--json":
+        record = json.loads(proc.stdout)
+        assert record["ok"] and any(f"discarded {kept} finished file" in n for n in record["notes"]), record
+    assert folder_digest(dst) == folder_digest(tmp_path / "clean")
+
+
+def test_resume_covers_a_file_the_reader_opened_that_no_option_names(tmp_path):
+    """--resume's fingerprint holds the identity of every file the readers opened, also one no option of the
+    command names: a Bridge checkpoint's config read from its hf_model_id folder, rewritten between the
+    interrupted run and --resume, is refused in one line naming it."""
+    from vlconvert.sources import open_source
+
+    hfm = tmp_path / "hfm"
+    shutil.copytree(FIX / "tiny-dense-untied", hfm)
+    run_cli("convert", hfm, tmp_path / "td", "--to", "torch_dist", "-q")
+    dst = tmp_path / "out"
+    source = open_source(tmp_path / "td")  # its config comes from hfm (hf_model_id in run_config.yaml)
+    try:
+        assert source.assets == hfm.resolve() or source.assets == hfm
+        with pytest.raises(KeyboardInterrupt):
+            with publish.staged_output(dst, inputs={"SRC": tmp_path / "td"}, fingerprint={"cmd": 1}) as stage:
+                publish.write_bytes(stage.path / "a", b"finished")
+                raise KeyboardInterrupt
+        assert (publish.staging_path(dst) / "a").is_file()  # kept for --resume
+        st = os.stat(hfm / "config.json")
+        os.utime(hfm / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place
+        with pytest.raises(publish.UserError) as caught:
+            with publish.staged_output(dst, inputs={"SRC": tmp_path / "td"}, fingerprint={"cmd": 1}, resume=True):
+                pass
+        assert "config.json" in str(caught.value) and "changed" in str(caught.value), caught.value
+    finally:
+        source.close()
+
+
+def test_a_config_that_does_not_fit_a_torch_dist_checkpoint_ends_in_one_line_before_planning(tmp_path):
+    """Within the fixed bounds, a config of 4000 layers of 16000 experts would make the torch_dist reader
+    plan 64 million tensors: its sizes are compared with the tensors present first (issue 20 item 13)."""
+    run_cli("convert", FIX / "tiny-moe", tmp_path / "td", "--to", "torch_dist", "--tp", "2", "--ep", "2", "-q")
+    for changes, field in [({"num_hidden_layers": 4000, "num_experts": 16000}, "num_hidden_layers"),
+                           ({"num_experts": 16000}, "num_experts"), ({"hidden_size": 128}, "hidden_size")]:
+        config = json.loads((FIX / "tiny-moe" / "config.json").read_text())
+        config["text_config"].update(changes)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        argv = ["convert", tmp_path / "td", tmp_path / "out", "--to", "dcp", "--config", tmp_path / "config.json"]
+        code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30)); "
+                "from vlconvert.cli import main; main(sys.argv[1:], prog_name='vlconvert')")
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                              timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+        assert field in lines[0] and str(tmp_path / "td") in lines[0] and "config.json" in lines[0], lines[0]
+        assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------ 13: absurd config sizes

@@ -33,7 +33,9 @@ import os
 import queue
 import shutil
 import socket
+import sys
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,6 +116,60 @@ def input_paths(path: str | Path) -> list[tuple[Path, str]]:
     return list(found.items())
 
 
+# ----------------------------------------------------------------------------- what readers open
+class InputLog:
+    """The files and folders one reader (a :class:`~vlconvert.sources.Source` and the readers under it) opens,
+    recorded by :func:`note_input` as real paths, each with the path as it was opened. A log is live while
+    its source is (the source holds it) and until :meth:`close`; :func:`staged_output` treats everything
+    every live log holds as an input, whatever the command declared (overlap, and ``--resume``'s
+    fingerprint): a reader that opens something no option names cannot bypass the input rule."""
+
+    def __init__(self) -> None:
+        self.paths: dict[Path, str] = {}
+        self.closed = False
+        with _LOG_LOCK:
+            _LOGS.add(self)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+_LOGS: weakref.WeakSet[InputLog] = weakref.WeakSet()
+_LOG_LOCK = threading.Lock()
+
+
+def note_input(path: str | Path) -> Path:
+    """The hook every reader calls as it opens an input file or lists an input folder: ``path`` is recorded
+    in every open :class:`InputLog`, with every symlink on the way resolved, and so is the place of its
+    own name (a link inside the checkpoint is an input too). Returns ``path``."""
+    with _LOG_LOCK:
+        logs = [log for log in _LOGS if not log.closed]
+    if logs:
+        text = os.path.abspath(os.path.expanduser(str(path)))
+        places = {_real(text), Path(os.path.realpath(os.path.dirname(text))) / os.path.basename(text)}
+        with _LOG_LOCK:
+            for log in logs:
+                for place in places:
+                    log.paths.setdefault(place, text)
+    return Path(path)
+
+
+def open_input(path: str | Path, mode: str = "rb") -> Any:
+    """``open(path, mode)`` for a reader, recorded by :func:`note_input` first."""
+    return open(note_input(path), mode)  # noqa: SIM115 - the caller closes it
+
+
+def read_inputs() -> list[tuple[Path, str]]:
+    """Every path the open :class:`InputLog` s hold (real path, as opened), in a stable order."""
+    with _LOG_LOCK:
+        found: dict[Path, str] = {}
+        for log in _LOGS:
+            if not log.closed:
+                for path, text in log.paths.items():
+                    found.setdefault(path, text)
+    return sorted(found.items())
+
+
 def check_inside(path: str | Path, folder: str | Path) -> None:
     """Refuse to read ``path`` (a file of the checkpoint ``folder``) if, symlinks resolved, it lies outside the
     checkpoint (:func:`checkpoint_root`: a cache snapshot's blobs are inside its repository)."""
@@ -123,13 +179,15 @@ def check_inside(path: str | Path, folder: str | Path) -> None:
                         "it (copy the file into the checkpoint if it belongs there)")
 
 
-def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None], name: str = "output") -> None:
+def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None], name: str = "output",
+                     read: list[tuple[Path, str]] | None = None) -> None:
     """Refuse a DST that equals, contains or lies inside any input, after resolving symlinks.
 
     ``inputs`` maps a label for the message (``"SRC"``, ``"--assets-dir"``) to a path; ``None`` is skipped;
     ``name`` names DST in the message (``"--data-out"``).
     Each input stands for everything :func:`input_paths` finds under it (the targets of its symlinks, a
     cache snapshot's repository), so an output can never replace a file a run reads through a link.
+    ``read``: what the readers opened (:func:`read_inputs`), inputs too, whether or not an option names them.
     """
     target = _real(dst)
     given = [(label, path) for label, path in inputs.items() if path is not None]
@@ -140,6 +198,9 @@ def check_no_overlap(dst: str | Path, inputs: dict[str, str | Path | None], name
             if how:
                 whose = f"{how} {'of' if how.startswith('the Hugging') else 'in'} the input {label} '{path}'"
                 covered.append((source, whose, f"'{source}', {whose}"))
+    for source, text in read or []:
+        whose = f"'{source}', which this run reads" + (f" (as '{text}')" if text != str(source) else "")
+        covered.append((source, whose, None))
     for source, whose, what in covered:
         if target == source:
             raise UserError(f"{name} '{dst}' is {whose}: choose another output folder")
@@ -546,7 +607,7 @@ class _Inputs:
         fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = self._fds[path] = os.open(note_input(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
                 raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
         return fd
@@ -664,6 +725,7 @@ def copy_file(src: str | Path, dst: str | Path, within: str | Path | None = None
     The copy never gets wider permissions than ``src`` (a 0600 file stays 0600)."""
     if within is not None:
         check_inside(src, within)
+    note_input(src)
     if kept_state(dst) is not None:
         return Path(dst).stat().st_size
     n = 0
@@ -777,8 +839,9 @@ class Stage(os.PathLike):
                 self._resume(files, info, who)
                 return
             finished = sum(1 for rel in files if (self.path / rel).is_file())
-            info(f"discarding {finished} finished files of an interrupted run{who} in '{self.path}' "
-                 "(--resume would keep them)")
+            if finished:  # finished work is never discarded silently: not even under -q or --json
+                warn(f"discarding {finished} finished file{'' if finished == 1 else 's'} of an interrupted "
+                     f"run{who} in '{self.path}' (--resume would keep them)")
             _remove(self.path)
             self.notes.append(f"discarded {finished} finished files of an interrupted run")
         elif resume:
@@ -892,6 +955,22 @@ def input_identities(paths: list[str | Path | None]) -> dict[str, list[int]]:
     return found
 
 
+def _with_read_files(fingerprint: dict) -> dict:
+    """``fingerprint`` whose ``inputs`` also hold the identity of every file the readers opened
+    (:func:`read_inputs`), so ``--resume`` notices a changed input that no option names."""
+    identities: dict[str, list[int]] = {}
+    for path, _ in read_inputs():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not os.path.isdir(path):
+            identities[str(path)] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    if not identities:
+        return fingerprint
+    return {**fingerprint, "inputs": {**identities, **(fingerprint.get("inputs") or {})}}
+
+
 def _changed_input(previous: Any, now: dict) -> str | None:
     """The first input file whose identity differs between two fingerprints that differ only in their
     ``inputs`` (None when something else differs)."""
@@ -907,6 +986,15 @@ def _changed_input(previous: Any, now: dict) -> str | None:
 
 
 PUBLISHED: list[Path] = []  # outputs published by this command so far (what an interrupt message says)
+WARNINGS: list[str] = []  # warnings said by this command so far (a --json record carries them)
+
+
+def warn(message: str) -> None:
+    """Say ``message`` on stderr as ``warning: ...`` whatever -q or --json, and keep it in :data:`WARNINGS`:
+    for what a user must hear even from a quiet run (finished work discarded)."""
+    WARNINGS.append(message)
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
 
 
 def staging_path(dst: Path) -> Path:
@@ -931,7 +1019,8 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
     dst = Path(os.path.abspath(os.path.expanduser(str(dst))))
     if dst.name in ("", ".", ".."):
         raise UserError(f"output '{dst}' is not a folder name: choose another output folder")
-    check_no_overlap(dst, inputs or {})
+    inputs = inputs or {}
+    check_no_overlap(dst, inputs, read=read_inputs())
     if os.path.lexists(dst) and not overwrite:
         what = "is a symlink to a missing path" if dst.is_symlink() and not dst.exists() else "already exists"
         raise UserError(f"output '{dst}' {what}: choose another path or pass --overwrite")
@@ -947,7 +1036,7 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
         checked = _identity(dst)  # under the lock: what --overwrite may replace
         if checked is not None and not overwrite:
             raise UserError(f"output '{dst}' already exists: choose another path or pass --overwrite")
-        stage.start(fingerprint or {}, resume, info)
+        stage.start(_with_read_files(fingerprint or {}), resume, info)
         owned = True
         check_free_space(dst.parent, max(0, needed_bytes - stage.kept_bytes))
         _ACTIVE[stage.path] = stage
@@ -958,6 +1047,7 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
             stage.active = False
             stage.close_journal()
         stage.finish()
+        check_no_overlap(dst, inputs, read=read_inputs())  # again: files the readers opened while writing
         with _signals_deferred():  # an interrupt lands before the rename or after ``published`` is set
             _publish(stage, dst, checked, overwrite)
             published = True

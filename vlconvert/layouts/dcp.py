@@ -31,7 +31,7 @@ from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
 from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
-from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state
+from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, note_input, open_input
 
 METADATA_NAME = ".metadata"
 _MAX_RECORD_PKL = 2**20  # a one-tensor record's data.pkl is a few hundred bytes
@@ -169,7 +169,7 @@ def read_dcp_metadata(folder: Path) -> dcp_classes.Metadata:
     try:
         if path.stat().st_size > _MAX_METADATA:
             raise UserError(f"'{path}' is corrupt: larger than {_MAX_METADATA // 2**20} MiB")
-        raw = path.read_bytes()
+        raw = note_input(path).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
     try:
@@ -322,7 +322,7 @@ class DCPReader:
         target = path.resolve()
         if not target.is_relative_to(self.folder.resolve()):
             raise UserError(f"'{path}' links to '{target}', outside the checkpoint folder: refusing to read it")
-        return path.stat().st_size
+        return note_input(path).stat().st_size
 
     @property
     def planner_data(self) -> dict:
@@ -340,7 +340,7 @@ class DCPReader:
         try:
             if info.offset + info.length > self._data_file_size(path):
                 return None
-            with open(path, "rb") as f:
+            with open_input(path) as f:
                 f.seek(info.offset)
                 data = f.read(info.length)
         except (OSError, UserError):
@@ -351,7 +351,7 @@ class DCPReader:
         f = self._files.get(chunk.file)
         if f is None:
             try:
-                f = self._files[chunk.file] = open(chunk.file, "rb")  # noqa: SIM115 - closed in close()
+                f = self._files[chunk.file] = open_input(chunk.file)
             except OSError as exc:
                 raise UserError(f"cannot read '{chunk.file}': {exc.strerror or exc}") from exc
         return f

@@ -21,7 +21,16 @@ from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes, read_exact
-from vlconvert.publish import MANIFEST_NAME, check_inside, copy_file, create_file, kept_state, write_bytes
+from vlconvert.publish import (
+    MANIFEST_NAME,
+    check_inside,
+    copy_file,
+    create_file,
+    kept_state,
+    note_input,
+    open_input,
+    write_bytes,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -93,7 +102,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise UserError(f"'{path}' is truncated or not a safetensors file (shorter than 8 bytes)")
@@ -196,7 +205,7 @@ def read_index(path: Path) -> dict[str, str]:
     try:
         if path.stat().st_size > _MAX_INDEX:
             raise UserError(f"'{path}' is corrupt: larger than {_MAX_INDEX // 2**20} MiB")
-        raw = path.read_bytes()
+        raw = note_input(path).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
     index = _parse_json_bytes(raw, path, "index")
@@ -293,7 +302,7 @@ class HFCheckpoint:
     def _file(self, path: Path):
         handle = self._handles.get(path)
         if handle is None:
-            handle = self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+            handle = self._handles[path] = open_input(path)
         return handle
 
     def _read_bytes(self, path: Path, start: int, nbytes: int) -> torch.Tensor:
@@ -474,6 +483,7 @@ _SKIP = {INDEX_NAME, "pytorch_model.bin.index.json", ".metadata", MANIFEST_NAME}
 def asset_files(folder: Path) -> list[Path]:
     """Every non-weight file of a checkpoint folder (config, tokenizer, processor, templates, docs...)."""
     out = []
+    note_input(folder)
     for path in sorted(Path(folder).rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
@@ -481,7 +491,7 @@ def asset_files(folder: Path) -> list[Path]:
         if path.name in _SKIP or path.name.endswith(WEIGHT_SUFFIXES):
             continue
         check_inside(path, folder)  # a tokenizer file linking to /etc/shadow is never read
-        out.append(path)
+        out.append(note_input(path))
     return out
 
 

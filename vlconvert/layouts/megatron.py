@@ -43,7 +43,7 @@ from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.filebytes import FileSpan, read_exact
-from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, write_bytes
+from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, note_input, open_input, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -554,7 +554,7 @@ class RankFile:
     def _read_data_pkl(self) -> bytes:
         """The zip directory (into ``self._records``) and ``data.pkl``, bounded in size."""
         try:
-            with zipfile.ZipFile(self.path) as zf:
+            with zipfile.ZipFile(note_input(self.path)) as zf:
                 infos = zf.infolist()
                 pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
                 if len(pkl) != 1:
@@ -617,7 +617,7 @@ class RankFile:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise UserError(f"'{self.path}': storage record '{key}' is compressed")
             try:
-                with open(self.path, "rb") as f:
+                with open_input(self.path) as f:
                     f.seek(info.header_offset)
                     header = f.read(30)
                     size = f.seek(0, io.SEEK_END)
@@ -671,7 +671,7 @@ class RankFile:
         info = self._records.get(t.key)
         if info is None or (offset + count) * size > info.file_size:
             raise UserError(f"'{self.path}' is truncated or corrupt: tensor bytes outside record '{t.key}'")
-        with open(self.path, "rb") as f:
+        with open_input(self.path) as f:
             return read_exact(f, self._data_start(t.key) + offset * size, count * size,
                               f"'{self.path}' is truncated: record '{t.key}' ends early").view(t.dtype)
 
@@ -696,7 +696,7 @@ class RankLayout:
 def read_tracker(path: Path) -> str:
     """The text of ``latest_checkpointed_iteration.txt``: ``release`` or an iteration number (checked)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             raw = f.read(_MAX_TRACKER + 1)
     except OSError as exc:
         raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
@@ -740,6 +740,7 @@ def scan_ranks(root: Path, resolve_two_part: Callable[[dict[tuple[int, int], Pat
     ``resolve_two_part`` (given {(tp, second): folder}) returns 'pp' or 'ep' from the tensors it holds.
     """
     iter_dir, iteration, notes = find_iteration_dir(root)
+    note_input(iter_dir)
     parsed: dict[tuple[int, ...], Path] = {}
     for p in sorted(iter_dir.iterdir()):
         m = _FOLDER_RE.match(p.name)

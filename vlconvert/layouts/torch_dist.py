@@ -29,7 +29,7 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER, Consumer, consumer  # noqa: F401
 from vlconvert.layouts.dcp import _DTYPES, DCPReader, DCPWriter, TensorBlocks, kept_matching
 from vlconvert.layouts.megatron import write_torch_record
-from vlconvert.publish import create_file
+from vlconvert.publish import create_file, note_input
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -170,7 +170,7 @@ def is_torch_dist_dir(folder: Path) -> bool:
     if not path.is_file() or path.stat().st_size > 2**20:
         return False
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(note_input(path).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(data, dict) and data.get("sharded_backend") == "torch_dist"
@@ -202,7 +202,7 @@ def read_common(path: Path) -> dict:
     try:
         if path.stat().st_size > _MAX_COMMON:
             return {}
-        return read_common_bytes(path.read_bytes(), listed=False)
+        return read_common_bytes(note_input(path).read_bytes(), listed=False)
     except OSError:
         return {}
 

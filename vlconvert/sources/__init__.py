@@ -25,6 +25,7 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.hf import resolve_source
 from vlconvert.layouts.torch_dist import find_torch_dist_dir
 from vlconvert.models.qwen3vl import Skeleton
+from vlconvert.publish import InputLog, note_input
 from vlconvert.sources.base import DEFAULT_GROUP_BYTES, Source, preview
 from vlconvert.sources.dcp import DCPKeyMap, DCPSource, map_dcp_keys, stored_expert_layout, strip_wrappers
 from vlconvert.sources.fp8 import FP8Source, is_fp8_folder
@@ -66,12 +67,24 @@ def open_source(path: str | Path, *, config: str | Path | dict | None = None, as
     what is wrong with the folder). ``config``/``assets_dir`` give the model config to sources that carry
     none (a training DCP, another tool's Megatron checkpoint).
     """
+    log = InputLog()  # every file and folder the reader opens (vlconvert.publish.note_input): inputs too
+    source = _open(path, config, assets_dir, skeleton, prefix, experts_layout, layout)
+    source.input_log = log  # live as long as the source, until it is closed
+    return source
+
+
+def _open(path: str | Path, config: str | Path | dict | None, assets_dir: str | Path | None,
+          skeleton: Skeleton | None, prefix: str | None, experts_layout: str | None, layout: str | None) -> Source:
     text = str(path)
     folder = Path(text).expanduser()
     if not folder.exists():
         folder = resolve_source(text)  # a model id in the local Hugging Face cache, or a clear error
     if not folder.is_dir():
         raise UserError(f"'{path}' is a file: give the checkpoint folder")
+    note_input(folder)
+    for given in (config, assets_dir):
+        if isinstance(given, (str, Path)):
+            note_input(given)
     layout = layout or detect_layout(folder)
     if layout == "hf":
         hf_config = config if config is not None else _assets_config(assets_dir)

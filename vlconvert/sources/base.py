@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from vlconvert import buffers
+from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
 from vlconvert.models.qwen3vl_megatron import Src, source_shape
+from vlconvert.publish import note_input
 
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
 
@@ -111,8 +113,12 @@ class Source:
                                for i, t in enumerate(shard)}
         return self._locations[name]
 
+    input_log = None  # what the readers opened (vlconvert.publish.InputLog), set by open_source
+
     def close(self) -> None:
-        """Release open files."""
+        """Release open files; what the readers opened stops counting as an input of later runs."""
+        if self.input_log is not None:
+            self.input_log.close()
 
 
 def skeleton_for(folder: Path, config: str | Path | dict | None, assets_dir: str | Path | None) -> Skeleton | None:
@@ -120,7 +126,26 @@ def skeleton_for(folder: Path, config: str | Path | dict | None, assets_dir: str
         config = Path(assets_dir) / "config.json"
     if config is None and (folder / "config.json").is_file():
         config = folder / "config.json"
+    if isinstance(config, (str, Path)):
+        note_input(config)
     return build_skeleton(config) if config is not None else None
+
+
+def check_config_sizes(info, held: dict[str, int], config: str, weights: str | Path) -> None:
+    """Refuse, in one line naming the config and the checkpoint, a config whose sizes differ from what the
+    tensors present hold (``held``: "decoder layers", "experts", "hidden size", "vision blocks" counted from
+    the checkpoint's metadata), before anything is planned per layer or per expert: within the fixed
+    bounds of the config reader, 4000 layers of 16000 experts would still be 64 million plan entries."""
+    fields = {"decoder layers": ("text_config.num_hidden_layers", info.layers),
+              "experts": ("text_config.num_experts", info.experts),
+              "hidden size": ("text_config.hidden_size", info.hidden),
+              "vision blocks": ("vision_config.depth", info.vision_depth)}
+    for what, count in held.items():
+        field, value = fields[what]
+        if count != value:
+            raise UserError(f"the config ({config}) says {field} = {value}, but the tensors in '{weights}' have "
+                            f"{what} {count}: it is not these weights' config; give theirs with --assets-dir or "
+                            "--config")
 
 
 class RankMappedSource(Source):

@@ -201,5 +201,6 @@ class DCPSource(Source):
 
     def close(self) -> None:
         self.reader.close()
+        super().close()
 
 

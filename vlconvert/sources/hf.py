@@ -139,5 +139,6 @@ class HFSource(Source):
 
     def close(self) -> None:
         self.checkpoint.close()
+        super().close()
 
 

@@ -22,6 +22,7 @@ import torch
 from vlconvert.errors import UsageError, UserError, one_line
 from vlconvert.models.qwen3vl import is_expert
 from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.publish import note_input
 from vlconvert.sources.base import Source
 
 PREFIX = "base_model.model."
@@ -123,8 +124,9 @@ def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             else "nothing"
         raise UserError(f"--merge-lora '{folder}' has no {WEIGHTS_NAME} (found {found}): save it with "
                         "safe_serialization=True")
+    note_input(folder)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(note_input(config_path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"'{config_path}' is not valid JSON") from exc
     if not isinstance(config, dict):
@@ -135,7 +137,7 @@ def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     read_header(weights_path)
     from safetensors.torch import load_file
 
-    return config, load_file(str(weights_path))
+    return config, load_file(str(note_input(weights_path)))
 
 
 class LoRAMergedSource(Source):

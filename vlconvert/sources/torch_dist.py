@@ -21,7 +21,8 @@ from vlconvert.layouts.hf import resolve_source
 from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
 from vlconvert.models.qwen3vl_consumers import hf_vision_tensors
 from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, Src, plan_megatron_ranks
-from vlconvert.sources.base import RankMappedSource, skeleton_for
+from vlconvert.publish import note_input
+from vlconvert.sources.base import RankMappedSource, check_config_sizes, skeleton_for
 
 _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 HF_VISION_PREFIXES = ("visual.visual.", "vision_model.")
@@ -35,11 +36,55 @@ def _bridge_hf_folder(folder: Path) -> Path | None:
             return None
         import yaml
 
-        model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+        model = (yaml.safe_load(note_input(path).read_text(encoding="utf-8")) or {}).get("model") or {}
         found = resolve_source(str(model["hf_model_id"]))
     except Exception:  # noqa: BLE001 - no usable record: the user gives --assets-dir
         return None
-    return found if (found / "config.json").is_file() else None
+    return note_input(found) if (found / "config.json").is_file() else None
+
+
+def _config_origin(folder: Path, config: str | Path | dict | None, assets_dir: str | Path | None) -> str:
+    """Where :func:`skeleton_for` took the config from, for a message."""
+    if isinstance(config, dict):
+        return "given"
+    if config is not None:
+        return f"'{config}'"
+    if assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
+        return f"'{Path(assets_dir) / 'config.json'}'"
+    return f"'{folder / 'config.json'}'"
+
+
+def _held_sizes(tensors: dict, prefix: str) -> dict[str, int]:
+    """Decoder layers, experts, hidden size and vision blocks, counted from a torch_dist checkpoint's metadata
+    (layers stacked on the first axis, experts on the second; or numbered per layer / block)."""
+    held: dict[str, int] = {}
+    emb = tensors.get(f"{prefix}embedding.word_embeddings.weight")
+    if emb is not None and len(emb.shape) == 2:
+        held["hidden size"] = emb.shape[1]
+
+    def count(head: str) -> int | None:
+        found = []
+        for key, t in tensors.items():
+            if key.startswith(head):
+                first = key[len(head):].split(".", 1)[0]
+                if first.isdigit():
+                    found.append(int(first) + 1)  # numbered per layer
+                elif t.shape:
+                    found.append(t.shape[0])  # stacked on the first axis
+        return max(found) if found else None
+
+    layers = count(f"{prefix}decoder.layers.")
+    if layers is not None:
+        held["decoder layers"] = layers
+    fc1 = tensors.get(f"{prefix}decoder.layers.mlp.experts.experts.linear_fc1.weight")
+    if fc1 is not None and len(fc1.shape) >= 2:
+        held["experts"] = fc1.shape[1]
+    for head in ("vision_model.decoder.layers.", "visual.visual.blocks.", "vision_model.blocks."):
+        blocks = count(head)
+        if blocks is not None:
+            held["vision blocks"] = blocks
+            break
+    return held
 
 
 def _detect_consumer(folder: Path, common: dict, prefix: str, hf_vision: str | None) -> str:
@@ -87,15 +132,19 @@ class TorchDistSource(RankMappedSource):
         meta = self.common.get("vlconvert") if isinstance(self.common.get("vlconvert"), dict) else {}
         self.notes: list[str] = []
         self.assets: Path | None = None
+        origin = "given"
         if skeleton is None:
             skeleton = skeleton_for(self.folder, config, assets_dir)
+            origin = _config_origin(self.folder, config, assets_dir)
         if skeleton is None and assets_dir is None and config is None:
             self.assets = _bridge_hf_folder(self.iter_dir)
             if self.assets is not None:  # Megatron-Bridge records the HF model it was made from
                 skeleton = skeleton_for(self.folder, None, self.assets)
+                origin = f"'{self.assets / 'config.json'}', hf_model_id in {tdl.RUN_CONFIG}"
                 self.notes.append(f"config and assets from '{self.assets}' (hf_model_id in {tdl.RUN_CONFIG})")
         if skeleton is None and isinstance(meta.get("hf_config"), str):
             skeleton = build_skeleton(load_config(json.loads(meta["hf_config"])))
+            origin = "the checkpoint's vlconvert metadata"
             self.notes.append("model config read from the checkpoint's vlconvert metadata")
         if skeleton is None:
             raise UsageError(f"'{folder}' carries no model config: pass --assets-dir (or --config) with the "
@@ -111,6 +160,8 @@ class TorchDistSource(RankMappedSource):
                             "embedding.word_embeddings.weight): not a Qwen3-VL or Qwen3 torch_dist checkpoint")
         emb = self.reader.tensors[f"{prefix}embedding.word_embeddings.weight"]
         self.prefix = prefix
+        check_config_sizes(info, _held_sizes(self.reader.tensors, prefix), origin,
+                           self.iter_dir)  # before the plan, which is per layer and per expert
         self.plan = plan_megatron_ranks(skeleton, 1, 1, 1, spec="te", experts="sequential",
                                         padded_vocab_size=emb.shape[0])
         # the HF vision tower kept as a plain module: ms-swift (visual.visual.), Megatron-Bridge 0.3 (vision_model.)
@@ -209,4 +260,5 @@ class TorchDistSource(RankMappedSource):
 
     def close(self) -> None:
         self.reader.close()
+        super().close()
 

@@ -29,6 +29,7 @@ from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
 from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, is_expert
 from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.publish import note_input
 from vlconvert.sources.base import Source, skeleton_for
 from vlconvert.sources.dcp import map_dcp_keys, stored_expert_layout
 
@@ -176,7 +177,7 @@ class VerlSource(Source):
             folder = folder / "actor"
         self.folder = folder
         hf = folder / ASSETS
-        self.assets: Path | None = hf if (hf / "config.json").is_file() else None
+        self.assets: Path | None = note_input(hf) if (hf / "config.json").is_file() else None
         if skeleton is None:
             skeleton = skeleton_for(folder, config, assets_dir if assets_dir is not None else self.assets)
         if skeleton is None:
@@ -286,3 +287,4 @@ class VerlSource(Source):
 
     def close(self) -> None:
         self._expert_cache = None
+        super().close()
