@@ -254,3 +254,50 @@ def test_doctor_target_holding_the_config_fails(tmp_path):
                                        str(tmp_path / "m" / "config.json"), "--json"])
     assert result.exit_code == 1, result.output
     assert "contains the input --config" in result.output
+
+
+# ------------------------------------------------------- 1. the readers record what they open
+def test_an_input_no_option_names_is_still_an_input(tmp_path, monkeypatch):
+    """The readers record every file and folder they open, and publishing refuses a DST overlapping any of them
+    whatever the command declared: with ``Converter.inputs`` naming SRC alone (a command that forgets an
+    input), a Bridge checkpoint's hf_model_id folder (its config and tokenizer) and a ``--config`` reached
+    through a symlink are still refused as outputs, and left as they were."""
+    from vlconvert.engine import Converter
+
+    hfm = tmp_path / "hfm"
+    shutil.copytree(FIX / "tiny-dense-untied", hfm)
+    run_cli("convert", hfm, tmp_path / "td", "--to", "torch_dist", "-q")
+    monkeypatch.setattr(Converter, "inputs", lambda self: {"SRC": self.source.folder})
+    refused(["convert", tmp_path / "td", hfm, "--to", "hf", "--overwrite"], hfm, words=("this run reads",))
+    refused(["convert", tmp_path / "td", hfm / "out", "--to", "dcp"], hfm, words=("this run reads",))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(TIED / "config.json", elsewhere / "config.json")
+    (tmp_path / "cfg.json").symlink_to(elsewhere / "config.json")
+    refused(["convert", TIED, elsewhere, "--to", "dcp", "--config", tmp_path / "cfg.json", "--overwrite"],
+            elsewhere, words=("this run reads",))
+    run_cli("convert", tmp_path / "td", tmp_path / "hf", "--to", "hf", "-q")  # still converts
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (hfm / "tokenizer.json").read_bytes()
+
+
+def test_publishing_checks_again_what_was_read_while_writing(tmp_path):
+    """The overlap check runs again just before publishing, over every file read by then: a file of the old
+    DST opened by a reader during the run stops ``--overwrite`` from replacing it; nothing is published."""
+    from vlconvert import publish
+    from vlconvert.errors import UserError
+    from vlconvert.sources import open_source
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    source = open_source(TIED)
+    try:
+        with pytest.raises(UserError) as caught:
+            with publish.staged_output(dst, inputs={"SRC": TIED}, overwrite=True) as stage:
+                publish.write_bytes(stage.path / "a", b"x")
+                with publish.open_input(dst / "notes.txt") as f:  # a reader opens it mid-run
+                    f.read()
+        assert "this run reads" in str(caught.value) and "notes.txt" in str(caught.value), caught.value
+    finally:
+        source.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dst / "notes.txt").read_text() == "mine"
