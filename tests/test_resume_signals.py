@@ -325,7 +325,7 @@ def test_a_rerun_without_resume_says_first_that_it_discards_finished_files(hf, t
 @pytest.mark.parametrize("flag", ["-q", "--json"])
 def test_discarding_finished_files_is_said_even_under_quiet_and_json(hf, tmp_path, flag):
     """A warning that finished work is thrown away reaches the user whatever the output flags: on stderr,
-    and in the --json record (its notes)."""
+    and in the --json record (its notes and its warnings, the stderr lines word for word)."""
     run_cli("hf-to-dcp", hf, tmp_path / "clean", "-q")
     dst = tmp_path / "out"
     assert _signalled_run(["hf-to-dcp", hf, dst, "-q"], _total(tmp_path / "clean") // 2).returncode == \
@@ -339,6 +339,7 @@ def test_discarding_finished_files_is_said_even_under_quiet_and_json(hf, tmp_pat
     if flag == "--json":
         record = json.loads(proc.stdout)
         assert record["ok"] and any(f"discarded {kept} finished file" in n for n in record["notes"]), record
+        assert [f"warning: {w}" for w in record["warnings"]] == warned, record
     assert folder_digest(dst) == folder_digest(tmp_path / "clean")
 
 

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
+from vlconvert import publish
 from vlconvert.errors import Terminated, UsageError, UserError, interrupt_line
 from vlconvert.progress import human_bytes  # noqa: F401 - re-exported: every command's size format
 
@@ -345,7 +346,8 @@ def json_record(command: str, data: dict[str, Any], ok: bool | None = None) -> d
     """``data`` in the one ``--json`` schema of every command (README, "JSON output"): ``ok`` and ``command``
     first; ``files`` a count (files written, or read) with the per-file list as ``file_list``; ``rank_files``
     the Megatron rank files; ``tensor_bytes`` the tensor data (was ``bytes`` / ``bytes_read``);
-    ``bytes_written`` the output on disk; ``assets_copied`` the list of assets copied (was ``assets``)."""
+    ``bytes_written`` the output on disk; ``assets_copied`` the list of assets copied (was ``assets``);
+    ``warnings`` what this command said on stderr as ``warning: ...`` (absent when nothing was)."""
     out = {k: v for k, v in data.items() if k not in ("ok", "command")}
     written = out.pop("files_written", None)
     if isinstance(out.get("files"), list):
@@ -362,6 +364,8 @@ def json_record(command: str, data: dict[str, Any], ok: bool | None = None) -> d
     if "assets" in out:
         assets = out.pop("assets")
         out.setdefault("assets_copied", assets)
+    if publish.WARNINGS:
+        out.setdefault("warnings", list(publish.WARNINGS))
     return {"ok": bool(data.get("ok", True)) if ok is None else ok, "command": command, **out}
 
 

@@ -7,11 +7,12 @@ Every command that writes goes through :func:`staged_output`:
 2. **One run per DST**: an exclusive lock (``.DST.vlconvert-lock`` beside DST, ``flock``) is held for the
    whole run, so a second run on the same DST stops at once with one line.
 3. **Staging**: files are written into ``.DST.vlconvert-partial`` beside DST through :func:`create_file`,
-   which hashes them (sha256) while they are written; each finished file is appended (flushed) to
+   which hashes them (sha256 of each 64 MiB piece, :mod:`vlconvert.hashing`) while they are written; each finished file is appended (flushed) to
    ``.DST.vlconvert-journal`` beside it, whose first line holds the command and its options. A staging
    folder left by a dead run is removed, or, with ``--resume``, reused: files whose checksums still match
    the journal are kept and the writers skip them (:func:`kept_state`).
-4. **Manifest**: ``vlconvert-manifest.json`` (every file's size and sha256) is written last.
+4. **Manifest**: ``vlconvert-manifest.json`` (every file's size and sha256, per piece for large files) is written
+   last.
 5. **Publish**: the finished folder is renamed to DST only if DST is still absent (``renameat2`` with
    ``RENAME_NOREPLACE`` where the kernel has it), or, with ``--overwrite``, still the folder that was
    checked at the start. Every file and folder is synced to disk first (:func:`sync_files`). On any
@@ -26,7 +27,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -42,6 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from vlconvert.errors import UserError
+from vlconvert.hashing import (
+    PIECE_BYTES,
+    Digest,
+    PieceHasher,
+    ShortFile,
+    file_digest,
+    file_sha256,
+    is_digest,
+    pieces_of,
+)
 
 MANIFEST_NAME = "vlconvert-manifest.json"
 _HASH_BLOCK = 16 * 2**20
@@ -302,9 +312,10 @@ class OutputFile(io.RawIOBase):
     """A file being written into a stage, hashed (sha256) as its bytes go by, journaled when closed.
 
     Bytes move through two background threads so that producing, checksumming and writing overlap
-    (hashlib, zlib and ``write`` release the GIL): the checksum thread hashes each buffer in order (and
-    runs the CRC-32s callers ask for), the write thread writes it. At most :data:`QUEUE_DEPTH` buffers
-    wait at each step, so memory is a few blocks. A caller must not change a buffer after handing it
+    (hashlib, zlib and ``write`` release the GIL): the checksum thread runs the CRC-32s callers ask for and
+    hands each buffer, in order, to the process's hashing threads (:class:`~vlconvert.hashing.PieceHasher`:
+    64 MiB pieces hashed in parallel), the write thread writes it. At most :data:`QUEUE_DEPTH` buffers
+    wait at each step (and :data:`~vlconvert.hashing.QUEUED_BYTES` for hashing), so memory is a few blocks. A caller must not change a buffer after handing it
     over (vlconvert's writers hand over fresh tensors); buffers under :data:`BACKGROUND_MIN` bytes, and
     views that own nothing, are copied first. Bytes that depend on checksums of earlier bytes (a zip data
     descriptor) are handed over as a function with their size (:meth:`write_later`). An error in a thread
@@ -312,7 +323,8 @@ class OutputFile(io.RawIOBase):
 
     A range of an input file that goes to the output unchanged is handed over as its place
     (:meth:`copy_range`): the write thread copies it inside the kernel (``os.copy_file_range``, as
-    ``cp`` does) and the checksum thread reads it once, a block at a time, to hash it.
+    ``cp`` does) and the hashing threads read it, each its pieces (the checksum thread reads it too if a
+    CRC-32 is asked for).
 
     Writers that write strictly in order are hashed without re-reading; one that seeks back (none of
     vlconvert's do) is re-read once at close. ``state`` is plain JSON a writer needs to skip this file on
@@ -326,9 +338,8 @@ class OutputFile(io.RawIOBase):
         self.rel = rel
         self.state: Any = None
         self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._hash = hashlib.sha256()
+        self._hash = PieceHasher()
         self._pos = 0
-        self._hashed = 0
         self._in_order = True
         self._to_check: queue.Queue | None = None
         self._to_write: queue.Queue | None = None
@@ -395,10 +406,10 @@ class OutputFile(io.RawIOBase):
                 pos, data, extra = item
                 try:
                     if isinstance(data, _Range):
-                        done = 0
-                        for view in inputs.chunks(data):
-                            self._checksum(pos + done, view, extra)
-                            done += len(view)
+                        self._hash_range(pos, data)
+                        if extra is not None:  # the CRC needs the bytes here; the hashing threads read their own
+                            for view in inputs.chunks(data):
+                                extra.value = zlib.crc32(view, extra.value)
                     else:
                         if callable(data):
                             data = memoryview(data()).cast("B")
@@ -417,9 +428,14 @@ class OutputFile(io.RawIOBase):
     def _checksum(self, pos: int, view: memoryview, crc: Checksum | None) -> None:
         if crc is not None:
             crc.value = zlib.crc32(view, crc.value)
-        if pos == self._hashed and self._in_order:
-            self._hash.update(view)
-            self._hashed += len(view)
+        if pos == self._hash.size and self._in_order:
+            self._hash.update(view)  # hashed by the hashing threads (the buffer is not changed after write())
+        else:
+            self._in_order = False
+
+    def _hash_range(self, pos: int, r: _Range) -> None:
+        if pos == self._hash.size and self._in_order:
+            self._hash.update_range(r.path, r.offset, r.size)
         else:
             self._in_order = False
 
@@ -484,11 +500,15 @@ class OutputFile(io.RawIOBase):
         super().close()
         self._f.close()
         if self.stage is not None:
-            if self._in_order and self._hashed == size:
-                digest = self._hash.hexdigest()
-            else:
-                digest = sha256_file(self.path)
-                self.stage.rehashed.append(self.rel)
+            try:
+                if self._in_order and self._hash.size == size:
+                    digest = self._hash.digest()
+                else:
+                    self._hash.wait()
+                    digest = file_digest(self.path)
+                    self.stage.rehashed.append(self.rel)
+            except ShortFile as exc:
+                raise UserError(f"{exc}: it changed while this run read it; nothing was published") from exc
             self.stage.journal(self.rel, size, digest, self.state)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -659,13 +679,34 @@ class _Inputs:
         self._fds.clear()
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+def _digest_problem(path: Path, entry: dict) -> str | None:
+    """What differs between ``path`` and its manifest ``entry`` (size already equal), or None."""
+    if _digest_matches(path, entry):
+        return None
+    want = entry["sha256"]
+    if isinstance(want, list):
+        try:
+            have = file_digest(path)
+        except OSError as exc:
+            return f"cannot be read: {exc}"
+        bad = [i for i, (a, b) in enumerate(zip(have, want, strict=True)) if a != b] if isinstance(have, list) else []
+        if bad:
+            first = bad[0]
+            return (f"sha256 differs from the manifest in {len(bad)} of {len(want)} pieces of {PIECE_BYTES >> 20} MiB "
+                    f"(first: piece {first}, from byte {first * PIECE_BYTES})")
+    return "sha256 differs from the manifest"
+
+
+def _digest_matches(path: Path, entry: dict) -> bool:
+    """Whether ``path`` has the digest of its journal or manifest ``entry`` (one piece, pieces, or the whole-file
+    sha256 a vlconvert 0.2 manifest recorded for a file larger than a piece)."""
+    want = entry["sha256"]
+    try:
+        if isinstance(want, str) and entry["size"] > PIECE_BYTES:
+            return file_sha256(path) == want
+        return file_digest(path) == want
+    except OSError:
+        return False
 
 
 def _stage_of(path: Path) -> tuple[Stage, str] | None:
@@ -746,7 +787,7 @@ def link_file(src: str | Path, dst: str | Path) -> None:
     found = _stage_of(dst)
     if found is not None:
         stage, rel = found
-        stage.journal(rel, dst.stat().st_size, sha256_file(dst), None)
+        stage.journal(rel, dst.stat().st_size, file_digest(dst), None)
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -787,8 +828,9 @@ class Stage(os.PathLike):
         self._journal.write(json.dumps(record, sort_keys=True) + "\n")
         self._journal.flush()
 
-    def journal(self, rel: str, size: int, sha256: str, state: Any) -> None:
-        """Record a finished file (flushed, so a killed process still knows it; see :meth:`_append`)."""
+    def journal(self, rel: str, size: int, sha256: Digest, state: Any) -> None:
+        """Record a finished file (flushed, so a killed process still knows it; see :meth:`_append`);
+        ``sha256`` is its :data:`~vlconvert.hashing.Digest`."""
         if not self.active:
             return
         entry = {"size": size, "sha256": sha256, "state": state}
@@ -814,7 +856,9 @@ class Stage(os.PathLike):
                 if number == 0:
                     header = record.get("run") if isinstance(record.get("run"), dict) else None
                     continue
-                files[str(record["file"])] = {"size": int(record["size"]), "sha256": str(record["sha256"]),
+                if not is_digest(record["sha256"]):
+                    continue
+                files[str(record["file"])] = {"size": int(record["size"]), "sha256": record["sha256"],
                                               "state": record.get("state")}
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
@@ -858,7 +902,7 @@ class Stage(os.PathLike):
             rel = path.relative_to(self.path).as_posix()
             entry = journaled.get(rel)
             if entry is not None and not path.is_symlink() and path.stat().st_size == entry["size"] \
-                    and sha256_file(path) == entry["sha256"]:
+                    and _digest_matches(path, entry):
                 kept[rel] = entry
             else:
                 path.unlink()
@@ -881,10 +925,10 @@ class Stage(os.PathLike):
         missing = on_disk - set(self.entries)
         if missing:  # written without create_file: a bug in a writer, never silently unlisted
             raise RuntimeError(f"files written without the manifest: {sorted(missing)}")
-        files = {rel: {"size": e["size"], "sha256": e["sha256"]} for rel, e in sorted(self.entries.items())
+        files = {rel: manifest_entry(e["size"], e["sha256"]) for rel, e in sorted(self.entries.items())
                  if rel in on_disk}
         sync_files([self.path / rel for rel in sorted(on_disk)])  # every rank's files, kept ones too
-        manifest = {"format": "vlconvert-manifest", "version": 1, "files": files}
+        manifest = {"format": "vlconvert-manifest", "version": 2, "piece_bytes": PIECE_BYTES, "files": files}
         path = self.path / MANIFEST_NAME
         try:
             with open(path, "w", encoding="utf-8") as f:
@@ -1125,17 +1169,43 @@ def _publish(stage: Stage, dst: Path, checked: tuple[int, int, int] | None, over
 
 
 # --------------------------------------------------------------------------------------- manifest
+def manifest_entry(size: int, digest: Digest) -> dict:
+    """A file's manifest entry: ``{"size", "sha256"}`` for a file of one piece (its ``sha256sum``), ``{"size",
+    "sha256_pieces"}`` for a larger one (the sha256 of each ``piece_bytes`` piece, in order)."""
+    return {"size": size, "sha256_pieces" if isinstance(digest, list) else "sha256": digest}
+
+
+def _entry_digest(entry: Any) -> Digest | None:
+    """The digest a manifest entry holds, as :func:`manifest_entry` wrote it (None if malformed)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool):
+        return None
+    pieces = entry.get("sha256_pieces")
+    if pieces is not None:
+        ok = isinstance(pieces, list) and len(pieces) == pieces_of(entry["size"]) > 1 and all(
+            isinstance(p, str) for p in pieces)
+        return pieces if ok else None
+    return entry["sha256"] if isinstance(entry.get("sha256"), str) else None
+
+
 def read_manifest(folder: str | Path) -> dict[str, dict]:
-    """The ``files`` of ``folder``'s manifest, validated."""
+    """The files of ``folder``'s manifest, validated, as ``{name: {"size", "sha256": digest}}``.
+
+    Version 2 (vlconvert 0.3) holds pieces for files larger than ``piece_bytes``; version 1 (0.2) the
+    sha256 of the whole file, which is still checked as such."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"'{folder}' has no {MANIFEST_NAME}: it was not written by vlconvert 0.2 or later")
     data = _read_json(path)
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int)
-            and isinstance(v.get("sha256"), str) for k, v in files.items()):
-        raise UserError(f"'{path}' is corrupt: expected {{'files': {{name: {{size, sha256}}}}}}")
+    if not isinstance(data, dict):
+        data = {"files": None}
+    raw, version = data.get("files"), data.get("version", 1)
+    if version not in (1, 2) or (version == 2 and data.get("piece_bytes") != PIECE_BYTES):
+        raise UserError(f"'{path}' is a manifest this vlconvert cannot check (version {version!r}, pieces of "
+                        f"{data.get('piece_bytes')!r} bytes): use the vlconvert that wrote it")
+    files = {k: {"size": v["size"], "sha256": d} for k, v in raw.items()
+             if isinstance(k, str) and (d := _entry_digest(v)) is not None} if isinstance(raw, dict) else None
+    if files is None or len(files) != len(raw):
+        raise UserError(f"'{path}' is corrupt: expected {{'files': {{name: {{size, sha256 or sha256_pieces}}}}}}")
     for rel in files:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise UserError(f"'{path}' names '{rel}', outside the folder")
@@ -1156,8 +1226,9 @@ def check_manifest(folder: str | Path, progress: Callable[[int], None] = lambda 
         if size != entry["size"]:
             problems.append((rel, f"size {size}, manifest says {entry['size']}"))
             continue
-        if sha256_file(path) != entry["sha256"]:
-            problems.append((rel, "sha256 differs from the manifest"))
+        problem = _digest_problem(path, entry)
+        if problem:
+            problems.append((rel, problem))
         progress(size)
     listed = set(files) | {MANIFEST_NAME}
     for path in sorted(folder.rglob("*")):
