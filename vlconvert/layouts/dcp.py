@@ -5,14 +5,15 @@ files. Every tensor chunk is one ``torch.save`` record at a byte range of a ``.d
 saves one chunk per rank per tensor. This module writes records one tensor at a time (exactly what
 ``dcp.save`` writes, so ``dcp.load`` and ``format_utils`` read it) and reads any chunk on its own.
 
-``.metadata`` is unpickled with an allowlist of the classes DCP stores; anything else is refused.
+``.metadata`` is written and read through :mod:`vlconvert.layouts.dcp_pickle` (stand-ins for torch's
+classes, the same bytes, no ``import torch.distributed.checkpoint``): unpickled with an allowlist of the
+classes DCP stores; anything else is refused.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import pickle
 import struct
 import sys
 import uuid
@@ -28,7 +29,7 @@ from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts import dcp_classes
+from vlconvert.layouts import dcp_classes, dcp_pickle
 from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
 from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, note_input, open_input
@@ -39,35 +40,6 @@ DCP_VERSION = "1.0.0"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
                                 torch.float8_e4m3fn, torch.float8_e5m2)}
-
-_ALLOWED = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"),
-} | {  # megatron-core (torch_dist) also pickles its save plans: inert dataclasses and an enum
-    ("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
-}
-
-
-class _RefusedClass(pickle.UnpicklingError):
-    """The metadata names a class outside the allowlist."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata and nothing else (no arbitrary code from a checkpoint)."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # no lazy submodule imports
-            return vars(torch)[name]
-        raise _RefusedClass(f"refusing to load {module}.{name}")
-
 
 _MAX_DIM = 2**62  # far above any real dimension; keeps every product inside torch's int64
 _MAX_METADATA = 2**30
@@ -174,8 +146,8 @@ def read_dcp_metadata(folder: Path) -> dcp_classes.Metadata:
         raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from exc
     try:
         check_pickle(raw)
-        metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
-    except _RefusedClass as exc:
+        metadata = dcp_pickle.loads(raw)
+    except dcp_pickle.RefusedClass as exc:
         raise UserError(f"'{path}' holds something other than DCP metadata: {_one_line(exc, 120)}") from exc
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle raises EOFError, ValueError, RuntimeError...
         raise UserError(f"'{path}' is corrupt or truncated ({type(exc).__name__}: {_one_line(exc, 80)})") from exc
@@ -730,10 +702,11 @@ class DCPWriter:
         table = sorted((k, str(i.offset), s.relative_path, s.offset, s.length) for i, s in self.storage_data.items()
                        for k in [i.fqn])
         save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, repr(table)))
-        # torch < 2.9's Metadata has no `version` field (its dcp.save writes none): leave it out there
-        version = {"version": DCP_VERSION} if "version" in dcp_classes.Metadata.__dataclass_fields__ else {}
-        metadata = dcp_classes.Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=self.planner_data,
-                            storage_data=self.storage_data,
-                            storage_meta=dcp_classes.StorageMeta(checkpoint_id=None, save_id=save_id), **version)
+        # torch < 2.9's Metadata has no `version` field (its dcp.save writes none): make_metadata leaves it out
+        metadata = dcp_classes.make_metadata(
+            state_dict_metadata=self.state_dict_metadata, planner_data=self.planner_data,
+            storage_data=self.storage_data, storage_meta=dcp_classes.StorageMeta(checkpoint_id=None, save_id=save_id),
+            version=DCP_VERSION)
+        data = dcp_pickle.dumps(metadata)  # the bytes pickle.dump gives torch's own classes
         with create_file(self.folder / METADATA_NAME) as f:
-            pickle.dump(metadata, f)
+            f.write(data)
