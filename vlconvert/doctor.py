@@ -62,13 +62,14 @@ def collect_facts() -> EnvFacts:
         import transformers
 
         tf_version = transformers.__version__
-        from vlconvert.models.qwen3vl import measured_runtime_experts_layout as runtime_experts_layout
+        from vlconvert.models.registry import FAMILIES, measured_runtime_experts_layout
 
-        runtime = runtime_experts_layout()
+        runtime = measured_runtime_experts_layout()
         try:
             from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-            convs = get_checkpoint_conversion_mapping("qwen3_vl_moe") or []
+            fused = next(f for f in FAMILIES if f.expert_storage == "fused").model_type_for(True)
+            convs = get_checkpoint_conversion_mapping(fused) or []
             mapping = any("experts.gate_up_proj" in str(getattr(c, "source_patterns", "")) for c in convs)
         except ImportError:
             mapping = None if _version_tuple(tf_version) < (5,) else False
@@ -153,7 +154,7 @@ def check_transformers(facts: EnvFacts) -> Finding:
 
 def check_square_experts(config: Any) -> Finding | None:
     """A MoE config with 2I == H or I == H: transformers' check_dims cannot tell the orientation."""
-    from vlconvert.models.qwen3vl import load_config
+    from vlconvert.models.registry import load_config
 
     info = load_config(config)
     if not info.is_moe:

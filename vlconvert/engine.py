@@ -42,8 +42,8 @@ from vlconvert.layouts.hf import (
     shard_file_names,
     write_index,
 )
-from vlconvert.models.qwen3vl import EMBED, EXPERT_LAYOUTS, LM_HEAD, is_expert
-from vlconvert.models.qwen3vl_megatron import MegatronPlan, Src, plan_megatron_ranks
+from vlconvert.models.base import EXPERT_LAYOUTS
+from vlconvert.models.megatron_table import MegatronPlan, Src, plan_megatron_ranks
 from vlconvert.plan import (
     IN_FLIGHT,
     ROW_BLOCK,
@@ -214,6 +214,7 @@ class Converter:
     def _check(self, source: Source) -> list[str]:
         """Refuse sources that do not fit the model (missing, unexpected tensors, wrong shapes)."""
         sk = source.skeleton
+        output = sk.family.output
         names = source.names()
         different = self._different_model(source, names)
         if different:
@@ -221,8 +222,8 @@ class Converter:
         if not names:
             raise UserError(f"'{self.src}' holds no tensor of a {sk.info.family} model with this config: "
                             "check --assets-dir or pass --prefix")
-        if not sk.info.tied and LM_HEAD not in names:
-            raise UserError(f"'{self.src}' has no lm_head.weight but config.json says the embeddings are untied: "
+        if not sk.info.tied and output not in names:
+            raise UserError(f"'{self.src}' has no {output} but config.json says the embeddings are untied: "
                             "an untied model needs its own lm_head")
         held = set(names)
         missing = [k for k in sk.hf_keys() if k not in held]
@@ -230,7 +231,7 @@ class Converter:
             hint = ("pass --allow-missing to write a partial checkpoint anyway" if self.to == "hf"
                     else f"a {self.to} checkpoint needs every tensor")
             raise UserError(f"'{self.src}' lacks {len(missing)} tensors the model needs ({preview(missing)}); {hint}")
-        extra = [n for n in source.extra_names() if not (n == LM_HEAD and sk.info.tied)]
+        extra = [n for n in source.extra_names() if not (n == output and sk.info.tied)]
         if extra and not self.options["allow_unexpected"]:
             raise UserError(f"'{self.src}' holds {len(extra)} tensors the model does not have ({preview(extra)}): "
                             "do the weights and config.json belong together? (--allow-unexpected drops them)")
@@ -249,6 +250,7 @@ class Converter:
         import re
 
         info = source.skeleton.info
+        family = source.skeleton.family
 
         def shape(name: str) -> tuple[int, ...] | None:
             try:
@@ -269,13 +271,14 @@ class Converter:
                 weights["experts"] = counts[0]
         elif dense_mlp:
             weights["model"] = "dense"
-        if EMBED in names and (s := shape(EMBED)) and len(s) == 2:
+        if family.embed in names and (s := shape(family.embed)) and len(s) == 2:
             weights["hidden size"] = s[1]
-        patch = "model.visual.patch_embed.proj.weight"
-        if patch in names and (s := shape(patch)):
+        patch = family.vision_patch
+        if patch is not None and patch in names and (s := shape(patch)):
             weights["vision width"] = s[0]
         layers = {int(m.group(1)) for n in held if "vis" not in n
                   for m in [re.search(r"language_model\.(?:decoder\.)?layers\.(\d+)\.", n)] if m}
+        layers |= {layer for n in names if (layer := family.layer_of(n)) is not None}
         if layers and layers == set(range(len(layers))):
             weights["decoder layers"] = len(layers)
         config = {"model": "MoE" if info.is_moe else "dense", "experts": info.experts,
@@ -329,7 +332,7 @@ class Converter:
         prefix = self.options["prefix"]
         outputs: list[tuple[str, str]] = [(n, n) for n in source.names()]
         if sk.info.tied and self.options["tied_lm_head"]:  # the model's state dict has it; dcp.load is strict
-            outputs.append((LM_HEAD, EMBED))
+            outputs.append((sk.family.output, sk.family.embed))
         order = sorted(range(len(outputs)), key=lambda i: (source.location(outputs[i][1]), i))
         groups: dict[int, list[DCPEntry]] = {}
         for i in order:
@@ -374,7 +377,7 @@ class Converter:
         plan, source = self.plan(), self.source
         expert = 0
         for name in source.names():
-            if is_expert(name):
+            if source.skeleton.family.is_expert(name):
                 shape, stored = source.spec(name)
                 size = max(element_size(stored), element_size(plan.dtype or stored))
                 expert = max(expert, size * math.prod(shape[1:]))
@@ -731,7 +734,7 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype,
     """A canonical tensor as row blocks of about ``block`` bytes in ``dtype``; fused experts one expert at a time, in
     ``layout`` (released or transformers5). Produced one block at a time; blocks that lie verbatim in a
     source file come as :class:`FileSpan` (the writer copies them file to file)."""
-    if is_expert(name):
+    if source.skeleton.family.is_expert(name):
         for e in range(source.spec(name)[0][0]):
             span = source.expert_span(name, e, layout)
             if span is not None and span.dtype == dtype:

@@ -1,7 +1,7 @@
 """``vlconvert inspect``: describe a checkpoint folder from its metadata alone (no tensor data is read).
 
-Layout (HF, DCP, Megatron), model family and size (matched against the six released Qwen3-VL
-configs), parallel sizes, dtypes, parameter counts (total; active per token for MoE), tied embeddings,
+Layout (HF, DCP, Megatron), model family and size (matched against the released sizes each family
+module lists), parallel sizes, dtypes, parameter counts (total; active per token for MoE), tied embeddings,
 expert orientation, the tokenizer's think-tag state, and every inconsistency with the config.
 """
 
@@ -17,38 +17,16 @@ from typing import Any
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
 from vlconvert.layouts.hf import resolve_source
-from vlconvert.models.qwen3vl import (
-    EMBED,
-    LM_HEAD,
-    ModelInfo,
-    Skeleton,
-    build_skeleton,
-    expert_layout_of,
-    is_expert,
-    load_config,
-)
+from vlconvert.models.base import ModelInfo, Skeleton, expert_layout_of
+from vlconvert.models.family import Family
+from vlconvert.models.registry import FAMILIES, any_is_expert, build_skeleton, guess_family, known_sizes, load_config
 from vlconvert.sources import MegatronSource, detect_layout, open_source
 
-# The six released sizes (reference/qwen3vl-hf.md §1.2-1.3): the dims that tell them apart.
-KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "Qwen3-VL-2B": dict(family="qwen3_vl", hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144,
-                        experts=0, moe_intermediate=0, vision_depth=24, vision_hidden=1024, tied=True),
-    "Qwen3-VL-4B": dict(family="qwen3_vl", hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728,
-                        experts=0, moe_intermediate=0, vision_depth=24, vision_hidden=1024, tied=True),
-    "Qwen3-VL-8B": dict(family="qwen3_vl", hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288,
-                        experts=0, moe_intermediate=0, vision_depth=27, vision_hidden=1152, tied=False),
-    "Qwen3-VL-32B": dict(family="qwen3_vl", hidden=5120, layers=64, heads=64, kv_heads=8, intermediate=25600,
-                         experts=0, moe_intermediate=0, vision_depth=27, vision_hidden=1152, tied=False),
-    "Qwen3-VL-30B-A3B": dict(family="qwen3_vl_moe", hidden=2048, layers=48, heads=32, kv_heads=4,
-                             intermediate=6144, experts=128, moe_intermediate=768, vision_depth=27,
-                             vision_hidden=1152, tied=False),
-    "Qwen3-VL-235B-A22B": dict(family="qwen3_vl_moe", hidden=4096, layers=94, heads=64, kv_heads=4,
-                               intermediate=12288, experts=128, moe_intermediate=1536, vision_depth=27,
-                               vision_hidden=1152, tied=False),
-}
+# Every family's released sizes (models/<family>.py ``known_sizes``): the dims that tell them apart.
+KNOWN_MODELS: dict[str, dict[str, Any]] = known_sizes()
 _SHAPE_KEYS = ("family", "hidden", "layers", "experts", "vision_depth", "vision_hidden")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-_BLOCK = re.compile(r"^model\.visual\.blocks\.(\d+)\.")
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def identify_model(info: ModelInfo | dict[str, Any]) -> str | None:
@@ -56,23 +34,24 @@ def identify_model(info: ModelInfo | dict[str, Any]) -> str | None:
 
     ``info`` is a ModelInfo (all dims compared) or a dict of the dims seen in tensor shapes.
     """
-    dims = {k: getattr(info, k) for k in KNOWN_MODELS["Qwen3-VL-2B"]} if isinstance(info, ModelInfo) else info
     for name, known in KNOWN_MODELS.items():
+        dims = {k: getattr(info, k) for k in known} if isinstance(info, ModelInfo) else info
         if all(dims.get(k) == v for k, v in known.items() if k in dims):
             return name
     return None
 
 
 def parameter_counts(shapes: dict[str, tuple[int, ...]], experts_per_token: int = 0,
-                     experts: int = 0) -> dict[str, int]:
+                     experts: int = 0, family: Family | None = None) -> dict[str, int]:
     """Total / text / vision / expert parameters of canonical tensors, and active per token for MoE.
 
     Active = total - expert parameters * (1 - top_k / E): every token uses top_k of the E experts and all
     other weights (embedding and vision tower included).
     """
+    family = family or _family_of(shapes)
     total = sum(math.prod(s) for s in shapes.values())
-    vision = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.visual."))
-    expert = sum(math.prod(s) for n, s in shapes.items() if is_expert(n))
+    vision = sum(math.prod(s) for n, s in shapes.items() if family.is_vision(n))
+    expert = sum(math.prod(s) for n, s in shapes.items() if family.is_routed_expert(n))
     out = {"total": total, "text": total - vision, "vision": vision}
     if expert and experts:
         out["experts"] = expert
@@ -83,28 +62,38 @@ def parameter_counts(shapes: dict[str, tuple[int, ...]], experts_per_token: int 
 def skeleton_parameter_counts(skeleton: Skeleton) -> dict[str, int]:
     """Parameter counts of a config (its HF tensors)."""
     shapes = {n: skeleton.shape_in(n, "released") for n in skeleton.hf_keys()}
-    return parameter_counts(shapes, skeleton.info.experts_per_token, skeleton.info.experts)
+    return parameter_counts(shapes, skeleton.info.experts_per_token, skeleton.info.experts, skeleton.family)
+
+
+def _family_of(shapes: dict[str, tuple[int, ...]]) -> Family:
+    """The family whose names a folder without a config holds (the first registered one if none matches)."""
+    return guess_family(shapes) or FAMILIES[0]
 
 
 def dims_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Model dims read off canonical tensor names and shapes (for folders without a config)."""
     dims: dict[str, Any] = {}
-    if EMBED in shapes and len(shapes[EMBED]) == 2:
-        dims["hidden"] = shapes[EMBED][1]
-        dims["vocab_rows"] = shapes[EMBED][0]
-    layers = {int(m.group(1)) for n in shapes if n.startswith("model.language_model.") and (m := _LAYER.search(n))}
+    family = _family_of(shapes)
+    embed = family.embed
+    if embed in shapes and len(shapes[embed]) == 2:
+        dims["hidden"] = shapes[embed][1]
+        dims["vocab_rows"] = shapes[embed][0]
+    layers = {layer for n in shapes if (layer := family.layer_of(n)) is not None}
     if layers:
         dims["layers"] = max(layers) + 1
-    blocks = {int(m.group(1)) for n in shapes if (m := _BLOCK.match(n))}
+    blocks = {int(m.group(1)) for n in shapes if family.is_vision(n) and (m := _BLOCK.search(n))}
     if blocks:
         dims["vision_depth"] = max(blocks) + 1
-    patch = shapes.get("model.visual.patch_embed.proj.weight")
+    patch = shapes.get(family.vision_patch) if family.vision_patch else None
     if patch:
         dims["vision_hidden"] = patch[0]
-    expert = next((s for n, s in shapes.items() if is_expert(n)), None)
-    dims["family"] = "qwen3_vl_moe" if expert is not None else "qwen3_vl"
-    dims["experts"] = expert[0] if expert is not None else 0
-    dims["tied"] = LM_HEAD not in shapes
+    fused = next((s for n, s in shapes.items() if family.is_expert(n)), None)
+    per_expert = {m.group(1) for n in shapes if family.is_routed_expert(n) and not family.is_expert(n)
+                  and (m := re.search(r"\.experts\.(\d+)\.", n))}
+    moe = fused is not None or bool(per_expert)
+    dims["family"] = family.model_type_for(moe)
+    dims["experts"] = fused[0] if fused is not None else len(per_expert)
+    dims["tied"] = family.output not in shapes
     return dims
 
 
@@ -209,7 +198,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
                       f"{shape_model or 'an unreleased size'}")
     k, e = (info.experts_per_token, info.experts) if info else (8 if dims["experts"] else 0, dims["experts"])
     report["parameters"] = parameter_counts(shapes, k, e)
-    has_head = LM_HEAD in shapes
+    has_head = (skeleton.family if skeleton is not None else _family_of(shapes)).output in shapes
     report["tied_embeddings"] = {"config": info.tied if info else None, "lm_head_stored": has_head}
     if info:
         if info.tied and has_head:
@@ -255,7 +244,7 @@ def _layout_details(src: Any, layout: str, skeleton: Skeleton | None, issues: li
         ckpt = src.checkpoint
         out["files"] = len(ckpt.shards)
         out["parallel"] = None
-        orientations = {n: src.stored_layout(n) for n in src.names() if is_expert(n)}
+        orientations = {n: src.stored_layout(n) for n in src.names() if any_is_expert(n)}
         out["experts_orientation"] = _summarise_orientation(orientations)
         index = ckpt.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -286,12 +275,12 @@ def _layout_details(src: Any, layout: str, skeleton: Skeleton | None, issues: li
         out["parallel"] = {k: getattr(src, k) for k in ("tp", "pp", "ep") if hasattr(src, k)} or None
     stored = getattr(src, "stored_layout", None) or getattr(src, "experts_layout", None)
     if callable(stored):
-        orientations = {n: stored(n) for n in src.names() if is_expert(n)}
+        orientations = {n: stored(n) for n in src.names() if any_is_expert(n)}
         out["experts_orientation"] = _summarise_orientation(orientations)
     elif isinstance(stored, str):
         out["experts_orientation"] = stored
     elif layout == "megatron":
-        out["experts_orientation"] = "megatron per-expert [out, in]" if any(is_expert(n) for n in src.names()) \
+        out["experts_orientation"] = "megatron per-expert [out, in]" if any(any_is_expert(n) for n in src.names()) \
             else None
     if layout == "dcp":
         out.update(_dcp_details(src, skeleton))
@@ -313,7 +302,7 @@ def _dcp_details(src: Any, skeleton: Skeleton | None) -> dict[str, Any]:
         found = {}
         for key, entry in reader.tensors.items():
             for name in skeleton.tensors:
-                if is_expert(name) and key.endswith(name):
+                if skeleton.family.is_expert(name) and key.endswith(name):
                     found[name] = expert_layout_of(name, entry.shape, skeleton)
         if found:
             out["experts_orientation_stored"] = _summarise_orientation(found)

@@ -1,6 +1,6 @@
 """``hf-to-megatron``, ``reshard`` and ``megatron-to-hf``: thin spellings of :class:`vlconvert.engine.Converter`.
 
-The rank plan (:func:`~vlconvert.models.qwen3vl_megatron.plan_megatron_ranks`) lives with the model's
+The rank plan (:func:`~vlconvert.models.megatron_table.plan_megatron_ranks`) lives with the model's
 name table, the Megatron reader in :mod:`vlconvert.sources`, the rank-file writer in
 :mod:`vlconvert.layouts.megatron`; these functions keep the signatures and results the commands and
 scripts have always used.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlconvert.engine import Converter, Progress
-from vlconvert.models.qwen3vl_megatron import MegatronPlan, plan_megatron_ranks
+from vlconvert.models.megatron_table import MegatronPlan, plan_megatron_ranks
 from vlconvert.sources import MegatronSource
 
 MegatronCheckpoint = MegatronSource  # the canonical reader of a Megatron checkpoint, by its older name

@@ -25,8 +25,9 @@ from vlconvert import ops
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, resolve_source, shard_file_names
-from vlconvert.models.qwen3vl import EMBED, LM_HEAD, Skeleton, build_skeleton, is_expert, load_config
-from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the plan command's split rules
+from vlconvert.models.base import Skeleton
+from vlconvert.models.family import Family
+from vlconvert.models.megatron_table import (  # noqa: F401 - re-exported: the plan command's split rules
     balanced_pp_split,
     canonical_tensors,
     config_bytes,
@@ -37,6 +38,7 @@ from vlconvert.models.qwen3vl_megatron import (  # noqa: F401 - re-exported: the
     stage_costs,
     stage_layer_counts,
 )
+from vlconvert.models.registry import build_skeleton, load_config
 from vlconvert.progress import human_bytes
 from vlconvert.sources import detect_layout, open_source
 
@@ -205,7 +207,8 @@ def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout
         ckpt = HFCheckpoint(source)
         index = {f: i for i, f in enumerate(ckpt.shards)}
         for t in tensors:
-            src_name = EMBED if (t.name == LM_HEAD and skeleton.info.tied) else t.name
+            tied_head = t.name == skeleton.family.output and skeleton.info.tied
+            src_name = skeleton.family.embed if tied_head else t.name
             if src_name in ckpt.tensors:
                 file_of[t.name] = index[ckpt.tensors[src_name].file]
         ckpt.close()
@@ -229,10 +232,10 @@ def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout
                                                 if skeleton.info.is_moe else ""))
 
 
-def _megatron_split(name: str) -> str:
-    if name in (EMBED, LM_HEAD):
+def _megatron_split(name: str, family: Family) -> str:
+    if name in (family.embed, family.output):
         return "vocab"
-    if is_expert(name):
+    if family.is_expert(name):
         return "expert_fc1" if name.endswith("gate_up_proj") else "expert_fc2"
     if name.endswith(_COLUMN):
         return "column"
@@ -241,9 +244,9 @@ def _megatron_split(name: str) -> str:
     return "replicated"
 
 
-def _part(name: str) -> str:
+def _part(name: str, family: Family) -> str:
     """'vision linear_fc1' / 'language gate_proj': which tower a TP check is about (both have a linear_fc1)."""
-    tower = "vision" if name.startswith("model.visual.") else "language"
+    tower = "vision" if family.is_vision(name) else "language"
     return f"{tower} {name.split('.')[-2]}"
 
 
@@ -313,6 +316,7 @@ def _torch_dist_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, consume
 def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
                    first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
     info = skeleton.info
+    family = skeleton.family
     checks = plan.checks
     _megatron_checks(info, tp, pp, ep, etp, checks)
     esize = element_size(dtype)
@@ -368,14 +372,14 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
     local_experts = info.experts // ep if info.is_moe and info.experts % ep == 0 else \
         (math.ceil(info.experts / ep) if info.is_moe else 0)
     for t in tensors:
-        layer = layer_of(t.name)
+        layer = family.layer_of(t.name)
         if layer is not None:
             stage = stage_of[layer]
-        elif t.name.startswith("model.visual.") or t.name == EMBED:
+        elif family.is_vision(t.name) or t.name == family.embed:
             stage = 0
         else:
             stage = pp - 1
-        kind = _megatron_split(t.name)
+        kind = _megatron_split(t.name, family)
         shape = t.shape
         rest = math.prod(shape[1:]) if len(shape) > 1 else 1
         if kind == "vocab":
@@ -383,17 +387,17 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
             per_stage[stage] += b
             per_stage_n[stage] += 1
             unique += b * tp
-            if t.name == EMBED and info.tied and pp > 1:
+            if t.name == family.embed and info.tied and pp > 1:
                 per_stage[pp - 1] += b
                 per_stage_n[pp - 1] += 1
                 unique += b * tp
         elif kind == "column":
-            b = _div(shape[0], tp, f"{_part(t.name)} rows by tp", checks, seen) * rest * esize
+            b = _div(shape[0], tp, f"{_part(t.name, family)} rows by tp", checks, seen) * rest * esize
             per_stage[stage] += b
             per_stage_n[stage] += 1
             unique += b * tp
         elif kind == "row":
-            b = shape[0] * _div(shape[1], tp, f"{_part(t.name)} columns by tp", checks, seen) * esize
+            b = shape[0] * _div(shape[1], tp, f"{_part(t.name, family)} columns by tp", checks, seen) * esize
             per_stage[stage] += b
             per_stage_n[stage] += 1
             unique += b * tp
@@ -454,7 +458,7 @@ def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp
     """Take per-rank tensor counts from the converter's own rank planner (``plan_megatron_ranks``) and
     check that its per-rank bytes equal the ones computed here from the split rules."""
     try:
-        from vlconvert.models.qwen3vl_megatron import plan_megatron_ranks
+        from vlconvert.models.megatron_table import plan_megatron_ranks
     except ImportError:
         plan.notes.append("megatron converter not installed: per-rank bytes from the split rules only")
         return

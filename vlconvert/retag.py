@@ -40,7 +40,7 @@ from vlconvert.layouts.hf import (
     read_header,
     resolve_source,
 )
-from vlconvert.models.qwen3vl import EMBED, LM_HEAD
+from vlconvert.models.registry import FAMILIES, guess_family
 from vlconvert.progress import progress_bar
 
 OLD_OPEN = "<think>"
@@ -486,15 +486,18 @@ def _is_template_file(rel: Path) -> bool:
 
 def _embedding_names(tensors: dict) -> tuple[str, str | None]:
     """The input-embedding tensor and the lm_head tensor (None when tied and not stored)."""
-    if EMBED in tensors:
-        embed = EMBED
+    family = guess_family(tensors)
+    if family is not None:
+        embed = family.embed
     else:
         found = [k for k in tensors if k.endswith("embed_tokens.weight") and "visual" not in k]
         if len(found) != 1:
+            expected = "' or '".join(dict.fromkeys(f.embed for f in FAMILIES))
             raise UserError("cannot find the input embedding (expected "
-                            f"'{EMBED}'{', found ' + ', '.join(found) if found else ''})")
+                            f"'{expected}'{', found ' + ', '.join(found) if found else ''})")
         embed = found[0]
-    head = LM_HEAD if LM_HEAD in tensors else None
+    output = (family or FAMILIES[0]).output
+    head = output if output in tensors else None
     if head is None:
         found = [k for k in tensors if k.endswith("lm_head.weight")]
         head = found[0] if len(found) == 1 else None
@@ -767,10 +770,11 @@ def retag_folder(src: str | Path, dst: str | Path | None = None, *, tags: Tags |
             raise UserError(f"the tokenizer can produce id {plan.max_id} but '{head}' has only "
                             f"{ckpt.tensors[head].shape[0]} rows")
         if head is None and (src_path / "config.json").is_file():
-            from vlconvert.models.qwen3vl import load_config
+            from vlconvert.models.registry import family_of, load_config
 
             if not load_config(src_path).tied:
-                raise UserError(f"config.json says the embeddings are untied but no '{LM_HEAD}' is stored")
+                raise UserError(f"config.json says the embeddings are untied but no '{family_of(src_path).output}' "
+                                "is stored")
         patches: dict[str, dict[int, torch.Tensor]] = {}
         rows_changed: dict[str, list[int]] = {}
         if strategy == "special":

@@ -21,9 +21,8 @@ from vlconvert import ops
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import TensorBlocks
-from vlconvert.models.qwen3vl import Skeleton
-from vlconvert.models.qwen3vl_consumers import bridge_model_config, hf_vision_tensors, megatron_lm_args
-from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, plan_megatron_ranks
+from vlconvert.models.base import Skeleton
+from vlconvert.models.megatron_table import RankTensor, hf_vision_tensors, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype, rank_tensor_blocks
 from vlconvert.publish import write_bytes
 
@@ -33,13 +32,14 @@ if TYPE_CHECKING:
 DATA_FILE = "__0_0.distcp"
 
 
-def _out_name(name: str, local: bool, flavour: tdl.Consumer) -> str:
-    """A legacy tp=1 name as the consumer's model calls it in its sharded state dict."""
-    if local and name.startswith(MLM):  # megatron-core maps the GPT local spec's norms to TE names on save
+def _out_name(name: str, local: bool, flavour: tdl.Consumer, mlm: str) -> str:
+    """A legacy tp=1 name as the consumer's model calls it in its sharded state dict (``mlm``: the family's
+    Megatron language-model prefix)."""
+    if local and name.startswith(mlm):  # megatron-core maps the GPT local spec's norms to TE names on save
         for local_name, te_name in tdl.LOCAL_NORM_NAMES:
             name = name.replace(local_name, te_name)
-    if name.startswith(MLM):
-        name = flavour.prefix + name[len(MLM):]
+    if name.startswith(mlm):
+        name = flavour.prefix + name[len(mlm):]
     return name
 
 
@@ -47,14 +47,19 @@ def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[s
     """Every tp=1 tensor with its torch_dist key/index and the ``_extra_state`` keys that follow it."""
     assert plan.megatron is not None
     info = plan.megatron.skeleton.info
+    prefixes = plan.megatron.skeleton.family.megatron_prefixes
     flavour = tdl.consumer(plan.consumer)
     local = plan.megatron.spec == "local"
     out = []
-    tensors = [t for t in plan.megatron.ranks[0].tensors if not t.name.startswith(MVIS)]
+
+    def vision(name: str) -> bool:
+        return prefixes.vision is not None and name.startswith(prefixes.vision)
+
+    tensors = [t for t in plan.megatron.ranks[0].tensors if not vision(t.name)]
     if flavour.vision == "megatron":
-        tensors = [t for t in plan.megatron.ranks[0].tensors if t.name.startswith(MVIS)] + tensors
+        tensors = [t for t in plan.megatron.ranks[0].tensors if vision(t.name)] + tensors
     for t in tensors:
-        name = _out_name(t.name, local, flavour)
+        name = _out_name(t.name, local, flavour, prefixes.language)
         gk = tdl.global_key(name, info.layers, info.vision_depth, len(info.deepstack), info.experts or 0,
                             flavour.prefix)
         out.append((replace(t, name=name), gk, tdl.extra_state_keys(gk, name)))
@@ -70,7 +75,7 @@ def plan_torch_dist(conv: Any, source: Source, dtype: torch.dtype | None) -> Con
     sk = source.skeleton
     previous = getattr(source, "plan", None)
     spec = o["spec"] or getattr(previous, "spec", None) or "te"
-    padded = vocab_rows(sk.shape_in("model.language_model.embed_tokens.weight", "released")[0], o, flavour)
+    padded = vocab_rows(sk.shape_in(sk.family.embed, "released")[0], o, flavour)
     if source.layout == "torch_dist" and o["padded_vocab_size"] is None and o["tp"] == 1 and previous is not None \
             and flavour.pad_vocab:
         padded = previous.padded_vocab  # keep the source's padding unless asked otherwise
@@ -89,7 +94,7 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
                     padded: int, source: str, source_layout: str, spec: str) -> ConversionPlan:
     """The plan of a torch_dist output for ``o["consumer"]``: files, tensors (with their keys), notes."""
     flavour = tdl.consumer(o.get("consumer"))
-    vocab = sk.shape_in("model.language_model.embed_tokens.weight", "released")[0]
+    vocab = sk.shape_in(sk.family.embed, "released")[0]
     mplan = plan_megatron_ranks(sk, 1, 1, 1, spec=spec, experts="sequential", dtype=dtype,
                                 padded_vocab_size=padded, source_dtypes=source_dtypes)
     iteration = flavour.iteration_for(o["iteration"])
@@ -137,9 +142,10 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
     info = plan.megatron.skeleton.info
     meta = plan.megatron.metadata()
     meta.update(tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"] or o["tp"], consumer=flavour.name)
+    family = plan.megatron.skeleton.family
     args = None
     if flavour.args:
-        args = argparse.Namespace(**megatron_lm_args(
+        args = argparse.Namespace(**family.megatron_lm_args(
             info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"], padded_vocab=plan.megatron.padded_vocab,
             make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"], dtype=plan.dtype,
             iteration=iteration or 0))
@@ -178,7 +184,7 @@ def write_torch_dist(conv: Any, stage: Path, plan: ConversionPlan, advance: Call
         write_bytes(folder / tdl.TRAIN_STATE, state)
         write_bytes(stage / tdl.LATEST_TRAIN_STATE, state)
         run_config = {"_target_": "megatron.bridge.training.config.ConfigContainer",
-                      "model": bridge_model_config(info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"],
+                      "model": family.bridge_model_config(info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"],
                                                    make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"],
                                                    hf_model_id=_hf_folder(conv)),
                       "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig",

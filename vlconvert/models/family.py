@@ -86,6 +86,8 @@ class Family:
     expert_storage: ClassVar[str] = "none"
     vision_tensor_parallel: ClassVar[bool] = False  # the Megatron vision tower is TP-split (heads must divide)
     layer_pattern: ClassVar[re.Pattern[str]]  # group 1: the decoder layer number of a canonical name
+    hf_vision_prefix: ClassVar[str | None] = None  # canonical prefix of the vision tower (None: a text model)
+    known_sizes: ClassVar[dict[str, dict]] = {}  # released sizes: name -> the ModelInfo fields telling them apart
 
     def __repr__(self) -> str:
         return f"<Family {self.name}>"
@@ -138,6 +140,15 @@ class Family:
                      mtp=tuple(n for n in names if self.is_mtp(n)),
                      vision=tuple(n for n in names if self.is_vision(n)))
 
+    @property
+    def vision_patch(self) -> str | None:
+        """The vision tower's patch embedding (its rows: the vision width), or None for a text model."""
+        return None if self.hf_vision_prefix is None else f"{self.hf_vision_prefix}patch_embed.proj.weight"
+
+    def model_type_for(self, is_moe: bool) -> str:
+        """The config ``model_type`` of this family's dense or MoE variant."""
+        return self.model_types[-1] if is_moe and len(self.model_types) > 1 else self.model_types[0]
+
     def canonical_name(self, name: str) -> str:
         """The canonical name for another spelling of it (e.g. a transformers 5 run-time name); else ``name``."""
         return name
@@ -162,6 +173,20 @@ class Family:
         if name == self.embed or self.is_vision(name):
             return "first"
         return "last"
+
+    def measured_runtime_experts_layout(self) -> str:
+        """Fused-expert orientation of the installed transformers, measured on a tiny meta-device model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- framework records
+    def bridge_model_config(self, info: ModelInfo, **sizes: object) -> dict:
+        """The ``model:`` section of a Megatron-Bridge ``run_config.yaml`` (one-line error where not known)."""
+        raise UserError(f"writing Megatron-Bridge's run_config.yaml for {info.family} is not supported: "
+                        "use --for mbridge or --for megatron-lm")
+
+    def megatron_lm_args(self, info: ModelInfo, **sizes: object) -> dict:
+        """Megatron-LM's ``args`` fields for the language model (one-line error where not known)."""
+        raise UserError(f"writing Megatron-LM args for {info.family} is not supported: use --for mbridge")
 
     def check_tensor_parallel(self, info: ModelInfo, tp: int) -> None:
         """Refuse a TP size the model's heads do not allow (one line)."""

@@ -29,7 +29,7 @@ from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family
 
 __all__ = ["EXPERT_STYLES", "SPECS", "MegatronPlan", "Param", "RankPlan", "RankTensor", "Seg", "Src",
-           "balanced_pp_split", "canonical_tensors", "check_coverage", "config_bytes", "layer_of",
+           "balanced_pp_split", "canonical_tensors", "check_coverage", "config_bytes", "hf_vision_tensors", "layer_of",
            "megatron_params", "output_dtype", "plan_megatron_ranks", "propose_pp_split", "source_shape",
            "stage_bytes_inputs", "stage_costs", "stage_layer_counts"]
 
@@ -372,6 +372,20 @@ def layer_of(name: str, family: Family | None = None) -> int | None:
         if layer is not None:
             return layer
     return None
+
+
+def hf_vision_tensors(skeleton: Skeleton, dtypes: dict[str, torch.dtype], prefix: str) -> list[RankTensor]:
+    """The HF vision tower kept as a plain module (ms-swift, Megatron-Bridge 0.3): every vision tensor under
+    ``prefix`` + its name inside the tower, HF shape and row order, unstacked."""
+    family = skeleton.family
+    vision = family.hf_vision_prefix or ""
+    out = []
+    for name in skeleton.hf_keys():
+        if family.is_vision(name):
+            shape = tuple(skeleton.shape_in(name, "released"))
+            dtype = dtypes.get(name) or skeleton.info.dtype or torch.float32
+            out.append(RankTensor(prefix + name[len(vision):], shape, dtype, 0, ((Src(name), 0, shape[0]),)))
+    return out
 
 
 # ----------------------------------------------------------------------------------- pipeline stages

@@ -73,6 +73,7 @@ class Qwen25VLFamily(Family):
     embed = EMBED
     output = LM_HEAD
     layer_pattern = _LAYER
+    hf_vision_prefix = VIS
 
     def load_config(self, raw: dict) -> ModelInfo:
         text = text_config(raw)

@@ -278,6 +278,24 @@ def measured_runtime_experts_layout() -> str:
 
 _LM_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
+# The six released sizes (reference/qwen3vl-hf.md §1.2-1.3): the dims that tell them apart.
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "Qwen3-VL-2B": dict(family="qwen3_vl", hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144,
+                        experts=0, moe_intermediate=0, vision_depth=24, vision_hidden=1024, tied=True),
+    "Qwen3-VL-4B": dict(family="qwen3_vl", hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728,
+                        experts=0, moe_intermediate=0, vision_depth=24, vision_hidden=1024, tied=True),
+    "Qwen3-VL-8B": dict(family="qwen3_vl", hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288,
+                        experts=0, moe_intermediate=0, vision_depth=27, vision_hidden=1152, tied=False),
+    "Qwen3-VL-32B": dict(family="qwen3_vl", hidden=5120, layers=64, heads=64, kv_heads=8, intermediate=25600,
+                         experts=0, moe_intermediate=0, vision_depth=27, vision_hidden=1152, tied=False),
+    "Qwen3-VL-30B-A3B": dict(family="qwen3_vl_moe", hidden=2048, layers=48, heads=32, kv_heads=4,
+                             intermediate=6144, experts=128, moe_intermediate=768, vision_depth=27,
+                             vision_hidden=1152, tied=False),
+    "Qwen3-VL-235B-A22B": dict(family="qwen3_vl_moe", hidden=4096, layers=94, heads=64, kv_heads=4,
+                               intermediate=12288, experts=128, moe_intermediate=1536, vision_depth=27,
+                               vision_hidden=1152, tied=False),
+}
+
 
 class Qwen3VLFamily(Family):
     """Qwen3-VL dense and MoE: fused 3-D experts, a TP-split Megatron-Core ViT with deepstack mergers."""
@@ -291,6 +309,8 @@ class Qwen3VLFamily(Family):
     expert_storage = "fused"
     vision_tensor_parallel = True
     layer_pattern = _LM_LAYER
+    hf_vision_prefix = "model.visual."
+    known_sizes = KNOWN_MODELS
 
     def load_config(self, raw: dict) -> ModelInfo:
         return load_config(raw)
@@ -309,6 +329,19 @@ class Qwen3VLFamily(Family):
         from vlconvert.models.qwen3vl_megatron import megatron_params
 
         return megatron_params(skeleton, spec=spec, experts=experts, padded_vocab=padded_vocab)
+
+    def measured_runtime_experts_layout(self) -> str:
+        return measured_runtime_experts_layout()
+
+    def bridge_model_config(self, info: ModelInfo, **sizes: Any) -> dict:
+        from vlconvert.models.qwen3vl_consumers import bridge_model_config
+
+        return bridge_model_config(info, **sizes)
+
+    def megatron_lm_args(self, info: ModelInfo, **sizes: Any) -> dict:
+        from vlconvert.models.qwen3vl_consumers import megatron_lm_args
+
+        return megatron_lm_args(info, **sizes)
 
 
 FAMILY = Qwen3VLFamily()

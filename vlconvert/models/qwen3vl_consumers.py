@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from vlconvert.models.qwen3vl import ModelInfo, Skeleton
-from vlconvert.models.qwen3vl_megatron import VIS, RankTensor, Src
+from vlconvert.models.megatron_table import hf_vision_tensors  # noqa: F401 - re-exported: the old name
+from vlconvert.models.qwen3vl import ModelInfo
 
 _BRIDGE_PROVIDERS = {False: "megatron.bridge.models.qwen_vl.qwen3_vl_provider.Qwen3VLModelProvider",
                      True: "megatron.bridge.models.qwen_vl.qwen3_vl_provider.Qwen3VLMoEModelProvider"}
@@ -142,16 +142,3 @@ def megatron_lm_args(info: ModelInfo, *, tp: int, pp: int, ep: int, etp: int | N
         init_method_std=text.get("initializer_range", 0.02), config_logger_dir="", cp_comm_type=["p2p"],
         is_hybrid_model=False, hybrid_layer_pattern=None, mtp_num_layers=None, init_model_with_meta_device=False,
         context_parallel_size=1, sequence_parallel=False, ckpt_fully_parallel_save=True)
-
-
-def hf_vision_tensors(skeleton: Skeleton, dtypes: dict[str, torch.dtype], prefix: str = "visual.visual."
-                      ) -> list[RankTensor]:
-    """The HF vision tower kept as a plain module (ms-swift): every ``model.visual.*`` tensor under
-    ``prefix`` + its HF name, HF shape and row order, unstacked."""
-    out = []
-    for name in skeleton.hf_keys():
-        if name.startswith(VIS):
-            shape = tuple(skeleton.shape_in(name, "released"))
-            dtype = dtypes.get(name) or skeleton.info.dtype or torch.float32
-            out.append(RankTensor(prefix + name[len(VIS):], shape, dtype, 0, ((Src(name), 0, shape[0]),)))
-    return out

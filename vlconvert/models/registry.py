@@ -6,6 +6,7 @@ instance named ``FAMILY`` and add it to :data:`FAMILIES` below.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from vlconvert.errors import UserError
@@ -69,3 +70,35 @@ def build_skeleton(config: str | Path | dict | ModelInfo) -> Skeleton:
     """Every canonical key, shape and dtype of any supported model, from its config alone."""
     info = config if isinstance(config, ModelInfo) else load_config(config)
     return family_named(info.family).build_skeleton(info)
+
+
+# ------------------------------------------------------------------ lookups where no config is known
+def any_is_expert(name: str) -> bool:
+    """True when ``name`` is a fused 3-D expert tensor of some family (a folder read without its config)."""
+    return any(family.is_expert(name) for family in FAMILIES)
+
+
+def guess_family(names: Iterable[str]) -> Family | None:
+    """The family whose embedding (and vision tower, or none) a set of canonical names holds, or None."""
+    held = set(names)
+    for family in FAMILIES:
+        if family.embed in held and any(family.is_vision(n) for n in held) == (family.hf_vision_prefix is not None):
+            return family
+    return next((family for family in FAMILIES if family.embed in held), None)
+
+
+def megatron_language_prefixes() -> tuple[str, ...]:
+    """Every prefix a family's Megatron language model has (``language_model.``, ``""``), longest first."""
+    return tuple(sorted({family.megatron_prefixes.language for family in FAMILIES}, key=len, reverse=True))
+
+
+def known_sizes() -> dict[str, dict]:
+    """Every family's released sizes: name -> the :class:`ModelInfo` fields that tell them apart."""
+    return {name: dims for family in FAMILIES for name, dims in family.known_sizes.items()}
+
+
+def measured_runtime_experts_layout() -> str:
+    """The fused-expert orientation the installed transformers holds, measured on a tiny meta-device model of the
+    first family with fused experts (imports transformers' model code: seconds)."""
+    family = next(f for f in FAMILIES if f.expert_storage == "fused")
+    return family.measured_runtime_experts_layout()

@@ -24,7 +24,7 @@ from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.hf import resolve_source
 from vlconvert.layouts.torch_dist import find_torch_dist_dir
-from vlconvert.models.qwen3vl import Skeleton
+from vlconvert.models.base import Skeleton
 from vlconvert.publish import InputLog, note_input
 from vlconvert.sources.base import DEFAULT_GROUP_BYTES, Source, preview
 from vlconvert.sources.dcp import DCPKeyMap, DCPSource, map_dcp_keys, stored_expert_layout, strip_wrappers

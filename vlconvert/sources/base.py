@@ -11,8 +11,9 @@ from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
-from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert
-from vlconvert.models.qwen3vl_megatron import Src, source_shape
+from vlconvert.models.base import Skeleton
+from vlconvert.models.megatron_table import Src, source_shape
+from vlconvert.models.registry import any_is_expert, build_skeleton
 from vlconvert.publish import note_input
 
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
@@ -87,7 +88,7 @@ class Source:
     def read(self, name: str) -> torch.Tensor:
         """The whole canonical tensor ``name``."""
         shape = self.spec(name)[0]
-        if is_expert(name):
+        if self.skeleton.family.is_expert(name) if self.skeleton is not None else any_is_expert(name):
             return torch.stack([self.read_expert(name, e) for e in range(shape[0])])
         return self.rows(Src(name), 0, shape[0]) if shape else self.rows(Src(name), 0, 1)
 
@@ -155,7 +156,7 @@ class RankMappedSource(Source):
     _dtypes: dict[Src, torch.dtype]
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        src = Src(name, 0) if is_expert(name) else Src(name)
+        src = Src(name, 0) if self.skeleton.family.is_expert(name) else Src(name)
         return self.skeleton.shape_in(name, "released"), self._dtypes[src]
 
     def dtype(self, src: Src) -> torch.dtype:

@@ -12,8 +12,8 @@ from vlconvert import buffers
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
-from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, expert_layout_of, is_expert
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.base import Skeleton, expert_layout_of
+from vlconvert.models.megatron_table import Src
 from vlconvert.sources.base import Source, skeleton_for
 
 WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module", "module"})
@@ -104,8 +104,9 @@ class DCPSource(Source):
         self.skeleton = skeleton
         self.keys = map_dcp_keys(self.reader, set(skeleton.tensors), prefix)
         self.notes: list[str] = []
-        self.tied_lm_head_dropped = skeleton.info.tied and LM_HEAD in self.keys.mapped
-        self._mapped = {n: k for n, k in self.keys.mapped.items() if not (skeleton.info.tied and n == LM_HEAD)}
+        output = skeleton.family.output
+        self.tied_lm_head_dropped = skeleton.info.tied and output in self.keys.mapped
+        self._mapped = {n: k for n, k in self.keys.mapped.items() if not (skeleton.info.tied and n == output)}
         self._experts: dict[str, tuple[str, tuple[int, ...] | None]] = {}
 
     def names(self) -> list[str]:
@@ -133,7 +134,7 @@ class DCPSource(Source):
         entry = self.reader.tensors[self.key(name)]
         if name not in self._mapped:  # a tensor the model does not have
             return tuple(entry.shape), entry.dtype
-        if is_expert(name):
+        if self.skeleton.family.is_expert(name):
             return self.skeleton.shape_in(name, "released"), entry.dtype
         if entry.shape != self.skeleton.tensors[name].shape:
             raise UserError(f"'{entry.key}' has shape {list(entry.shape)} but config.json implies "

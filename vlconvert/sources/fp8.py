@@ -19,8 +19,8 @@ import torch
 from vlconvert.dtypes import dtype_name
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
-from vlconvert.models.qwen3vl import read_config_json
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.base import read_config_json
+from vlconvert.models.megatron_table import Src
 from vlconvert.sources.base import Source
 from vlconvert.sources.hf import HFSource
 

@@ -10,8 +10,9 @@ from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import HFCheckpoint
-from vlconvert.models.qwen3vl import EMBED, Skeleton, build_skeleton, expert_layout_of, is_expert, read_config_json
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.base import Skeleton, expert_layout_of, read_config_json
+from vlconvert.models.megatron_table import Src
+from vlconvert.models.registry import any_is_expert, build_skeleton, guess_family
 from vlconvert.sources.base import Source
 
 
@@ -57,7 +58,8 @@ class HFSource(Source):
 
     def stored_layout(self, name: str) -> str | None:
         """'released' or 'transformers5' for an expert tensor as stored on disk; None for others."""
-        if not is_expert(name):
+        expert = self.skeleton.family.is_expert(name) if self.skeleton is not None else any_is_expert(name)
+        if not expert:
             return None
         if name not in self._layouts:
             self._layouts[name] = self._decide(name)
@@ -69,7 +71,8 @@ class HFSource(Source):
             raise UserError(f"'{self.folder}': expert tensor '{name}' has shape {list(shape)}, expected 3 dims")
         if self.skeleton is not None and name in self.skeleton.tensors:
             return expert_layout_of(name, shape, self.skeleton, self.hint)
-        embed = self.checkpoint.tensors.get(EMBED)
+        family = guess_family(self.checkpoint.tensors)
+        embed = self.checkpoint.tensors.get(family.embed) if family is not None else None
         if embed is None:
             if self.hint:
                 return self.hint

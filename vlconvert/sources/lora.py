@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from vlconvert.errors import UsageError, UserError, one_line
-from vlconvert.models.qwen3vl import is_expert
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.megatron_table import Src
 from vlconvert.publish import note_input
 from vlconvert.sources.base import Source
 
@@ -166,7 +165,7 @@ class LoRAMergedSource(Source):
             match = _LORA.match(rest)
             if match:
                 module = match["module"]
-                if ".experts" in module or is_expert(module):
+                if ".experts" in module or self.skeleton.family.is_expert(module):
                     raise UserError(f"{where} adapts fused MoE experts ('{module}'): merging LoRA into fused "
                                     "experts is not supported; train the adapter without the experts")
                 parts.setdefault(module, {})[match["part"]] = tensor

@@ -12,11 +12,10 @@ import torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.filebytes import FileSpan
-from vlconvert.models.qwen3vl import Skeleton, build_skeleton, load_config
-from vlconvert.models.qwen3vl_megatron import MLM, MegatronPlan, RankTensor, Src, plan_megatron_ranks
+from vlconvert.models.base import Skeleton
+from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src, plan_megatron_ranks
+from vlconvert.models.registry import build_skeleton, load_config, megatron_language_prefixes
 from vlconvert.sources.base import RankMappedSource
-
-_LAYER_NAME = re.compile(rf"^{re.escape(MLM)}decoder\.layers\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------- Megatron
@@ -40,7 +39,8 @@ def _resolve_two_part(pairs: dict[tuple[int, int], Path]) -> str:
         return "ep"
     if rf.meta and rf.meta.get("pp", 1) > 1:
         return "pp"
-    return "ep" if f"{MLM}embedding.word_embeddings.weight" in rf.tensors else "pp"
+    return "ep" if any(f"{p}embedding.word_embeddings.weight" in rf.tensors for p in megatron_language_prefixes()) \
+        else "pp"
 
 
 class MegatronSource(RankMappedSource):
@@ -122,6 +122,8 @@ def _open_megatron(root: Path, config: str | Path | dict | None
         raise UsageError(f"'{root}' carries no model config: pass --assets-dir (or --config) with the "
                         "original Hugging Face config.json")
     sk = build_skeleton(info)
+    mlm = sk.family.megatron_prefixes.language
+    layer_name = re.compile(rf"^{re.escape(mlm)}decoder\.layers\.(\d+)\.")
     names = set().union(*(f.tensors for f in files.values()))
     spec = "te" if any(n.endswith("linear_qkv.layer_norm_weight") for n in names) else "local"
     experts = "sequential" if any(".local_experts." in n for n in names) else "grouped"
@@ -130,8 +132,8 @@ def _open_megatron(root: Path, config: str | Path | dict | None
     for s in range(layout.pp):
         nums = set()
         for n in files[(0, s, 0)].tensors:
-            if n.startswith(f"{MLM}decoder.layers."):
-                m = _LAYER_NAME.match(n)
+            if n.startswith(f"{mlm}decoder.layers."):
+                m = layer_name.match(n)
                 if m is None:
                     raise UserError(f"'{layout.file(0, s, 0)}' holds '{n}', which names no decoder layer number")
                 nums.add(int(m.group(1)))
@@ -141,15 +143,15 @@ def _open_megatron(root: Path, config: str | Path | dict | None
         stage_layers.append(len(nums))
     if sum(stage_layers) != info.layers:
         raise UserError(f"the checkpoint holds {sum(stage_layers)} decoder layers, the config says {info.layers}")
-    emb = first.tensors.get(f"{MLM}embedding.word_embeddings.weight")
+    emb = first.tensors.get(f"{mlm}embedding.word_embeddings.weight")
     if emb is None:
-        raise UserError(f"'{layout.file(0, 0, 0)}' lacks {MLM}embedding.word_embeddings.weight: "
-                        "not a Megatron-Bridge style Qwen3-VL checkpoint")
+        raise UserError(f"'{layout.file(0, 0, 0)}' lacks {mlm}embedding.word_embeddings.weight: "
+                        f"not a Megatron-Bridge style {info.family} checkpoint")
     padded = emb.shape[0] * layout.tp
     etp = layout.tp
     if info.is_moe:
         experts_found = [n for n in first.tensors if ".experts." in n and "linear_fc2" in n
-                         and n.startswith(f"{MLM}decoder.layers.0.")]
+                         and n.startswith(f"{mlm}decoder.layers.0.")]
         if experts_found:
             cols = first.tensors[experts_found[0]].shape[1]
             if info.moe_intermediate % cols:

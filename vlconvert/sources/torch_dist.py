@@ -18,9 +18,9 @@ from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import resolve_source
-from vlconvert.models.qwen3vl import Skeleton, build_skeleton, is_expert, load_config
-from vlconvert.models.qwen3vl_consumers import hf_vision_tensors
-from vlconvert.models.qwen3vl_megatron import MLM, MVIS, RankTensor, Src, plan_megatron_ranks
+from vlconvert.models.base import Skeleton
+from vlconvert.models.megatron_table import RankTensor, Src, hf_vision_tensors, plan_megatron_ranks
+from vlconvert.models.registry import build_skeleton, load_config, megatron_language_prefixes
 from vlconvert.publish import note_input
 from vlconvert.sources.base import RankMappedSource, check_config_sizes, skeleton_for
 
@@ -153,7 +153,7 @@ class TorchDistSource(RankMappedSource):
         self.saved_from = {k: meta[k] for k in ("tp", "pp", "ep", "etp") if isinstance(meta.get(k), int)} or None
         self.parallel = self.saved_from  # what inspect reports ("saved from"; any size loads it)
         info = skeleton.info
-        prefix = next((p for p in ("language_model.", "") if f"{p}embedding.word_embeddings.weight"
+        prefix = next((p for p in megatron_language_prefixes() if f"{p}embedding.word_embeddings.weight"
                        in self.reader.tensors), None)
         if prefix is None:
             raise UserError(f"'{self.iter_dir}' lacks language_model.embedding.word_embeddings.weight (and "
@@ -167,21 +167,23 @@ class TorchDistSource(RankMappedSource):
         # the HF vision tower kept as a plain module: ms-swift (visual.visual.), Megatron-Bridge 0.3 (vision_model.)
         hf_vision = next((p for p in HF_VISION_PREFIXES if f"{p}blocks.0.norm1.weight" in self.reader.tensors), None)
         self.consumer = _detect_consumer(self.iter_dir, self.common, prefix, hf_vision)
+        mlm, mvis = skeleton.family.megatron_prefixes.language, skeleton.family.megatron_prefixes.vision
+        self._mvis = mvis
         self.tensors: list[RankTensor] = list(self.plan.ranks[0].tensors)
         if hf_vision:
             self.tensors = hf_vision_tensors(skeleton, {}, hf_vision) + [
-                t for t in self.tensors if not t.name.startswith(MVIS)]
+                t for t in self.tensors if not (mvis and t.name.startswith(mvis))]
         self.locations: list[tuple[str, tuple[int, ...]]] = []
         used: set[str] = set()
         mergers = len(info.deepstack)
         missing_vision = 0
         for t in list(self.tensors):
-            name = prefix + t.name[len(MLM):] if t.name.startswith(MLM) else t.name
+            name = prefix + t.name[len(mlm):] if t.name.startswith(mlm) else t.name
             gk = tdl.global_key(name, info.layers, info.vision_depth, mergers, info.experts or 0, prefix)
             try:
                 key, index = self._resolve(gk, name)
             except UserError:
-                if not (t.name.startswith(MVIS) or hf_vision and t.name.startswith(hf_vision)):
+                if not (mvis and t.name.startswith(mvis) or hf_vision and t.name.startswith(hf_vision)):
                     raise
                 self.tensors.remove(t)  # a language-model-only checkpoint (megatron-core GPTModel)
                 missing_vision += 1
@@ -216,7 +218,7 @@ class TorchDistSource(RankMappedSource):
             return key[:-len(_ALT_NORM[0])] + _ALT_NORM[1] if key.endswith(_ALT_NORM[0]) else key
 
         options = [(gk.key, gk.index), (alt_norm(gk.key), gk.index)]
-        if gk.key.startswith(MVIS):
+        if self._mvis and gk.key.startswith(self._mvis):
             # megatron-core's local ViT spec keeps its norms' own names (no TE-name mapping on save)
             options += [(gk.key.replace(te, local), gk.index) for local, te in tdl.LOCAL_NORM_NAMES if te in gk.key]
         if gk.alt is not None:
@@ -232,6 +234,7 @@ class TorchDistSource(RankMappedSource):
         return self.reader.read_rows(key, start, stop, index)
 
     def names(self) -> list[str]:
+        is_expert = self.skeleton.family.is_expert
         return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if is_expert(n) else Src(n)) in self.pieces]
 
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:

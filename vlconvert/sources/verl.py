@@ -27,8 +27,8 @@ from vlconvert import buffers
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
-from vlconvert.models.qwen3vl import LM_HEAD, Skeleton, is_expert
-from vlconvert.models.qwen3vl_megatron import Src
+from vlconvert.models.base import Skeleton
+from vlconvert.models.megatron_table import Src
 from vlconvert.publish import note_input
 from vlconvert.sources.base import Source, skeleton_for
 from vlconvert.sources.dcp import map_dcp_keys, stored_expert_layout
@@ -193,7 +193,7 @@ class VerlSource(Source):
         shim = SimpleNamespace(tensors=self._shapes, non_tensors=[])
         self.keys = map_dcp_keys(shim, set(skeleton.tensors))  # type: ignore[arg-type]
         tied = skeleton.info.tied
-        self._mapped = {n: k for n, k in self.keys.mapped.items() if not (tied and n == LM_HEAD)}
+        self._mapped = {n: k for n, k in self.keys.mapped.items() if not (tied and n == skeleton.family.output)}
         self._expert_cache: tuple[Src, torch.Tensor] | None = None
         others = len(list(folder.glob("optim_world_size_*.pt"))) + len(list(folder.glob("extra_state_*.pt")))
         self.notes.append(f"verl checkpoint: {len(self.files)} model rank files reassembled"
@@ -256,7 +256,7 @@ class VerlSource(Source):
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         key = self.key(name)
         dtype = self.ranks[0].tensors[key].dtype
-        if name in self._mapped and is_expert(name):
+        if name in self._mapped and self.skeleton.family.is_expert(name):
             return self.skeleton.shape_in(name, "released"), dtype
         return self._shapes[key], dtype
 
