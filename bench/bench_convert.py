@@ -18,9 +18,10 @@ Prints medians with min-max, and ratios. Routes:
 * peers: ``HuggingFaceStorageReader`` + ``dcp.save`` (hf->dcp), ``dcp.load`` + ``HuggingFaceStorageWriter``
   (dcp->hf), transformers ``from_pretrained`` + ``save_pretrained`` (hf->hf; skipped where the model does
   not fit in RAM twice);
-* hf->dcp under ``torchrun --nproc-per-node 2`` against one process.
+* hf->dcp under ``torchrun --nproc-per-node N`` (``--ranks``, default 2) against one process.
 
-Usage: ``python bench/bench_convert.py [--model 2B] [--runs 3] [--work /var/tmp/vlbench] [--keep]``.
+Usage: ``python bench/bench_convert.py [--model 2B] [--runs 3] [--work /var/tmp/vlbench] [--keep]
+[--only ROUTE,...] [--skip ROUTE,...] [--ranks 2,4,8]``.
 Results and their reading are in ``docs/benchmarks.md``.
 """
 
@@ -147,6 +148,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/vlbench"))
     parser.add_argument("--keep", action="store_true", help="keep the generated data for another run")
     parser.add_argument("--skip", default="", help="comma-separated route names to leave out")
+    parser.add_argument("--only", default="", help="comma-separated route names to run (default: all)")
+    parser.add_argument("--ranks", default="2", type=lambda v: [int(x) for x in v.split(",") if x],
+                        help="torchrun rank counts of the hf->dcp route (comma-separated)")
     parser.add_argument("--make-source", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_source:
@@ -178,8 +182,9 @@ def main() -> None:
         ("hf->dcp --max-memory 1GiB", [*vl, "convert", str(src), str(work / "o"), "--to", "dcp", "-q",
                                        "--max-memory", "1GiB"], src),
         ("hf->dcp (torch: HF reader + dcp.save)", [py, "-c", PEER_HF_TO_DCP, str(src), str(work / "o")], src),
-        ("hf->dcp torchrun 2 ranks", [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vlconvert",
-                                      "convert", str(src), str(work / "o"), "--to", "dcp", "-q"], src),
+        *[(f"hf->dcp torchrun {n} ranks", [py, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m",
+                                          "vlconvert", "convert", str(src), str(work / "o"), "--to", "dcp", "-q"], src)
+          for n in args.ranks],
         ("dcp->hf", [*vl, "convert", str(dcp), str(work / "o"), "--to", "hf", "--assets-dir", str(src), "-q"], dcp),
         ("dcp->hf (torch: dcp.load + HF writer)", [py, "-c", PEER_DCP_TO_HF, str(dcp), str(work / "o")], dcp),
         (f"hf->megatron {' '.join(par)}", [*vl, "convert", str(src), str(work / "o"), "--to", "megatron", *par,
@@ -195,16 +200,20 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     if total * 2.2 > _ram_bytes():
         skip.add("hf->hf (transformers load + save)")
-    # the inputs of later routes, made once (not timed)
-    if not (dcp / ".metadata").is_file():
-        subprocess.run([*vl, "convert", str(src), str(dcp), "--to", "dcp", "-q", "--overwrite"], check=True)
-    if not (mg / "latest_checkpointed_iteration.txt").is_file():
-        subprocess.run([*vl, "convert", str(src), str(mg), "--to", "megatron", *par, "-q", "--overwrite"],
-                       check=True)
+    only = set(filter(None, args.only.split(",")))
+    routes = [r for r in routes if r[0] not in skip and (not only or r[0] in only)]
+    routes.sort(key=lambda r: (r[2] == dcp, r[2] == mg))  # one intermediate on disk at a time: HF inputs first
     results = []
     for name, cmd, inp in routes:
-        if name in skip:
-            continue
+        # the inputs of later routes, made when first needed (not timed); only one is kept, so that the
+        # source, one intermediate, one copy and one output fit the disk (8B: 4 x 17.5 GB)
+        if inp == dcp and not (dcp / ".metadata").is_file():
+            shutil.rmtree(mg, ignore_errors=True)
+            subprocess.run([*vl, "convert", str(src), str(dcp), "--to", "dcp", "-q", "--overwrite"], check=True)
+        if inp == mg and not (mg / "latest_checkpointed_iteration.txt").is_file():
+            shutil.rmtree(dcp, ignore_errors=True)
+            subprocess.run([*vl, "convert", str(src), str(mg), "--to", "megatron", *par, "-q", "--overwrite"],
+                           check=True)
         pairs = []
         for _ in range(args.runs):
             cp_s, _ = timed(["cp", "-r", "--reflink=never", str(inp), str(work / "cp")], work / "cp")
