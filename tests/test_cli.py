@@ -273,7 +273,9 @@ def test_help_mentions_completion_and_flags() -> None:
     assert "_VLCONVERT_COMPLETE=bash_source" in invoke("--help").stdout
     for command in ("convert", "hf-to-dcp", "dcp-to-hf", "hf-to-megatron", "megatron-to-hf", "reshard"):
         text = invoke(command, "--help").stdout
-        assert "--dry-run" in text and "--verbose" in text and "--json" in text, command
+        assert "--dry-run" in text and "--quiet" in text and "--json" in text, command
+        # -v is listed only where it says more (issue 22, item 10): the commands that copy assets
+        assert ("--verbose" in text) == (command in ("convert", "dcp-to-hf", "megatron-to-hf")), command
 
 
 # ------------------------------------------------------------------------------------- --dry-run

@@ -205,7 +205,7 @@ def test_cli_json_quiet_and_progress(tmp_path):
     summary = run_cli_json("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "a")
     assert summary["tensors"] == len(load_hf_tensors(FIX / "tiny-dense-tied")) + 1  # + tied lm_head
     quiet = run_cli("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "b", "--quiet")
-    assert quiet.output == ""
+    assert quiet.output == f"{(tmp_path / 'b').absolute()}\n"  # -q: only the result's path (issue 22, item 11)
     loud = run_cli("dcp-to-hf", tmp_path / "a", tmp_path / "c", "--assets-dir", FIX / "tiny-dense-tied", "-v")
     assert "copied tokenizer.json" in loud.output and "tensors" in loud.output
     plain = run_cli("dcp-to-hf", tmp_path / "a", tmp_path / "d", "--assets-dir", FIX / "tiny-dense-tied")

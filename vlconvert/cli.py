@@ -45,22 +45,43 @@ _SUMMARIES = {
     "inspect": "Describe a checkpoint folder (layout, model, parallel sizes, dtypes, tokenizer).",
     "verify": "Compare two checkpoints tensor by tensor, in any two layouts.",
     "doctor": "Check the environment for known traps.",
+    "help": "Show a command's help: vlconvert help CMD = vlconvert CMD --help.",
+    "version": "Show the versions of vlconvert, python, torch, transformers... (= --version).",
 }
+HABITS = ("help", "version")  # git's and hf's spellings, beside the real commands
 
 
-def versions() -> str:
-    """'vlconvert 0.2.0 (python 3.11.9, torch 2.8.0, transformers 4.57.1)', read from package metadata only
-    (importing transformers' model code takes seconds)."""
+def version_dict() -> dict[str, str | None]:
+    """The versions a bug report needs, read from package metadata only (importing transformers' model code
+    takes seconds); None for a package that is not installed."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    parts = [f"python {platform.python_version()}"]
+    found: dict[str, str | None] = {"vlconvert": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "safetensors", "huggingface_hub"):
         try:
-            parts.append(f"{name} {version(name)}")
+            found[name] = version(name)
         except PackageNotFoundError:
-            parts.append(f"{name} not installed")
-    return f"vlconvert {__version__} ({', '.join(parts)})"
+            found[name] = None
+    return found
+
+
+def versions() -> str:
+    """'vlconvert 0.2.0 (python 3.11.9, torch 2.8.0, transformers 4.57.1, ...)'."""
+    found = version_dict()
+    parts = [f"{name} {v if v is not None else 'not installed'}" for name, v in found.items() if name != "vlconvert"]
+    return f"vlconvert {found['vlconvert']} ({', '.join(parts)})"
+
+
+def short_usage() -> str:
+    """What bare ``vlconvert`` prints: the usage, the command names, and where to read more."""
+    import textwrap
+
+    names = textwrap.fill(", ".join([*COMMANDS, *HABITS]), width=96, initial_indent="commands: ",
+                          subsequent_indent=" " * 10, break_on_hyphens=False)
+    return ("usage: vlconvert [-v] [-q] [--json] [--debug] COMMAND [ARGS]...\n"
+            f"{names}\n"
+            "see 'vlconvert --help' for what each command does, 'vlconvert help COMMAND' for its options")
 
 
 def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -131,7 +152,7 @@ class LazyGroup(click.Group):
             rv = super().main(argv, prog_name or "vlconvert", complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             command = next((a for a in argv if a in COMMANDS), None)
-            fail(usage_line(exc, list(COMMANDS)), exc.exit_code, as_json=as_json, command=command)
+            fail(usage_line(exc, [*COMMANDS, *HABITS]), exc.exit_code, as_json=as_json, command=command)
         except click.Abort as exc:
             from vlconvert.errors import interrupt_line
 
@@ -148,9 +169,13 @@ class LazyGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return [*COMMANDS, *HABITS]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "help":
+            return help_command
+        if name == "version":
+            return version_command
         target = COMMANDS.get(name)
         if target is None:
             return None
@@ -164,21 +189,25 @@ class LazyGroup(click.Group):
         return getattr(module, attr, None)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, _SUMMARIES.get(name, "")) for name in COMMANDS]
+        rows = [(name, _SUMMARIES.get(name, "")) for name in [*COMMANDS, *HABITS]]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
 
-@click.group("vlconvert", cls=LazyGroup,
+@click.group("vlconvert", cls=LazyGroup, invoke_without_command=True, no_args_is_help=False,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version of vlconvert, python, torch and transformers, and exit.")
-@click.option("--verbose", "-v", is_flag=True, help="Say more (every asset copied...), in every command.")
+@click.option("--verbose", "-v", is_flag=True, help="Say more, where the command has more to say (see its --help).")
+@click.option("--quiet", "-q", is_flag=True, help="As the command's -q: only the result's path, or nothing.")
+@click.option("--json", "as_json", is_flag=True, help="As the command's --json: one JSON object on stdout.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def main(verbose: bool = False, debug: bool = False) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool = False, quiet: bool = False, as_json: bool = False,
+         debug: bool = False) -> None:
     """Convert Qwen3-VL checkpoints between Hugging Face, DCP (FSDP2) and Megatron layouts, and repair
     their tokenizers before RL. Every command streams tensor by tensor and publishes its output only
-    when complete.
+    when complete. Options before the command apply to it (vlconvert --json inspect X).
 
     \b
     Shell completion (bash; zsh and fish: see README):
@@ -188,6 +217,45 @@ def main(verbose: bool = False, debug: bool = False) -> None:
 
     console.DEBUG = debug
     console.VERBOSE = verbose
+    console.QUIET = quiet
+    console.JSON = as_json
+    if ctx.invoked_subcommand is None:  # bare `vlconvert`: a short usage, not the whole help
+        if as_json:
+            console.fail("error: no command given; see 'vlconvert --help'", 2, as_json=True)
+        click.echo(short_usage(), err=True)
+        ctx.exit(2)
+
+
+@click.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx: click.Context, command: str | None) -> None:
+    """Show the help of COMMAND, as vlconvert COMMAND --help does (of vlconvert without one)."""
+    group_ctx = ctx.parent
+    assert group_ctx is not None and isinstance(group_ctx.command, click.Group)
+    if command is None:
+        click.echo(group_ctx.get_help())
+        return
+    sub = group_ctx.command.get_command(group_ctx, command)
+    if sub is None:
+        raise click.UsageError(f"no such command '{command}'", group_ctx)
+    with sub.make_context(command, [], parent=group_ctx, resilient_parsing=True) as sub_ctx:
+        click.echo(sub_ctx.get_help())
+
+
+@click.command("version")
+@click.option("--json", "as_json", is_flag=True, help="Print them as one JSON object.")
+def version_command(as_json: bool) -> None:
+    """Show the versions of vlconvert, python, torch, transformers, safetensors and huggingface_hub
+    (= vlconvert --version)."""
+    from vlconvert import console
+
+    if as_json or console.JSON:
+        import json
+
+        click.echo(json.dumps(console.json_record("version", {"versions": version_dict()})))
+        return
+    click.echo(versions())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 from rich.console import Console, RenderableType
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -28,7 +28,10 @@ from vlconvert.progress import human_bytes  # noqa: F401 - re-exported: every co
 
 DEBUG = False  # set by --debug (group or command): show tracebacks instead of one line
 VERBOSE = False  # set by -v/--verbose (group or command): list assets copied and other details
+JSON = False  # set by --json before the command (``vlconvert --json inspect X``)
+QUIET = False  # set by -q/--quiet before the command
 _PIPE_WIDTH = 10_000  # piped or redirected output: never wrapped (tables take their natural width)
+PROSE_WIDTH = 100  # piped or redirected prose (doctor's findings): wrapped here, so a log reads without scrolling
 
 
 class Out:
@@ -59,6 +62,10 @@ class Out:
         """The rich console to hand to rich widgets (a progress bar)."""
         return self._tty
 
+    def prose_width(self) -> int:
+        """Where prose wraps: the terminal's width on a terminal, :data:`PROSE_WIDTH` in a pipe or a file."""
+        return self._tty.width if self.is_terminal() else PROSE_WIDTH
+
     def print(self, *objects: RenderableType, **kwargs: Any) -> None:
         """``rich.Console.print`` on a terminal; plain, unwrapped, right-stripped lines otherwise."""
         if self.is_terminal():
@@ -84,16 +91,38 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
-def output_options(func: Callable) -> Callable:
-    """Add ``--json``, ``--quiet``, ``--verbose`` and ``--debug`` to a command."""
-    func = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")(func)
-    func = click.option("--verbose", "-v", is_flag=True,
-                        help="Say more: every asset copied, every file kept by --resume.")(func)
-    func = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(func)
-    func = click.option("--json", "as_json", is_flag=True,
-                        help="Print one JSON object (the summary; {\"ok\": false, \"error\": ...} on failure) "
-                             "on stdout; progress goes nowhere.")(func)
-    return func
+def output_options(verbose: str | None = None, progress: bool = True, quiet: str | None = None) -> Callable:
+    """Add ``--json``, ``--quiet``, ``--verbose`` and ``--debug`` to a command, each with help text that says what
+    it does in that command: ``verbose`` (None: the command says nothing more with -v, so -v is accepted but not
+    shown), ``progress`` (the command draws a progress bar that --json turns off), ``quiet`` (what -q still
+    prints on stdout; None: nothing)."""
+
+    def decorate(func: Callable) -> Callable:
+        func = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")(func)
+        func = click.option("--verbose", "-v", is_flag=True, hidden=verbose is None,
+                            help=verbose or "Accepted; this command has nothing more to say.")(func)
+        func = click.option("--quiet", "-q", is_flag=True,
+                            help=(f"Print only {quiet} on stdout (out=$(vlconvert ... -q))"
+                                  if quiet else "Print nothing but errors and warnings; the exit code is the "
+                                                "verdict") + ". Also before the command.")(func)
+        func = click.option("--json", "as_json", is_flag=True,
+                            help="Print one JSON object on stdout (the report; {\"ok\": false, \"error\": ...} on "
+                                 "failure)" + ("; no progress bar" if progress else "") + ". Also before the "
+                                 "command.")(func)
+        return func
+
+    return decorate
+
+
+VERBOSE_ASSETS = "List every asset file copied (config, tokenizer, processor files): HF outputs."
+
+
+def rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise): only rank 0 prints the summary and the bar."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
 
 
 _CASTS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
@@ -169,7 +198,16 @@ def handle_errors(func: Callable) -> Callable:
         global VERBOSE
         debug = kwargs.pop("debug", False) or DEBUG
         VERBOSE = kwargs.pop("verbose", False) or VERBOSE
+        if "as_json" in kwargs:  # --json / -q before the command name count as after it
+            kwargs["as_json"] = bool(kwargs["as_json"]) or JSON
+        if "quiet" in kwargs:
+            kwargs["quiet"] = bool(kwargs["quiet"]) or QUIET
         as_json = bool(kwargs.get("as_json"))
+        ctx = click.get_current_context(silent=True)
+        name = ctx.info_name if ctx is not None else None
+        read_only = name if name in READ_ONLY else next(  # Ctrl-C says nothing of publishing where nothing is
+            (f"{name} {flag}" for key, flag in (("dry_run", "--dry-run"), ("check", "--check")) if kwargs.get(key)),
+            None)
         publish = sys.modules.get("vlconvert.publish")
         if publish is not None:
             publish.PUBLISHED.clear()
@@ -189,7 +227,7 @@ def handle_errors(func: Callable) -> Callable:
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.Terminated)
             if debug:
                 raise
-            line, code = interrupt_line(exc)
+            line, code = interrupt_line(exc, read_only)
             fail(line, code, as_json=as_json)
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # the reader of a pipe went away (`| head`): stop quietly
@@ -210,6 +248,9 @@ def handle_errors(func: Callable) -> Callable:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+READ_ONLY = frozenset({"plan", "inspect", "verify", "doctor"})  # commands that write no output
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -253,7 +294,7 @@ class _SpeedColumn(ProgressColumn):
 
 
 class _CountColumn(ProgressColumn):
-    """'file 2/3, tensor 41/75' when the reporter knows the plan (bytes written so far, in plan order)."""
+    """'files 2/3, tensors 41/75' when the reporter knows the plan (bytes written so far, in plan order)."""
 
     def render(self, task: Task) -> Text:
         tensor_ends: list[int] | None = task.fields.get("tensor_ends")
@@ -264,6 +305,68 @@ class _CountColumn(ProgressColumn):
         files = bisect.bisect_right(file_ends, done)
         tensors = bisect.bisect_right(tensor_ends, done)
         return Text(f"files {files}/{len(file_ends)}, tensors {tensors}/{len(tensor_ends)}")
+
+
+class _EtaColumn(ProgressColumn):
+    """'eta 0:01:05': the time left."""
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        if left is None:
+            return Text("eta -:--:--", style="progress.remaining")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"eta {hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
+class FittingProgress(Progress):
+    """A progress bar that stays on one line at any terminal width: the fields that do not fit are left out,
+    the least useful first (elapsed time, then the file and tensor counts, the speed, the description, the
+    time left, the bar); the bar takes 10 to 40 cells of what is left. Decided at each refresh, so a resized
+    terminal gets its fields back."""
+
+    BAR_MIN, BAR_MAX = 10, 40
+
+    def __init__(self, description: str, console: Console):
+        self.bar = BarColumn(bar_width=self.BAR_MAX)
+        self.parts: dict[str, ProgressColumn] = {
+            "description": TextColumn("[bold]{task.description}"), "bar": self.bar, "bytes": _BytesColumn(),
+            "counts": _CountColumn(), "speed": _SpeedColumn(), "elapsed": TimeElapsedColumn(), "eta": _EtaColumn()}
+        super().__init__(*self.parts.values(), console=console, transient=True)
+
+    @staticmethod
+    def widths(task: Task) -> dict[str, int]:
+        """The most cells each field takes during this task (so fields do not come and go as numbers grow)."""
+        total = human_bytes(task.total or 0)
+        files, tensors = task.fields.get("file_ends"), task.fields.get("tensor_ends")
+        counts = len(f"files {len(files)}/{len(files)}, tensors {len(tensors)}/{len(tensors)}") \
+            if files and tensors else 0
+        return {"description": Text.from_markup(f"[bold]{task.description}").cell_len,
+                "bytes": max(len(total), len("1023.99 KiB")) + 3 + len(total), "counts": counts,
+                "speed": len("1023.99 KiB/s"), "elapsed": len("0:00:00"), "eta": len("eta 0:00:00")}
+
+    def fit(self, width: int, task: Task) -> list[str]:
+        """The fields shown at ``width`` cells (one cell spare: no terminal wraps the line), in display order."""
+        sizes = self.widths(task)
+        keep = ["bytes", "bar", "eta", "description", "speed", "counts", "elapsed"]  # most useful first
+        chosen: list[str] = []
+        used = -1  # n fields take n - 1 separating spaces
+        for name in keep:
+            need = self.BAR_MIN if name == "bar" else sizes[name]
+            if need == 0:
+                continue
+            if used + 1 + need <= width - 1:
+                chosen.append(name)
+                used += 1 + need
+        if "bar" in chosen:
+            self.bar.bar_width = min(self.BAR_MAX, self.BAR_MIN + width - 1 - used)
+        return [name for name in self.parts if name in chosen]
+
+    def make_tasks_table(self, tasks: Any) -> Table:
+        tasks = list(tasks)
+        if tasks:
+            self.columns = tuple(self.parts[name] for name in self.fit(self.console.width, tasks[0]))
+        return super().make_tasks_table(tasks)
 
 
 class Reporter:
@@ -279,7 +382,8 @@ class Reporter:
 
     @property
     def show(self) -> bool:
-        return not (self.as_json or self.quiet)
+        """Lines for people: not with --json or -q, and only on rank 0 of ``torchrun``."""
+        return not (self.as_json or self.quiet) and rank() == 0
 
     def info(self, message: str) -> None:
         """A line for people (suppressed by --json/--quiet)."""
@@ -311,14 +415,18 @@ class Reporter:
         if not self.show or not stderr.is_terminal():  # a log file gets no bar (nor its blank line)
             yield lambda n: None
             return
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _BytesColumn(), _CountColumn(),
-                            _SpeedColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                            console=stderr.console, transient=True)
+        progress = FittingProgress(description, stderr.console)
         fields = {"tensor_ends": self._tensor_ends, "file_ends": self._file_ends} \
             if self._file_ends and self._file_ends[-1] == total else {}
         with progress:
             task = progress.add_task(description, total=total, **fields)
             yield lambda n: progress.advance(task, n)
+
+    def result_path(self, path: str | Path | None) -> None:
+        """-q: the one line a script reads, the absolute path of the result (nothing when there is none)."""
+        if self.quiet and not self.as_json and path and rank() == 0:
+            sys.stdout.write(f"{Path(path).absolute()}\n")
+            sys.stdout.flush()
 
     @property
     def elapsed(self) -> float:
@@ -330,11 +438,16 @@ class Reporter:
 
         The JSON always starts with ``ok`` (``ok`` if given, else ``data["ok"]``, else true: false when the
         command exits 1 after its summary) and ``command`` (the first word of ``title``): README, "JSON output".
+        With -q, only the path of what was written (``data["output"]``, absolute), as ``hf download -q`` does, so
+        ``out=$(vlconvert convert ... -q)`` works. Under ``torchrun`` only rank 0 prints.
         """
+        if rank() != 0:
+            return
         if self.as_json:
             print(json.dumps(json_record(title.split()[0], data, ok), indent=2, default=str))
             return
         if self.quiet:
+            self.result_path(data.get("output") or data.get("retagged"))  # retag-think: the folder to use
             return
         table = Table(title=title, show_header=False, title_justify="left")
         for key, value in rows if rows is not None else [(k, str(v)) for k, v in data.items()]:

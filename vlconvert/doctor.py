@@ -50,13 +50,21 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in nums[:3])
 
 
-def collect_facts() -> EnvFacts:
-    """Read the facts from the running environment (builds a tiny meta model for the expert layout)."""
+def collect_facts(measure: bool = False) -> EnvFacts:
+    """Read the facts from the running environment. A transformers in the range vlconvert supports (5.4 to 6,
+    tested) is described from its version (:func:`supported_transformers`) unless ``measure``; any other is
+    imported and measured (a tiny meta model built for the expert layout: seconds)."""
+    supported = None if measure else supported_transformers()
     cudnn = None
     try:
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     except Exception:  # noqa: BLE001 - a broken CUDA install raises anything
         cudnn = None
+    if supported is not None:  # no import: vlconvert's own conversions decide the layout from the version too
+        return EnvFacts(torch_version=torch.__version__, torch_cuda=torch.version.cuda,
+                        cuda_available=torch.cuda.is_available(), cudnn_version=cudnn,
+                        transformers_version=supported, runtime_experts="transformers5",
+                        moe_conversion_mapping=True, env=_weights_only_env())
     tf_version = runtime = mapping = None
     try:
         import transformers
@@ -81,6 +89,24 @@ def collect_facts() -> EnvFacts:
                     cuda_available=torch.cuda.is_available(), cudnn_version=cudnn,
                     transformers_version=tf_version, runtime_experts=runtime, moe_conversion_mapping=mapping,
                     env=env)
+
+
+def _weights_only_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+            if k in os.environ}
+
+
+def supported_transformers() -> str | None:
+    """The installed transformers' version when it lies in the range vlconvert supports (>= 5.4, < 6), read
+    from package metadata: those hold fused experts as ``[E, 2I, H]`` and transpose released ones on load
+    (README, "Why these floors"). None otherwise (not installed, older, newer, unreadable)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        return None
+    return found if (5, 4) <= _version_tuple(found)[:2] < (6,) else None
 
 
 def check_conv3d(facts: EnvFacts) -> Finding:

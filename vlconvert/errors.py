@@ -1,4 +1,7 @@
-"""The one exception type the command line turns into a single clear line and a non-zero exit."""
+"""The one exception type the command line turns into a single clear line and a non-zero exit, and the wording
+of its messages for the Python API (:func:`api_wording`)."""
+
+import re
 
 
 class UserError(Exception):
@@ -20,9 +23,13 @@ class Terminated(KeyboardInterrupt):
     handled everywhere as Ctrl-C is (finished files kept for ``--resume``), exit code 143."""
 
 
-def interrupt_line(exc: BaseException) -> tuple[str, int]:
-    """The one line and exit code for Ctrl-C or SIGTERM: what was published, and how to resume."""
+def interrupt_line(exc: BaseException, read_only: str | None = None) -> tuple[str, int]:
+    """The one line and exit code for Ctrl-C or SIGTERM: what was published, and how to resume. ``read_only``
+    names a command (or mode: ``--dry-run``) that writes no output: then there is nothing to publish or resume,
+    and the line says so instead of "nothing was published"."""
     word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    if read_only is not None:
+        return f"{word}: {read_only} writes no output, so there is nothing to clean up or resume", code
     outcome = getattr(exc, "outcome", None)
     if outcome is None:
         import sys
@@ -48,3 +55,42 @@ def one_line(value: object, limit: int = 160, quote: bool = False) -> str:
 def is_int(value: object) -> bool:
     """An int that is not a bool (JSON and pickles give both)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Messages are written as the command line says them (`--tp 3`); the Python API (vlconvert.Converter, convert,
+# verify) says them as its keyword arguments (`tp=3`), translated where an error leaves the API.
+_API_FLAGS = {"--overwrite": "overwrite=True", "--resume": "resume=True", "--allow-missing": "allow_missing=True",
+              "--allow-unexpected": "allow_unexpected=True", "--no-tied-lm-head": "tied_lm_head=False"}
+_API_NAMES = {"--for": "consumer"}
+_API_WORDS = ("hf", "dcp", "megatron", "torch_dist", "auto", "keep", "config", "bf16", "fp16", "fp32", "te",
+              "local", "grouped", "sequential", "released", "transformers5", "mbridge", "megatron-bridge")
+_OPTION = re.compile(r"(?<![\w'-])(--[a-z][a-z0-9-]*)(?:[ =](?:('[^']*'|-?\d+(?:\.\d+)?(?![\w.]))|"
+                     r"(\d+(?:\.\d+)?[KMGT]i?B|" + "|".join(sorted(map(re.escape, _API_WORDS), key=len, reverse=True))
+                     + r")(?![\w-])))?")  # --flag, --flag 3 / 'x' (as written), --flag word / 5GB (a string)
+
+_APPLIES = re.compile(r"applies to --to ([\w ]+?) only, not --to (\w+)")  # an option refused for a target
+
+
+def api_wording(message: str) -> str:
+    """``message`` as the Python API says it: each command-line option becomes the keyword argument it is
+    (``--tp 3 must divide ...`` -> ``tp=3 must divide ...``, ``pass --assets-dir`` -> ``pass assets_dir``,
+    ``--to dcp`` -> ``to='dcp'``, ``--overwrite`` -> ``overwrite=True``)."""
+
+    def keyword(match: re.Match) -> str:
+        flag, literal, word = match.groups()
+        if flag in _API_FLAGS and literal is None and word is None:
+            return _API_FLAGS[flag]
+        name = _API_NAMES.get(flag, flag[2:].replace("-", "_"))
+        return name if literal is None and word is None else f"{name}={literal or repr(word)}"
+
+    message = _APPLIES.sub(lambda m: "applies only where to is " + " or ".join(
+        repr(w) for w in m.group(1).split(" and ")) + f", not to={m.group(2)!r}", message)
+    return _OPTION.sub(keyword, message)
+
+
+def in_api_wording(exc: UserError) -> UserError:
+    """``exc`` with its message in :func:`api_wording` (changed in place: same type, traceback and
+    attributes); the command line never calls this."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (api_wording(exc.args[0]), *exc.args[1:])
+    return exc

@@ -16,15 +16,19 @@ from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import PlannedTensor
 from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor, Src
+from vlconvert.progress import human_bytes
 from vlconvert.sources import Source
 
 
-@dataclass
+@dataclass(repr=False)
 class PlannedFile:
     """One output file and the tensors it holds, in write order."""
 
     name: str  # path relative to the output folder
     tensors: list[tuple[str, tuple[int, ...], torch.dtype]]  # (name in the file, shape, dtype)
+
+    def __repr__(self) -> str:
+        return f"PlannedFile({self.name!r}, {len(self.tensors)} tensors, {human_bytes(self.nbytes)})"
 
     @property
     def nbytes(self) -> int:
@@ -48,9 +52,10 @@ class DCPEntry:
     nesting: tuple
 
 
-@dataclass
+@dataclass(repr=False)
 class ConversionPlan:
-    """What a conversion writes, as data: ``files`` for printing and checks, plus each target's recipe."""
+    """What a conversion writes, as data: ``files`` for printing and checks, plus each target's recipe.
+    Its repr is one short line (``print(plan)``); the files and tensors are in ``files`` and ``to_dict()``."""
 
     source: str
     source_layout: str
@@ -72,6 +77,12 @@ class ConversionPlan:
     def tensor_bytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
+    def __repr__(self) -> str:
+        tensors = sum(len(f.tensors) for f in self.files)
+        extra = f", notes={len(self.notes)}" if self.notes else ""
+        return (f"ConversionPlan({self.source_layout} -> {self.target}, source={self.source!r}, "
+                f"{len(self.files)} files of tensors, {tensors} tensors, {human_bytes(self.tensor_bytes)}{extra})")
+
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-able data."""
         data: dict[str, Any] = {
@@ -88,9 +99,9 @@ class ConversionPlan:
         return data
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
-    """What a run did."""
+    """What a run did. Its repr is one short line (``print(result)``), the plan's included."""
 
     output: Path
     plan: ConversionPlan
@@ -98,6 +109,10 @@ class Result:
     bytes_written: int  # bytes on disk, every file of the output
     notes: list[str]
     assets: list[str]
+
+    def __repr__(self) -> str:
+        return (f"Result(output={str(self.output)!r}, files={self.files}, written={human_bytes(self.bytes_written)}, "
+                f"notes={self.notes!r}, assets={len(self.assets)}, plan={self.plan!r})")
 
 
 ROW_BLOCK = 4 * 2**20  # bytes per row block: small enough that glibc reuses freed blocks (no page faults)

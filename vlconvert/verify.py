@@ -18,6 +18,7 @@ import torch
 
 from vlconvert import sources
 from vlconvert.dtypes import dtype_name
+from vlconvert.errors import UserError
 from vlconvert.layouts.hf import resolve_source
 from vlconvert.models.qwen3vl import Skeleton
 from vlconvert.sources import Source
@@ -178,7 +179,8 @@ def source_bytes(src: Source) -> int:
 
 def open_pair(a: str | Path, b: str | Path, config: str | Path | None = None,
               assets_dir: str | Path | None = None) -> tuple[Source, Source]:
-    """Open both sides; without ``config``/``assets_dir`` a side lacking config.json borrows the other's."""
+    """Open both sides; without ``config``/``assets_dir`` a side lacking config.json borrows the other's.
+    Two sides whose configs describe different models are refused here, before any tensor is compared."""
     if config is None and assets_dir is None:
         own = [Path(p) / "config.json" for p in (a, b)]
         shared = next((c for c in own if c.is_file()), None)
@@ -186,7 +188,44 @@ def open_pair(a: str | Path, b: str | Path, config: str | Path | None = None,
         cfg_b = None if own[1].is_file() else shared
     else:
         cfg_a = cfg_b = config
-    return open_source(a, config=cfg_a, assets_dir=assets_dir), open_source(b, config=cfg_b, assets_dir=assets_dir)
+    src_a = open_source(a, config=cfg_a, assets_dir=assets_dir)
+    try:
+        src_b = open_source(b, config=cfg_b, assets_dir=assets_dir)
+    except BaseException:
+        _close(src_a)
+        raise
+    differ = model_differences(src_a, src_b)
+    if differ:
+        _close(src_a)
+        _close(src_b)
+        raise UserError(f"'{a}' and '{b}' are different models ({'; '.join(differ)}): nothing to compare tensor "
+                        "by tensor")
+    return src_a, src_b
+
+
+_MODEL_FACTS = (("family", "model type"), ("experts", "model"), ("hidden", "hidden size"),
+                ("layers", "decoder layers"), ("heads", "attention heads"), ("vision_hidden", "vision width"),
+                ("vision_depth", "vision depth"))
+
+
+def model_differences(a: Source, b: Source) -> list[str]:
+    """How the configs of two sides differ, A's value first: ``['model MoE (8 experts) vs dense', 'hidden size
+    64 vs 128']``; empty for the same model (whatever the layouts, dtypes or vocabulary padding)."""
+    info_a, info_b = a.skeleton.info, b.skeleton.info
+
+    def shown(field: str, value: object) -> str:
+        if field == "experts":
+            return f"MoE ({value} experts)" if value else "dense"
+        return str(value)
+
+    return [f"{label} {shown(f, getattr(info_a, f))} vs {shown(f, getattr(info_b, f))}"
+            for f, label in _MODEL_FACTS if getattr(info_a, f) != getattr(info_b, f)]
+
+
+def _close(src: Source) -> None:
+    close = getattr(src, "close", None)
+    if close:
+        close()
 
 
 def verify(a: str | Path, b: str | Path, tolerance: float = 0.0, config: str | Path | None = None,
@@ -200,6 +239,4 @@ def verify(a: str | Path, b: str | Path, tolerance: float = 0.0, config: str | P
         return report
     finally:
         for src in (src_a, src_b):
-            close = getattr(src, "close", None)
-            if close:
-                close()
+            _close(src)

@@ -3,6 +3,7 @@ written) and the summary rows."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,34 @@ def refuse_inapplicable(to: str, applies: dict[str, tuple[str, ...]]) -> None:
             flag = max(param.opts, key=len)
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             raise UsageError(f"{shown} applies to --to {' and '.join(targets)} only, not --to {to}: drop it")
+
+
+LAYOUT_NAMES = {"hf": "a Hugging Face folder", "dcp": "a DCP checkpoint", "megatron": "a Megatron checkpoint",
+                "torch_dist": "a Megatron torch_dist checkpoint", "verl": "a verl FSDP checkpoint"}
+SPELLINGS = {  # the older spellings: the layouts each reads, and the target it writes
+    "hf-to-dcp": (("hf",), "dcp"), "dcp-to-hf": (("dcp",), "hf"), "hf-to-megatron": (("hf",), "megatron"),
+    "megatron-to-hf": (("megatron", "torch_dist"), "hf"), "reshard": (("megatron", "torch_dist"), "megatron")}
+
+
+def check_spelling_reads(command: str, src: str | Path, dst: str | Path,
+                         assets_dir: str | Path | None = None) -> None:
+    """Refuse, in one line, a source of another layout than the older spelling ``command`` reads: say what the
+    folder is and the command that converts it to the same target (the older spelling for that pair, else
+    ``convert --to``, which reads any layout). A folder of no known layout is left to the reader's message."""
+    from vlconvert.errors import UserError
+    from vlconvert.sources import detect_layout
+
+    folder = Path(src).expanduser()
+    if not folder.is_dir():
+        return  # a model id in the local HF cache, or a path the reader reports
+    reads, to = SPELLINGS[command]
+    found = detect_layout(folder)
+    if found in reads or found not in LAYOUT_NAMES:
+        return
+    other = next((name for name, (r, t) in SPELLINGS.items() if found in r and t == to), None)
+    words = ["vlconvert", other, str(src), str(dst)] if other else \
+        ["vlconvert", "convert", str(src), str(dst), "--to", to]
+    if to == "hf" and assets_dir is not None:
+        words += ["--assets-dir", str(assets_dir)]
+    raise UserError(f"'{src}' is {LAYOUT_NAMES[found]}, not {LAYOUT_NAMES[reads[0]]} (what {command} reads): "
+                    f"use '{shlex.join(words)}'")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from vlconvert.commands.common import asset_rows, files_text, merge_lora_option, show_dry_run
-from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
+from vlconvert.console import VERBOSE_ASSETS, DtypeParam, Reporter, handle_errors, human_bytes, output_options
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER
 
 TARGETS = ("hf", "dcp", "megatron", "torch_dist")
@@ -58,7 +58,7 @@ TARGETS = ("hf", "dcp", "megatron", "torch_dist")
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, checks) and write nothing.")
-@output_options
+@output_options(verbose=VERBOSE_ASSETS, quiet="the output folder's path")
 @handle_errors
 def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config: str | None, dtype: str,
                     experts_layout: str | None, prefix: str, src_prefix: str | None, max_shard_size: str,
@@ -70,11 +70,13 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
                     resume: bool, dry_run: bool,
                     as_json: bool, quiet: bool) -> None:
     """Convert checkpoint SRC (Hugging Face folder or cached model id, DCP, Megatron; detected) to
-    layout --to in DST, streamed in one pass. Examples:
+    layout --to in DST, streamed in one pass.
 
+    \b
+    Examples:
       vlconvert convert ./step_1000 mg --to megatron --tp 2 --ep 4 --assets-dir Qwen3-VL-30B-A3B-Instruct
-
       vlconvert convert mg hf --to hf --assets-dir Qwen3-VL-30B-A3B-Instruct
+      out=$(vlconvert convert Qwen/Qwen3-VL-8B-Instruct dcp --to dcp -q)
     """
     from vlconvert.engine import Converter
 
@@ -114,6 +116,8 @@ def convert_command(src: str, dst: Path, to: str, assets_dir: str | None, config
 
         rows.append(("for", plan.consumer))
         rows.append(("load with", consumer_named(plan.consumer).load.replace("DST", str(result.output))))
+    for rel in result.assets:
+        rep.detail(f"copied {rel}")
     rows += asset_rows(result.assets, rep.verbose)
     rows += [("note", n) for n in result.notes]
     rep.summary("convert", data, rows)

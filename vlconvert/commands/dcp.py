@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import click
 
-from vlconvert.commands.common import asset_rows, file_count, files_text, merge_lora_option, show_dry_run, written
-from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
+from vlconvert.commands.common import (
+    asset_rows,
+    check_spelling_reads,
+    file_count,
+    files_text,
+    merge_lora_option,
+    show_dry_run,
+    written,
+)
+from vlconvert.console import VERBOSE_ASSETS, DtypeParam, Reporter, handle_errors, human_bytes, output_options
 from vlconvert.errors import UsageError
 
 
@@ -25,7 +33,7 @@ from vlconvert.errors import UsageError
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, notes) and write nothing.")
-@output_options
+@output_options(quiet="the output folder's path")
 @handle_errors
 def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layout: str, no_tied_lm_head: bool,
                       merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
@@ -38,6 +46,7 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
     from vlconvert.dtypes import dtype_name
     from vlconvert.engine import Converter
 
+    check_spelling_reads("hf-to-dcp", src, dst)
     reporter = Reporter(as_json, quiet)
     # the Converter vlconvert.dcp_convert.hf_to_dcp builds, plus --merge-lora
     conv = Converter(src, dst, to="dcp", prefix=prefix, dtype=dtype or "keep", experts_layout=experts_layout,
@@ -83,7 +92,7 @@ def hf_to_dcp_command(src: str, dst: str, prefix: str, dtype: str, experts_layou
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, notes) and write nothing.")
-@output_options
+@output_options(verbose=VERBOSE_ASSETS, quiet="the output folder's path")
 @handle_errors
 def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_layout: str, max_shard_size: str,
                       prefix: str | None, old_prefix: str | None, allow_missing: bool, allow_unexpected: bool,
@@ -96,6 +105,7 @@ def dcp_to_hf_command(src: str, dst: str, assets_dir: str, dtype: str, experts_l
     from vlconvert.dcp_convert import run_dcp_to_hf
     from vlconvert.engine import Converter
 
+    check_spelling_reads("dcp-to-hf", src, dst, assets_dir)
     reporter = Reporter(as_json, quiet)
     # the Converter vlconvert.dcp_convert.dcp_to_hf builds, plus --merge-lora
     conv = Converter(src, dst, to="hf", assets_dir=assets_dir, dtype=dtype or "keep", experts_layout=experts_layout,

@@ -18,7 +18,7 @@ from vlconvert.inspection import inspect_checkpoint
               help="Original HF folder: its config.json and tokenizer are used when PATH has none.")
 @click.option("--rows", is_flag=True,
               help="Also read the embedding matrices: think-tag rows' norm against the median trained row.")
-@output_options
+@output_options(progress=False)
 @handle_errors
 def inspect_command(path, config, assets_dir, rows, as_json, quiet) -> None:
     """Describe PATH (HF, DCP or Megatron): model family and size, parallel sizes, dtypes, parameter

@@ -10,8 +10,16 @@ import click
 if TYPE_CHECKING:
     import torch
 
-from vlconvert.commands.common import asset_rows, file_count, files_text, merge_lora_option, show_dry_run, written
-from vlconvert.console import DtypeParam, Reporter, handle_errors, human_bytes, output_options
+from vlconvert.commands.common import (
+    asset_rows,
+    check_spelling_reads,
+    file_count,
+    files_text,
+    merge_lora_option,
+    show_dry_run,
+    written,
+)
+from vlconvert.console import VERBOSE_ASSETS, DtypeParam, Reporter, handle_errors, human_bytes, output_options
 
 DTYPE = DtypeParam("keep", "config")
 
@@ -97,7 +105,7 @@ def _factory(rep: Reporter):
 @click.option("--experts", "experts", type=click.Choice(["grouped", "sequential"]), default="grouped",
               show_default=True, help="grouped: experts.linear_fc1.weight{i} (TEGroupedMLP); "
                                       "sequential: experts.local_experts.{i}.* (SequentialMLP).")
-@output_options
+@output_options(quiet="the output folder's path")
 @handle_errors
 def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None,
                            pp_first_layers: int | None, pp_last_layers: int | None,
@@ -107,13 +115,16 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
     """Convert a Hugging Face Qwen3-VL(-MoE) folder SRC to Megatron-Core legacy rank files in DST.
 
     Writes DST/latest_checkpointed_iteration.txt and DST/release/mp_rank_*/model_optim_rng.pt with
-    Megatron-Bridge names (language_model.*, vision_model.*). Example:
+    Megatron-Bridge names (language_model.*, vision_model.*).
 
+    \b
+    Example:
       vlconvert hf-to-megatron Qwen3-VL-30B-A3B-Instruct out --tp 2 --pp 2 --ep 8
     """
     from vlconvert.engine import Converter
     from vlconvert.megatron_convert import _run
 
+    check_spelling_reads("hf-to-megatron", src, dst)
     rep = Reporter(as_json, quiet)
     # the Converter vlconvert.megatron_convert.hf_to_megatron builds, plus --merge-lora
     conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,
@@ -144,7 +155,7 @@ def hf_to_megatron_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp:
 @click.option("--resume", is_flag=True,
               help="Finish the staged output of an interrupted run of the same command, keeping its verified files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, bytes, notes) and write nothing.")
-@output_options
+@output_options(verbose=VERBOSE_ASSETS, quiet="the output folder's path")
 @handle_errors
 def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_size: str, dtype: str | None,
                            merge_lora: str | None, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
@@ -158,6 +169,7 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
     from vlconvert.engine import Converter
     from vlconvert.megatron_convert import _run
 
+    check_spelling_reads("megatron-to-hf", src, dst, assets_dir)
     rep = Reporter(as_json, quiet)
     # the Converter vlconvert.megatron_convert.megatron_to_hf builds, plus --merge-lora
     conv = Converter(src, dst, to="hf", assets_dir=assets_dir, max_shard_size=max_shard_size,
@@ -183,7 +195,7 @@ def megatron_to_hf_command(src: Path, dst: Path, assets_dir: Path, max_shard_siz
               help="Output expert style (default: the source's).")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
               help="HF config.json or folder, for checkpoints vlconvert did not write.")
-@output_options
+@output_options(quiet="the output folder's path")
 @handle_errors
 def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | None, pp_first_layers: int | None,
                     pp_last_layers: int | None, make_vocab_size_divisible_by: int, padded_vocab_size: int | None,
@@ -197,6 +209,7 @@ def reshard_command(src: Path, dst: Path, tp: int, pp: int, ep: int, etp: int | 
     from vlconvert.engine import Converter
     from vlconvert.megatron_convert import _run
 
+    check_spelling_reads("reshard", src, dst)
     rep = Reporter(as_json, quiet)
     # the Converter vlconvert.megatron_convert.reshard builds, plus --merge-lora
     conv = Converter(src, dst, to="megatron", tp=tp, pp=pp, ep=ep, etp=etp, spec=spec, experts=experts,

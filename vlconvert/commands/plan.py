@@ -43,7 +43,7 @@ _MAX_ROWS = 40
 @click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), default=None,
               help=f"--to torch_dist: the framework that will load it (default: {DEFAULT_CONSUMER}).")
 @click.option("--all", "show_all", is_flag=True, help="List every file / rank, not a summary.")
-@output_options
+@output_options(verbose="List every file and rank (as --all).", progress=False)
 @handle_errors
 def plan_command(config, to, tp, pp, ep, etp, pp_first_layers, pp_last_layers, make_vocab_size_divisible_by,
                  padded_vocab_size, dtype, max_shard_size, experts_layout, source, target, disk_speed, consumer,
@@ -65,7 +65,7 @@ def plan_command(config, to, tp, pp, ep, etp, pp_first_layers, pp_last_layers, m
     if as_json:
         reporter.summary("plan", plan.to_dict())
     elif reporter.show:
-        render_plan(plan, show_all)
+        render_plan(plan, show_all or reporter.verbose)
     if not plan.ok:
         sys.exit(1)
 

@@ -42,7 +42,7 @@ def _check_rows(report: dict) -> list[tuple[str, str]]:
 @click.option("--check", is_flag=True, help="Only report whether SRC's think tags are atomic and trained-looking.")
 @click.option("--copy", "copy_files", is_flag=True, help="Copy unchanged shards instead of hard-linking them.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out / --data-out (only once complete).")
-@output_options
+@output_options(quiet="the retagged checkpoint's path (SRC's when it is retagged already)")
 @handle_errors
 def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str | None, close_tag: str | None,
                         strategy: str, data: str | None, data_out: str | None, check: bool, copy_files: bool,

@@ -6,6 +6,7 @@ import sys
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
 from vlconvert.errors import UsageError
@@ -24,7 +25,7 @@ from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes
 @click.option("--assets-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Original HF folder whose config.json is used for sides without one.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only the differing ones.")
-@output_options
+@output_options(verbose="List every tensor, not only the differing ones (as --all).")
 @handle_errors
 def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_json, quiet) -> None:
     """Compare checkpoints A and B (HF, DCP, Megatron at any TP/PP/EP) tensor by tensor in canonical HF
@@ -61,7 +62,7 @@ def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_j
     if as_json:
         reporter.summary("verify", report.to_dict())
     elif reporter.show:
-        render_report(report, show_all)
+        render_report(report, show_all or reporter.verbose)
     if not report.ok:
         sys.exit(1)
 
@@ -88,10 +89,26 @@ def check_folder_manifest(folder: str, reporter: Reporter) -> None:
         sys.exit(1)
 
 
-def _row(t: TensorResult) -> tuple[str, str, str, str]:
-    diff = "" if t.max_abs_diff is None else f"{t.max_abs_diff:.3g}"
-    shapes = str(t.shape_a) if t.shape_a == t.shape_b else f"{t.shape_a} vs {t.shape_b}"
-    status = t.status if t.ok else f"[red]{t.status}[/]"
+STATUS_TEXT = {"equal": "equal", "within_tolerance": "within tolerance", "mismatch": "mismatch",
+               "shape_mismatch": "shape mismatch", "missing_in_a": "missing in A", "missing_in_b": "missing in B"}
+
+
+def status_text(status: str) -> str:
+    """A tensor's status for people ('missing in B'); ``--json`` keeps the keys (``missing_in_b``)."""
+    return STATUS_TEXT.get(status, status.replace("_", " "))
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "-" if shape is None else str(shape)
+
+
+def _row(t: TensorResult) -> tuple[str, Text, str, str]:
+    diff = "-" if t.max_abs_diff is None else f"{t.max_abs_diff:.3g}"
+    if t.shape_a is None or t.shape_b is None:  # missing on one side: the shape of the other
+        shapes = _shape(t.shape_a or t.shape_b)
+    else:
+        shapes = _shape(t.shape_a) if t.shape_a == t.shape_b else f"{_shape(t.shape_a)} vs {_shape(t.shape_b)}"
+    status = Text(status_text(t.status), style="" if t.ok else "red")
     return t.name, status, diff, shapes
 
 
@@ -104,7 +121,7 @@ def render_report(report: VerifyReport, show_all: bool = False) -> None:
             table.add_row(*_row(t))
         stdout.print(table)
     counts = report.counts()
-    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    summary = ", ".join(f"{v} {status_text(k)}" for k, v in sorted(counts.items()))
     verdict = "[green]identical[/]" if report.ok and set(counts) <= {"equal"} else \
         ("[green]within tolerance[/]" if report.ok else "[bold red]DIFFERENT[/]")
     stdout.print(f"{report.a} ({report.layout_a}) vs {report.b} ({report.layout_b}): {verdict} — "
