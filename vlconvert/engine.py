@@ -1,10 +1,11 @@
 """One engine: any layout in, any layout out, in one pass — a plan, then a stream.
 
 :class:`Converter` opens the source (:mod:`vlconvert.sources`, layout detected), checks it against the
-model skeleton, plans the output for the target layout (plain data: files, the tensors each holds, and
-for Megatron each tensor's row map), then streams the plan from the source to the target's writer
-(:mod:`vlconvert.layouts`) inside :func:`vlconvert.publish.staged_output` (overlap checks, one run per
-output, manifest, ``--resume``). Memory stays near one tensor (one expert for fused experts).
+model skeleton, asks the target (:mod:`vlconvert.targets`, one module per layout) for its plan (plain data:
+files, the tensors each holds, and for Megatron each tensor's row map), splits the files over the ranks of
+``torchrun``, then streams the plan from the source to the target's writer inside
+:func:`vlconvert.publish.staged_output` (overlap checks, one run per output, manifest, ``--resume``). Memory
+stays near one tensor (one expert for fused experts). Nothing here names a layout, a model family or a tensor.
 
     from vlconvert import Converter
     conv = Converter("Qwen3-VL-30B-A3B-Instruct", "mg", to="megatron", tp=2, ep=4)
@@ -26,42 +27,28 @@ import torch
 from vlconvert import buffers
 from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UsageError, UserError
-from vlconvert.layouts import megatron as mlay
-from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
-from vlconvert.layouts.filebytes import FileSpan, block_nbytes
-from vlconvert.layouts.hf import (
-    INDEX_NAME,
-    PlannedTensor,
-    SafetensorsFileWriter,
-    asset_files,
-    copy_assets,
-    describe_weights,
-    parse_size,
-    plan_shards,
-    resolve_source,
-    shard_file_names,
-    write_index,
-)
+from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.layouts.hf import parse_size, resolve_source
 from vlconvert.models.base import EXPERT_LAYOUTS
-from vlconvert.models.megatron_table import MegatronPlan, Src, plan_megatron_ranks
-from vlconvert.plan import (
+from vlconvert.models.megatron_table import RankTensor, Src
+from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exported, callers import them here
     IN_FLIGHT,
     ROW_BLOCK,
     ConversionPlan,
-    DCPEntry,
     PlannedFile,
     Result,
-    out_dtype,
     rank_tensor_blocks,
     rows_per_block,
     source_row_blocks,
 )
 from vlconvert.progress import progress_bar
-from vlconvert.publish import copy_file, staged_output, write_bytes
+from vlconvert.publish import staged_output
 from vlconvert.sources import Source, open_source, preview
-from vlconvert.targets_torch_dist import plan_torch_dist, write_torch_dist
+from vlconvert.targets import TARGETS as TARGET_MODULES
+from vlconvert.targets import target_named, targets_taking
+from vlconvert.targets.dcp import finish_dcp as _finish_dcp  # noqa: F401 - the old name
 
-TARGETS = ("hf", "dcp", "megatron", "torch_dist")
+TARGETS = tuple(TARGET_MODULES)
 _RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around the data (measured ~1.5 KB)
 
 # what run(progress=...) takes: a tqdm-like bar (update(n)), or progress(description, total) returning
@@ -79,7 +66,7 @@ def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dty
     if choice in (None, "keep"):
         return None
     if choice == "auto":
-        return source.skeleton.info.dtype if source.layout in ("dcp", "verl") else None
+        return source.skeleton.info.dtype if source.dtype_from_config else None
     if choice == "config":
         return source.skeleton.info.dtype
     try:
@@ -123,30 +110,26 @@ class Converter:
                  source_layout: str | None = None, merge_lora: str | Path | None = None,
                  max_memory: str | int | None = None, consumer: str | None = None,
                  info: Callable[[str], None] = lambda s: None):
-        if to not in TARGETS:
-            raise UserError(f"unknown target '{to}': use {', '.join(TARGETS)}")
+        target = target_named(to)
         if iteration is not None and iteration < 0:
             raise UsageError(f"--iteration {iteration} is negative: give the training step (0 or more), or leave it "
                             "out to write release/")
         # options that shape one target only: a value other than the default for another target is refused
         # (a usage error), never ignored (issue 22 item 7); dtype, merge_lora, max_memory... apply everywhere
-        megatron = ("megatron", "torch_dist")
-        given = {"tp": (tp, 1, megatron), "pp": (pp, 1, megatron), "ep": (ep, 1, megatron),
-                 "etp": (etp, None, megatron), "spec": (spec, None, megatron), "experts": (experts, None, megatron),
-                 "pp_first_layers": (pp_first_layers, None, megatron),
-                 "pp_last_layers": (pp_last_layers, None, megatron),
-                 "padded_vocab_size": (padded_vocab_size, None, megatron),
-                 "make_vocab_size_divisible_by": (make_vocab_size_divisible_by, 128, megatron),
-                 "iteration": (iteration, None, megatron), "prefix": (prefix, "", ("dcp",)),
-                 "tied_lm_head": (tied_lm_head, True, ("dcp",)), "max_shard_size": (max_shard_size, "5GB", ("hf",)),
-                 "allow_missing": (allow_missing, False, ("hf",)),
-                 "experts_layout": (experts_layout, None, ("hf", "dcp"))}
-        for key, (value, default, targets) in given.items():
-            if to not in targets and value != default and not (key == "experts_layout" and value == "auto"):
+        given = {"tp": (tp, 1), "pp": (pp, 1), "ep": (ep, 1), "etp": (etp, None), "spec": (spec, None),
+                 "experts": (experts, None), "pp_first_layers": (pp_first_layers, None),
+                 "pp_last_layers": (pp_last_layers, None), "padded_vocab_size": (padded_vocab_size, None),
+                 "make_vocab_size_divisible_by": (make_vocab_size_divisible_by, 128), "iteration": (iteration, None),
+                 "prefix": (prefix, ""), "tied_lm_head": (tied_lm_head, True),
+                 "max_shard_size": (max_shard_size, "5GB"), "allow_missing": (allow_missing, False),
+                 "experts_layout": (experts_layout, None)}
+        for key, (value, default) in given.items():
+            targets = targets_taking(key)
+            if key not in target.options and value != default and not (key == "experts_layout" and value == "auto"):
                 flag = "--no-tied-lm-head" if key == "tied_lm_head" else "--" + key.replace("_", "-")
                 shown = flag if isinstance(value, bool) else f"{flag} {value}"
                 raise UsageError(f"{shown} applies to --to {' and '.join(targets)} only, not --to {to}: drop it")
-        self.src, self.dst, self.to = src, Path(dst), to
+        self.src, self.dst, self.to, self.target = src, Path(dst), to, target
         self.options = dict(dtype=dtype, experts_layout=experts_layout, prefix=prefix, src_prefix=src_prefix,
                             max_shard_size=max_shard_size, tied_lm_head=tied_lm_head, allow_missing=allow_missing,
                             allow_unexpected=allow_unexpected, tp=tp, pp=pp, ep=ep, etp=etp, spec=spec,
@@ -158,9 +141,9 @@ class Converter:
             from vlconvert.layouts.consumers import consumer as _known_consumer
 
             _known_consumer(consumer)
-            if to != "torch_dist":
-                raise UsageError(f"--for {consumer} applies to --to torch_dist (the format those frameworks load); "
-                                f"drop it for --to {to}")
+            if "consumer" not in target.options:
+                raise UsageError(f"--for {consumer} applies to --to {' and '.join(targets_taking('consumer'))} (the "
+                                f"format those frameworks load); drop it for --to {to}")
         self.assets_dir, self.config = assets_dir, config
         self.overwrite, self.resume, self.info = overwrite, resume, info
         self.max_memory = _memory_budget(max_memory)  # not an option of the output: --resume ignores it
@@ -204,9 +187,7 @@ class Converter:
             source = self.source
             dtype = resolve_dtype(self.options["dtype"], source)
             missing = self._check(source)
-            planner = {"hf": self._plan_hf, "dcp": self._plan_dcp, "megatron": self._plan_megatron,
-                       "torch_dist": lambda s, d: plan_torch_dist(self, s, d)}[self.to]
-            self._plan = planner(source, dtype)
+            self._plan = self.target.plan(self, source, dtype)
             self._plan.missing = missing
             self._plan.notes = list(source.notes) + self._plan.notes
         return self._plan
@@ -227,8 +208,8 @@ class Converter:
                             "an untied model needs its own lm_head")
         held = set(names)
         missing = [k for k in sk.hf_keys() if k not in held]
-        if missing and not (self.options["allow_missing"] and self.to == "hf"):
-            hint = ("pass --allow-missing to write a partial checkpoint anyway" if self.to == "hf"
+        if missing and not (self.options["allow_missing"] and self.target.allows_missing):
+            hint = ("pass --allow-missing to write a partial checkpoint anyway" if self.target.allows_missing
                     else f"a {self.to} checkpoint needs every tensor")
             raise UserError(f"'{self.src}' lacks {len(missing)} tensors the model needs ({preview(missing)}); {hint}")
         extra = [n for n in source.extra_names() if not (n == output and sk.info.tied)]
@@ -300,7 +281,9 @@ class Converter:
         return (f"the weights in '{self.src}' and the config ({where}) are different models: weights "
                 f"{describe(weights)}; config {describe(config)}; {fix}")
 
-    def _experts_layout(self, default: str) -> str:
+    def experts_layout(self, default: str) -> str:
+        """The fused-expert orientation to write: ``--experts-layout`` (``auto`` = the installed transformers'),
+        else ``default``."""
         choice = self.options["experts_layout"] or default
         if choice == "auto":
             return self.source.skeleton.runtime_experts
@@ -308,61 +291,28 @@ class Converter:
             raise UserError(f"unknown experts layout '{choice}': use auto, {' or '.join(EXPERT_LAYOUTS)}")
         return choice
 
-    def _plan_hf(self, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
-        if self.assets is None and source.layout != "hf":
-            raise UsageError(f"'{self.src}' is a {source.layout} checkpoint: pass --assets-dir with the original "
-                            "Hugging Face folder (config, tokenizer and processor files are copied from it)")
-        layout = self._experts_layout("released")
-        sk = source.skeleton
-        planned = []
-        for name in source.names():
-            stored = source.spec(name)[1]
-            planned.append(PlannedTensor(name, out_dtype(stored, dtype), tuple(sk.shape_in(name, layout))))
-        shards = plan_shards(planned, parse_size(self.options["max_shard_size"]))
-        names = shard_file_names(len(shards))
-        files = [PlannedFile(n, [(t.name, t.shape, t.dtype) for t in s]) for n, s in zip(names, shards, strict=True)]
-        assets = self.assets or source.folder
-        return ConversionPlan(str(source.folder), source.layout, "hf", dtype, layout if sk.info.is_moe else None,
-                              files, assets=[str(p.relative_to(assets)) for p in asset_files(assets)],
-                              hf_shards=shards)
+    # ------------------------------------------------------------------------ what targets stream
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes the files every rank shares (index, metadata, tracker, assets)."""
+        return self._lead
 
-    def _plan_dcp(self, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
-        layout = self._experts_layout("auto")
-        sk = source.skeleton
-        prefix = self.options["prefix"]
-        outputs: list[tuple[str, str]] = [(n, n) for n in source.names()]
-        if sk.info.tied and self.options["tied_lm_head"]:  # the model's state dict has it; dcp.load is strict
-            outputs.append((sk.family.output, sk.family.embed))
-        order = sorted(range(len(outputs)), key=lambda i: (source.location(outputs[i][1]), i))
-        groups: dict[int, list[DCPEntry]] = {}
-        for i in order:
-            name, src_name = outputs[i]
-            stored = source.spec(src_name)[1]
-            key = prefix + name
-            entry = DCPEntry(key, src_name, tuple(sk.shape_in(name, layout)), out_dtype(stored, dtype),
-                             _nesting(key, prefix))
-            groups.setdefault(source.location(src_name)[0], []).append(entry)
-        dcp_files = [(f"__0_{g}.distcp", entries) for g, entries in sorted(groups.items())]
-        files = [PlannedFile(n, [(e.key, e.shape, e.dtype) for e in entries]) for n, entries in dcp_files]
-        return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
-                              files, dcp_files=dcp_files, assets=["config.json"])
+    @property
+    def world(self) -> int:
+        """The number of processes writing the output (``torchrun`` ranks; 1 otherwise)."""
+        return self._world
 
-    def _plan_megatron(self, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
-        o = self.options
-        previous = getattr(source, "plan", None)  # a Megatron source keeps its spec and expert style
-        spec = o["spec"] or (previous.spec if isinstance(previous, MegatronPlan) else "te")
-        experts = o["experts"] or (previous.experts if isinstance(previous, MegatronPlan) else "grouped")
-        source_dtypes = {n: out_dtype(source.spec(n)[1], dtype) for n in source.names()}
-        plan = plan_megatron_ranks(source.skeleton, o["tp"], o["pp"], o["ep"], o["etp"], spec=spec, experts=experts,
-                                   dtype=dtype, padded_vocab_size=o["padded_vocab_size"],
-                                   make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"],
-                                   pp_first_layers=o["pp_first_layers"], pp_last_layers=o["pp_last_layers"],
-                                   source_dtypes=source_dtypes)
-        it = mlay.iteration_folder(o["iteration"])
-        files = [PlannedFile(f"{it}/{r.folder}/{mlay.RANK_FILE}", [(t.name, t.shape, t.dtype) for t in r.tensors])
-                 for r in plan.ranks]
-        return ConversionPlan(str(source.folder), source.layout, "megatron", dtype, None, files,
-                              notes=list(plan.notes), megatron=plan, assets=[mlay.TRACKER])
+    def owns(self, name: str) -> bool:
+        """Whether this process writes output file ``name`` (every file in a single process)."""
+        return self._mine(name)
+
+    def blocks(self, name: str, layout: str, dtype: torch.dtype) -> Iterator[torch.Tensor | FileSpan]:
+        """Canonical tensor ``name`` of the source as row blocks in ``dtype`` (fused experts in ``layout``)."""
+        return canonical_blocks(self.source, name, layout, dtype, self.block_bytes)
+
+    def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | FileSpan]:
+        """A row-mapped (Megatron) tensor built from the source, as row blocks."""
+        return rank_tensor_blocks(tensor, self.source, self.block_bytes)
 
     # ------------------------------------------------------------------------------------ memory
     def memory_plan(self) -> tuple[int, int]:
@@ -431,22 +381,14 @@ class Converter:
         self.block_bytes = self.memory_plan()[0]
         inputs = self.inputs()
         needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
-        if self.to == "hf":
-            needed += sum(p.stat().st_size for p in asset_files(self.assets or source.folder))
+        needed += self.target.extra_bytes(self, source)
         bar = progress_bar(progress, f"{source.layout} -> {self.to}", plan.tensor_bytes)
         assets: list[str] = []
         try:
             with staged_output(self.dst, inputs=inputs, overwrite=self.overwrite, resume=self.resume,
                                needed_bytes=needed, fingerprint=self.fingerprint(), info=self.info) as stage, \
                     bar as advance:
-                if self.to == "hf":
-                    assets = self._write_hf(stage.path, plan, advance)
-                elif self.to == "dcp":
-                    self._write_dcp(stage.path, plan, advance)
-                elif self.to == "torch_dist":
-                    write_torch_dist(self, stage.path, plan, advance)
-                else:
-                    self._write_megatron(stage.path, plan, advance)
+                assets = self.target.write(self, stage.path, plan, advance)
                 notes = list(stage.notes)
         finally:
             source.close()
@@ -457,13 +399,7 @@ class Converter:
 
     def _write(self, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
         """This process's share of the output files (all of them in a single process)."""
-        if self.to == "hf":
-            return self._write_hf(stage, plan, advance)
-        if self.to == "dcp":
-            self._write_dcp(stage, plan, advance)
-        else:
-            self._write_megatron(stage, plan, advance)
-        return []
+        return self.target.write(self, stage, plan, advance)
 
     def _run_distributed(self, progress: Progress | None) -> Result:
         """One rank of ``torchrun``: every rank plans the same output from metadata; the files are assigned
@@ -494,6 +430,8 @@ class Converter:
         from vlconvert.publish import attached_stage, sync_files
 
         rank, world = dist.get_rank(), dist.get_world_size()
+        if not self.target.distributed:
+            raise UserError(f"--to {self.to} is written by one process: run it without torchrun")
         plan = self.plan()
         source = self.source
         try:  # each rank is its own process: the budget is per rank, and all stop if one cannot keep it
@@ -539,8 +477,7 @@ class Converter:
                     for _, entries in gathered[1:]:
                         for rel, e in sorted(entries.items()):
                             stage.journal(rel, e["size"], e["sha256"], e["state"])
-                    if self.to == "dcp":
-                        _finish_dcp(stage.path, plan, stage.entries)
+                    self.target.finish(self, stage.path, plan, stage.entries)
                     notes = list(stage.notes)
                 except BaseException as exc:  # noqa: BLE001 - handed to the stage, then re-raised
                     failure = exc
@@ -583,96 +520,6 @@ class Converter:
         files = sum(1 for p in self.dst.rglob("*") if p.is_file())
         return Result(self.dst, plan, files, written, plan.notes + notes, assets)
 
-    def _write_hf(self, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
-        source = self.source
-        layout = plan.experts_layout or "released"
-        assets = self.assets or source.folder
-        copied = copy_assets(assets, stage) if self._lead else []
-        if self._lead:  # from SRC, --assets-dir or --config alike: it must describe these weights
-            describe_weights(stage / "config.json", _written_dtype(plan))
-        weight_map = {t.name: f.name for f, shard in zip(plan.files, plan.hf_shards, strict=True) for t in shard}
-        for planned_file, shard in zip(plan.files, plan.hf_shards, strict=True):
-            if not self._mine(planned_file.name):
-                continue
-            writer = SafetensorsFileWriter(stage / planned_file.name, shard)
-            ok = False
-            try:
-                for t in shard:
-                    if writer.kept:  # --resume kept this shard
-                        advance(t.nbytes)
-                        continue
-                    row = 0
-                    for block in canonical_blocks(source, t.name, layout, t.dtype, self.block_bytes):
-                        advance(writer.write(t.name, block, row_offset=row))
-                        row += block.shape[0] if len(block.shape) else 1
-                ok = True
-            finally:
-                if ok:
-                    writer.close()
-                else:
-                    writer.abort()  # keep the original error; the staged folder is removed anyway
-        if len(plan.files) > 1 and self._lead:
-            write_index(stage, weight_map, plan.tensor_bytes)
-        elif (stage / INDEX_NAME).exists() and self._lead:
-            (stage / INDEX_NAME).unlink()
-        return copied
-
-    def _write_dcp(self, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
-        source = self.source
-        layout = plan.experts_layout or "released"
-        writer = DCPWriter(stage)
-        try:
-            for file_name, entries in plan.dcp_files:
-                if not self._mine(file_name):
-                    continue
-                writer.open_file(file_name, [(e.key, e.shape, e.dtype, e.nesting) for e in entries])
-                for entry in entries:
-                    if writer.skipping:  # --resume kept this file: its records are known, nothing to read
-                        writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
-                        advance(_nbytes(entry.shape, entry.dtype))
-                        continue
-                    blocks = _counted(canonical_blocks(source, entry.source, layout, entry.dtype, self.block_bytes),
-                                      advance)
-                    writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, blocks), entry.nesting)
-            if self._world == 1:
-                writer.finish()
-            else:
-                writer.close_file()  # the lead writes .metadata from every rank's records (_finish_dcp)
-        except BaseException:
-            writer.abort()
-            raise
-        if not self._lead:
-            return
-        config = (self.assets or source.folder) / "config.json"
-        if config.is_file():
-            copy_file(config, stage / "config.json", within=config.parent)
-        else:
-            import json
-
-            write_bytes(stage / "config.json", (json.dumps(source.skeleton.info.raw, indent=2) + "\n").encode())
-        describe_weights(stage / "config.json", None)  # not quantized; the dtype stays the model's (--dtype auto)
-
-    def _write_megatron(self, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
-        source = self.source
-        mplan = plan.megatron
-        assert mplan is not None
-        meta = mplan.metadata() if self.options["metadata"] else None
-        iteration = self.options["iteration"]
-        it_dir = stage / mlay.iteration_folder(iteration)
-        it_dir.mkdir(exist_ok=True)
-        for r in mplan.ranks:
-            folder = it_dir / r.folder
-            if not self._mine(f"{it_dir.name}/{r.folder}/{mlay.RANK_FILE}"):
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            entries = [mlay.RankEntry(t.name, t.shape, t.dtype) for t in r.tensors]
-            mlay.write_rank_file(folder / mlay.RANK_FILE, entries,
-                                 lambda i, _e, ts=r.tensors, b=self.block_bytes: _counted(
-                                     rank_tensor_blocks(ts[i], source, b), advance),
-                                 extra={mlay.META_KEY: meta} if meta else None, iteration=iteration or 0)
-        if self._lead:
-            mlay.write_tracker(stage, iteration)
-
 
 # ------------------------------------------------------------------------------------------- ops
 def assign_files(files: list[PlannedFile], world: int) -> dict[str, int]:
@@ -684,49 +531,6 @@ def assign_files(files: list[PlannedFile], world: int) -> dict[str, int]:
         owner[f.name] = rank
         load[rank] += f.nbytes
     return owner
-
-
-def _finish_dcp(stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
-    """Write ``.metadata`` from the records every rank journaled, in plan order (same bytes as one process)."""
-    writer = DCPWriter(stage)
-    for name, _ in plan.dcp_files:
-        writer.adopt(name, (entries[name].get("state") or {}).get("records", []))
-    writer.finish()
-
-
-def _written_dtype(plan: ConversionPlan) -> torch.dtype | None:
-    """The dtype of the weights a plan writes: ``--dtype``'s, else the floating dtype holding the most bytes."""
-    if plan.dtype is not None:
-        return plan.dtype
-    held: dict[torch.dtype, int] = {}
-    for f in plan.files:
-        for _, shape, dtype in f.tensors:
-            if dtype.is_floating_point:
-                held[dtype] = held.get(dtype, 0) + _nbytes(shape, dtype)
-    return max(held, key=lambda d: held[d]) if held else None
-
-
-def _nesting(key: str, prefix: str) -> tuple:
-    """DCP planner_data for ``key``: a prefix ``a.b.`` means the state dict was ``{"a": {"b.<name>": ...}}``."""
-    if not prefix or "." not in prefix:
-        return (key,)
-    root = prefix.split(".", 1)[0]
-    return (root, key[len(root) + 1:])
-
-
-def _counted(blocks: Iterator[torch.Tensor | FileSpan], advance: Callable[[int], None]
-             ) -> Iterator[torch.Tensor | FileSpan]:
-    """Pass ``blocks`` through, advancing the progress bar by each block's bytes as it is written."""
-    for block in blocks:
-        yield block
-        advance(block_nbytes(block))
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = element_size(dtype)
-    for d in shape:
-        n *= d
-    return n
 
 
 def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype, block: int = ROW_BLOCK

@@ -296,7 +296,7 @@ def _torch_dist_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, consume
     """As ``convert --to torch_dist --for CONSUMER`` writes: one data file of global tensors, the framework's
     own files beside it."""
     from vlconvert.layouts.consumers import consumer as consumer_named
-    from vlconvert.targets_torch_dist import torch_dist_plan, vocab_rows
+    from vlconvert.targets.torch_dist import torch_dist_plan, vocab_rows
 
     options = {"consumer": consumer, "tp": tp, "pp": 1, "ep": 1, "iteration": None, "padded_vocab_size": padded_size,
                "make_vocab_size_divisible_by": divisible_by}

@@ -28,6 +28,7 @@ class Source:
     """A checkpoint seen as canonical tensors (see the module docstring). Subclasses fill in the rest."""
 
     layout = ""
+    dtype_from_config = False  # --dtype auto writes the config's dtype (training jobs keep fp32 master weights)
     folder: Path
     skeleton: Skeleton | None
     notes: list[str]

@@ -91,6 +91,7 @@ class DCPSource(Source):
     """
 
     layout = "dcp"
+    dtype_from_config = True
 
     def __init__(self, folder: str | Path, config: str | Path | dict | None = None,
                  skeleton: Skeleton | None = None, assets_dir: str | Path | None = None,

@@ -145,6 +145,7 @@ class LoRAMergedSource(Source):
     def __init__(self, source: Source, adapter: str | Path):
         self.inner = source
         self.layout, self.folder, self.skeleton = source.layout, source.folder, source.skeleton
+        self.dtype_from_config = source.dtype_from_config
         self.notes = source.notes
         self.adapter = Path(adapter).expanduser()
         config, tensors = _read_adapter(self.adapter)

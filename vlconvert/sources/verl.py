@@ -169,6 +169,7 @@ class VerlSource(Source):
     """A verl FSDP checkpoint folder (the ``actor`` folder, or a ``global_step_N`` folder holding one)."""
 
     layout = "verl"
+    dtype_from_config = True
 
     def __init__(self, folder: str | Path, config: str | Path | dict | None = None,
                  skeleton: Skeleton | None = None, assets_dir: str | Path | None = None):

@@ -1,0 +1,105 @@
+"""``--to dcp``: a PyTorch Distributed Checkpoint (``__0_{i}.distcp`` data files, ``.metadata``, config.json) that
+``torch.distributed.checkpoint.load`` reads into the model's state dict."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
+from vlconvert.layouts.hf import describe_weights
+from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype
+from vlconvert.publish import copy_file, write_bytes
+from vlconvert.targets.base import Target, counted, nbytes
+
+if TYPE_CHECKING:
+    from vlconvert.engine import Converter
+    from vlconvert.sources import Source
+
+
+class DCPTarget(Target):
+    """One data file per source group (HF shard), keys ``--prefix`` + canonical name, experts in
+    ``--experts-layout`` (default: the installed transformers' run-time orientation)."""
+
+    name = "dcp"
+    options = frozenset({"prefix", "tied_lm_head", "experts_layout"})
+
+    def plan(self, conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+        layout = conv.experts_layout("auto")
+        sk = source.skeleton
+        prefix = conv.options["prefix"]
+        outputs: list[tuple[str, str]] = [(n, n) for n in source.names()]
+        if sk.info.tied and conv.options["tied_lm_head"]:  # the model's state dict has it; dcp.load is strict
+            outputs.append((sk.family.output, sk.family.embed))
+        order = sorted(range(len(outputs)), key=lambda i: (source.location(outputs[i][1]), i))
+        groups: dict[int, list[DCPEntry]] = {}
+        for i in order:
+            name, src_name = outputs[i]
+            stored = source.spec(src_name)[1]
+            key = prefix + name
+            entry = DCPEntry(key, src_name, tuple(sk.shape_in(name, layout)), out_dtype(stored, dtype),
+                             nesting(key, prefix))
+            groups.setdefault(source.location(src_name)[0], []).append(entry)
+        dcp_files = [(f"__0_{g}.distcp", entries) for g, entries in sorted(groups.items())]
+        files = [PlannedFile(n, [(e.key, e.shape, e.dtype) for e in entries]) for n, entries in dcp_files]
+        return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
+                              files, dcp_files=dcp_files, assets=["config.json"])
+
+    def write(self, conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+        source = conv.source
+        layout = plan.experts_layout or "released"
+        writer = DCPWriter(stage)
+        try:
+            for file_name, entries in plan.dcp_files:
+                if not conv.owns(file_name):
+                    continue
+                writer.open_file(file_name, [(e.key, e.shape, e.dtype, e.nesting) for e in entries])
+                for entry in entries:
+                    if writer.skipping:  # --resume kept this file: its records are known, nothing to read
+                        writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
+                        advance(nbytes(entry.shape, entry.dtype))
+                        continue
+                    blocks = counted(conv.blocks(entry.source, layout, entry.dtype), advance)
+                    writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, blocks), entry.nesting)
+            if conv.world == 1:
+                writer.finish()
+            else:
+                writer.close_file()  # the lead writes .metadata from every rank's records (finish)
+        except BaseException:
+            writer.abort()
+            raise
+        if not conv.lead:
+            return []
+        config = (conv.assets or source.folder) / "config.json"
+        if config.is_file():
+            copy_file(config, stage / "config.json", within=config.parent)
+        else:
+            write_bytes(stage / "config.json", (json.dumps(source.skeleton.info.raw, indent=2) + "\n").encode())
+        describe_weights(stage / "config.json", None)  # not quantized; the dtype stays the model's (--dtype auto)
+        return []
+
+    def finish(self, conv: Converter, stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
+        finish_dcp(stage, plan, entries)
+
+
+def finish_dcp(stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
+    """Write ``.metadata`` from the records every rank journaled, in plan order (same bytes as one process)."""
+    writer = DCPWriter(stage)
+    for name, _ in plan.dcp_files:
+        writer.adopt(name, (entries[name].get("state") or {}).get("records", []))
+    writer.finish()
+
+
+def nesting(key: str, prefix: str) -> tuple:
+    """DCP planner_data for ``key``: a prefix ``a.b.`` means the state dict was ``{"a": {"b.<name>": ...}}``."""
+    if not prefix or "." not in prefix:
+        return (key,)
+    root = prefix.split(".", 1)[0]
+    return (root, key[len(root) + 1:])
+
+
+TARGET = DCPTarget()
