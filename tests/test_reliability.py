@@ -159,6 +159,36 @@ def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, monkeypatc
     assert [p.name for p in dst.iterdir()] == ["new.txt"]
 
 
+def test_an_empty_output_folder_made_beforehand_is_filled_atomically(tmp_path, monkeypatch):
+    """`mkdir out; vlconvert convert SRC out`: an empty real folder is replaced by the finished output in one
+    rename; a folder holding anything, or a link to an empty folder, is refused; files that appear in the empty
+    folder while the run writes stop the publishing (their files stay, nothing of the run is left)."""
+    run_cli("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "fresh", "-q")
+    (tmp_path / "empty").mkdir()
+    run_cli("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "empty", "-q")
+    assert folder_digest(tmp_path / "empty") == folder_digest(tmp_path / "fresh")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    assert "already exists" in one_error_line("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "full")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert "already exists" in one_error_line("hf-to-dcp", FIX / "tiny-dense-tied", tmp_path / "link")
+
+    dst = tmp_path / "raced"
+    dst.mkdir()
+    real = publish.Stage.finish
+
+    def intruder(self):
+        real(self)
+        (dst / "theirs.txt").write_text("someone else's")
+
+    monkeypatch.setattr(publish.Stage, "finish", intruder)
+    line = one_error_line("hf-to-dcp", FIX / "tiny-dense-tied", dst)
+    assert "while this run was writing" in line and "nothing was published" in line
+    assert [p.name for p in dst.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fresh", "full", "link", "raced", "target"]
+
+
 def test_stale_staging_of_a_dead_run_is_cleaned_up(tmp_path):
     dst = tmp_path / "out"
     stale = publish.staging_path(dst)

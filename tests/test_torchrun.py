@@ -60,10 +60,11 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
 
 def test_a_refusal_reaches_every_rank_and_nothing_is_published(tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("not theirs")  # an empty folder would be filled (issue 22)
     proc = torchrun(["--standalone", "--nproc-per-node=2"],
                     ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "dcp"])
     assert proc.returncode != 0 and "already exists" in proc.stderr
-    assert list((tmp_path / "out").iterdir()) == []
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
 
 
 def test_files_are_split_by_bytes():

@@ -7,12 +7,13 @@ Every command that writes goes through :func:`staged_output`:
 2. **One run per DST**: an exclusive lock (``.DST.vlconvert-lock`` beside DST, ``flock``) is held for the
    whole run, so a second run on the same DST stops at once with one line.
 3. **Staging**: files are written into ``.DST.vlconvert-partial`` beside DST through :func:`create_file`,
-   which hashes them (sha256 of each 64 MiB piece, :mod:`vlconvert.hashing`) while they are written; each finished file is appended (flushed) to
-   ``.DST.vlconvert-journal`` beside it, whose first line holds the command and its options. A staging
-   folder left by a dead run is removed, or, with ``--resume``, reused: files whose checksums still match
-   the journal are kept and the writers skip them (:func:`kept_state`).
-4. **Manifest**: ``vlconvert-manifest.json`` (every file's size and sha256, per piece for large files) is written
-   last.
+   which hashes them (sha256 of each 64 MiB piece, :mod:`vlconvert.hashing`) while they are written;
+   each finished file is appended (flushed) to ``.DST.vlconvert-journal`` beside it, whose first line
+   holds the command and its options. A staging folder left by a dead run is removed, or, with
+   ``--resume``, reused: files whose checksums still match the journal are kept and the writers skip
+   them (:func:`kept_state`).
+4. **Manifest**: ``vlconvert-manifest.json`` (every file's size and sha256, per piece for large files)
+   is written last.
 5. **Publish**: the finished folder is renamed to DST only if DST is still absent (``renameat2`` with
    ``RENAME_NOREPLACE`` where the kernel has it), or, with ``--overwrite``, still the folder that was
    checked at the start. Every file and folder is synced to disk first (:func:`sync_files`). On any
@@ -229,7 +230,12 @@ def check_free_space(folder: Path, needed: int) -> None:
     """Fail before writing when the file system holding ``folder`` has less than ``needed`` bytes free."""
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise UserError(f"not enough disk space in '{folder}': need {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        raise UserError(f"not enough disk space in '{folder}': need {_gib(needed)}, {_gib(free)} free")
+
+
+def _gib(n: int) -> str:
+    """Bytes in GiB (binary units, as every size vlconvert prints)."""
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -315,8 +321,9 @@ class OutputFile(io.RawIOBase):
     (hashlib, zlib and ``write`` release the GIL): the checksum thread runs the CRC-32s callers ask for and
     hands each buffer, in order, to the process's hashing threads (:class:`~vlconvert.hashing.PieceHasher`:
     64 MiB pieces hashed in parallel), the write thread writes it. At most :data:`QUEUE_DEPTH` buffers
-    wait at each step (and :data:`~vlconvert.hashing.QUEUED_BYTES` for hashing), so memory is a few blocks. A caller must not change a buffer after handing it
-    over (vlconvert's writers hand over fresh tensors); buffers under :data:`BACKGROUND_MIN` bytes, and
+    wait at each step (and :data:`~vlconvert.hashing.QUEUED_BYTES` for hashing), so memory is a few
+    blocks. A caller must not change a buffer after handing it over (vlconvert's writers hand over fresh
+    tensors); buffers under :data:`BACKGROUND_MIN` bytes, and
     views that own nothing, are copied first. Bytes that depend on checksums of earlier bytes (a zip data
     descriptor) are handed over as a function with their size (:meth:`write_later`). An error in a thread
     (a full disk) is raised by the next call here.
@@ -1065,7 +1072,7 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
         raise UserError(f"output '{dst}' is not a folder name: choose another output folder")
     inputs = inputs or {}
     check_no_overlap(dst, inputs, read=read_inputs())
-    if os.path.lexists(dst) and not overwrite:
+    if os.path.lexists(dst) and not overwrite and not empty_folder(dst):
         what = "is a symlink to a missing path" if dst.is_symlink() and not dst.exists() else "already exists"
         raise UserError(f"output '{dst}' {what}: choose another path or pass --overwrite")
     created = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
@@ -1078,7 +1085,8 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
     published = owned = keep = False
     try:
         checked = _identity(dst)  # under the lock: what --overwrite may replace
-        if checked is not None and not overwrite:
+        empty = checked is not None and empty_folder(dst)  # mkdir'd beforehand: replaced as if absent
+        if checked is not None and not overwrite and not empty:
             raise UserError(f"output '{dst}' already exists: choose another path or pass --overwrite")
         stage.start(_with_read_files(fingerprint or {}), resume, info)
         owned = True
@@ -1093,7 +1101,7 @@ def staged_output(dst: str | Path, *, inputs: dict[str, str | Path | None] | Non
         stage.finish()
         check_no_overlap(dst, inputs, read=read_inputs())  # again: files the readers opened while writing
         with _signals_deferred():  # an interrupt lands before the rename or after ``published`` is set
-            _publish(stage, dst, checked, overwrite)
+            _publish(stage, dst, checked, empty)
             published = True
             PUBLISHED.append(dst)
         fsync_folder(dst.parent, f"'{dst}' was published but its name may not survive a power cut")
@@ -1148,13 +1156,33 @@ def _signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), pending[0])
 
 
-def _publish(stage: Stage, dst: Path, checked: tuple[int, int, int] | None, overwrite: bool) -> None:
-    """Rename the finished stage to ``dst`` if ``dst`` is as it was checked at the start."""
+def empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a real (not linked) folder holding nothing: an output folder made beforehand."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
+def _publish(stage: Stage, dst: Path, checked: tuple[int, int, int] | None, empty: bool) -> None:
+    """Rename the finished stage to ``dst`` if ``dst`` is as it was checked at the start. An empty folder
+    found at the start is replaced by the rename itself, which fails if anything appeared in it."""
     now = _identity(dst)
     if now != checked:
         raise UserError(f"'{dst}' was created or replaced by something else while this run was writing it: "
                         "nothing was published; check it and rerun")
-    if checked is None:
+    if empty:
+        try:
+            os.rename(stage.path, dst)  # replaces an empty folder in one step; ENOTEMPTY if it is not
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise UserError(f"'{dst}' was empty at the start but files appeared in it while this run was writing: "
+                            "nothing was published; check it and rerun") from exc
+    elif checked is None:
         try:
             _rename_noreplace(stage.path, dst)
         except FileExistsError as exc:

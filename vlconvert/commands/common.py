@@ -3,6 +3,7 @@ written) and the summary rows."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import click
 from rich.table import Table
 
 from vlconvert.console import Reporter, disk_bytes, human_bytes, plural, stdout
+from vlconvert.publish import empty_folder
 
 # The same option, help text included, on `convert` and on every older spelling; passed as
 # Converter(..., merge_lora=ADAPTER).
@@ -32,7 +34,7 @@ def show_dry_run(rep: Reporter, conv: Any, dst: str | Path, command: str) -> Non
     data["tensor_files"] = len(plan.files)  # the same key and number as the run's summary
     data["output"] = str(Path(dst).absolute())
     notes = list(plan.notes)
-    if Path(dst).exists() and not conv.overwrite and not conv.resume:
+    if os.path.lexists(dst) and not conv.overwrite and not conv.resume and not empty_folder(Path(dst)):
         notes.append(f"'{dst}' exists: the run would refuse it without --overwrite")
     data["notes"] = notes
     if rep.as_json:
