@@ -109,6 +109,16 @@ def supported_transformers() -> str | None:
     return found if (5, 4) <= _version_tuple(found)[:2] < (6,) else None
 
 
+def applies_to() -> dict[str, list[str]]:
+    """The config ``model_type`` values each model-specific check concerns (the others concern every family):
+    the Conv3d patch embedding of the vision-language families, the orientation of fused 3-D experts."""
+    from vlconvert.models.registry import FAMILIES
+
+    vision = [t for f in FAMILIES if f.hf_vision_prefix is not None for t in f.model_types]
+    fused = [f.model_type_for(True) for f in FAMILIES if f.expert_storage == "fused"]
+    return {"conv3d": vision, "transformers experts": fused, "square experts": fused}
+
+
 def check_conv3d(facts: EnvFacts) -> Finding:
     """torch 2.9.x disables cuDNN Conv3d for cuDNN 9.8-9.14: Qwen3-VL's patch embedding gets very slow."""
     v = _version_tuple(facts.torch_version)
@@ -180,10 +190,10 @@ def check_transformers(facts: EnvFacts) -> Finding:
 
 def check_square_experts(config: Any) -> Finding | None:
     """A MoE config with 2I == H or I == H: transformers' check_dims cannot tell the orientation."""
-    from vlconvert.models.registry import load_config
+    from vlconvert.models.registry import family_named, load_config
 
     info = load_config(config)
-    if not info.is_moe:
+    if not info.is_moe or family_named(info.family).expert_storage != "fused":  # per-expert 2-D: nothing to tell
         return None
     square = [what for what, dims in (("2I == H (gate_up_proj)", 2 * info.moe_intermediate == info.hidden),
                                       ("I == H (down_proj)", info.moe_intermediate == info.hidden)) if dims]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,8 +50,8 @@ RECORD_OVERHEAD = 2048  # bytes a torch.save record adds around a DCP tensor (dc
 
 # Megatron tensor-parallel split of each canonical (HF) tensor, by name suffix.
 _COLUMN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-           "mlp.gate_proj.weight", "mlp.up_proj.weight", "attn.qkv.weight", "attn.qkv.bias",
-           "linear_fc1.weight", "linear_fc1.bias")
+           "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "mlp.gate_proj.weight",
+           "mlp.up_proj.weight", "attn.qkv.weight", "attn.qkv.bias", "linear_fc1.weight", "linear_fc1.bias")
 _ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "attn.proj.weight", "linear_fc2.weight")
 
 
@@ -237,6 +238,10 @@ def _megatron_split(name: str, family: Family) -> str:
         return "vocab"
     if family.is_expert(name):
         return "expert_fc1" if name.endswith("gate_up_proj") else "expert_fc2"
+    if family.is_routed_expert(name):  # one expert's 2-D gate / up (fc1 halves) or down (fc2) matrix
+        return "expert_down" if name.endswith("down_proj.weight") else "expert_half"
+    if family.is_vision(name) and not family.vision_tensor_parallel:  # the HF vision tower kept whole
+        return "replicated"
     if name.endswith(_COLUMN):
         return "column"
     if name.endswith(_ROW):
@@ -259,7 +264,7 @@ def _div(n: int, d: int, what: str, checks: list[Check], seen: set[str]) -> int:
     return n // d
 
 
-def _megatron_checks(info, tp: int, pp: int, ep: int, etp: int, checks: list[Check]) -> None:
+def _megatron_checks(info, family: Family, tp: int, pp: int, ep: int, etp: int, checks: list[Check]) -> None:
     def add(name: str, ok: bool, message: str, blocking: bool = True) -> None:
         checks.append(Check(name, ok, message, blocking))
 
@@ -275,8 +280,9 @@ def _megatron_checks(info, tp: int, pp: int, ep: int, etp: int, checks: list[Che
     if kv_ok and tp > g:
         add("tp > kv groups", False, f"tp {tp} > {g} KV groups: ranks hold row slices inside a group; needs "
             "Megatron-LM with 'Support TP greater than num_kv_heads' (f7dfb99795, 2025-12)", blocking=False)
-    add("vision heads % tp", info.vision_heads % tp == 0,
-        f"{info.vision_heads} vision heads {'' if info.vision_heads % tp == 0 else 'not '}divisible by tp {tp}")
+    if family.vision_tensor_parallel:
+        add("vision heads % tp", info.vision_heads % tp == 0,
+            f"{info.vision_heads} vision heads {'' if info.vision_heads % tp == 0 else 'not '}divisible by tp {tp}")
     if info.is_moe:
         add("experts % ep", info.experts % ep == 0,
             f"{info.experts} experts {'' if info.experts % ep == 0 else 'not '}divisible by ep {ep}"
@@ -318,7 +324,7 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
     info = skeleton.info
     family = skeleton.family
     checks = plan.checks
-    _megatron_checks(info, tp, pp, ep, etp, checks)
+    _megatron_checks(info, skeleton.family, tp, pp, ep, etp, checks)
     esize = element_size(dtype)
     tensors = canonical_tensors(skeleton, dtype)
 
@@ -401,6 +407,17 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
             per_stage[stage] += b
             per_stage_n[stage] += 1
             unique += b * tp
+        elif kind in ("expert_half", "expert_down"):
+            # per-expert [I, H] gate or up (rows by etp) and [H, I] down (columns by etp); each on one EP rank
+            if kind == "expert_half":
+                b = _div(shape[0], etp, "moe ffn by etp", checks, seen) * shape[1] * esize
+            else:
+                b = shape[0] * _div(shape[1], etp, "moe ffn by etp", checks, seen) * esize
+            expert = int(re.search(r"\.experts\.(\d+)\.", t.name).group(1))
+            if expert < local_experts:  # the experts of EP rank 0 (every EP rank holds as many)
+                expert_stage[stage] += b
+                expert_stage_n[stage] += kind == "expert_down"
+            unique += b * etp
         elif kind in ("expert_fc1", "expert_fc2"):
             # released gate_up [E, H, 2I] -> per expert fc1 [2I/etp, H]; down [E, I, H] -> fc2 [H, I/etp]
             split = shape[2] if kind == "expert_fc1" else shape[1]

@@ -484,6 +484,12 @@ def _is_template_file(rel: Path) -> bool:
     return rel.suffix == ".jinja" or (len(rel.parts) == 1 and rel.name in TEMPLATE_JSON_FILES)
 
 
+def applies_to() -> list[str]:
+    """The config ``model_type`` values whose embedding rows retag-think patches (every registered family: the
+    input embedding and output layer are found through the family of the tensors; the tags are the tokenizer's)."""
+    return [t for family in FAMILIES for t in family.model_types]
+
+
 def _embedding_names(tensors: dict) -> tuple[str, str | None]:
     """The input-embedding tensor and the lm_head tensor (None when tied and not stored)."""
     family = guess_family(tensors)

@@ -128,6 +128,43 @@ class Skeleton:
         return shape
 
 
+@dataclass(frozen=True)
+class RuntimeTensor:
+    """A tensor of the transformers model's state dict (what FSDP2 saves with ``dcp.save``) where its name or
+    form differs from the canonical tensors: ``rows`` are canonical (name, start, stop) row ranges that make its
+    rows; ``stacked``: a 3-D ``[E, R, C]`` stack of matrices (fused experts) whose rows are counted with the
+    leading axis flattened (expert ``e`` is rows ``e*R:(e+1)*R``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: tuple[tuple[str, int, int], ...]
+    stacked: bool = False
+
+    @property
+    def flat_shape(self) -> tuple[int, ...]:
+        """The shape its ``rows`` describe (a stack's first two dims flattened)."""
+        if not self.stacked:
+            return self.shape
+        return (self.shape[0] * self.shape[1], *self.shape[2:])
+
+    def locate(self, offset: int) -> tuple[tuple[int, ...], int]:
+        """(leading index, row) of row ``offset`` of :attr:`flat_shape`."""
+        if not self.stacked:
+            return (), offset
+        return (offset // self.shape[1],), offset % self.shape[1]
+
+
+def renamed(skeleton: Skeleton, names: dict[str, str]) -> list[RuntimeTensor]:
+    """Run-time tensors that are canonical ones under other names (``names``: canonical -> run-time)."""
+    out = []
+    family = skeleton.family
+    for name in skeleton.tensors:
+        shape = skeleton.shape_in(name, "released")
+        held = family.embed if skeleton.info.tied and name == family.output else name  # tied: the embedding
+        out.append(RuntimeTensor(names.get(name, name), tuple(shape), ((held, 0, shape[0] if shape else 1),)))
+    return out
+
+
 def config_int(section: dict, defaults: dict, key: str) -> int:
     """An integer field of a config section (or its class default); bools and non-integers are refused."""
     value = section.get(key, defaults.get(key))

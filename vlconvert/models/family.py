@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from vlconvert.errors import UserError
-from vlconvert.models.base import ModelInfo, Skeleton, TensorSpec, runtime_experts_layout
+from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, TensorSpec, runtime_experts_layout
 
 if TYPE_CHECKING:
     from vlconvert.models.megatron_table import Param
@@ -88,6 +88,8 @@ class Family:
     layer_pattern: ClassVar[re.Pattern[str]]  # group 1: the decoder layer number of a canonical name
     hf_vision_prefix: ClassVar[str | None] = None  # canonical prefix of the vision tower (None: a text model)
     known_sizes: ClassVar[dict[str, dict]] = {}  # released sizes: name -> the ModelInfo fields telling them apart
+    qk_norm: ClassVar[bool] = True  # the attention has q/k norms (Megatron's qk_layernorm)
+    qkv_bias: ClassVar[bool] = False  # the attention's q/k/v projections have biases (Megatron's add_qkv_bias)
 
     def __repr__(self) -> str:
         return f"<Family {self.name}>"
@@ -149,6 +151,17 @@ class Family:
         """The config ``model_type`` of this family's dense or MoE variant."""
         return self.model_types[-1] if is_moe and len(self.model_types) > 1 else self.model_types[0]
 
+    def text_config(self, raw: dict) -> dict:
+        """The language model's section of a config dict (``text_config``, else the top level)."""
+        text = raw.get("text_config")
+        return text if isinstance(text, dict) and text else raw
+
+    def runtime_tensors(self, skeleton: Skeleton) -> list[RuntimeTensor] | None:
+        """The installed transformers model's state dict where it differs from the canonical tensors (run-time
+        names, experts fused at load): what ``dcp.save`` of the model writes and ``dcp.load`` asks for. None
+        when the canonical names are the run-time ones."""
+        return None
+
     def canonical_name(self, name: str) -> str:
         """The canonical name for another spelling of it (e.g. a transformers 5 run-time name); else ``name``."""
         return name
@@ -185,8 +198,11 @@ class Family:
                         "use --for mbridge or --for megatron-lm")
 
     def megatron_lm_args(self, info: ModelInfo, **sizes: object) -> dict:
-        """Megatron-LM's ``args`` fields for the language model (one-line error where not known)."""
-        raise UserError(f"writing Megatron-LM args for {info.family} is not supported: use --for mbridge")
+        """Megatron-LM's ``args`` fields for the language model (``pretrain_gpt.py`` flags)."""
+        from vlconvert.models.gpt_table import megatron_lm_args
+
+        return megatron_lm_args(info, self.text_config(info.raw), qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                                **sizes)
 
     def check_tensor_parallel(self, info: ModelInfo, tp: int) -> None:
         """Refuse a TP size the model's heads do not allow (one line)."""

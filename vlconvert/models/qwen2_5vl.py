@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from vlconvert.errors import UserError
-from vlconvert.models.base import ModelInfo, Skeleton, as_dict, config_int, linear_shapes
+from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, as_dict, config_int, linear_shapes, renamed
 from vlconvert.models.family import Family, MegatronPrefixes
 from vlconvert.models.gpt_table import decoder_layer_params, embedding_param, final_params
 from vlconvert.models.megatron_table import Param, Src, _whole
@@ -74,6 +74,8 @@ class Qwen25VLFamily(Family):
     output = LM_HEAD
     layer_pattern = _LAYER
     hf_vision_prefix = VIS
+    qk_norm = False
+    qkv_bias = True
 
     def load_config(self, raw: dict) -> ModelInfo:
         text = text_config(raw)
@@ -123,6 +125,19 @@ class Qwen25VLFamily(Family):
 
     def is_vision(self, name: str) -> bool:
         return name.startswith(VIS)
+
+    def text_config(self, raw: dict) -> dict:
+        return text_config(raw)
+
+    def runtime_tensors(self, skeleton: Skeleton) -> list[RuntimeTensor]:
+        """transformers 4.52+ / 5 hold ``model.visual.*`` and ``model.language_model.*`` (``lm_head`` stays)."""
+        names = {}
+        for name in skeleton.tensors:
+            if self.is_vision(name):
+                names[name] = "model." + name
+            elif name.startswith(HF_LM):
+                names[name] = "model.language_model." + name[len(HF_LM):]
+        return renamed(skeleton, names)
 
     def canonical_name(self, name: str) -> str:
         for pattern, prefix in _RUNTIME_NAMES:

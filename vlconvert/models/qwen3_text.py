@@ -17,11 +17,12 @@ Megatron-Bridge 0.6.2's Qwen3 / Qwen3-MoE bridges use).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from vlconvert.dtypes import parse_dtype
 from vlconvert.errors import UsageError, UserError
-from vlconvert.models.base import ModelInfo, Skeleton, config_int, linear_shapes
+from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, config_int, linear_shapes, renamed
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family, MegatronPrefixes
 from vlconvert.models.gpt_table import decoder_layer_params, embedding_param, final_params
 from vlconvert.models.megatron_table import Param
@@ -129,6 +130,30 @@ def lm_shapes(shapes: dict[str, tuple[int, ...]], text: dict, fields: dict[str, 
     shapes[f"{prefix}norm.weight"] = (h,)
 
 
+def fused_expert_runtime(skeleton: Skeleton, per_expert: Callable[[str], bool]) -> list[RuntimeTensor]:
+    """The canonical tensors with each layer's per-expert ``experts.E.gate_proj/up_proj/down_proj`` replaced by
+    transformers 5's fused ``experts.gate_up_proj`` / ``experts.down_proj``, where the first of them stood."""
+    out: list[RuntimeTensor] = []
+    done: set[str] = set()
+    for t in renamed(skeleton, {}):
+        name = t.name
+        if not per_expert(name):
+            out.append(t)
+            continue
+        head = name[:name.index(".mlp.experts.") + len(".mlp.experts.")]
+        if head in done:
+            continue
+        done.add(head)
+        experts = skeleton.info.experts
+        inter, hidden = skeleton.shape_in(f"{head}0.gate_proj.weight", "released")
+        gate_up = tuple(row for e in range(experts) for row in ((f"{head}{e}.gate_proj.weight", 0, inter),
+                                                                 (f"{head}{e}.up_proj.weight", 0, inter)))
+        down = tuple((f"{head}{e}.down_proj.weight", 0, hidden) for e in range(experts))
+        out.append(RuntimeTensor(f"{head}gate_up_proj", (experts, 2 * inter, hidden), gate_up, stacked=True))
+        out.append(RuntimeTensor(f"{head}down_proj", (experts, hidden, inter), down, stacked=True))
+    return out
+
+
 def check_spec(spec: str, experts: str) -> None:
     """Refuse an unknown Megatron spec or experts style (one line)."""
     if spec not in SPECS:
@@ -176,6 +201,13 @@ class Qwen3TextFamily(Family):
 
     def is_routed_expert(self, name: str) -> bool:
         return _PER_EXPERT.search(name) is not None
+
+    def runtime_tensors(self, skeleton: Skeleton) -> list[RuntimeTensor] | None:
+        """transformers 5 fuses each MoE layer's per-expert tensors at load (``experts.gate_up_proj`` [E, 2I, H]:
+        per expert gate rows then up rows; ``experts.down_proj`` [E, H, I]) and splits them again on save."""
+        if not skeleton.info.is_moe or skeleton.runtime_experts != "transformers5":
+            return None
+        return fused_expert_runtime(skeleton, self.is_routed_expert)
 
     def megatron_params(self, skeleton: Skeleton, *, spec: str = "te", experts: str = "grouped",
                         padded_vocab: int | None = None) -> list[Param]:

@@ -103,42 +103,10 @@ def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 
     return model
 
 
-def megatron_lm_args(info: ModelInfo, *, tp: int, pp: int, ep: int, etp: int | None, padded_vocab: int,
-                     make_vocab_size_divisible_by: int, dtype: torch.dtype | None, iteration: int) -> dict:
-    """The fields of Megatron-LM's ``args`` for this model's language model (``pretrain_gpt.py`` flags),
-    including those Megatron-LM's ``load_args_from_checkpoint`` / ``check_checkpoint_args`` and
-    Megatron-Bridge's ``mlm_compat`` reader take from a checkpoint."""
+def megatron_lm_args(info: ModelInfo, **sizes: Any) -> dict:
+    """The fields of Megatron-LM's ``args`` for this model's language model (``pretrain_gpt.py`` flags): see
+    :func:`vlconvert.models.gpt_table.megatron_lm_args`."""
+    from vlconvert.models.gpt_table import megatron_lm_args as gpt_args
+
     text = info.raw.get("text_config") or {}
-    rope = _rope(text)
-    dtype = dtype or info.dtype or torch.float32
-    moe = info.is_moe
-    return dict(
-        num_layers=info.layers, hidden_size=info.hidden,
-        ffn_hidden_size=info.moe_intermediate if moe else info.intermediate, num_attention_heads=info.heads,
-        num_query_groups=info.kv_heads, group_query_attention=info.kv_heads != info.heads,
-        kv_channels=info.head_dim, max_position_embeddings=text.get("max_position_embeddings", 4096),
-        seq_length=text.get("max_position_embeddings", 4096), position_embedding_type="rope",
-        add_position_embedding=False, use_rotary_position_embeddings=True,
-        rotary_base=rope.get("rope_theta", text.get("rope_theta", 10000)), rotary_percent=1.0, rotary_interleaved=False,
-        use_rope_scaling=False, add_bias_linear=False, add_qkv_bias=bool(text.get("attention_bias")), swiglu=True,
-        squared_relu=False, bias_swiglu_fusion=False, bias_gelu_fusion=False,
-        untie_embeddings_and_output_weights=not info.tied, apply_layernorm_1p=False, normalization="RMSNorm",
-        norm_epsilon=text.get("rms_norm_eps", 1e-6), qk_layernorm=True, qk_l2_norm=False,
-        attention_dropout=0.0, hidden_dropout=0.0,
-        num_experts=info.experts if moe else None, moe_ffn_hidden_size=info.moe_intermediate if moe else None,
-        moe_router_topk=info.experts_per_token if moe else 2, moe_grouped_gemm=moe, moe_layer_freq=1,
-        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3 if moe else 0.0,
-        vocab_size=info.vocab, padded_vocab_size=padded_vocab,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp or tp, virtual_pipeline_model_parallel_size=None,
-        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None, world_size=tp * pp,
-        data_parallel_size=1, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        fp16_lm_cross_entropy=False, ckpt_format="torch_dist", use_dist_ckpt=True, no_save_optim=True,
-        no_save_rng=True, async_save=False, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
-        transformer_impl="transformer_engine", multi_latent_attention=False, heterogeneous_layers_config_path=None,
-        no_persist_layer_norm=True, overlap_p2p_comm=False, fp8_param_gather=False, init_method_xavier_uniform=False,
-        init_method_std=text.get("initializer_range", 0.02), config_logger_dir="", cp_comm_type=["p2p"],
-        is_hybrid_model=False, hybrid_layer_pattern=None, mtp_num_layers=None, init_model_with_meta_device=False,
-        context_parallel_size=1, sequence_parallel=False, ckpt_fully_parallel_save=True)
+    return gpt_args(info, text, qk_norm=True, qkv_bias=False, **sizes)

@@ -109,6 +109,30 @@ class DCPSource(Source):
         self.tied_lm_head_dropped = skeleton.info.tied and output in self.keys.mapped
         self._mapped = {n: k for n, k in self.keys.mapped.items() if not (skeleton.info.tied and n == output)}
         self._experts: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        # canonical name -> (DCP key, leading index, first row) where the DCP holds the model's run-time tensors
+        self._runtime: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        runtime = skeleton.family.runtime_tensors(skeleton)
+        if runtime is not None:
+            keys = map_dcp_keys(self.reader, {t.name for t in runtime}, prefix)
+            if len(keys.mapped) > len(self.keys.mapped):  # a transformers model's state dict (dcp.save)
+                self._use_runtime(keys, runtime)
+
+    def _use_runtime(self, keys: DCPKeyMap, runtime: list) -> None:
+        """Read the canonical tensors out of the run-time ones (renamed, or experts fused by transformers)."""
+        sk = self.skeleton
+        output = sk.family.output
+        self.keys = keys
+        self.tied_lm_head_dropped = sk.info.tied and output in keys.mapped
+        for rt in runtime:
+            if rt.name not in keys.mapped or sk.info.tied and rt.name == output:
+                continue
+            offset = 0
+            for name, start, stop in rt.rows:
+                index, row = rt.locate(offset)
+                self._runtime[name] = (keys.mapped[rt.name], index, row - start)
+                offset += stop - start
+        self._mapped = {n: where[0] for n, where in self._runtime.items()}
+        self.notes.append("run-time names of the transformers model (its dcp.save) read back to the released ones")
 
     def names(self) -> list[str]:
         return [n for n in self.skeleton.tensors if n in self._mapped]
@@ -133,6 +157,8 @@ class DCPSource(Source):
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         entry = self.reader.tensors[self.key(name)]
+        if name in self._runtime:
+            return self.skeleton.shape_in(name, "released"), entry.dtype
         if name not in self._mapped:  # a tensor the model does not have
             return tuple(entry.shape), entry.dtype
         if self.skeleton.family.is_expert(name):
@@ -143,6 +169,8 @@ class DCPSource(Source):
         return tuple(entry.shape), entry.dtype
 
     def nbytes(self, name: str) -> int:
+        if name in self._runtime:
+            return super().nbytes(name)
         return self.reader.tensors[self.key(name)].nbytes
 
     def _stored_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
@@ -157,6 +185,11 @@ class DCPSource(Source):
         return super().read(name)
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        if src.hf in self._runtime:
+            key, index, first = self._runtime[src.hf]
+            if not self.skeleton.tensors[src.hf].shape:
+                return self.reader.read(key)
+            return self.reader.read_rows(key, first + start, first + stop, index)
         key = self.key(src.hf)
         if src.expert is None:
             return self._stored_rows(key, start, stop)
@@ -170,6 +203,11 @@ class DCPSource(Source):
         return buffers.contiguous(matrix[start:stop])
 
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        if src.hf in self._runtime:
+            key, index, first = self._runtime[src.hf]
+            if not self.skeleton.tensors[src.hf].shape:
+                return None
+            return self.reader.span(key, first + start, first + stop, index)
         key = self.key(src.hf)
         if not self.reader.tensors[key].shape:
             return None

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import describe_weights
+from vlconvert.models.base import RuntimeTensor
+from vlconvert.models.megatron_table import RankTensor, Src
 from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype
 from vlconvert.publish import copy_file, write_bytes
 from vlconvert.targets.base import Target, counted, nbytes
@@ -21,9 +25,19 @@ if TYPE_CHECKING:
     from vlconvert.sources import Source
 
 
+@dataclass
+class RuntimeEntry(DCPEntry):
+    """A record of a run-time tensor (:meth:`~vlconvert.models.family.Family.runtime_tensors`): ``tensor`` is
+    its row map over canonical tensors (leading dims flattened)."""
+
+    tensor: RankTensor | None = None
+    stacked: bool = False  # a stack of matrices (fused experts), streamed one matrix at a time
+
+
 class DCPTarget(Target):
-    """One data file per source group (HF shard), keys ``--prefix`` + canonical name, experts in
-    ``--experts-layout`` (default: the installed transformers' run-time orientation)."""
+    """One data file per source group (HF shard), keys ``--prefix`` + the name in the transformers model's state
+    dict (canonical, or the family's run-time names), experts in ``--experts-layout`` (default: the installed
+    transformers' run-time orientation)."""
 
     name = "dcp"
     options = frozenset({"prefix", "tied_lm_head", "experts_layout"})
@@ -32,6 +46,9 @@ class DCPTarget(Target):
         layout = conv.experts_layout("auto")
         sk = source.skeleton
         prefix = conv.options["prefix"]
+        runtime = sk.family.runtime_tensors(sk)
+        if runtime is not None:
+            return self._plan_runtime(conv, source, dtype, runtime, layout)
         outputs: list[tuple[str, str]] = [(n, n) for n in source.names()]
         if sk.info.tied and conv.options["tied_lm_head"]:  # the model's state dict has it; dcp.load is strict
             outputs.append((sk.family.output, sk.family.embed))
@@ -45,6 +62,31 @@ class DCPTarget(Target):
                              nesting(key, prefix))
             groups.setdefault(source.location(src_name)[0], []).append(entry)
         dcp_files = [(f"__0_{g}.distcp", entries) for g, entries in sorted(groups.items())]
+        files = [PlannedFile(n, [(e.key, e.shape, e.dtype) for e in entries]) for n, entries in dcp_files]
+        return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
+                              files, dcp_files=dcp_files, assets=["config.json"])
+
+    def _plan_runtime(self, conv: Converter, source: Source, dtype: torch.dtype | None,
+                      runtime: list[RuntimeTensor], layout: str) -> ConversionPlan:
+        """Records under the run-time names, each a row map over the canonical tensors the source holds."""
+        sk = source.skeleton
+        prefix = conv.options["prefix"]
+        held = set(source.names())
+        groups: dict[int, list[tuple[tuple[int, int], int, DCPEntry]]] = {}
+        for i, rt in enumerate(runtime):
+            if rt.name == sk.family.output and sk.info.tied and not conv.options["tied_lm_head"]:
+                continue
+            if not all(name in held for name, _, _ in rt.rows):
+                continue
+            first = rt.rows[0][0]
+            out = out_dtype(source.spec(first)[1], dtype)
+            key = prefix + rt.name
+            tensor = RankTensor(key, rt.flat_shape, out, 0, tuple((Src(n), a, b) for n, a, b in rt.rows))
+            entry = RuntimeEntry(key, first, rt.shape, out, nesting(key, prefix), tensor, rt.stacked)
+            where = source.location(first)
+            groups.setdefault(where[0], []).append((where, i, entry))
+        dcp_files = [(f"__0_{g}.distcp", [e for _, _, e in sorted(items, key=lambda x: (x[0], x[1]))])
+                     for g, items in sorted(groups.items())]
         files = [PlannedFile(n, [(e.key, e.shape, e.dtype) for e in entries]) for n, entries in dcp_files]
         return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
                               files, dcp_files=dcp_files, assets=["config.json"])
@@ -63,7 +105,10 @@ class DCPTarget(Target):
                         writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
                         advance(nbytes(entry.shape, entry.dtype))
                         continue
-                    blocks = counted(conv.blocks(entry.source, layout, entry.dtype), advance)
+                    if isinstance(entry, RuntimeEntry) and entry.tensor is not None:
+                        blocks = counted(runtime_blocks(conv, entry), advance)
+                    else:
+                        blocks = counted(conv.blocks(entry.source, layout, entry.dtype), advance)
                     writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, blocks), entry.nesting)
             if conv.world == 1:
                 writer.finish()
@@ -84,6 +129,22 @@ class DCPTarget(Target):
 
     def finish(self, conv: Converter, stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
         finish_dcp(stage, plan, entries)
+
+
+def runtime_blocks(conv: Converter, entry: RuntimeEntry) -> Iterator[torch.Tensor | FileSpan]:
+    """A run-time tensor's row blocks; a stack (experts fused by transformers) one matrix at a time."""
+    tensor = entry.tensor
+    assert tensor is not None
+    if not entry.stacked:
+        yield from conv.rank_blocks(tensor)
+        return
+    per, offset, parts = entry.shape[1], 0, []
+    for src, start, stop in tensor.segs:
+        parts.append(conv.source.rows(src, start, stop).to(tensor.dtype))
+        offset += stop - start
+        if offset % per == 0:
+            yield torch.cat(parts).unsqueeze(0)
+            parts = []
 
 
 def finish_dcp(stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:

@@ -35,15 +35,21 @@ if TYPE_CHECKING:
 DATA_FILE = "__0_0.distcp"
 
 
-def _out_name(name: str, local: bool, flavour: tdl.Consumer, mlm: str) -> str:
+def _out_name(name: str, local: bool, prefix: str, mlm: str, vision: bool) -> str:
     """A legacy tp=1 name as the consumer's model calls it in its sharded state dict (``mlm``: the family's
-    Megatron language-model prefix)."""
-    if local and name.startswith(mlm):  # megatron-core maps the GPT local spec's norms to TE names on save
+    Megatron language-model prefix, ``prefix``: the consumer's; ``vision``: a vision-tower tensor)."""
+    if vision or not name.startswith(mlm):
+        return name
+    if local:  # megatron-core maps the GPT local spec's norms to TE names on save
         for local_name, te_name in tdl.LOCAL_NORM_NAMES:
             name = name.replace(local_name, te_name)
-    if name.startswith(mlm):
-        name = flavour.prefix + name[len(mlm):]
-    return name
+    return prefix + name[len(mlm):]
+
+
+def lm_prefix(skeleton: Skeleton, flavour: tdl.Consumer) -> str:
+    """The language model's key prefix in the consumer's model: its own for a VL model; none for a family whose
+    Megatron model is a plain GPTModel (the text models)."""
+    return flavour.prefix if skeleton.family.megatron_prefixes.language else ""
 
 
 def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[str]]]:
@@ -61,10 +67,16 @@ def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[s
     tensors = [t for t in plan.megatron.ranks[0].tensors if not vision(t.name)]
     if flavour.vision == "megatron":
         tensors = [t for t in plan.megatron.ranks[0].tensors if vision(t.name)] + tensors
+    prefix = lm_prefix(plan.megatron.skeleton, flavour)
+    # MoE layers mixed with dense ones (mlp_only_layers, decoder_sparse_step > 1): megatron-core saves every
+    # decoder layer under its own number (non-homogeneous layers), not stacked
+    sparse = sum(1 for t in plan.megatron.ranks[0].tensors if t.name.endswith(".mlp.router.weight"))
+    per_layer = info.is_moe and sparse != info.layers
     for t in tensors:
-        name = _out_name(t.name, local, flavour, prefixes.language)
-        gk = tdl.global_key(name, info.layers, info.vision_depth, len(info.deepstack), info.experts or 0,
-                            flavour.prefix)
+        name = _out_name(t.name, local, prefix, prefixes.language, vision(t.name))
+        gk = tdl.global_key(name, info.layers, info.vision_depth, len(info.deepstack), info.experts or 0, prefix)
+        if per_layer and gk.alt is not None and not vision(t.name):
+            gk = tdl.GlobalKey(gk.alt, gk.index[1:], gk.stack[1:])
         out.append((replace(t, name=name), gk, tdl.extra_state_keys(gk, name)))
     if flavour.vision == "hf":
         out = [(t, tdl.GlobalKey(t.name, (), ()), []) for t in plan.torch_dist_extra] + out
@@ -97,6 +109,8 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
                     padded: int, source: str, source_layout: str, spec: str) -> ConversionPlan:
     """The plan of a torch_dist output for ``o["consumer"]``: files, tensors (with their keys), notes."""
     flavour = tdl.consumer(o.get("consumer"))
+    if flavour.run_config:  # the framework's record of the model: refused in one line where not known
+        sk.family.bridge_model_config(sk.info)
     vocab = sk.shape_in(sk.family.embed, "released")[0]
     mplan = plan_megatron_ranks(sk, 1, 1, 1, spec=spec, experts="sequential", dtype=dtype,
                                 padded_vocab_size=padded, source_dtypes=source_dtypes)
