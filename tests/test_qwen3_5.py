@@ -381,3 +381,26 @@ def test_family_interface(folders):
     with pytest.raises(UserError, match="--tp 4 must divide"):
         fam.check_tensor_parallel(info, 4)
     assert len(fam.megatron_params(sk)) == len(q.megatron_params(sk))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_generic_split_handles_blocks_as_the_family_does(folders, kind):
+    """megatron_table._split (what plan_megatron_ranks uses) gives every TP-2 shard of the Qwen3.5 table the bytes
+    the family's own split_param gives, ``blocks`` (GDN in_proj / conv1d) included."""
+    from vlconvert.models.megatron_table import _split
+
+    sk = _skeleton(folders[kind])
+    hf = _tensors(folders[kind])
+    params = q.megatron_params(sk, padded_vocab=256)
+    assert any(p.split == "blocks" for p in params)
+    for p in params:
+        for rank in range(2):
+            axis, segs, shape = _split(p, 2, rank)
+            want_axis, want_segs, want_shape = q.split_param(p, 2, rank)
+            assert (axis, shape) == (want_axis, want_shape), p.name
+            if p.split == "blocks":
+                assert segs == want_segs, p.name
+            if axis == 0 and all(s is not None for s, _, _ in segs):
+                got = torch.cat([_source(hf, s)[a:b] for s, a, b in segs])
+                assert torch.equal(got, _materialize(p, hf, 2, rank) if p.value_op is None
+                                   else q.to_hf_value(p, _materialize(p, hf, 2, rank))), p.name

@@ -52,8 +52,10 @@ class Param:
     ``rows``: the full tensor's dim-0 rows as ``(Src | None, start, stop)``; ``None`` = zero rows
     (vocab padding). ``split``: ``none`` (replicated), ``rows`` (column parallel / vocab: chunk of
     ``rows``), ``halves`` (gated fc1: each half of ``rows`` chunked separately), ``cols`` (row parallel:
-    chunk of dim 1 of the single source). ``group``: ``tp`` or ``etp`` (expert tensor parallel).
-    ``stage``: ``first`` (ViT, embedding), ``last`` (final norm, output layer) or ``layer``.
+    chunk of dim 1 of the single source), ``blocks`` (consecutive row blocks of sizes ``blocks``, a field of
+    the family's Param subclass, each chunked separately: GDN ``in_proj`` / ``conv1d``). ``group``: ``tp`` or
+    ``etp`` (expert tensor parallel). ``stage``: ``first`` (ViT, embedding), ``last`` (final norm, output
+    layer) or ``layer``.
     """
 
     name: str  # global name; layer/expert numbers are placeholders {layer} and {expert}
@@ -306,6 +308,13 @@ def _split(p: Param, size: int, rank: int) -> tuple[int, tuple[Seg, ...], tuple[
         if p.split == "cols":
             a, b = ops.chunk_range(p.shape[1], size, rank, p.name.format(layer="L", expert="E"))
             return 1, ((rows[0][0], a, b),), (p.shape[0], b - a)
+        if p.split == "blocks":  # consecutive row blocks (``p.blocks``), each chunked over the ranks separately
+            segs, start = [], 0
+            for n in getattr(p, "blocks", ()):
+                a, b = ops.chunk_range(n, size, rank, p.name.format(layer="L", expert="E"))
+                segs += ops.slice_row_map(rows, start + a, start + b)
+                start += n
+            return 0, tuple(ops.merge_row_map(segs)), (ops.total_rows(segs), *p.shape[1:])
     except UserError as exc:
         raise UserError(f"cannot split {p.name.format(layer='L', expert='E')}: {exc}") from exc
     raise AssertionError(p.split)

@@ -27,5 +27,5 @@ def target_named(name: str) -> Target:
 
 
 def targets_taking(option: str) -> list[str]:
-    """The layouts a Converter option shapes (in registry order)."""
+    """The layouts a Conversion option shapes (in registry order)."""
     return [name for name, target in TARGETS.items() if option in target.options]

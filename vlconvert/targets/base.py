@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -19,9 +19,37 @@ from vlconvert.dtypes import element_size
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes
 
 if TYPE_CHECKING:
-    from vlconvert.engine import Converter
+    from vlconvert.models.megatron_table import RankTensor
     from vlconvert.plan import ConversionPlan
     from vlconvert.sources import Source
+
+
+class Conversion(Protocol):
+    """What a target asks of the conversion that runs it (:class:`vlconvert.engine.Converter` provides it): the
+    options, the source and assets, which files this process writes, and the streamed bytes."""
+
+    src: Any
+    assets_dir: Any
+    assets: Path | None
+    options: dict[str, Any]
+    block_bytes: int
+
+    @property
+    def source(self) -> Source: ...
+
+    @property
+    def lead(self) -> bool: ...
+
+    @property
+    def world(self) -> int: ...
+
+    def owns(self, name: str) -> bool: ...
+
+    def experts_layout(self, default: str) -> str: ...
+
+    def blocks(self, name: str, layout: str, dtype: torch.dtype) -> Iterator[torch.Tensor | FileSpan]: ...
+
+    def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | FileSpan]: ...
 
 
 class Target:
@@ -37,18 +65,18 @@ class Target:
     allows_missing: ClassVar[bool] = False
     distributed: ClassVar[bool] = True
 
-    def plan(self, conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         """Every output file and the tensors it holds, from metadata alone."""
         raise NotImplementedError
 
-    def write(self, conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+    def write(self, conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
         """Write this process's share of ``plan`` into ``stage``; returns the assets copied."""
         raise NotImplementedError
 
-    def finish(self, conv: Converter, stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
+    def finish(self, conv: Conversion, stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
         """On the lead rank of ``torchrun``, after every rank wrote its files: what needs all of them."""
 
-    def extra_bytes(self, conv: Converter, source: Source) -> int:
+    def extra_bytes(self, conv: Conversion, source: Source) -> int:
         """Bytes written besides the plan's tensors (copied assets), for the free-space check."""
         return 0
 

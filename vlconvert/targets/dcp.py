@@ -18,10 +18,9 @@ from vlconvert.models.base import RuntimeTensor
 from vlconvert.models.megatron_table import RankTensor, Src
 from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype
 from vlconvert.publish import copy_file, write_bytes
-from vlconvert.targets.base import Target, counted, nbytes
+from vlconvert.targets.base import Conversion, Target, counted, nbytes
 
 if TYPE_CHECKING:
-    from vlconvert.engine import Converter
     from vlconvert.sources import Source
 
 
@@ -42,7 +41,7 @@ class DCPTarget(Target):
     name = "dcp"
     options = frozenset({"prefix", "tied_lm_head", "experts_layout"})
 
-    def plan(self, conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         layout = conv.experts_layout("auto")
         sk = source.skeleton
         prefix = conv.options["prefix"]
@@ -66,7 +65,7 @@ class DCPTarget(Target):
         return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
                               files, dcp_files=dcp_files, assets=["config.json"])
 
-    def _plan_runtime(self, conv: Converter, source: Source, dtype: torch.dtype | None,
+    def _plan_runtime(self, conv: Conversion, source: Source, dtype: torch.dtype | None,
                       runtime: list[RuntimeTensor], layout: str) -> ConversionPlan:
         """Records under the run-time names, each a row map over the canonical tensors the source holds."""
         sk = source.skeleton
@@ -91,7 +90,7 @@ class DCPTarget(Target):
         return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
                               files, dcp_files=dcp_files, assets=["config.json"])
 
-    def write(self, conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+    def write(self, conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
         source = conv.source
         layout = plan.experts_layout or "released"
         writer = DCPWriter(stage)
@@ -127,11 +126,11 @@ class DCPTarget(Target):
         describe_weights(stage / "config.json", None)  # not quantized; the dtype stays the model's (--dtype auto)
         return []
 
-    def finish(self, conv: Converter, stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
+    def finish(self, conv: Conversion, stage: Path, plan: ConversionPlan, entries: dict[str, dict]) -> None:
         finish_dcp(stage, plan, entries)
 
 
-def runtime_blocks(conv: Converter, entry: RuntimeEntry) -> Iterator[torch.Tensor | FileSpan]:
+def runtime_blocks(conv: Conversion, entry: RuntimeEntry) -> Iterator[torch.Tensor | FileSpan]:
     """A run-time tensor's row blocks; a stack (experts fused by transformers) one matrix at a time."""
     tensor = entry.tensor
     assert tensor is not None

@@ -22,10 +22,9 @@ from vlconvert.layouts.hf import (
     write_index,
 )
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
-from vlconvert.targets.base import Target, nbytes
+from vlconvert.targets.base import Conversion, Target, nbytes
 
 if TYPE_CHECKING:
-    from vlconvert.engine import Converter
     from vlconvert.sources import Source
 
 
@@ -36,7 +35,7 @@ class HFTarget(Target):
     options = frozenset({"max_shard_size", "allow_missing", "experts_layout"})
     allows_missing = True
 
-    def plan(self, conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         if conv.assets is None and source.layout != "hf":
             raise UsageError(f"'{conv.src}' is a {source.layout} checkpoint: pass --assets-dir with the original "
                             "Hugging Face folder (config, tokenizer and processor files are copied from it)")
@@ -54,10 +53,10 @@ class HFTarget(Target):
                               files, assets=[str(p.relative_to(assets)) for p in asset_files(assets)],
                               hf_shards=shards)
 
-    def extra_bytes(self, conv: Converter, source: Source) -> int:
+    def extra_bytes(self, conv: Conversion, source: Source) -> int:
         return sum(p.stat().st_size for p in asset_files(conv.assets or source.folder))
 
-    def write(self, conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+    def write(self, conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
         source = conv.source
         layout = plan.experts_layout or "released"
         assets = conv.assets or source.folder

@@ -12,13 +12,12 @@ import torch
 from vlconvert.layouts import megatron as mlay
 from vlconvert.models.megatron_table import MegatronPlan, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
-from vlconvert.targets.base import Target, counted
+from vlconvert.targets.base import Conversion, Target, counted
 
 if TYPE_CHECKING:
-    from vlconvert.engine import Converter
     from vlconvert.sources import Source
 
-# the Converter options that shape a Megatron checkpoint (legacy or torch_dist)
+# the Conversion options that shape a Megatron checkpoint (legacy or torch_dist)
 MEGATRON_OPTIONS = frozenset({"tp", "pp", "ep", "etp", "spec", "experts", "pp_first_layers", "pp_last_layers",
                               "padded_vocab_size", "make_vocab_size_divisible_by", "iteration"})
 
@@ -29,7 +28,7 @@ class MegatronTarget(Target):
     name = "megatron"
     options = MEGATRON_OPTIONS
 
-    def plan(self, conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         o = conv.options
         previous = getattr(source, "plan", None)  # a Megatron source keeps its spec and expert style
         spec = o["spec"] or (previous.spec if isinstance(previous, MegatronPlan) else "te")
@@ -46,7 +45,7 @@ class MegatronTarget(Target):
         return ConversionPlan(str(source.folder), source.layout, "megatron", dtype, None, files,
                               notes=list(plan.notes), megatron=plan, assets=[mlay.TRACKER])
 
-    def write(self, conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+    def write(self, conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
         mplan = plan.megatron
         assert mplan is not None
         meta = mplan.metadata() if conv.options["metadata"] else None

@@ -25,11 +25,10 @@ from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import RankTensor, hf_vision_tensors, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
 from vlconvert.publish import write_bytes
-from vlconvert.targets.base import Target
+from vlconvert.targets.base import Conversion, Target
 from vlconvert.targets.megatron import MEGATRON_OPTIONS
 
 if TYPE_CHECKING:
-    from vlconvert.engine import Converter
     from vlconvert.sources import Source
 
 DATA_FILE = "__0_0.distcp"
@@ -83,7 +82,7 @@ def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[s
     return out
 
 
-def plan_torch_dist(conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+def plan_torch_dist(conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
     """The tp=1 Megatron plan (vocabulary padded as the consumer builds the model) and the one data file."""
     o = conv.options
     flavour = tdl.consumer(o.get("consumer"))
@@ -136,7 +135,7 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
     return plan
 
 
-def _hf_folder(conv: Converter) -> str | None:
+def _hf_folder(conv: Conversion) -> str | None:
     """The Hugging Face model of the run (``--assets-dir``, or an HF source) as Bridge's ``hf_model_id``: the
     model id when one from the local cache was given (portable), else the folder's absolute path."""
     typed = conv.assets_dir if conv.assets_dir is not None else (conv.src if conv.source.layout == "hf" else None)
@@ -146,7 +145,7 @@ def _hf_folder(conv: Converter) -> str | None:
     return str(Path(folder).resolve()) if folder is not None else None
 
 
-def write_torch_dist(conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
+def write_torch_dist(conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> None:
     """Stream every chunk (one legacy tp=1 tensor at a time), then the common state (inside the DCP and as
     ``common.pt``), ``metadata.json`` and the consumer's own files (tracker, train state, run config)."""
     o = conv.options
@@ -218,10 +217,10 @@ class TorchDistTarget(Target):
     options = MEGATRON_OPTIONS | {"consumer"}
     distributed = False
 
-    def plan(self, conv: Converter, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         return plan_torch_dist(conv, source, dtype)
 
-    def write(self, conv: Converter, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
+    def write(self, conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
         write_torch_dist(conv, stage, plan, advance)
         return []
 
