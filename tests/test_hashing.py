@@ -165,3 +165,43 @@ def test_hashing_threads_start_again_in_a_forked_child(tmp_path):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 4097), (3, 2**20 + 3)])
+def test_crc32_combine_equals_zlib_over_the_joined_bytes(n1, n2):
+    a, b = random.Random(n1).randbytes(n1), random.Random(n2 + 1).randbytes(n2)
+    assert hashing.crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b)
+
+
+def test_a_record_crc_over_buffers_and_ranges_hashed_by_other_threads(monkeypatch, tmp_path):
+    """A zip record's CRC-32 when its copied ranges are read (and CRC'd) by the hashing threads, piece by piece,
+    between buffers CRC'd on the checksum thread: equal to zlib over the bytes, and the file's pieces too."""
+    monkeypatch.setattr(hashing, "PIECE_BYTES", 4096)
+    rng = random.Random(7)
+    data = rng.randbytes(50_000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    journal, crc, expected = [], publish.Checksum(), b""
+
+    class Stage:
+        rehashed: list = []
+
+        def journal(self, rel, size, sha256, state):
+            journal.append((size, sha256))
+
+    f = publish.OutputFile(tmp_path / "out.bin", Stage(), "out.bin")
+    at = 0
+    while at < len(data):
+        n = min(rng.randint(1, 9000), len(data) - at)
+        if rng.random() < 0.5:
+            f.copy_range(src, at, n, crc=crc)
+        else:
+            f.write(bytes(data[at:at + n]) * 1, crc=crc)
+        expected += data[at:at + n]
+        at += n
+    f.write_later(4, lambda: crc.value.to_bytes(4, "little"))  # a data descriptor: needs every part
+    f.close()
+    assert crc.value == zlib.crc32(data)
+    on_disk = (tmp_path / "out.bin").read_bytes()
+    assert on_disk == data + zlib.crc32(data).to_bytes(4, "little")
+    assert journal == [(len(on_disk), pieces(on_disk, 4096))]

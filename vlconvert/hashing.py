@@ -19,11 +19,13 @@ This module knows bytes and files; it imports nothing from vlconvert.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
 import queue
 import threading
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -35,13 +37,31 @@ THREADS = max(1, min(8, os.cpu_count() or 1))  # hashing threads (sha256 scales 
 Digest = Union[str, list]  # noqa: UP007 - one piece: its hex digest; more: the list of the pieces' digests
 
 
+class CrcPart:
+    """The CRC-32 of a run of bytes that a hashing thread computes while it reads them (see
+    :meth:`PieceHasher.update_range`); :meth:`result` waits for it."""
+
+    __slots__ = ("crc", "length", "_done")
+
+    def __init__(self, length: int, crc: int | None = None):
+        self.length = length
+        self.crc = crc or 0
+        self._done = threading.Event()
+        if crc is not None:
+            self._done.set()
+
+    def result(self) -> int:
+        self._done.wait()
+        return self.crc
+
+
 class _Task:
-    __slots__ = ("hasher", "piece", "data", "path", "offset", "size")
+    __slots__ = ("hasher", "piece", "data", "path", "offset", "size", "crc")
 
     def __init__(self, hasher: PieceHasher, piece: int, data: memoryview | None, path: Path | None = None,
-                 offset: int = 0, size: int = 0):
+                 offset: int = 0, size: int = 0, crc: CrcPart | None = None):
         self.hasher, self.piece, self.data = hasher, piece, data
-        self.path, self.offset, self.size = path, offset, size
+        self.path, self.offset, self.size, self.crc = path, offset, size, crc
 
 
 class _Pool:
@@ -96,6 +116,8 @@ class _Pool:
             except BaseException as exc:  # noqa: BLE001 - handed to the thread that asks for the digest
                 hasher.error = hasher.error or exc
             finally:
+                if task.crc is not None:
+                    task.crc._done.set()  # noqa: SLF001 - set by the thread that computed it
                 if task.data is not None:
                     with self._room:
                         self._queued -= len(task.data)
@@ -115,6 +137,8 @@ def _hash_range(piece: hashlib._Hash, task: _Task, buffer: memoryview) -> None:
             if not n:
                 raise ShortFile(task.path, task.offset + done)
             piece.update(buffer[:n])
+            if task.crc is not None:
+                task.crc.crc = zlib.crc32(buffer[:n], task.crc.crc)
             done += n
     finally:
         os.close(fd)
@@ -178,10 +202,17 @@ class PieceHasher:
         for index, start, length in self._segments(len(data)):
             self._submit(_Task(self, index, data[start:start + length]))
 
-    def update_range(self, path: str | Path, offset: int, size: int) -> None:
-        """Hash bytes ``offset:offset+size`` of the file ``path`` next (the hashing threads read them)."""
+    def update_range(self, path: str | Path, offset: int, size: int, crc: bool = False) -> list[CrcPart]:
+        """Hash bytes ``offset:offset+size`` of the file ``path`` next (the hashing threads read them). With
+        ``crc``, the threads also compute the CRC-32 of what they read: one :class:`CrcPart` per piece the
+        range touches, in order (combine them with :func:`crc32_combine`)."""
+        parts = []
         for index, start, length in self._segments(size):
-            self._submit(_Task(self, index, None, Path(path), offset + start, length))
+            part = CrcPart(length) if crc else None
+            if part is not None:
+                parts.append(part)
+            self._submit(_Task(self, index, None, Path(path), offset + start, length, part))
+        return parts
 
     def wait(self) -> None:
         """Wait until everything handed over is hashed; raise the first error a hashing thread met."""
@@ -198,6 +229,42 @@ class PieceHasher:
         if len(self.pieces) <= 1:
             return (self.pieces[0] if self.pieces else hashlib.sha256()).hexdigest()
         return [piece.hexdigest() for piece in self.pieces]
+
+
+# ------------------------------------------------------------------------------- CRC-32 combination
+_CRC_POLY = 0xEDB88320  # zlib's CRC-32, reflected
+
+
+def _multiply(a: int, b: int) -> int:
+    """``a * b`` modulo the CRC-32 polynomial (reflected bit order, as zlib's ``multmodp``)."""
+    m, product = 1 << 31, 0
+    while True:
+        if a & m:
+            product ^= b
+            if (a & (m - 1)) == 0:
+                return product
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+@functools.lru_cache(maxsize=64)
+def _x_to_the_8n(n: int) -> int:
+    """x^(8n) modulo the CRC-32 polynomial: what appending ``n`` zero bytes multiplies a CRC by."""
+    result, power, k = 1 << 31, 1 << 30, 3  # x^0 and x^1 (reflected); n bytes are 2^3 n bits
+    for _ in range(k):
+        power = _multiply(power, power)
+    while n:
+        if n & 1:
+            result = _multiply(power, result)
+        n >>= 1
+        power = _multiply(power, power)
+    return result
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's ``crc32_combine``, which
+    Python's zlib does not expose): lets threads compute the CRCs of consecutive runs independently."""
+    return _multiply(_x_to_the_8n(length2), crc1) ^ crc2 if length2 else crc1
 
 
 def file_digest(path: str | Path) -> Digest:

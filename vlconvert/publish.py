@@ -45,9 +45,11 @@ from typing import Any
 from vlconvert.errors import UserError
 from vlconvert.hashing import (
     PIECE_BYTES,
+    CrcPart,
     Digest,
     PieceHasher,
     ShortFile,
+    crc32_combine,
     file_digest,
     file_sha256,
     is_digest,
@@ -308,10 +310,34 @@ class _Lock:
 
 # ----------------------------------------------------------------------------------- hashed files
 class Checksum:
-    """A running CRC-32 that :class:`OutputFile` computes off the caller's thread (see ``write(crc=)``)."""
+    """A running CRC-32 that :class:`OutputFile` computes off the caller's thread (see ``write(crc=)``).
+
+    Buffers are added by the checksum thread; copied ranges by the hashing threads as they read them
+    (:class:`~vlconvert.hashing.CrcPart`), folded in order with :func:`~vlconvert.hashing.crc32_combine`
+    when :attr:`value` is read (which waits for them)."""
 
     def __init__(self) -> None:
-        self.value = 0
+        self._value = 0
+        self._parts: list[CrcPart] = []
+
+    def add(self, view: memoryview) -> None:
+        """Advance over ``view``, after everything added before it."""
+        if self._parts:
+            self._parts.append(CrcPart(len(view), zlib.crc32(view)))
+        else:
+            self._value = zlib.crc32(view, self._value)
+
+    def add_parts(self, parts: list[CrcPart]) -> None:
+        """Advance over runs whose CRCs other threads compute, after everything added before them."""
+        self._parts.extend(parts)
+
+    @property
+    def value(self) -> int:
+        """The CRC-32 of everything added so far (waits for the parts still being computed)."""
+        for part in self._parts:
+            self._value = crc32_combine(self._value, part.result(), part.length)
+        self._parts.clear()
+        return self._value
 
 
 class OutputFile(io.RawIOBase):
@@ -413,10 +439,9 @@ class OutputFile(io.RawIOBase):
                 pos, data, extra = item
                 try:
                     if isinstance(data, _Range):
-                        self._hash_range(pos, data)
-                        if extra is not None:  # the CRC needs the bytes here; the hashing threads read their own
-                            for view in inputs.chunks(data):
-                                extra.value = zlib.crc32(view, extra.value)
+                        if not self._hash_range(pos, data, extra) and extra is not None:
+                            for view in inputs.chunks(data):  # hashed at close: the CRC needs the bytes here
+                                extra.add(view)
                     else:
                         if callable(data):
                             data = memoryview(data()).cast("B")
@@ -434,17 +459,22 @@ class OutputFile(io.RawIOBase):
 
     def _checksum(self, pos: int, view: memoryview, crc: Checksum | None) -> None:
         if crc is not None:
-            crc.value = zlib.crc32(view, crc.value)
+            crc.add(view)
         if pos == self._hash.size and self._in_order:
             self._hash.update(view)  # hashed by the hashing threads (the buffer is not changed after write())
         else:
             self._in_order = False
 
-    def _hash_range(self, pos: int, r: _Range) -> None:
+    def _hash_range(self, pos: int, r: _Range, crc: Checksum | None) -> bool:
+        """Hand a copied range to the hashing threads (which compute ``crc`` over it too); False if the file
+        is no longer written in order (it is hashed at close, and nothing was done here)."""
         if pos == self._hash.size and self._in_order:
-            self._hash.update_range(r.path, r.offset, r.size)
-        else:
-            self._in_order = False
+            parts = self._hash.update_range(r.path, r.offset, r.size, crc=crc is not None)
+            if crc is not None:
+                crc.add_parts(parts)
+            return True
+        self._in_order = False
+        return False
 
     def _write_queued(self) -> None:
         """Write thread: write queued buffers at their positions until ``None``; keep the first error."""
@@ -1218,7 +1248,7 @@ def _entry_digest(entry: Any) -> Digest | None:
 def read_manifest(folder: str | Path) -> dict[str, dict]:
     """The files of ``folder``'s manifest, validated, as ``{name: {"size", "sha256": digest}}``.
 
-    Version 2 (vlconvert 0.3) holds pieces for files larger than ``piece_bytes``; version 1 (0.2) the
+    Version 2 holds pieces for files larger than ``piece_bytes``; version 1 (the first vlconvert 0.2) the
     sha256 of the whole file, which is still checked as such."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
