@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlconvert.cli import main
+from vlconvert.comparison import compare_tensors, verify
 from vlconvert.layouts.hf import read_header
-from vlconvert.verify import compare_tensors, verify
 
 GATE_UP = "model.language_model.layers.1.mlp.experts.gate_up_proj"
 

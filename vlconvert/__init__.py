@@ -21,10 +21,10 @@ __version__ = "0.2.0"
 _LAZY = {
     "Converter": "vlconvert.engine", "ConversionPlan": "vlconvert.engine", "Result": "vlconvert.engine",
     "convert": "vlconvert.engine", "open_source": "vlconvert.sources", "Source": "vlconvert.sources",
-    "verify": "vlconvert.verify", "UserError": "vlconvert.errors",
+    "verify": "vlconvert.comparison", "UserError": "vlconvert.errors",
 }
 _SPEAKS_API = ("Converter", "convert", "open_source", "verify")  # what raises errors a user reads
-_LOADED: dict[str, _typing.Any] = {}  # not in globals(): the submodule vlconvert.verify keeps its attribute
+_LOADED: dict[str, _typing.Any] = {}  # the names loaded so far (kept out of globals(), see __getattr__)
 __all__ = ["__version__", *_LAZY]
 
 

@@ -8,9 +8,9 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from vlconvert.comparison import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
 from vlconvert.errors import UsageError
-from vlconvert.verify import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 
 
 @click.command("verify")
