@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -65,6 +66,17 @@ def test_a_refusal_reaches_every_rank_and_nothing_is_published(tmp_path):
                     ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "dcp"])
     assert proc.returncode != 0 and "already exists" in proc.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+
+
+def test_a_failure_under_json_is_one_record_on_stdout(tmp_path):
+    """Every rank fails together; rank 0 alone prints the --json record, so stdout holds one JSON object."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("not theirs")
+    proc = torchrun(["--standalone", "--nproc-per-node=2"],
+                    ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "dcp", "--json"])
+    assert proc.returncode != 0
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(records) == 1 and records[0]["ok"] is False and "already exists" in records[0]["error"], proc.stdout
 
 
 def test_files_are_split_by_bytes():

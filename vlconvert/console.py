@@ -167,11 +167,12 @@ def fail(message: str, code: int = 1, as_json: bool = False, command: str | None
     """Print ``message`` as one plain line on stderr (no markup, never wrapped) and exit with ``code``.
 
     With ``as_json``, also print ``{"ok": false, "command": ..., "error": ..., "exit_code": ...}`` on stdout
-    (the schema of every --json output, README "JSON output"), so a script never reads an empty stdout.
+    (the schema of every --json output, README "JSON output"), so a script never reads an empty stdout;
+    under ``torchrun`` rank 0 alone prints it (the other ranks' lines go to stderr).
     ``command`` defaults to the running click command's name.
     """
     line = one_line(message)
-    if as_json:
+    if as_json and rank() == 0:  # under torchrun one record on stdout: every rank fails together, rank 0 speaks
         error = line.removeprefix("error: ")
         if command is None:
             ctx = click.get_current_context(silent=True)
