@@ -216,4 +216,4 @@ def test_doctor_expert_checks_concern_fused_families_only() -> None:
     assert check_square_experts(square) is None  # stored per expert (2-D): no orientation to tell
     checks = applies_to()
     assert checks["square experts"] == ["qwen3_vl_moe"] and "qwen3_moe" not in checks["transformers experts"]
-    assert set(checks["conv3d"]) == {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"}
+    assert set(checks["conv3d"]) == {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe"}

@@ -404,3 +404,121 @@ def test_generic_split_handles_blocks_as_the_family_does(folders, kind):
                 got = torch.cat([_source(hf, s)[a:b] for s, a, b in segs])
                 assert torch.equal(got, _materialize(p, hf, 2, rank) if p.value_op is None
                                    else q.to_hf_value(p, _materialize(p, hf, 2, rank))), p.name
+
+
+# --------------------------------------------------------------------------------------- routes (registered)
+def _hf(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _same(a: Path, b: Path) -> None:
+    left, right = _hf(a), _hf(b)
+    assert sorted(left) == sorted(right)
+    for name, t in left.items():
+        assert t.dtype == right[name].dtype and torch.equal(t, right[name]), name
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[1, 5, 17, 42, 7, 88, 3, 60]])).logits
+
+
+ROUTES = [("dense", {}), ("dense", {"tp": 2}), ("moe", {"tp": 2, "ep": 2}), ("moe_fused", {}),
+          ("moe_fused", {"ep": 2}), ("moe_fused", {"tp": 2, "ep": 2})]
+
+
+@pytest.mark.parametrize(("kind", "sizes"), ROUTES, ids=[f"{k}-{'-'.join(f'{a}{b}' for a, b in s.items()) or 'tp1'}"
+                                                         for k, s in ROUTES])
+def test_megatron_round_trip_keeps_mtp_bit_exact(folders, tmp_path, kind, sizes):
+    """HF -> Megatron -> HF: every tensor back bit-exact, mtp.* included (Megatron's MTP layer holds it), in the
+    stored form of the original folder (--assets-dir); GDN out_norm through the minus_one value op."""
+    from vlconvert.engine import Converter
+
+    src = folders[kind]
+    result = Converter(src, tmp_path / "mg", to="megatron", **sizes).run()
+    names = {t.name for r in result.plan.megatron.ranks for t in r.tensors}
+    assert any(".mtp.layers.0.mtp_model_layer." in n for n in names) and any("out_norm" in n for n in names)
+    Converter(tmp_path / "mg", tmp_path / "hf", to="hf", assets_dir=src).run()
+    _same(src, tmp_path / "hf")
+    if sizes.get("tp") == 2:
+        assert torch.equal(_logits(tmp_path / "hf"), _logits(src))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "moe_fused"])
+def test_dcp_loads_into_the_transformers_model(folders, tmp_path, kind):
+    """HF -> DCP: dcp.load fills the transformers model's whole state dict (experts fused as it holds them,
+    mtp.* kept beside under its own names); DCP -> HF gives the folder back bit-exact."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForImageTextToText
+
+    from vlconvert.engine import Converter
+
+    src = folders[kind]
+    Converter(src, tmp_path / "dcp", to="dcp").run()
+    reference = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16).state_dict()
+    target = {k: torch.zeros_like(v) for k, v in reference.items()}
+    dcp.load(target, checkpoint_id=str(tmp_path / "dcp"))
+    for name, t in reference.items():
+        assert torch.equal(target[name], t), name
+    Converter(tmp_path / "dcp", tmp_path / "hf", to="hf", assets_dir=src).run()
+    _same(src, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe_fused"])
+def test_torch_dist_round_trip_and_bridge_refusal(folders, tmp_path, kind):
+    from vlconvert.engine import Converter
+    from vlconvert.errors import UserError as Refused
+
+    src = folders[kind]
+    Converter(src, tmp_path / "td", to="torch_dist", consumer="mbridge").run()
+    Converter(tmp_path / "td", tmp_path / "hf", to="hf", assets_dir=src).run()
+    _same(src, tmp_path / "hf")
+    with pytest.raises(Refused, match="run_config.yaml for qwen3_5"):
+        Converter(src, tmp_path / "bridge", to="torch_dist").plan()
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "moe_fused"])
+def test_plan_and_inspect_accept_every_stored_form(folders, tmp_path, kind):
+    from vlconvert.engine import Converter
+    from vlconvert.inspection import inspect_checkpoint
+    from vlconvert.planning import plan_conversion
+
+    src = folders[kind]
+    sizes = {"tp": 2, "ep": 2} if kind != "dense" else {"tp": 2}
+    plan = plan_conversion(src / "config.json", "megatron", **sizes)
+    assert plan.ok, [c.message for c in plan.failed]
+    result = Converter(src, tmp_path / "mg", to="megatron", **sizes).run()
+    written = {f"release/{r.folder}/model_optim_rng.pt": r.nbytes for r in result.plan.megatron.ranks}
+    assert {r.folder: r.bytes for r in plan.ranks} == written
+    Converter(src, tmp_path / "dcp", to="dcp").run()
+    for folder in (src, tmp_path / "mg", tmp_path / "dcp"):
+        report = inspect_checkpoint(folder)
+        assert report["family"] == ("qwen3_5" if kind == "dense" else "qwen3_5_moe"), folder
+        assert report["inconsistencies"] == [], folder
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_training_dcp_without_mtp_gets_it_back_from_assets(folders, tmp_path, kind):
+    """A DCP a training job saves (``dcp.save`` of the transformers model: no ``mtp.*``) converted back with
+    --assets-dir the release: every tensor of the release, mtp.* read from it; through Megatron too."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForImageTextToText
+
+    from vlconvert.engine import Converter
+
+    src = folders[kind]
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16)
+    assert not any(k.startswith("mtp.") for k in model.state_dict())
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "job"))
+    result = Converter(tmp_path / "job", tmp_path / "hf", to="hf", assets_dir=src).run()
+    assert any("taken from --assets-dir" in n for n in result.notes)
+    _same(src, tmp_path / "hf")
+    Converter(tmp_path / "job", tmp_path / "mg", to="megatron", tp=2, assets_dir=src).run()
+    Converter(tmp_path / "mg", tmp_path / "hf2", to="hf", assets_dir=src).run()
+    _same(src, tmp_path / "hf2")

@@ -76,7 +76,7 @@ def collect_facts(measure: bool = False) -> EnvFacts:
         try:
             from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-            fused = next(f for f in FAMILIES if f.expert_storage == "fused").model_type_for(True)
+            fused = next(f for f in FAMILIES if f.transposed_experts).model_type_for(True)
             convs = get_checkpoint_conversion_mapping(fused) or []
             mapping = any("experts.gate_up_proj" in str(getattr(c, "source_patterns", "")) for c in convs)
         except ImportError:
@@ -115,7 +115,7 @@ def applies_to() -> dict[str, list[str]]:
     from vlconvert.models.registry import FAMILIES
 
     vision = [t for f in FAMILIES if f.hf_vision_prefix is not None for t in f.model_types]
-    fused = [f.model_type_for(True) for f in FAMILIES if f.expert_storage == "fused"]
+    fused = [f.model_type_for(True) for f in FAMILIES if f.transposed_experts]
     return {"conv3d": vision, "transformers experts": fused, "square experts": fused}
 
 
@@ -193,7 +193,7 @@ def check_square_experts(config: Any) -> Finding | None:
     from vlconvert.models.registry import family_named, load_config
 
     info = load_config(config)
-    if not info.is_moe or family_named(info.family).expert_storage != "fused":  # per-expert 2-D: nothing to tell
+    if not info.is_moe or not family_named(info.family).transposed_experts:  # one orientation: nothing to tell
         return None
     square = [what for what, dims in (("2I == H (gate_up_proj)", 2 * info.moe_intermediate == info.hidden),
                                       ("I == H (down_proj)", info.moe_intermediate == info.hidden)) if dims]

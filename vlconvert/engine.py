@@ -44,6 +44,7 @@ from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exp
 from vlconvert.progress import progress_bar
 from vlconvert.publish import staged_output
 from vlconvert.sources import Source, open_source, preview
+from vlconvert.sources.restore import RestoredSource, restorable
 from vlconvert.targets import TARGETS as TARGET_MODULES
 from vlconvert.targets import target_named, targets_taking
 from vlconvert.targets.dcp import finish_dcp as _finish_dcp  # noqa: F401 - the old name
@@ -175,6 +176,9 @@ class Converter:
                 raise UserError(f"'{self.src}' has no config.json: pass --config or --assets-dir")
             if self.assets is None and getattr(self._source, "assets", None) is not None:
                 self.assets = self._source.assets  # a verl checkpoint's huggingface/ folder
+            restore = restorable(self._source, self.assets)
+            if restore:  # tensors transformers drops (Qwen3.5's mtp.*), put back from the original folder
+                self._source = RestoredSource(self._source, self.assets, restore)
             if self.options["merge_lora"]:  # a PEFT adapter merged on read (vlconvert.sources.lora)
                 from vlconvert.sources.lora import LoRAMergedSource
 
@@ -311,8 +315,11 @@ class Converter:
         return canonical_blocks(self.source, name, layout, dtype, self.block_bytes)
 
     def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | FileSpan]:
-        """A row-mapped (Megatron) tensor built from the source, as row blocks."""
-        return rank_tensor_blocks(tensor, self.source, self.block_bytes)
+        """A row-mapped (Megatron) tensor built from the source, as row blocks (the family's value op applied
+        where the table names one)."""
+        if tensor.value_op is None:
+            return rank_tensor_blocks(tensor, self.source, self.block_bytes)
+        return _valued_blocks(tensor, self.source)
 
     # ------------------------------------------------------------------------------------ memory
     def memory_plan(self) -> tuple[int, int]:
@@ -551,6 +558,16 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype,
         yield _cast(source.rows(Src(name), 0, 1), dtype)
         return
     yield from source_row_blocks(source, Src(name), 0, shape[0], dtype, rows_per_block(shape, dtype, block))
+
+
+def _valued_blocks(tensor: RankTensor, source: Source) -> Iterator[torch.Tensor]:
+    """A (small) tensor with a value op: its rows read whole and mapped by the family (HF -> Megatron)."""
+    if tensor.axis == 1:
+        src, a, b = tensor.segs[0]
+        rows = source.rows(src, 0, tensor.shape[0])[:, a:b]
+    else:
+        rows = torch.cat([source.rows(src, a, b) for src, a, b in tensor.segs])
+    yield source.skeleton.family.to_megatron_value(tensor, rows.to(tensor.dtype)).contiguous()
 
 
 def resident_bytes() -> int:

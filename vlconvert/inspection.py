@@ -19,8 +19,9 @@ from vlconvert.errors import UserError
 from vlconvert.layouts.hf import resolve_source
 from vlconvert.models.base import ModelInfo, Skeleton, expert_layout_of
 from vlconvert.models.family import Family
-from vlconvert.models.registry import FAMILIES, any_is_expert, build_skeleton, guess_family, known_sizes, load_config
+from vlconvert.models.registry import FAMILIES, any_is_expert, family_named, guess_family, known_sizes, load_config
 from vlconvert.sources import MegatronSource, detect_layout, open_source
+from vlconvert.sources.base import skeleton_of
 
 # Every family's released sizes (models/<family>.py ``known_sizes``): the dims that tell them apart.
 KNOWN_MODELS: dict[str, dict[str, Any]] = known_sizes()
@@ -164,9 +165,11 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None,
         raise UserError(f"'{path}' holds no safetensors, DCP (.metadata) or Megatron (mp_rank_*) checkpoint")
     cfg_path = _find_config(path, config, assets_dir)
     info = load_config(cfg_path) if cfg_path else None
-    skeleton = build_skeleton(info) if info else None
+    skeleton = skeleton_of(info, None, path) if info else None  # the stored form this folder holds
+    if info is not None and layout != "hf" and family_named(info.family).stored_forms:
+        skeleton = None  # the reader takes the stored form from the tensors it holds
     src = open_source(path, config=cfg_path, skeleton=skeleton)
-    if info is None and getattr(src, "skeleton", None) is not None:  # e.g. config kept in Megatron metadata
+    if skeleton is None and getattr(src, "skeleton", None) is not None:  # e.g. config kept in Megatron metadata
         skeleton = src.skeleton
         info = skeleton.info
     issues: list[str] = []

@@ -34,6 +34,7 @@ from vlconvert.models.megatron_table import (  # noqa: F401 - re-exported: the p
     config_bytes,
     layer_of,
     output_dtype,
+    plan_megatron_ranks,
     propose_pp_split,
     stage_bytes_inputs,
     stage_costs,
@@ -368,6 +369,10 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
         stage_of += [s] * c
     starts = [sum(counts[:s]) for s in range(pp)]
 
+    if family.plan_from_table:  # tensors the split rules below do not know (GDN blocks, MTP): the table's ranks
+        _megatron_plan_from_table(plan, skeleton, dtype, tp, pp, ep, etp, counts, first, last, divisible_by,
+                                  padded_size)
+        return
     # per-tensor bytes in one TP rank of one (stage, EP) folder
     seen: set[str] = set()
     per_stage = [0] * pp  # non-expert bytes in each folder of the stage
@@ -468,6 +473,33 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
             plan.parallel.pop("training_flags", None)
         else:
             plan.parallel["training_flags"] = flags
+
+
+def _megatron_plan_from_table(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int,
+                              etp: int, counts: list[int], first: int | None, last: int | None, divisible_by: int,
+                              padded_size: int | None) -> None:
+    """Per-rank files, bytes and tensors from the converter's own rank plan (the family's Megatron table)."""
+    info = skeleton.info
+    try:
+        theirs = plan_megatron_ranks(skeleton, tp, pp, ep, etp, dtype=dtype, padded_vocab_size=padded_size,
+                                     make_vocab_size_divisible_by=divisible_by, pp_first_layers=first,
+                                     pp_last_layers=last)
+    except UserError as exc:
+        plan.checks.append(Check("megatron converter", False, f"hf-to-megatron refuses these sizes: {exc}"))
+        return
+    starts = [sum(counts[:s]) for s in range(pp)]
+    local = info.experts // ep if info.is_moe else 0
+    plan.ranks = [RankPlan(f"release/{r.folder}/model_optim_rng.pt", r.tp, r.pp, r.ep, r.nbytes, len(r.tensors),
+                           [starts[r.pp], starts[r.pp] + counts[r.pp] - 1] if counts[r.pp] else [],
+                           [r.ep * local, (r.ep + 1) * local - 1] if info.is_moe else []) for r in theirs.ranks]
+    plan.total_bytes = theirs.total_bytes
+    plan.parallel = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "rank_folders": len(plan.ranks),
+                     "min_gpus": pp * math.lcm(tp, ep * etp), "training_flags": theirs.training_flags()}
+    plan.experts.update({"per_ep_rank": local, "experts": info.experts, "layout": "megatron [out, in]"})
+    plan.files = []
+    plan.checks.append(Check("rank bytes vs converter", True, "per-rank bytes are hf-to-megatron's own rank plan"))
+    plan.notes.append("per-rank bytes and tensors from the family's Megatron table (each rank file adds "
+                      "pickle/zip framing)")
 
 
 def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,

@@ -88,6 +88,9 @@ class Family:
     layer_pattern: ClassVar[re.Pattern[str]]  # group 1: the decoder layer number of a canonical name
     hf_vision_prefix: ClassVar[str | None] = None  # canonical prefix of the vision tower (None: a text model)
     known_sizes: ClassVar[dict[str, dict]] = {}  # released sizes: name -> the ModelInfo fields telling them apart
+    transposed_experts: ClassVar[bool] = False  # fused experts' orientation differs between transformers 4 and 5
+    stored_forms: ClassVar[bool] = False  # checkpoints store some tensors in several forms (skeleton_for picks)
+    plan_from_table: ClassVar[bool] = False  # `plan` counts rank bytes from the Megatron table, not split rules
     qk_norm: ClassVar[bool] = True  # the attention has q/k norms (Megatron's qk_layernorm)
     qkv_bias: ClassVar[bool] = False  # the attention's q/k/v projections have biases (Megatron's add_qkv_bias)
 
@@ -172,6 +175,30 @@ class Family:
         """Every Megatron parameter in state-dict order, globally numbered, with the HF rows it is made of
         and its split rule."""
         raise NotImplementedError
+
+    def to_megatron_value(self, p: object, tensor: torch.Tensor) -> torch.Tensor:
+        """Apply ``p.value_op`` (a :class:`~vlconvert.models.megatron_table.Param` or ``RankTensor``) going
+        HF -> Megatron; the families without value ops return ``tensor``."""
+        return tensor
+
+    def to_hf_value(self, p: object, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_megatron_value`."""
+        return tensor
+
+    def source_shape(self, skeleton: Skeleton, src: object) -> tuple[int, ...]:
+        """Shape of a source matrix (``Src``): a whole tensor, or one expert of a fused one as ``[out, in]``."""
+        shape = skeleton.shape_in(src.hf, "released")  # type: ignore[attr-defined]
+        if src.expert is None:  # type: ignore[attr-defined]
+            return shape
+        return (shape[2], shape[1])  # released [E, H, 2I] -> [2I, H]; [E, I, H] -> [H, I]
+
+    def is_stacked_expert(self, name: str) -> bool:
+        """True for a fused 3-D expert tensor that the Megatron table reads one expert at a time."""
+        return self.is_expert(name)
+
+    def skeleton_for(self, info: ModelInfo, names: object) -> Skeleton:
+        """The skeleton of a checkpoint holding ``names`` (families with several stored forms pick theirs)."""
+        return self.build_skeleton(info)
 
     def layer_of(self, name: str) -> int | None:
         """The decoder layer of a canonical name, or None."""

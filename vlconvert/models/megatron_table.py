@@ -85,11 +85,8 @@ def _whole(src: Src, shape: tuple[int, ...], name: str, split: str = "none", **k
 
 
 def source_shape(skeleton: Skeleton, src: Src) -> tuple[int, ...]:
-    """Shape of a source matrix (experts: one expert, Megatron orientation)."""
-    shape = skeleton.shape_in(src.hf, "released")
-    if src.expert is None:
-        return shape
-    return (shape[2], shape[1])  # released [E, H, 2I] -> [2I, H]; [E, I, H] -> [H, I]
+    """Shape of a source matrix (experts: one expert, Megatron orientation), as the family says."""
+    return skeleton.family.source_shape(skeleton, src)
 
 
 def megatron_params(skeleton: Skeleton, *, spec: str = "te", experts: str = "grouped",
@@ -114,6 +111,7 @@ class RankTensor:
 
     ``axis`` 0: the tensor is the concatenation along dim 0 of ``segs`` (rows of sources; ``None`` = zero
     rows). ``axis`` 1: it is columns ``segs[0][1]:segs[0][2]`` of the single source ``segs[0][0]``.
+    ``value_op``: the family's value op (Megatron value = op(HF value), e.g. ``minus_one``), or None.
     """
 
     name: str
@@ -121,6 +119,7 @@ class RankTensor:
     dtype: torch.dtype
     axis: int
     segs: tuple[Seg, ...]
+    value_op: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -252,7 +251,8 @@ def plan_megatron_ranks(model: Skeleton | ModelInfo | dict | str | Path, tp: int
                     size, rank = (etp, t % etp) if p.group == "etp" else (tp, t)
                     axis, segs, shape = _split(p, size, rank)
                     src_dtype = _dtype_for(p, sk, dtype, source_dtypes)
-                    tensors.append(RankTensor(p.local_name(layer, expert), shape, src_dtype, axis, segs))
+                    tensors.append(RankTensor(p.local_name(layer, expert), shape, src_dtype, axis, segs,
+                                              getattr(p, "value_op", None)))
                 ranks.append(RankPlan(t, s, e, rank_folder(t, s, e, pp, ep), tensors))
     plan = MegatronPlan(sk, tp, pp, ep, etp, spec, experts, vocab, padded, stage_layers, ranks, dtype)
     if padded != vocab:
@@ -280,6 +280,9 @@ def _placement(p: Param, info: ModelInfo, stage: int, ep_rank: int, pp: int, ep:
             return None
         if p.name.endswith("output_layer.weight") and info.tied and pp == 1:
             return None  # tied, one stage: the output layer reuses the word embeddings
+        if p.expert is not None:  # an MTP layer's routed expert: EP-placed like the decoder's
+            per = info.experts // ep
+            return (None, p.expert - ep_rank * per) if ep_rank * per <= p.expert < (ep_rank + 1) * per else None
         return (None, None)
     if not offset <= p.layer < offset + count:
         return None

@@ -34,7 +34,7 @@ import torch
 from vlconvert import ops
 from vlconvert.dtypes import parse_dtype
 from vlconvert.errors import UsageError, UserError
-from vlconvert.models.base import ModelInfo, TensorSpec, read_config_json
+from vlconvert.models.base import ModelInfo, RuntimeTensor, TensorSpec, read_config_json
 from vlconvert.models.base import Skeleton as BaseSkeleton
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family, MegatronPrefixes, Roles
 from vlconvert.models.megatron_table import Param, Src
@@ -687,6 +687,9 @@ class Qwen35Family(Family):
     embed = EMBED
     output = LM_HEAD
     expert_storage = "fused"  # the released decoder experts; see skeleton_for for other checkpoints
+    stored_forms = True
+    plan_from_table = True
+    hf_vision_prefix = VIS
     vision_tensor_parallel = True
     layer_pattern = _LM_LAYER
 
@@ -707,6 +710,20 @@ class Qwen35Family(Family):
 
     def is_routed_expert(self, name: str) -> bool:
         return is_expert(name) or _PER_EXPERT.search(name) is not None
+
+    def runtime_tensors(self, skeleton: BaseSkeleton) -> list[RuntimeTensor] | None:
+        """transformers 5 holds the decoder's routed experts fused (``experts.gate_up_proj`` [E, 2I, H],
+        ``experts.down_proj`` [E, H, I]) whatever form they are stored in; ``mtp.*`` is not in its state dict
+        (kept under its own names beside it)."""
+        sk = _skeleton(skeleton)
+        if not sk.info.is_moe or sk.experts != "per_expert":
+            return None
+        from vlconvert.models.qwen3_text import fused_expert_runtime
+
+        return fused_expert_runtime(sk, lambda n: _PER_EXPERT.search(n) is not None and not n.startswith(MTP))
+
+    def is_stacked_expert(self, name: str) -> bool:
+        return is_expert(name)  # read one expert at a time by the Megatron table, never transposed
 
     def is_mtp(self, name: str) -> bool:
         return name.startswith(MTP)

@@ -310,6 +310,7 @@ class Qwen3VLFamily(Family):
     vision_tensor_parallel = True
     layer_pattern = _LM_LAYER
     hf_vision_prefix = "model.visual."
+    transposed_experts = True
     known_sizes = KNOWN_MODELS
 
     def load_config(self, raw: dict) -> ModelInfo:

@@ -13,10 +13,11 @@ from vlconvert.errors import UserError
 from vlconvert.models.base import ModelInfo, Skeleton, read_config_json
 from vlconvert.models.family import Family
 from vlconvert.models.qwen2_5vl import FAMILY as QWEN2_5_VL
+from vlconvert.models.qwen3_5 import FAMILY as QWEN3_5
 from vlconvert.models.qwen3_text import FAMILY as QWEN3_TEXT
 from vlconvert.models.qwen3vl import FAMILY as QWEN3_VL
 
-FAMILIES: tuple[Family, ...] = (QWEN3_VL, QWEN3_TEXT, QWEN2_5_VL)
+FAMILIES: tuple[Family, ...] = (QWEN3_VL, QWEN3_TEXT, QWEN2_5_VL, QWEN3_5)
 
 
 def supported_model_types() -> list[str]:
@@ -100,5 +101,5 @@ def known_sizes() -> dict[str, dict]:
 def measured_runtime_experts_layout() -> str:
     """The fused-expert orientation the installed transformers holds, measured on a tiny meta-device model of the
     first family with fused experts (imports transformers' model code: seconds)."""
-    family = next(f for f in FAMILIES if f.expert_storage == "fused")
+    family = next(f for f in FAMILIES if f.transposed_experts)
     return family.measured_runtime_experts_layout()

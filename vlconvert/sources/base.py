@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -11,9 +12,9 @@ from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
-from vlconvert.models.base import Skeleton
+from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.megatron_table import Src, source_shape
-from vlconvert.models.registry import any_is_expert, build_skeleton
+from vlconvert.models.registry import any_is_expert, family_named, load_config
 from vlconvert.publish import note_input
 
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
@@ -123,14 +124,38 @@ class Source:
             self.input_log.close()
 
 
-def skeleton_for(folder: Path, config: str | Path | dict | None, assets_dir: str | Path | None) -> Skeleton | None:
+def skeleton_for(folder: Path, config: str | Path | dict | None, assets_dir: str | Path | None,
+                 names: Iterable[str] | None = None) -> Skeleton | None:
+    """The skeleton of a checkpoint from its config (``config``, else the assets' or the folder's config.json).
+    A family storing some tensors in several forms takes the form of the original Hugging Face folder
+    ``assets_dir`` (what a conversion back writes), else of ``names`` (the tensors held)."""
     if config is None and assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
         config = Path(assets_dir) / "config.json"
     if config is None and (folder / "config.json").is_file():
         config = folder / "config.json"
     if isinstance(config, (str, Path)):
         note_input(config)
-    return build_skeleton(config) if config is not None else None
+    if config is None:
+        return None
+    info = load_config(config)
+    return skeleton_of(info, names, assets_dir)
+
+
+def skeleton_of(info: ModelInfo, names: Iterable[str] | None, assets_dir: str | Path | None) -> Skeleton:
+    """``info``'s skeleton; for a family with several stored forms, the form the HF folder ``assets_dir`` holds,
+    else the form of ``names``."""
+    family = family_named(info.family)
+    if not family.stored_forms:
+        return family.build_skeleton(info)
+    if assets_dir is not None and any(Path(assets_dir).glob("*.safetensors")):
+        from vlconvert.layouts.hf import HFCheckpoint
+
+        checkpoint = HFCheckpoint(assets_dir)
+        try:
+            names = list(checkpoint.tensors)
+        finally:
+            checkpoint.close()
+    return family.skeleton_for(info, names) if names is not None else family.build_skeleton(info)
 
 
 def check_config_sizes(info, held: dict[str, int], config: str, weights: str | Path) -> None:
@@ -157,7 +182,7 @@ class RankMappedSource(Source):
     _dtypes: dict[Src, torch.dtype]
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        src = Src(name, 0) if self.skeleton.family.is_expert(name) else Src(name)
+        src = Src(name, 0) if self.skeleton.family.is_stacked_expert(name) else Src(name)
         return self.skeleton.shape_in(name, "released"), self._dtypes[src]
 
     def dtype(self, src: Src) -> torch.dtype:
@@ -165,6 +190,17 @@ class RankMappedSource(Source):
 
     def matrix_shape(self, src: Src) -> tuple[int, ...]:
         return source_shape(self.skeleton, src)
+
+    def stacked(self, src: Src) -> bool:
+        """True for a whole fused expert tensor the family stores as its Megatron matrices (``[out, in]``, never
+        transposed): its rows are experts, each assembled from the Megatron tensors holding it."""
+        family = self.skeleton.family
+        return src.expert is None and family.is_stacked_expert(src.hf) and not family.is_expert(src.hf)
+
+    def stacked_rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        """Experts ``start:stop`` of a :meth:`stacked` tensor."""
+        rows = self.matrix_shape(Src(src.hf, start))[0]
+        return torch.stack([self.rows(Src(src.hf, e), 0, rows) for e in range(start, stop)])
 
     def _as_rows(self, src: Src, span: FileSpan | None) -> FileSpan | None:
         """A rank tensor's rows seen as rows of source matrix ``src`` (None stays None)."""

@@ -99,7 +99,7 @@ class DCPSource(Source):
         self.folder = Path(folder)
         self.reader = DCPReader(self.folder)
         if skeleton is None:
-            skeleton = skeleton_for(self.folder, config, assets_dir)
+            skeleton = skeleton_for(self.folder, config, assets_dir, [strip_wrappers(k) for k in self.reader.tensors])
         if skeleton is None:
             raise UsageError(f"'{folder}' is a DCP without config.json: pass --assets-dir (or --config)")
         self.skeleton = skeleton

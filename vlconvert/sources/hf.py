@@ -12,8 +12,14 @@ from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import HFCheckpoint
 from vlconvert.models.base import Skeleton, expert_layout_of, read_config_json
 from vlconvert.models.megatron_table import Src
-from vlconvert.models.registry import any_is_expert, build_skeleton, guess_family
+from vlconvert.models.registry import any_is_expert, family_named, guess_family, load_config
 from vlconvert.sources.base import Source
+
+
+def _skeleton_of(config: str | Path | dict, names: object) -> Skeleton:
+    """The skeleton of the checkpoint holding ``names`` (a family with several stored forms picks its own)."""
+    info = load_config(config)
+    return family_named(info.family).skeleton_for(info, names)
 
 
 # ---------------------------------------------------------------------------------------------- HF
@@ -30,7 +36,7 @@ class HFSource(Source):
         if skeleton is None:
             if config is None and (self.folder / "config.json").is_file():
                 config = self.folder / "config.json"
-            skeleton = build_skeleton(config) if config is not None else None
+            skeleton = _skeleton_of(config, self.checkpoint.tensors) if config is not None else None
         self.skeleton = skeleton
         self.hint = experts_layout
         if experts_layout is None and config is not None and not isinstance(config, dict):

@@ -14,8 +14,8 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src, plan_megatron_ranks
-from vlconvert.models.registry import build_skeleton, load_config, megatron_language_prefixes
-from vlconvert.sources.base import RankMappedSource
+from vlconvert.models.registry import load_config, megatron_language_prefixes
+from vlconvert.sources.base import RankMappedSource, skeleton_of
 
 
 # ---------------------------------------------------------------------------------------- Megatron
@@ -27,6 +27,7 @@ class _Piece:
     start: int  # range of the source covered (rows for axis 0, columns for axis 1)
     stop: int
     offset: int  # first row of the rank tensor holding ``start`` (axis 0)
+    value_op: str | None = None  # the family's value op on this tensor (undone on read)
 
 
 def _resolve_two_part(pairs: dict[tuple[int, int], Path]) -> str:
@@ -57,7 +58,7 @@ class MegatronSource(RankMappedSource):
         self.folder = Path(folder)
         if config is None and assets_dir is not None and (Path(assets_dir) / "config.json").is_file():
             config = Path(assets_dir) / "config.json"
-        self.layout_info, self.plan, self.files, self.notes = _open_megatron(self.folder, config)
+        self.layout_info, self.plan, self.files, self.notes = _open_megatron(self.folder, config, assets_dir)
         self.skeleton = self.plan.skeleton
         self.pieces: dict[Src, list[_Piece]] = {}
         self._dtypes: dict[Src, torch.dtype] = {}
@@ -69,7 +70,7 @@ class MegatronSource(RankMappedSource):
                 for src, a, b in t.segs:
                     if src is not None and (src, t.axis, a, b) not in seen:
                         seen.add((src, t.axis, a, b))
-                        self.pieces.setdefault(src, []).append(_Piece(key, t.name, t.axis, a, b, off))
+                        self.pieces.setdefault(src, []).append(_Piece(key, t.name, t.axis, a, b, off, t.value_op))
                         self._dtypes[src] = self.files[key].tensors[t.name].dtype
                     off += b - a
 
@@ -77,14 +78,23 @@ class MegatronSource(RankMappedSource):
         return self.skeleton.hf_keys()
 
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        if self.stacked(src):
+            return None
         for p in self.pieces[src]:
-            if p.axis == 0 and p.start <= start < p.stop:
+            if p.axis == 0 and p.start <= start < p.stop and p.value_op is None:
                 return self._as_rows(src, self.files[p.rank].span(p.name, p.offset + start - p.start,
                                                                   p.offset + min(stop, p.stop) - p.start))
         return None  # split over columns: read
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        if self.stacked(src):
+            return self.stacked_rows(src, start, stop)
         pieces = self.pieces[src]
+        if pieces[0].value_op is not None:  # stored as the family's value op of the HF value: undo it
+            return self.skeleton.family.to_hf_value(pieces[0], self._rows(src, pieces, start, stop))
+        return self._rows(src, pieces, start, stop)
+
+    def _rows(self, src: Src, pieces: list[_Piece], start: int, stop: int) -> torch.Tensor:
         shape = self.matrix_shape(src)
         if pieces[0].axis == 1:
             parts = [self.files[p.rank].read_rows(p.name, start, stop) for p in sorted(pieces, key=lambda p: p.start)]
@@ -104,7 +114,7 @@ class MegatronSource(RankMappedSource):
             raise UserError(f"the checkpoint does not hold rows {start}:{stop} of '{src}'")
         return out
 
-def _open_megatron(root: Path, config: str | Path | dict | None
+def _open_megatron(root: Path, config: str | Path | dict | None, assets_dir: str | Path | None = None
                    ) -> tuple[mlay.RankLayout, MegatronPlan, dict[tuple[int, int, int], mlay.RankFile], list[str]]:
     """Detect TP/PP/EP/ETP, spec, expert style and padded vocabulary from the folders and tensors (and
     vlconvert metadata when present), then check every rank against the plan those sizes imply."""
@@ -121,7 +131,7 @@ def _open_megatron(root: Path, config: str | Path | dict | None
     else:
         raise UsageError(f"'{root}' carries no model config: pass --assets-dir (or --config) with the "
                         "original Hugging Face config.json")
-    sk = build_skeleton(info)
+    sk = skeleton_of(info, None, assets_dir)
     mlm = sk.family.megatron_prefixes.language
     layer_name = re.compile(rf"^{re.escape(mlm)}decoder\.layers\.(\d+)\.")
     names = set().union(*(f.tensors for f in files.values()))
@@ -185,7 +195,8 @@ def _open_megatron(root: Path, config: str | Path | dict | None
                 raise UserError(f"'{f.path}': '{n}' has shape {list(have[n])}, expected {list(shape)}")
     for r in plan.ranks:  # dtypes from the files (the config's dtype may differ from what is stored)
         f = files[(r.tp, r.pp, r.ep)]
-        r.tensors = [RankTensor(t.name, t.shape, f.tensors[t.name].dtype, t.axis, t.segs) for t in r.tensors]
+        r.tensors = [RankTensor(t.name, t.shape, f.tensors[t.name].dtype, t.axis, t.segs, t.value_op)
+                     for t in r.tensors]
     notes.append(f"read as TP={layout.tp} PP={layout.pp} EP={layout.ep} ETP={etp}, layers per stage "
                  f"{stage_layers}, spec {spec}, experts {experts}, padded vocab {padded}")
     return layout, plan, files, notes

@@ -234,11 +234,15 @@ class TorchDistSource(RankMappedSource):
         return self.reader.read_rows(key, start, stop, index)
 
     def names(self) -> list[str]:
-        is_expert = self.skeleton.family.is_expert
-        return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if is_expert(n) else Src(n)) in self.pieces]
+        stacked = self.skeleton.family.is_stacked_expert
+        return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if stacked(n) else Src(n)) in self.pieces]
 
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        if self.stacked(src):
+            return None
         for p in self.pieces[src]:
+            if self.tensors[p.tensor].value_op is not None:  # stored through the family's value op: read
+                return None
             if p.axis == 1 or p.start <= start < p.stop:  # axis 1: the whole source (tp 1)
                 key, index = self.locations[p.tensor]
                 shift, end = (0, stop) if p.axis == 1 else (p.offset - p.start, min(stop, p.stop))
@@ -246,7 +250,15 @@ class TorchDistSource(RankMappedSource):
         return None
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
+        if self.stacked(src):
+            return self.stacked_rows(src, start, stop)
         pieces = self.pieces[src]
+        tensor = self.tensors[pieces[0].tensor]
+        if tensor.value_op is not None:  # stored as the family's value op of the HF value: undo it
+            return self.skeleton.family.to_hf_value(tensor, self._source_rows(src, pieces, start, stop))
+        return self._source_rows(src, pieces, start, stop)
+
+    def _source_rows(self, src: Src, pieces: list[_Piece], start: int, stop: int) -> torch.Tensor:
         shape = self.matrix_shape(src)
         if pieces[0].axis == 1:  # a row-parallel weight: the whole source at tp 1
             return self._rows(pieces[0].tensor, start, stop)

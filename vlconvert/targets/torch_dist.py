@@ -45,6 +45,17 @@ def _out_name(name: str, local: bool, prefix: str, mlm: str, vision: bool) -> st
     return prefix + name[len(mlm):]
 
 
+def _layer_kinds(tensors: list[RankTensor], mlm: str) -> dict[str, frozenset[str]]:
+    """Per decoder layer number, the names its tensors have inside the layer (experts' numbers dropped)."""
+    head = f"{mlm}decoder.layers."
+    kinds: dict[str, set[str]] = {}
+    for t in tensors:
+        if t.name.startswith(head):
+            layer, _, rest = t.name[len(head):].partition(".")
+            kinds.setdefault(layer, set()).add(rest.split(".local_experts.")[0].rstrip("0123456789"))
+    return {layer: frozenset(names) for layer, names in kinds.items()}
+
+
 def lm_prefix(skeleton: Skeleton, flavour: tdl.Consumer) -> str:
     """The language model's key prefix in the consumer's model: its own for a VL model; none for a family whose
     Megatron model is a plain GPTModel (the text models)."""
@@ -67,10 +78,9 @@ def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[s
     if flavour.vision == "megatron":
         tensors = [t for t in plan.megatron.ranks[0].tensors if vision(t.name)] + tensors
     prefix = lm_prefix(plan.megatron.skeleton, flavour)
-    # MoE layers mixed with dense ones (mlp_only_layers, decoder_sparse_step > 1): megatron-core saves every
-    # decoder layer under its own number (non-homogeneous layers), not stacked
-    sparse = sum(1 for t in plan.megatron.ranks[0].tensors if t.name.endswith(".mlp.router.weight"))
-    per_layer = info.is_moe and sparse != info.layers
+    # layers of different kinds (MoE mixed with dense ones, linear attention with full): megatron-core saves
+    # every decoder layer under its own number (non-homogeneous layers), not stacked
+    per_layer = len(set(_layer_kinds(plan.megatron.ranks[0].tensors, prefixes.language).values())) > 1
     for t in tensors:
         name = _out_name(t.name, local, prefix, prefixes.language, vision(t.name))
         gk = tdl.global_key(name, info.layers, info.vision_depth, len(info.deepstack), info.experts or 0, prefix)
