@@ -217,3 +217,68 @@ def test_doctor_expert_checks_concern_fused_families_only() -> None:
     checks = applies_to()
     assert checks["square experts"] == ["qwen3_vl_moe"] and "qwen3_moe" not in checks["transformers experts"]
     assert set(checks["conv3d"]) == {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe"}
+
+
+def _mcore_worker(config: dict, legacy: str, written: str, port: int) -> None:
+    """megatron-core 0.16's GPTModel (local spec) for a Qwen3 / Qwen3-MoE config, mixed dense/MoE layers included:
+    the torch_dist checkpoint loads through its own sharded_state_dict and equals the legacy rank file."""
+    import warnings
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from test_megatron_core import _init
+
+    from vlconvert.layouts import megatron as mlay
+    from vlconvert.models import load_config
+
+    warnings.filterwarnings("ignore")
+    _init(0, 1, port, 1)
+    info = load_config(config)
+    moe = {}
+    if info.is_moe:
+        sparse = [0 if i in (config.get("mlp_only_layers") or []) else 1 for i in range(info.layers)]
+        moe = dict(num_moe_experts=info.experts, moe_router_topk=info.experts_per_token,
+                   moe_ffn_hidden_size=info.moe_intermediate, moe_layer_freq=sparse)
+    cfg = TransformerConfig(num_layers=info.layers, hidden_size=info.hidden, num_attention_heads=info.heads,
+                            num_query_groups=info.kv_heads, kv_channels=info.head_dim,
+                            ffn_hidden_size=info.intermediate, normalization="RMSNorm", gated_linear_unit=True,
+                            activation_func=torch.nn.functional.silu, add_bias_linear=False, qk_layernorm=True,
+                            use_cpu_initialization=True, **moe)
+
+    def build() -> GPTModel:
+        spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
+        padded = -(-info.vocab // 128) * 128  # Megatron-LM's padding, as both checkpoints hold it
+        return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=padded, max_sequence_length=64,
+                        share_embeddings_and_output_weights=info.tied, position_embedding_type="rope")
+
+    model = build()
+    rank_file = mlay.RankFile(Path(legacy) / "release/mp_rank_00/model_optim_rng.pt")
+    missing, unexpected = model.load_state_dict({n: rank_file.read(n) for n in rank_file.tensors}, strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected, (missing, unexpected)
+    fresh = build()
+    for p in fresh.parameters():
+        p.data.zero_()
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), written), strict=False)
+    want = model.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        if not name.endswith("_extra_state"):
+            assert torch.equal(tensor, want[name]), name
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_megatron_core_gptmodel_loads_the_text_families_torch_dist(sources: dict, tmp_path: Path, family: str) -> None:
+    pytest.importorskip("megatron.core")
+    from test_megatron_core import _free_port
+
+    src = sources[family][0]
+    Converter(src, tmp_path / "legacy", to="megatron", spec="local", experts="sequential").run()
+    Converter(src, tmp_path / "td", to="torch_dist", consumer="megatron-lm", spec="local").run()
+    ctx = torch.multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_mcore_worker, args=(CONFIGS[family], str(tmp_path / "legacy"),
+                                                   str(tmp_path / "td/release"), _free_port()))
+    proc.start()
+    proc.join(240)
+    assert proc.exitcode == 0, "megatron-core GPTModel did not load the torch_dist output (see stderr)"
