@@ -476,9 +476,10 @@ def test_torch_dist_round_trip_and_bridge_refusal(folders, tmp_path, kind):
     from vlconvert.errors import UserError as Refused
 
     src = folders[kind]
-    Converter(src, tmp_path / "td", to="torch_dist", consumer="mbridge").run()
-    Converter(tmp_path / "td", tmp_path / "hf", to="hf", assets_dir=src).run()
-    _same(src, tmp_path / "hf")
+    for consumer in ("mbridge", "ms-swift"):  # Megatron-Core ViT; the HF ViT kept as a module (ms-swift)
+        Converter(src, tmp_path / consumer, to="torch_dist", consumer=consumer).run()
+        Converter(tmp_path / consumer, tmp_path / f"{consumer}-hf", to="hf", assets_dir=src).run()
+        _same(src, tmp_path / f"{consumer}-hf")
     with pytest.raises(Refused, match="run_config.yaml for qwen3_5"):
         Converter(src, tmp_path / "bridge", to="torch_dist").plan()
 
@@ -522,3 +523,15 @@ def test_training_dcp_without_mtp_gets_it_back_from_assets(folders, tmp_path, ki
     Converter(tmp_path / "job", tmp_path / "mg", to="megatron", tp=2, assets_dir=src).run()
     Converter(tmp_path / "mg", tmp_path / "hf2", to="hf", assets_dir=src).run()
     _same(src, tmp_path / "hf2")
+
+
+def test_a_folder_without_config_is_told_apart_from_qwen3_vl(folders, tmp_path):
+    """Qwen3.5 shares Qwen3-VL's embedding and vision names; its Gated DeltaNet layers tell it apart."""
+    from vlconvert.inspection import inspect_checkpoint
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((folders["moe_fused"] / "model.safetensors").read_bytes())
+    report = inspect_checkpoint(bare)
+    assert report["config"] is None and report["family"] == "qwen3_5_moe"
+    assert report["parameters"]["experts"] > 0 and report["tied_embeddings"]["lm_head_stored"]

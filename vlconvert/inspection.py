@@ -88,8 +88,8 @@ def dims_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     patch = shapes.get(family.vision_patch) if family.vision_patch else None
     if patch:
         dims["vision_hidden"] = patch[0]
-    fused = next((s for n, s in shapes.items() if family.is_expert(n)), None)
-    per_expert = {m.group(1) for n in shapes if family.is_routed_expert(n) and not family.is_expert(n)
+    fused = next((s for n, s in shapes.items() if family.is_stacked_expert(n)), None)
+    per_expert = {m.group(1) for n in shapes if family.is_routed_expert(n) and not family.is_stacked_expert(n)
                   and (m := re.search(r"\.experts\.(\d+)\.", n))}
     moe = fused is not None or bool(per_expert)
     dims["family"] = family.model_type_for(moe)

@@ -89,6 +89,7 @@ class Family:
     hf_vision_prefix: ClassVar[str | None] = None  # canonical prefix of the vision tower (None: a text model)
     known_sizes: ClassVar[dict[str, dict]] = {}  # released sizes: name -> the ModelInfo fields telling them apart
     transposed_experts: ClassVar[bool] = False  # fused experts' orientation differs between transformers 4 and 5
+    signature: ClassVar[str | None] = None  # a name fragment only this family's tensors have (folders without config)
     stored_forms: ClassVar[bool] = False  # checkpoints store some tensors in several forms (skeleton_for picks)
     plan_from_table: ClassVar[bool] = False  # `plan` counts rank bytes from the Megatron table, not split rules
     qk_norm: ClassVar[bool] = True  # the attention has q/k norms (Megatron's qk_layernorm)

@@ -689,6 +689,7 @@ class Qwen35Family(Family):
     expert_storage = "fused"  # the released decoder experts; see skeleton_for for other checkpoints
     stored_forms = True
     plan_from_table = True
+    signature = ".linear_attn."  # Gated DeltaNet layers: no other family has them
     hf_vision_prefix = VIS
     vision_tensor_parallel = True
     layer_pattern = _LM_LAYER

@@ -82,6 +82,9 @@ def any_is_expert(name: str) -> bool:
 def guess_family(names: Iterable[str]) -> Family | None:
     """The family whose embedding (and vision tower, or none) a set of canonical names holds, or None."""
     held = set(names)
+    for family in FAMILIES:  # a family whose own tensors are there first (same embedding names elsewhere)
+        if family.signature and family.embed in held and any(family.signature in n for n in held):
+            return family
     for family in FAMILIES:
         if family.embed in held and any(family.is_vision(n) for n in held) == (family.hf_vision_prefix is not None):
             return family
