@@ -95,6 +95,24 @@ def test_inspect_dcp_and_megatron(tmp_path: Path, fixtures_dir: Path) -> None:
     assert meg["files"] == 16 and meg["inconsistencies"] == []
 
 
+@pytest.mark.parametrize("experts", ["sequential", "grouped"])
+def test_inspect_torch_dist_counts_files_and_says_how_experts_are_stored(tmp_path: Path, fixtures_dir: Path,
+                                                                         experts: str) -> None:
+    """A torch_dist checkpoint: its data files counted (was '? files'), the experts row filled (was missing)."""
+    src = fixtures_dir / "tiny-moe"
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "td"), "--to", "torch_dist",
+                                       "--experts", experts, "-q"])
+    assert result.exit_code == 0, result.output
+    params, nbytes, _ = _header_counts(src)
+    report = _cli(tmp_path / "td")
+    data_files = list((tmp_path / "td").rglob("*.distcp"))
+    assert report["layout"] == "torch_dist" and report["parameters"]["total"] == params
+    assert report["files"] == len(data_files) >= 1 and report["iteration"] == "0"  # iter_0000000
+    assert report["experts_orientation"] == f"megatron per-expert [out, in] ({experts})"
+    table = CliRunner().invoke(main, ["inspect", str(tmp_path / "td")]).output
+    assert "? files" not in table and f"in {len(data_files)} file" in table and "experts" in table
+
+
 def test_inspect_reports_config_inconsistencies(tmp_path: Path, fixtures_dir: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(fixtures_dir / "tiny-dense-untied", copy)

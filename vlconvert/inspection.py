@@ -287,6 +287,15 @@ def _layout_details(src: Any, layout: str, skeleton: Skeleton | None, issues: li
             else None
     if layout == "dcp":
         out.update(_dcp_details(src, skeleton))
+    elif layout == "torch_dist":
+        reader = getattr(src, "reader", None)
+        if reader is not None:  # the data files of the iteration folder (.metadata, common.pt beside them)
+            out["files"] = len({c.file.name for t in reader.tensors.values() for c in t.chunks})
+        out["iteration"] = getattr(src, "iteration", None)
+        plan = getattr(src, "plan", None)
+        if out.get("experts_orientation") is None and skeleton is not None and skeleton.info.is_moe \
+                and plan is not None:
+            out["experts_orientation"] = f"megatron per-expert [out, in] ({plan.experts})"
     return out
 
 
