@@ -292,10 +292,10 @@ def _layout_details(src: Any, layout: str, skeleton: Skeleton | None, issues: li
         if reader is not None:  # the data files of the iteration folder (.metadata, common.pt beside them)
             out["files"] = len({c.file.name for t in reader.tensors.values() for c in t.chunks})
         out["iteration"] = getattr(src, "iteration", None)
-        plan = getattr(src, "plan", None)
-        if out.get("experts_orientation") is None and skeleton is not None and skeleton.info.is_moe \
-                and plan is not None:
-            out["experts_orientation"] = f"megatron per-expert [out, in] ({plan.experts})"
+        if out.get("experts_orientation") is None and skeleton is not None and skeleton.info.is_moe:
+            # one global tensor per projection with the expert axis sharded: sequential and grouped experts
+            # (--experts) save the same keys and load from either
+            out["experts_orientation"] = "megatron per-expert [out, in] (global, sequential or grouped modules)"
     return out
 
 
