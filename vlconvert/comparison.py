@@ -20,7 +20,7 @@ from vlconvert import sources
 from vlconvert.dtypes import dtype_name
 from vlconvert.errors import UserError
 from vlconvert.layouts.hf import resolve_source
-from vlconvert.models.qwen3vl import Skeleton
+from vlconvert.models.base import Skeleton
 from vlconvert.sources import Source
 
 _BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float64)

@@ -15,7 +15,7 @@ import torch
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import PlannedTensor
-from vlconvert.models.qwen3vl_megatron import MegatronPlan, RankTensor, Src
+from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src
 from vlconvert.progress import human_bytes
 from vlconvert.sources import Source
 
