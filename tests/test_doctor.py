@@ -90,3 +90,31 @@ def test_doctor_cli_exits_nonzero_on_a_blocking_trap(monkeypatch: pytest.MonkeyP
     disk = next(f for f in data["findings"] if f["name"] == "free disk")
     assert (disk["status"] == "fail") == (shutil.disk_usage(tmp_path).free < 2 * 2_127_532_032)
     assert result.exit_code == (1 if disk["status"] == "fail" else 0)
+
+
+def test_doctor_and_retag_say_which_families_they_apply_to() -> None:
+    """Issue 23: each model-specific doctor check names the model types it concerns (text and JSON), derived from
+    the registry (Conv3d: the families with a vision tower; expert orientation: the one whose fused experts
+    transpose); retag-think's help lists every registered family, the same list retag.applies_to() gives."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from vlconvert.cli import main
+    from vlconvert.models.registry import FAMILIES
+    from vlconvert.retag import applies_to as retag_applies_to
+
+    config = str(ROOT / "fixtures" / "tiny-moe" / "config.json")
+    result = CliRunner().invoke(main, ["doctor", "--json", "--config", config])
+    findings = {f["name"]: f["applies_to"] for f in _json.loads(result.stdout)["findings"]}
+    with_vision = [t for f in FAMILIES if f.hf_vision_prefix is not None for t in f.model_types]
+    assert findings["torch Conv3d"] == findings["Conv3d == Linear"] == with_vision
+    assert "qwen3" not in with_vision and "qwen2_5_vl" in with_vision and "qwen3_5_moe" in with_vision
+    assert findings["transformers experts"] == findings["square experts"] == ["qwen3_vl_moe"]
+    assert findings["torch build"] == []  # concerns every family
+    text = CliRunner().invoke(main, ["doctor", "--config", config]).output
+    assert f"applies to: {', '.join(with_vision)}" in text and "applies to: qwen3_vl_moe" in text
+
+    help_text = " ".join(CliRunner().invoke(main, ["retag-think", "--help"]).output.split())
+    assert f"({', '.join(retag_applies_to())})" in help_text
+    assert set(retag_applies_to()) == {t for f in FAMILIES for t in f.model_types}

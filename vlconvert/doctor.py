@@ -29,6 +29,7 @@ class Finding:
     status: str
     message: str
     fix: str = ""
+    applies_to: list[str] = field(default_factory=list)  # model types a model-specific check concerns (else all)
 
 
 @dataclass
@@ -268,6 +269,12 @@ def run_doctor(facts: EnvFacts | None = None, target: str | Path | None = None, 
                              name="--target")
         except UserError as exc:
             findings.append(Finding("target", "fail", str(exc), "choose another --target"))
+    concerns = {"torch Conv3d": "conv3d", "Conv3d == Linear": "conv3d", "transformers experts": "transformers experts",
+                "square experts": "square experts"}
+    families = applies_to()
+    for f in findings:
+        if f.name in concerns:
+            f.applies_to = families[concerns[f.name]]
     return findings
 
 

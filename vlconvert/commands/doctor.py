@@ -86,6 +86,10 @@ def report_lines(findings: list[Finding], width: int) -> list[Text]:
                              break_on_hyphens=False) or [""]
         lines.append(Text.assemble((head[:5], _STYLE.get(f.status, "")), head[5:], body[0]))
         lines += [Text(indent + rest) for rest in body[1:]]
+        if f.applies_to:
+            lines += [Text(line) for line in textwrap.wrap(f"applies to: {', '.join(f.applies_to)}", width,
+                                                           initial_indent=indent, subsequent_indent=indent,
+                                                           break_long_words=False, break_on_hyphens=False)]
         if f.fix:
             lines += [Text(line) for line in textwrap.wrap(f"fix: {f.fix}", width, initial_indent=indent,
                                                            subsequent_indent=indent + "     ",

@@ -52,6 +52,9 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     Every tokenizer file, every chat template, and (with --strategy special) the two embedding rows are
     rewritten together; unchanged shards are hard-linked. A record (vlconvert_retag.json) is written into
     the output, and running again is a no-op.
+
+    Applies to every model family vlconvert knows (qwen3_vl, qwen3_vl_moe, qwen3, qwen3_moe, qwen2_5_vl,
+    qwen3_5, qwen3_5_moe): the embedding rows are found through the family of the tensors.
     """
     from vlconvert.layouts.hf import resolve_source
     from vlconvert.retag import (
