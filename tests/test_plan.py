@@ -219,3 +219,17 @@ def test_plan_235b_allocates_no_weight_memory() -> None:
     assert data["config"] == 2 * REFERENCE_PARAMS["Qwen3-VL-235B-A22B-Instruct.json"]
     assert data["rss_kb"] < 1.5 * 2**20, f"peak RSS {data['rss_kb'] / 2**20:.2f} GiB"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_an_empty_target_folder_is_planned_as_free_and_a_full_one_is_not(tmp_path: Path) -> None:
+    """convert fills an empty output folder made beforehand (issue 22): plan says the same, and flags a folder
+    that holds something."""
+    config = CONFIGS / "Qwen3-VL-2B-Instruct.json"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    for name, flagged in (("empty", False), ("full", True)):
+        data = _cli("plan", "--config", config, "--to", "dcp", "--target", tmp_path / name, "--disk-speed", "1000")
+        assert any(c["name"] == "target free" for c in data["checks"]) is flagged, data["checks"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"] and not any((tmp_path / "empty").iterdir())
+

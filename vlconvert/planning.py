@@ -42,6 +42,7 @@ from vlconvert.models.megatron_table import (  # noqa: F401 - re-exported: the p
 )
 from vlconvert.models.registry import build_skeleton, load_config
 from vlconvert.progress import human_bytes
+from vlconvert.publish import empty_folder
 from vlconvert.sources import detect_layout, open_source
 
 TARGETS = ("hf", "dcp", "megatron", "torch_dist")
@@ -153,13 +154,16 @@ def measure_disk_speed(folder: str | Path, size: int = PROBE_BYTES) -> tuple[flo
 
 
 def measure_checksum_speed(size: int = 16 * 2**20) -> float:
-    """Bytes per second this machine hashes with sha256 (what the manifest costs per byte written)."""
+    """Bytes per second this machine hashes with sha256 for the manifest: one core's rate times the hashing
+    threads (:data:`vlconvert.hashing.THREADS`: 64 MiB pieces are hashed in parallel)."""
     import hashlib
+
+    from vlconvert.hashing import THREADS
 
     block = bytes(size)
     start = time.perf_counter()
     hashlib.sha256(block).digest()
-    return size / max(time.perf_counter() - start, 1e-6)
+    return THREADS * size / max(time.perf_counter() - start, 1e-6)
 
 
 def startup_seconds() -> float:
@@ -627,7 +631,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
         plan.checks.append(Check("free disk", free >= plan.total_bytes,
                                  f"{human_bytes(free)} free in '{probe_dir}', "
                                  f"{human_bytes(plan.total_bytes)} needed"))
-        if Path(target).exists():
+        if Path(target).exists() and not empty_folder(Path(target)):
             plan.checks.append(Check("target free", False, f"'{target}' exists: the conversion refuses it "
                                      "unless --overwrite", blocking=False))
     if disk_speed is not None:
@@ -640,7 +644,7 @@ def plan_conversion(config: str | Path | dict | None, to: str, *, tp: int = 1, p
                           f"({probe_bytes / 2**20:.0f} MiB write+fsync)"})
     if "speed_mib_s" in plan.disk:
         # a run is start-up (python, torch, the plan) plus the bytes at the slower of the disk and the sha256
-        # every byte gets for the manifest (written and hashed in parallel threads): not the disk alone
+        # every byte gets for the manifest (written and hashed in parallel threads, pieces on every core)
         checksum = measure_checksum_speed()
         startup = startup_seconds()
         rate = min(plan.disk["speed_mib_s"] * 2**20, checksum)
