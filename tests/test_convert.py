@@ -173,6 +173,11 @@ def test_max_memory_shrinks_blocks_and_keeps_the_bytes(tmp_path):
     conv.run()
     assert conv.block_bytes == 2**18
     assert folder_digest(tmp_path / "tight") == folder_digest(tmp_path / "default")
+    # the buffers waiting for the hashing threads are part of the plan: 4 pieces of 2 x 256 KiB here
+    from vlconvert import hashing
+    from vlconvert.plan import HASH_PIECES
+
+    assert conv.hash_queue_bytes == hashing.QUEUED_BYTES == HASH_PIECES * 2 * 2**18
 
 
 def test_max_memory_too_small_or_not_a_size_is_one_line(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vlconvert import buffers
+from vlconvert import buffers, hashing
 from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.filebytes import FileSpan
@@ -32,6 +32,7 @@ from vlconvert.layouts.hf import parse_size, resolve_source
 from vlconvert.models.base import EXPERT_LAYOUTS
 from vlconvert.models.megatron_table import RankTensor, Src
 from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exported, callers import them here
+    HASH_PIECES,
     IN_FLIGHT,
     ROW_BLOCK,
     ConversionPlan,
@@ -327,9 +328,10 @@ class Converter:
 
         The estimate is what the process holds now (imports, metadata, plan) plus :data:`IN_FLIGHT` pieces:
         a piece is a row block (times the tensor-parallel size when row-parallel shards read whole source
-        rows), or one expert matrix where experts are the unit. Under ``max_memory`` the largest block of
-        4 MiB, 1 MiB or 256 KiB that fits is taken; when none fits the run is refused in one line before
-        anything is written.
+        rows), or one expert matrix where experts are the unit, plus :data:`HASH_PIECES` pieces waiting for the
+        hashing threads (the bound :meth:`run` gives them, ``hash_queue_bytes``). Under ``max_memory`` the
+        largest block of 4 MiB, 1 MiB or 256 KiB that fits is taken; when none fits the run is refused in one
+        line before anything is written.
         """
         plan, source = self.plan(), self.source
         expert = 0
@@ -342,7 +344,9 @@ class Converter:
         start_up = resident_bytes()
         choices = (ROW_BLOCK,) if self.max_memory is None else (ROW_BLOCK, 2**20, 2**18)
         for block in choices:
-            peak = start_up + IN_FLIGHT * max(block * widen, expert)
+            piece = max(block * widen, expert)
+            self.hash_queue_bytes = min(hashing.MAX_QUEUED_BYTES, HASH_PIECES * piece)
+            peak = start_up + IN_FLIGHT * piece + self.hash_queue_bytes
             if self.max_memory is None or peak <= self.max_memory:
                 return block, peak
         unit = f"one expert matrix is {_mib(expert)}" if expert > 2**18 * widen else \
@@ -386,6 +390,7 @@ class Converter:
         plan = self.plan()
         source = self.source
         self.block_bytes = self.memory_plan()[0]
+        hashing.QUEUED_BYTES = self.hash_queue_bytes
         inputs = self.inputs()
         needed = plan.tensor_bytes + sum(_RECORD_OVERHEAD for f in plan.files for _ in f.tensors) + 2**20
         needed += self.target.extra_bytes(self, source)
@@ -443,6 +448,7 @@ class Converter:
         source = self.source
         try:  # each rank is its own process: the budget is per rank, and all stop if one cannot keep it
             self.block_bytes, refused = self.memory_plan()[0], None
+            hashing.QUEUED_BYTES = self.hash_queue_bytes
         except UserError as exc:
             refused = str(exc)
         verdicts: list = [None] * world

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Union
 
 PIECE_BYTES = 64 * 2**20  # bytes per hashed piece (the manifest records it as "piece_bytes")
-QUEUED_BYTES = 128 * 2**20  # buffered bytes waiting for the hashing threads, in the whole process at most
+MAX_QUEUED_BYTES = 128 * 2**20  # buffered bytes waiting for the hashing threads, in the whole process at most
+QUEUED_BYTES = MAX_QUEUED_BYTES  # the bound now: a conversion's memory plan lowers it (engine.memory_plan)
 READ_BLOCK = 4 * 2**20  # bytes a hashing thread reads at a time from a file it hashes itself
 THREADS = max(1, min(8, os.cpu_count() or 1))  # hashing threads (sha256 scales to about 8 on 16 cores)
 

@@ -122,6 +122,9 @@ ROW_BLOCK = 4 * 2**20  # bytes per row block: small enough that glibc reuses fre
 # the measured peak was 15 blocks on the 2B and up to 30 expert matrices on the 235B slice; with the pool
 # the slice peaks at about 15 (docs/benchmarks.md). 30 stays: --max-memory errs on the safe side.
 IN_FLIGHT = 30
+# Pieces that may wait for the hashing threads (vlconvert/hashing.py) on top of those: their queue is bounded
+# to this many of the run's pieces (at most hashing.MAX_QUEUED_BYTES); ranges copied in the kernel hold none.
+HASH_PIECES = 4
 
 
 def out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
