@@ -230,9 +230,164 @@ def reference_dump(fixture: str, out: str) -> int:
     return 0
 
 
+def _family_provider(bridge, tp: int, ep: int = 1):
+    """Bridge's provider for a Qwen3 / Qwen3-MoE / Qwen2.5-VL HF folder at TP ``tp``, on megatron-core's local
+    modules (Bridge's own ``local_layer_spec``: its default asks for Transformer Engine)."""
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    provider = bridge.to_megatron_provider(load_weights=False)
+    provider.tensor_model_parallel_size, provider.expert_model_parallel_size = tp, ep
+    provider.transformer_layer_spec = local_layer_spec
+    provider.finalize()
+    return provider
+
+
+def _family_rank(rank: int, world: int, port: int, fixture: str, dst: str, tp: int, ep: int, out: str) -> None:
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    bridge_env.init_dist(rank, world, port, tp=tp, ep=ep)
+    bridge = _bridge(fixture)
+    provider = _family_provider(bridge, tp, ep)
+    ref = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    bridge.load_hf_weights(ref)
+    fresh = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    for p in fresh[0].parameters():
+        p.data.zero_()
+    # megatron-core's default strictness (assume_ok_unexpected): every key the model asks for must exist
+    loaded = dist_checkpointing.load(fresh[0].sharded_state_dict(), dst)
+    fresh[0].load_state_dict(loaded, strict=False)
+    want, have = _weights(ref), _weights(fresh)
+    bad = _compare(want, have)
+    # Bridge's own Megatron -> HF export of the loaded model against the HF folder's tensors
+    source = {}
+    for f in sorted(Path(fixture).glob("*.safetensors")):
+        source.update(load_file(f))
+    exported = {name: t.cpu() for name, t in bridge.export_hf_weights(fresh, show_progress=False)}
+    export_bad = sorted(set(source) ^ set(exported))
+    export_bad += [k for k in source if k in exported and not torch.equal(source[k], exported[k])]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "tensors": len(want), "mismatched": bad[:10], "exported": len(exported), "export_mismatched": export_bad[:10],
+        "elements": sum(t.numel() for t in want.values())}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def family_load(fixture: str, dst: str, tp: str, ep: str, out: str) -> int:
+    """Bridge's model for a Qwen3 / Qwen3-MoE / Qwen2.5-VL folder at TP ``tp`` / EP ``ep`` (max(tp, ep) gloo ranks)
+    loads DST with ``dist_checkpointing.load`` at default strictness: every tensor equal to Bridge's own HF
+    import; Bridge's ``export_hf_weights`` of the loaded model gives the HF folder's tensors back."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = max(int(tp), int(ep))
+    torch.multiprocessing.spawn(_family_rank, args=(world, port, fixture, dst, int(tp), int(ep), out), nprocs=world)
+    ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    _result(ranks=ranks)
+    return 1 if any(r["mismatched"] or r["export_mismatched"] or not r["tensors"] for r in ranks) else 0
+
+
+def _dense_layers_in_moe_registry(fixture: str) -> None:
+    """A Qwen3-MoE config with dense layers among the MoE ones (``mlp_only_layers``): Bridge's Qwen3-MoE provider
+    builds every layer as MoE, so its registry lacks the dense MLP; add its Qwen3 (dense) bridge's own
+    ``mlp.linear_fc1`` / ``linear_fc2`` mappings for those layers (the reference import only)."""
+    from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+    from megatron.bridge.models.qwen.qwen3_bridge import Qwen3Bridge
+    from megatron.bridge.models.qwen.qwen3_moe_bridge import Qwen3MoEBridge
+
+    if not json.loads(Path(fixture, "config.json").read_text()).get("mlp_only_layers"):
+        return
+    moe_registry = Qwen3MoEBridge.mapping_registry
+
+    def both(self):
+        names = ("decoder.layers.*.mlp.linear_fc1.weight", "decoder.layers.*.mlp.linear_fc2.weight")
+        dense = [m for m in Qwen3Bridge.mapping_registry(self).mappings if m.megatron_param in names]
+        return MegatronMappingRegistry(*moe_registry(self).mappings, *dense)
+
+    Qwen3MoEBridge.mapping_registry = both
+
+
+def _mlm_rank(rank: int, world: int, port: int, fixture: str, dst: str, out: str, overrides: str) -> None:
+    from megatron.bridge.training.model_load_save import load_model_config
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    bridge_env.init_dist(rank, world, port, tp=world)
+    config, args = load_model_config(dst)  # Bridge's Megatron-LM reader: the checkpoint's own ``args``
+    bridge_env.cpu_settings(config)
+    config.params_dtype, config.tensor_model_parallel_size = args.params_dtype, world
+    for name, value in json.loads(overrides).items():  # given on the command line (--moe-layer-freq, ...)
+        setattr(config, name, value)
+
+    def build() -> GPTModel:  # as Megatron-LM's pretrain_gpt.py builds it (local modules, mixed layers allowed)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        return GPTModel(config, spec, vocab_size=args.padded_vocab_size,
+                        max_sequence_length=args.max_position_embeddings, position_embedding_type="rope",
+                        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                        rotary_base=args.rotary_base)
+
+    model = build()
+    for p in model.parameters():
+        p.data.zero_()
+    # megatron-core's default strictness: every key the model asks for must be in the checkpoint
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), dst), strict=False)
+    ref = build()  # the same GPTModel, filled by Bridge's own HF -> Megatron mapping of the HF folder
+    _dense_layers_in_moe_registry(fixture)
+    vocab = ["embedding.word_embeddings.weight", "output_layer.weight"]  # Megatron-LM pads the rows, Bridge not
+    _bridge(fixture).load_hf_weights([ref], allowed_mismatched_params=vocab)
+    want = {k: v for k, v in ref.state_dict().items() if not k.endswith("_extra_state") and k not in vocab}
+    have = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    bad = _compare(want, {k: v for k, v in have.items() if k not in vocab})
+    # the vocabulary rows against the HF tensors themselves: the TP shards gathered, the first V rows compared
+    from safetensors.torch import load_file
+
+    hf = {}
+    for f in sorted(Path(fixture).glob("*.safetensors")):
+        hf.update(load_file(f))
+    padded_max = 0.0
+    for name, hf_name in zip(vocab, ["model.embed_tokens.weight", "lm_head.weight"], strict=True):
+        if name not in have:
+            continue
+        parts = [torch.empty_like(have[name]) for _ in range(world)]
+        torch.distributed.all_gather(parts, have[name].contiguous())
+        full, source = torch.cat(parts), hf.get(hf_name, hf["model.embed_tokens.weight"])
+        want[name] = source
+        if full.shape[0] != args.padded_vocab_size or not torch.equal(full[: source.shape[0]], source):
+            bad.append(name)
+        padded_max = max(padded_max, float(full[source.shape[0]:].float().abs().max()))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "tensors": len(want), "mismatched": bad[:10], "elements": sum(t.numel() for t in want.values()),
+        "vocab_rows": model.embedding.word_embeddings.weight.shape[0] * world, "padded_rows_max": padded_max,
+        "moe_layers": [i for i, layer in enumerate(model.decoder.layers) if hasattr(layer.mlp, "router")]}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def mlm_family(fixture: str, dst: str, tp: str, out: str, overrides: str = "{}") -> int:
+    """megatron-core's own GPTModel (unprefixed, as Megatron-LM saves), built from the checkpoint's ``args`` at TP
+    ``tp`` on gloo ranks, loads DST with ``dist_checkpointing.load`` at default strictness; every tensor equals
+    Bridge's HF -> Megatron import of the HF folder into the same model, the padded vocabulary tensors' first V rows
+    equal the HF tensors. ``overrides``: config fields given instead of the checkpoint's ``args`` (JSON), as a
+    Megatron-LM user passes them on the command line (``--moe-layer-freq``, ``--ffn-hidden-size``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = int(tp)
+    torch.multiprocessing.spawn(_mlm_rank, args=(world, port, fixture, dst, out, overrides), nprocs=world)
+    ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    _result(ranks=ranks)
+    return 1 if any(r["mismatched"] or not r["tensors"] for r in ranks) else 0
+
+
 JOBS = {"bridge-load": bridge_load, "bridge-export": bridge_export, "bridge-save": bridge_save,
         "bridge-config": bridge_config, "bridge-train-load": bridge_train_load, "mcore-parallel": mcore_parallel,
-        "mlm-load": mlm_load, "bridge-dump": bridge_dump, "reference-dump": reference_dump}
+        "mlm-load": mlm_load, "bridge-dump": bridge_dump, "reference-dump": reference_dump,
+        "family-load": family_load, "mlm-family": mlm_family}
 
 if __name__ == "__main__":
     code = JOBS[sys.argv[1]](*sys.argv[2:])
