@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import load_hf_tensors, run_cli
+from test_families import CONFIGS as FAMILY_CONFIGS
 
 from vlconvert.engine import Converter
 from vlconvert.inspection import inspect_checkpoint
 from vlconvert.planning import plan_conversion
 
-_TEXT = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 96, "dtype": "bfloat16"}
-CONFIGS: dict[str, dict] = {
-    "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, **_TEXT},
-    "qwen3_moe": {"model_type": "qwen3_moe", "tie_word_embeddings": False, **_TEXT, "num_experts": 4,
-                  "num_experts_per_tok": 2, "moe_intermediate_size": 16, "mlp_only_layers": [1],
-                  "decoder_sparse_step": 1},
-    "qwen2_5_vl": {"model_type": "qwen2_5_vl", "tie_word_embeddings": False, "dtype": "bfloat16",
-                   "text_config": {**_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                                                "mrope_section": [1, 1, 2]}},
-                   "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
-                                     "out_hidden_size": 32, "fullatt_block_indexes": [1], "window_size": 28}},
-}
+# the tiny configs of tests/test_families.py (real shapes scaled down), under their model_type names
+CONFIGS: dict[str, dict] = {"qwen3": FAMILY_CONFIGS["qwen3-tied"], "qwen3_moe": FAMILY_CONFIGS["qwen3-moe"],
+                            "qwen2_5_vl": FAMILY_CONFIGS["qwen2_5_vl"]}
 FAMILIES = list(CONFIGS)
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 7, 88, 3, 60]])
 

@@ -29,6 +29,7 @@ from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, resolve
 from vlconvert.models.base import Skeleton
 from vlconvert.models.family import Family
 from vlconvert.models.megatron_table import (  # noqa: F401 - re-exported: the plan command's split rules
+    MegatronPlan,
     balanced_pp_split,
     canonical_tensors,
     config_bytes,
@@ -484,12 +485,8 @@ def _megatron_plan_from_table(plan: Plan, skeleton: Skeleton, dtype: torch.dtype
                               padded_size: int | None) -> None:
     """Per-rank files, bytes and tensors from the converter's own rank plan (the family's Megatron table)."""
     info = skeleton.info
-    try:
-        theirs = plan_megatron_ranks(skeleton, tp, pp, ep, etp, dtype=dtype, padded_vocab_size=padded_size,
-                                     make_vocab_size_divisible_by=divisible_by, pp_first_layers=first,
-                                     pp_last_layers=last)
-    except UserError as exc:
-        plan.checks.append(Check("megatron converter", False, f"hf-to-megatron refuses these sizes: {exc}"))
+    theirs = _converter_ranks(plan, skeleton, dtype, tp, pp, ep, etp, first, last, divisible_by, padded_size)
+    if theirs is None:
         return
     starts = [sum(counts[:s]) for s in range(pp)]
     local = info.experts // ep if info.is_moe else 0
@@ -506,21 +503,25 @@ def _megatron_plan_from_table(plan: Plan, skeleton: Skeleton, dtype: torch.dtype
                       "pickle/zip framing)")
 
 
+def _converter_ranks(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
+                     first: int | None, last: int | None, divisible_by: int,
+                     padded_size: int | None) -> MegatronPlan | None:
+    """The converter's own rank plan for these sizes, or None after adding the failed check saying why."""
+    try:
+        return plan_megatron_ranks(skeleton, tp, pp, ep, etp, dtype=dtype, padded_vocab_size=padded_size,
+                                   make_vocab_size_divisible_by=divisible_by, pp_first_layers=first,
+                                   pp_last_layers=last)
+    except UserError as exc:
+        plan.checks.append(Check("megatron converter", False, f"hf-to-megatron refuses these sizes: {exc}"))
+        return None
+
+
 def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
                           first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
     """Take per-rank tensor counts from the converter's own rank planner (``plan_megatron_ranks``) and
     check that its per-rank bytes equal the ones computed here from the split rules."""
-    try:
-        from vlconvert.models.megatron_table import plan_megatron_ranks
-    except ImportError:
-        plan.notes.append("megatron converter not installed: per-rank bytes from the split rules only")
-        return
-    try:
-        theirs = plan_megatron_ranks(skeleton, tp, pp, ep, etp, dtype=dtype, padded_vocab_size=padded_size,
-                                     make_vocab_size_divisible_by=divisible_by, pp_first_layers=first,
-                                     pp_last_layers=last)
-    except UserError as exc:
-        plan.checks.append(Check("megatron converter", False, f"hf-to-megatron refuses these sizes: {exc}"))
+    theirs = _converter_ranks(plan, skeleton, dtype, tp, pp, ep, etp, first, last, divisible_by, padded_size)
+    if theirs is None:
         return
     by_rank = {(r.tp, r.pp, r.ep): r for r in theirs.ranks}
     differ = []
