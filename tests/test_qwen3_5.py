@@ -494,6 +494,11 @@ def test_plan_and_inspect_accept_every_stored_form(folders, tmp_path, kind):
     sizes = {"tp": 2, "ep": 2} if kind != "dense" else {"tp": 2}
     plan = plan_conversion(src / "config.json", "megatron", **sizes)
     assert plan.ok, [c.message for c in plan.failed]
+    # with --source the tensors held are checked against the config in the form they are stored (fused or per
+    # expert): plan must not say a conversion would be refused that runs
+    checked = plan_conversion(None, "megatron", source=src, **sizes)
+    keys = next(c for c in checked.checks if c.name == "source keys")
+    assert checked.ok and keys.ok and keys.message.startswith("0 missing, 0 unexpected"), keys.message
     result = Converter(src, tmp_path / "mg", to="megatron", **sizes).run()
     written = {f"release/{r.folder}/model_optim_rng.pt": r.nbytes for r in result.plan.megatron.ranks}
     assert {r.folder: r.bytes for r in plan.ranks} == written

@@ -540,7 +540,10 @@ def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp
 def _source_checks(plan: Plan, skeleton: Skeleton, source: str | Path, config: Any) -> None:
     src = open_source(source, config=config)
     try:
-        expected = {t.name: t.shape for t in canonical_tensors(skeleton, torch.bfloat16)}
+        # the config's tensors in the form this source stores them (a family may keep experts fused or one
+        # per expert, MTP present or not: Family.skeleton_for); shapes still come from the config
+        stored = getattr(src, "skeleton", None) or skeleton
+        expected = {t.name: t.shape for t in canonical_tensors(stored, torch.bfloat16)}
         names = set(src.names())
         missing = sorted(set(expected) - names)
         unexpected = sorted(names - set(expected))
