@@ -503,6 +503,13 @@ def test_plan_and_inspect_accept_every_stored_form(folders, tmp_path, kind):
     written = {f"release/{r.folder}/model_optim_rng.pt": r.nbytes for r in result.plan.megatron.ranks}
     assert {r.folder: r.bytes for r in plan.ranks} == written
     Converter(src, tmp_path / "dcp", to="dcp").run()
+    # verify the release against its conversions with no option: the HF side tells the other side's stored form
+    from vlconvert.comparison import verify
+
+    for other in (tmp_path / "mg", tmp_path / "dcp"):
+        for left, right in ((src, other), (other, src)):
+            report = verify(left, right)
+            assert report.ok and report.counts() == {"equal": len(_saved(src))}, (left, right, report.counts())
     for folder in (src, tmp_path / "mg", tmp_path / "dcp"):
         report = inspect_checkpoint(folder)
         assert report["family"] == ("qwen3_5" if kind == "dense" else "qwen3_5_moe"), folder

@@ -181,16 +181,24 @@ def open_pair(a: str | Path, b: str | Path, config: str | Path | None = None,
               assets_dir: str | Path | None = None) -> tuple[Source, Source]:
     """Open both sides; without ``config``/``assets_dir`` a side lacking config.json borrows the other's.
     Two sides whose configs describe different models are refused here, before any tensor is compared."""
+    assets_a = assets_b = assets_dir
     if config is None and assets_dir is None:
         own = [Path(p) / "config.json" for p in (a, b)]
         shared = next((c for c in own if c.is_file()), None)
         cfg_a = None if own[0].is_file() else shared
         cfg_b = None if own[1].is_file() else shared
+        # a Hugging Face side is the other side's original folder: a family that stores some tensors in
+        # several forms (Qwen3.5's experts fused or one per expert) is then read in the same form on both sides
+        hf = [_hf_folder(p) for p in (a, b)]
+        if hf[0] is not None and hf[1] is None:
+            assets_b = hf[0]
+        elif hf[1] is not None and hf[0] is None:
+            assets_a = hf[1]
     else:
         cfg_a = cfg_b = config
-    src_a = open_source(a, config=cfg_a, assets_dir=assets_dir)
+    src_a = open_source(a, config=cfg_a, assets_dir=assets_a)
     try:
-        src_b = open_source(b, config=cfg_b, assets_dir=assets_dir)
+        src_b = open_source(b, config=cfg_b, assets_dir=assets_b)
     except BaseException:
         _close(src_a)
         raise
@@ -201,6 +209,16 @@ def open_pair(a: str | Path, b: str | Path, config: str | Path | None = None,
         raise UserError(f"'{a}' and '{b}' are different models ({'; '.join(differ)}): nothing to compare tensor "
                         "by tensor")
     return src_a, src_b
+
+
+def _hf_folder(path: str | Path) -> Path | None:
+    """``path`` (a folder or a cached model id) if it is a Hugging Face folder of weights, else None."""
+    try:
+        folder = Path(resolve_source(path))
+    except UserError:
+        return None  # opening it says what is wrong
+    index = folder / "model.safetensors.index.json"
+    return folder if folder.is_dir() and (any(folder.glob("*.safetensors")) or index.is_file()) else None
 
 
 _MODEL_FACTS = (("family", "model type"), ("experts", "model"), ("hidden", "hidden size"),
