@@ -11,6 +11,9 @@ The HF sources are tiny bf16 models built with transformers' own classes from a 
   vision tower under ``visual.``) at TP 1, TP 2 and (MoE) EP 2 on gloo ranks, zeroed, loads DST at
   megatron-core's default strictness; every tensor equals Bridge's own ``load_hf_weights`` of the HF folder, and
   Bridge's ``export_hf_weights`` of the loaded model gives every HF tensor back, bit for bit.
+- ``--for ms-swift``: ms-swift 4.6.0's ``load_mcore_checkpoint`` (``--mcore_model DST``) and
+  ``dist_checkpointing.load`` into mcore-bridge 1.6.5's model (``swift_worker.py``), compared with mcore-bridge's
+  own HF import; ms-swift's own ``save_mcore_checkpoint`` read back to HF by vlconvert, bit for bit.
 - ``--for megatron-lm`` (Qwen3, Qwen3-MoE): megatron-core's own GPTModel built as Megatron-LM's ``pretrain_gpt.py``
   builds it from the checkpoint's ``args`` (Bridge's Megatron-LM reader ``load_model_config``), local modules,
   unprefixed names, padded vocabulary, TP 1 / TP 2, loads DST at default strictness; every tensor equals Bridge's
@@ -34,8 +37,10 @@ from pathlib import Path
 import pytest
 import torch
 from fwrun import hf_tensors, vlconvert, worker
+from torch.distributed.checkpoint import FileSystemReader
 
 WORKER = Path(__file__).with_name("worker.py")
+SWIFT = Path(__file__).with_name("swift_worker.py")
 _TEXT = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 96, "dtype": "bfloat16"}
 _MOE = {"model_type": "qwen3_moe", "tie_word_embeddings": False, **_TEXT, "num_experts": 4, "num_experts_per_tok": 2,
@@ -128,3 +133,35 @@ def test_megatron_core_gptmodel_from_args_alone_loads_mixed_layers(sources: dict
     dst = _torch_dist(sources["qwen3_moe_mixed"], tmp_path / "td", "megatron-lm")
     got = worker(WORKER, "mlm-family", sources["qwen3_moe_mixed"], dst, 1, tmp_path)
     assert not got["ranks"][0]["mismatched"] and got["ranks"][0]["moe_layers"] == [0, 2], got
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "qwen2_5_vl"])
+def test_swift_loads_vlconvert_output_bit_exact(sources: dict, tmp_path: Path, family: str) -> None:
+    vlconvert("convert", sources[family], tmp_path / "td", "--to", "torch_dist", "--for", "ms-swift", "--spec",
+              "local", "-q")
+    got = worker(SWIFT, "swift-load", sources[family], tmp_path / "td")
+    assert got["tensors"] > 20 and not got["mismatched"] and not got["mismatched_plain"], got
+    assert got["visual"] == (30 if family == "qwen2_5_vl" else 0) and got["iteration"] == 0, got
+
+
+def _disk_keys(folder: Path) -> dict[str, tuple]:
+    md = FileSystemReader(str(folder)).read_metadata()
+    return {k: tuple(getattr(v, "size", ())) for k, v in md.state_dict_metadata.items()}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "qwen2_5_vl"])
+def test_vlconvert_reads_swift_own_save(sources: dict, tmp_path: Path, family: str) -> None:
+    """ms-swift's own save of mcore-bridge's HF import, back to HF with vlconvert: the source's tensors bit for bit;
+    vlconvert's ``--for ms-swift`` output has every key of that save with its shape (the vocabulary tensors padded
+    to 128 rows, which ms-swift's loader takes, above; its own save keeps the HF rows)."""
+    src = sources[family]
+    worker(SWIFT, "swift-save", src, tmp_path / "saved")
+    vlconvert("convert", tmp_path / "saved", tmp_path / "hf", "--to", "hf", "--assets-dir", src, "-q")
+    want, have = hf_tensors(src), hf_tensors(tmp_path / "hf")
+    assert set(want) == set(have) and not [k for k in want if not torch.equal(want[k], have[k])]
+    vlconvert("convert", src, tmp_path / "td", "--to", "torch_dist", "--for", "ms-swift", "--spec", "local", "-q")
+    theirs, ours = _disk_keys(tmp_path / "saved/iter_0000001"), _disk_keys(tmp_path / "td/iter_0000001")
+    assert not set(theirs) - set(ours), sorted(set(theirs) - set(ours))[:5]
+    vocab = {k for k in theirs if k.endswith(("word_embeddings.weight", "output_layer.weight"))}
+    assert {k: ours[k] for k in theirs if k not in vocab} == {k: v for k, v in theirs.items() if k not in vocab}
+    assert all(ours[k] == (128, theirs[k][1]) for k in vocab), {k: (theirs[k], ours[k]) for k in vocab}
