@@ -165,6 +165,21 @@ def test_text_moe_torch_dist_keys_are_megatron_cores(sources: dict, tmp_path: Pa
     assert tuple(shape) == (4, 32, 32)
 
 
+def test_megatron_lm_args_say_the_layer_pattern_of_mixed_dense_and_moe_layers(sources: dict, tmp_path: Path) -> None:
+    """The args --for megatron-lm writes are what megatron-core builds the model from: with a dense layer among
+    MoE layers, moe_layer_freq is the per-layer pattern and ffn_hidden_size the dense MLP's (megatron-core 0.19.2
+    loads the checkpoint from them alone: tests/frameworks/test_family_frameworks.py)."""
+    from vlconvert.layouts.torch_dist import find_torch_dist_dir
+
+    Converter(sources["qwen3_moe"][0], tmp_path / "td", to="torch_dist", consumer="megatron-lm").run()
+    folder, _ = find_torch_dist_dir(tmp_path / "td")
+    args = torch.load(folder / "common.pt", weights_only=False)["args"]  # our own file: argparse.Namespace
+    text = CONFIGS["qwen3_moe"]
+    assert args.moe_layer_freq == [1, 0, 1] and text["mlp_only_layers"] == [1]
+    assert args.ffn_hidden_size == text["intermediate_size"]
+    assert args.moe_ffn_hidden_size == text["moe_intermediate_size"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plan_inspect_and_verify_accept_the_family(sources: dict, tmp_path: Path, family: str) -> None:
     src = sources[family][0]

@@ -2,7 +2,7 @@
 
 Run with the frameworks venv (Python 3.12, Megatron-Bridge 0.6.2, megatron-core 0.19.2):
 
-    /work/venv312/bin/python tests/frameworks/check_qwen3_5_bridge.py
+    .venv-frameworks/bin/python tests/frameworks/check_qwen3_5_bridge.py   (the venv tests/frameworks/run.sh makes)
 
 1. Names: for tiny dense and MoE configs in every stored expert layout (fused / per-expert decoder experts,
    per-expert / fused MTP experts), every parameter of ``qwen3_5.megatron_params`` (TE spec; grouped and

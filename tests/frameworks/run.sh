@@ -6,7 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv-frameworks}
-PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}
+if [ -z "${PY312:-}" ]; then  # the first Python 3.12 that runs (a pyenv shim may exist and not run)
+  for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312=$candidate; break; fi
+  done
+fi
+PY312=${PY312:?no working python3.12 found: set PY312}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.13.0 megatron-core==0.19.2 psutil 'transformers==5.12.1' safetensors click \

@@ -150,9 +150,15 @@ def megatron_lm_args(info: ModelInfo, text: dict, *, qk_norm: bool, qkv_bias: bo
     rope = rope if isinstance(rope, dict) else {}
     dtype = dtype or info.dtype or torch.float32
     moe = info.is_moe
+    # transformers' rule for which layers are sparse; dense layers among them (mlp_only_layers, a sparse step)
+    # make megatron-core key the checkpoint per layer and size those MLPs by ffn_hidden_size: say both
+    mlp_only, step = set(text.get("mlp_only_layers") or ()), int(text.get("decoder_sparse_step") or 1)
+    pattern = [int(moe and i not in mlp_only and (i + 1) % step == 0) for i in range(info.layers)]
+    mixed = moe and not all(pattern)
     return dict(
         num_layers=info.layers, hidden_size=info.hidden,
-        ffn_hidden_size=info.moe_intermediate if moe else info.intermediate, num_attention_heads=info.heads,
+        ffn_hidden_size=info.moe_intermediate if moe and not mixed else info.intermediate,
+        num_attention_heads=info.heads,
         num_query_groups=info.kv_heads, group_query_attention=info.kv_heads != info.heads,
         kv_channels=info.head_dim, max_position_embeddings=text.get("max_position_embeddings", 4096),
         seq_length=text.get("max_position_embeddings", 4096), position_embedding_type="rope",
@@ -165,7 +171,8 @@ def megatron_lm_args(info: ModelInfo, text: dict, *, qk_norm: bool, qkv_bias: bo
         norm_epsilon=text.get("rms_norm_eps", 1e-6), qk_layernorm=qk_norm, qk_l2_norm=False,
         attention_dropout=0.0, hidden_dropout=0.0,
         num_experts=info.experts if moe else None, moe_ffn_hidden_size=info.moe_intermediate if moe else None,
-        moe_router_topk=info.experts_per_token if moe else 2, moe_grouped_gemm=moe, moe_layer_freq=1,
+        moe_router_topk=info.experts_per_token if moe else 2, moe_grouped_gemm=moe,
+        moe_layer_freq=pattern if mixed else 1,
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3 if moe else 0.0,
         vocab_size=info.vocab, padded_vocab_size=padded_vocab,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
