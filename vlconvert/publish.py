@@ -717,33 +717,27 @@ class _Inputs:
 
 
 def _digest_problem(path: Path, entry: dict) -> str | None:
-    """What differs between ``path`` and its manifest ``entry`` (size already equal), or None."""
-    if _digest_matches(path, entry):
-        return None
+    """What differs between ``path`` and its manifest ``entry`` (size already equal), or None; the file is
+    read once."""
     want = entry["sha256"]
-    if isinstance(want, list):
-        try:
-            have = file_digest(path)
-        except OSError as exc:
-            return f"cannot be read: {exc}"
-        bad = [i for i, (a, b) in enumerate(zip(have, want, strict=True)) if a != b] if isinstance(have, list) else []
-        if bad:
-            first = bad[0]
-            return (f"sha256 differs from the manifest in {len(bad)} of {len(want)} pieces of {PIECE_BYTES >> 20} MiB "
-                    f"(first: piece {first}, from byte {first * PIECE_BYTES})")
+    try:
+        have = file_sha256(path) if isinstance(want, str) and entry["size"] > PIECE_BYTES else file_digest(path)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if have == want:
+        return None
+    bad = [i for i, (a, b) in enumerate(zip(have, want, strict=True)) if a != b] \
+        if isinstance(have, list) and isinstance(want, list) and len(have) == len(want) else []
+    if bad:
+        return (f"sha256 differs from the manifest in {len(bad)} of {len(want)} pieces of {PIECE_BYTES >> 20} MiB "
+                f"(first: piece {bad[0]}, from byte {bad[0] * PIECE_BYTES})")
     return "sha256 differs from the manifest"
 
 
 def _digest_matches(path: Path, entry: dict) -> bool:
     """Whether ``path`` has the digest of its journal or manifest ``entry`` (one piece, pieces, or the whole-file
-    sha256 a vlconvert 0.2 manifest recorded for a file larger than a piece)."""
-    want = entry["sha256"]
-    try:
-        if isinstance(want, str) and entry["size"] > PIECE_BYTES:
-            return file_sha256(path) == want
-        return file_digest(path) == want
-    except OSError:
-        return False
+    sha256 a version-1 manifest recorded for a file larger than a piece)."""
+    return _digest_problem(path, entry) is None
 
 
 def _stage_of(path: Path) -> tuple[Stage, str] | None:
