@@ -8,6 +8,7 @@ silently cut down. Which tensors may come back this way is the family's answer (
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,14 @@ class RestoredSource(Source):
     def read(self, name: str) -> torch.Tensor:
         return self._of(name).read(name)
 
+    @functools.cached_property
+    def _after_inner(self) -> int:
+        """The file group after every group of the source (where restored tensors are read, in release order)."""
+        return max((self.inner.location(n)[0] for n in self.inner.names()), default=-1) + 1
+
     def location(self, name: str) -> tuple[int, int]:
-        if name in self.restored:  # after every group of the source: one more data file, in release order
-            last = max(self.inner.location(n)[0] for n in self.inner.names()) if self.inner.names() else -1
-            return last + 1, self.original.location(name)[1]
+        if name in self.restored:
+            return self._after_inner, self.original.location(name)[1]
         return self.inner.location(name)
 
     def close(self) -> None:
