@@ -133,20 +133,12 @@ def test_for_is_refused_for_other_targets(tmp_path: Path) -> None:
 
 
 def _gpt_worker(fixture: str, legacy: str, written: str, port: int) -> None:
-    from megatron.core import dist_checkpointing
-    from test_megatron_core import _init, _lm_part, build_gpt
+    from test_megatron_core import _init, _lm_part, assert_torch_dist_loads_as, build_gpt
 
     _init(0, 1, port, 1)
     model = build_gpt(fixture)
     model.load_state_dict(_lm_part(Path(legacy) / "release/mp_rank_00/model_optim_rng.pt"), strict=False)
-    fresh = build_gpt(fixture)
-    for p in fresh.parameters():
-        p.data.zero_()
-    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), written), strict=False)
-    want = model.state_dict()
-    for name, tensor in fresh.state_dict().items():
-        if not name.endswith("_extra_state"):
-            assert torch.equal(tensor, want[name]), name
+    assert_torch_dist_loads_as(model, lambda: build_gpt(fixture), written)
     torch.distributed.destroy_process_group()
 
 

@@ -230,11 +230,10 @@ def _mcore_worker(config: dict, legacy: str, written: str, port: int) -> None:
     the torch_dist checkpoint loads through its own sharded_state_dict and equals the legacy rank file."""
     import warnings
 
-    from megatron.core import dist_checkpointing
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from test_megatron_core import _init
+    from test_megatron_core import _init, assert_torch_dist_loads_as
 
     from vlconvert.layouts import megatron as mlay
     from vlconvert.models import load_config
@@ -263,14 +262,7 @@ def _mcore_worker(config: dict, legacy: str, written: str, port: int) -> None:
     rank_file = mlay.RankFile(Path(legacy) / "release/mp_rank_00/model_optim_rng.pt")
     missing, unexpected = model.load_state_dict({n: rank_file.read(n) for n in rank_file.tensors}, strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected, (missing, unexpected)
-    fresh = build()
-    for p in fresh.parameters():
-        p.data.zero_()
-    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), written), strict=False)
-    want = model.state_dict()
-    for name, tensor in fresh.state_dict().items():
-        if not name.endswith("_extra_state"):
-            assert torch.equal(tensor, want[name]), name
+    assert_torch_dist_loads_as(model, build, written)
     torch.distributed.destroy_process_group()
 
 

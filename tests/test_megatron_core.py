@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_torch_dist_loads_as(model: torch.nn.Module, build: Callable[[], torch.nn.Module], written: str) -> None:
+    """A fresh model from ``build()`` (zeroed) loads the torch_dist checkpoint ``written`` through its own
+    ``sharded_state_dict`` at default strictness, and every tensor equals ``model``'s (extra state aside)."""
+    from megatron.core import dist_checkpointing
+
+    fresh = build()
+    for p in fresh.parameters():
+        p.data.zero_()
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), written), strict=False)
+    want = model.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        if not name.endswith("_extra_state"):
+            assert torch.equal(tensor, want[name]), name
 
 
 def _lm_part(path: Path) -> dict[str, torch.Tensor]:
