@@ -12,8 +12,8 @@ S="$W/hf"
 {
 echo "== machine $(date -u +%FT%TZ)"; nproc
 $py -c "import torch; print(torch.__version__, 'intra-op threads', torch.get_num_threads())"
-t=$(date +%s.%N); $py bench/bench_convert.py --make-source "$S" --model "$MODEL" >/dev/null
-echo "generated $MODEL in $(echo "$(date +%s.%N) - $t" | bc) s"
+if [ ! -d "$S" ]; then t=$(date +%s.%N); $py bench/bench_convert.py --make-source "$S" --model "$MODEL" >/dev/null
+  echo "generated $MODEL in $(echo "$(date +%s.%N) - $t" | bc) s"; fi
 pair() {  # name, command...: cp + sync of the source, then the command + sync
   local name=$1; shift
   rm -rf "$W/cp" "$W/o"; sync
