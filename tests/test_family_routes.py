@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import load_hf_tensors, run_cli
 from test_families import CONFIGS as FAMILY_CONFIGS
 
@@ -140,11 +141,30 @@ def test_torch_dist_round_trip_is_bit_exact(sources: dict, tmp_path: Path, famil
     _same_tensors(src, tmp_path / "hf2")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2_5_vl"])
-def test_torch_dist_for_megatron_bridge_is_refused_in_one_line(sources: dict, tmp_path: Path, family: str) -> None:
-    result = run_cli("convert", sources[family][0], tmp_path / "td", "--to", "torch_dist", expect=1)
-    assert "run_config.yaml" in result.output and "not supported" in result.output
-    assert not (tmp_path / "td").exists()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_dist_for_megatron_bridge(sources: dict, tmp_path: Path, family: str) -> None:
+    """The default consumer (Megatron-Bridge) writes its run_config.yaml beside the tensors of ``--for mbridge``
+    (unpadded vocabulary; values in tests/test_bridge_run_config.py); back to HF bit-exact. Qwen3-MoE with a dense
+    layer among MoE ones (layer 1 here) is refused in one line: Bridge 0.6.2's provider builds every layer as MoE."""
+    src = sources[family][0]
+    if family == "qwen3_moe":
+        result = run_cli("convert", src, tmp_path / "td", "--to", "torch_dist", expect=1)
+        assert "run_config.yaml" in result.output and "mlp_only_layers" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "td").exists()
+        return
+    run_cli("convert", src, tmp_path / "td", "--to", "torch_dist", "-q")
+    model = yaml.safe_load((tmp_path / "td/iter_0000000/run_config.yaml").read_text())["model"]
+    assert model["num_layers"] == 3 and model["hidden_size"] == 32 and model["hf_model_id"] == str(src.resolve())
+    Converter(tmp_path / "td", tmp_path / "hf", to="hf", assets_dir=src).run()
+    _same_tensors(src, tmp_path / "hf")
+    Converter(src, tmp_path / "mb", to="torch_dist", consumer="mbridge").run()
+    ours, theirs = _dcp_tensors(tmp_path / "td/iter_0000000"), _dcp_tensors(tmp_path / "mb/release")
+    assert sorted(ours) == sorted(theirs)
+    # Bridge builds these models unpadded (should_pad_vocab False); mbridge's rows are padded to 128 with zeros
+    vocab = [k for k in ours if k.endswith(("word_embeddings.weight", "output_layer.weight"))]
+    assert vocab and all(ours[k].shape[0] == 96 and theirs[k].shape[0] == 128 for k in vocab)
+    assert all(torch.equal(ours[k], theirs[k][:96]) and not theirs[k][96:].any() for k in vocab)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k not in vocab)
 
 
 def test_text_moe_torch_dist_keys_are_megatron_cores(sources: dict, tmp_path: Path) -> None:

@@ -471,17 +471,21 @@ def test_dcp_loads_into_the_transformers_model(folders, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe_fused"])
-def test_torch_dist_round_trip_and_bridge_refusal(folders, tmp_path, kind):
+def test_torch_dist_round_trip_for_each_consumer(folders, tmp_path, kind):
+    """mbridge (Megatron-Core ViT), ms-swift (the HF ViT kept as a module) and the default consumer Megatron-Bridge
+    (mbridge's tensors and its run_config.yaml, checked in tests/test_bridge_run_config.py): back to HF bit-exact."""
+    import yaml
+
     from vlconvert.engine import Converter
-    from vlconvert.errors import UserError as Refused
 
     src = folders[kind]
-    for consumer in ("mbridge", "ms-swift"):  # Megatron-Core ViT; the HF ViT kept as a module (ms-swift)
+    for consumer in ("mbridge", "ms-swift", "megatron-bridge"):
         Converter(src, tmp_path / consumer, to="torch_dist", consumer=consumer).run()
         Converter(tmp_path / consumer, tmp_path / f"{consumer}-hf", to="hf", assets_dir=src).run()
         _same(src, tmp_path / f"{consumer}-hf")
-    with pytest.raises(Refused, match="run_config.yaml for qwen3_5"):
-        Converter(src, tmp_path / "bridge", to="torch_dist").plan()
+    model = yaml.safe_load((tmp_path / "megatron-bridge/iter_0000000/run_config.yaml").read_text())["model"]
+    assert model["_target_"].endswith("Qwen35VLMoEModelProvider" if kind != "dense" else "Qwen35VLModelProvider")
+    assert model["linear_attention_freq"] == [1, 0] and model["mtp_num_layers"] == 1
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "moe_fused"])

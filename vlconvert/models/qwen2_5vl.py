@@ -11,7 +11,8 @@ model's fields at the top level; transformers 5 writes them under ``text_config`
 
 Megatron side (Megatron-Bridge 0.6.2's Qwen2.5-VL bridge): the language model under ``language_model.``
 (:mod:`vlconvert.models.gpt_table`, QKV biases interleaved like the weights); the vision tower is the HF
-module itself, kept under ``visual.`` with its HF names and replicated on every TP rank.
+module itself, kept under ``visual.`` with its HF names and replicated on every TP rank. Bridge's
+``run_config.yaml``: :meth:`Qwen25VLFamily.bridge_model_config` (``Qwen25VLBridge.provider_bridge``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 from typing import Any
 
 from vlconvert.errors import UserError
+from vlconvert.models import bridge_config as bc
 from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, as_dict, config_int, linear_shapes, renamed
 from vlconvert.models.family import Family, MegatronPrefixes
 from vlconvert.models.gpt_table import decoder_layer_params, embedding_param, final_params
@@ -45,6 +47,23 @@ VISION_DEFAULTS: dict[str, Any] = {
 }
 _TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings", "dtype", "torch_dtype")
+
+# transformers 5.12's Qwen2_5_VLTextConfig: the top-level fields a released (flat) config.json hands to it, and the
+# class defaults of those Megatron-Bridge 0.6.2 reads (the version Bridge runs with)
+_TEXT_PARAMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                "use_cache", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+                "attention_dropout", "rope_parameters", "rope_scaling", "rope_theta", "bos_token_id",
+                "eos_token_id", "pad_token_id")
+BRIDGE_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05,
+    "initializer_range": 0.02, "attention_dropout": 0.0, "hidden_act": "silu",
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+PROVIDER = "megatron.bridge.models.qwen_vl.qwen25_vl_provider.Qwen25VLModelProvider"
+VISION_CONFIG = "transformers.models.qwen2_5_vl.configuration_qwen2_5_vl.Qwen2_5_VLVisionConfig"
 
 
 def text_config(raw: dict) -> dict:
@@ -157,6 +176,33 @@ class Qwen25VLFamily(Family):
                                         qk_norm=False, qkv_bias=True)
         out += final_params(skeleton, f"{HF_LM}norm.weight", EMBED, LM_HEAD, mg, padded_vocab)
         return out
+
+    def bridge_model_config(self, info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                            make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None,
+                            **_: Any) -> dict:
+        """Bridge 0.6.2's ``Qwen25VLModelProvider`` as ``Qwen25VLBridge.provider_bridge`` derives it: the language
+        model's mapped fields (``text_config``, or the top-level fields transformers hands to it), QKV biases, the
+        top-level tie flag and token ids, the HF vision config (Bridge keeps ``mrope_section`` at its default)."""
+        raw = info.raw
+        nested = as_dict(raw.get("text_config"), "text_config")
+        text = nested or {k: raw[k] for k in _TEXT_PARAMS if k in raw}
+        dtype = bc.section_dtype(text, raw)  # a flat config's text part takes the top-level dtype
+        view = bc.hf_view(text, BRIDGE_TEXT_DEFAULTS)
+        vision = as_dict(raw.get("vision_config"), "vision_config")
+        model: dict[str, Any] = {"_target_": PROVIDER,
+                                 **bc.provider_kwargs(view, dtype, divisible_by=make_vocab_size_divisible_by)}
+        model.update(normalization="RMSNorm", gated_linear_unit=True, add_qkv_bias=True, add_bias_linear=False,
+                     hidden_dropout=0.0, rotary_base=bc.rope_theta(view),
+                     share_embeddings_and_output_weights=bool(raw.get("tie_word_embeddings", False)),
+                     position_embedding_type="mrope",
+                     vision_config=bc.hf_config_ref(VISION_CONFIG, vision, bc.section_dtype(vision)),
+                     bos_token_id=view.get("bos_token_id", 151643), eos_token_id=view.get("eos_token_id", 151645),
+                     vision_start_token_id=raw.get("vision_start_token_id", 151652),
+                     vision_end_token_id=raw.get("vision_end_token_id", 151653),
+                     vision_token_id=raw.get("vision_token_id", 151654),
+                     image_token_id=raw.get("image_token_id", 151655),
+                     video_token_id=raw.get("video_token_id", 151656))
+        return {**model, **bc.parallel_fields(tp=tp, pp=pp, ep=ep, etp=etp, hf_model_id=hf_model_id)}
 
 
 FAMILY = Qwen25VLFamily()

@@ -18,7 +18,8 @@ The Megatron side follows megatron-core 0.19 (``GatedDeltaNet``, gated attention
 :class:`~vlconvert.models.family.Family`. Two rules are new to the shared Param vocabulary
 (see :class:`Param35`): split ``blocks`` (each row block chunked over TP separately, e.g. GDN
 ``in_proj`` = per rank [q_r; k_r; v_r; z_r; b_r; a_r]) and the value op ``minus_one`` (GDN output norm:
-HF plain RMSNorm gain, Megatron zero-centred gain).
+HF plain RMSNorm gain, Megatron zero-centred gain). Bridge's ``run_config.yaml``: :func:`bridge_model_config`
+(``Qwen35VLBridge`` / ``Qwen35VLMoEBridge.provider_bridge``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from vlconvert import ops
 from vlconvert.dtypes import parse_dtype
 from vlconvert.errors import UsageError, UserError
+from vlconvert.models import bridge_config as bc
 from vlconvert.models.base import ModelInfo, RuntimeTensor, TensorSpec, read_config_json
 from vlconvert.models.base import Skeleton as BaseSkeleton
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family, MegatronPrefixes, Roles
@@ -756,6 +758,78 @@ class Qwen35Family(Family):
 
     def to_hf_value(self, p: Param, tensor: torch.Tensor) -> torch.Tensor:
         return to_hf_value(p, tensor)
+
+    def bridge_model_config(self, info: ModelInfo, **sizes: Any) -> dict:
+        return bridge_model_config(_info(info), **sizes)
+
+
+# ------------------------------------------------------------------------------- framework records
+# transformers 5.12's Qwen3_5TextConfig / Qwen3_5MoeTextConfig class defaults of the fields Megatron-Bridge 0.6.2
+# reads (the version Bridge runs with), and Bridge's provider / HF vision config classes
+_BRIDGE_COMMON: dict[str, Any] = {
+    "vocab_size": 248320, "num_attention_heads": 16, "head_dim": 256, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06, "initializer_range": 0.02, "attention_dropout": 0.0, "tie_word_embeddings": False,
+    "attention_bias": False, "partial_rotary_factor": 0.25, "hidden_act": "silu",
+    "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"},
+    "bos_token_id": None, "eos_token_id": None, "linear_num_value_heads": 32, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+}
+BRIDGE_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_5": {**_BRIDGE_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+                "num_key_value_heads": 4},
+    "qwen3_5_moe": {**_BRIDGE_COMMON, "hidden_size": 2048, "num_hidden_layers": 40, "num_key_value_heads": 2,
+                    "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                    "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512},
+}
+BRIDGE_PROVIDERS = {"qwen3_5": "megatron.bridge.models.qwen_vl.qwen35_vl_provider.Qwen35VLModelProvider",
+                    "qwen3_5_moe": "megatron.bridge.models.qwen_vl.qwen35_vl_provider.Qwen35VLMoEModelProvider"}
+VISION_CONFIGS = {"qwen3_5": "transformers.models.qwen3_5.configuration_qwen3_5.Qwen3_5VisionConfig",
+                  "qwen3_5_moe": "transformers.models.qwen3_5_moe.configuration_qwen3_5_moe.Qwen3_5MoeVisionConfig"}
+
+
+def bridge_model_config(info: Qwen35Info, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                        make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None, **_: Any) -> dict:
+    """Bridge 0.6.2's ``Qwen35VLModelProvider`` / ``Qwen35VLMoEModelProvider`` as its Qwen3.5-VL bridges derive
+    them: the language model's mapped fields (``mtp_num_hidden_layers`` -> ``mtp_num_layers``), Qwen3-Next's
+    hybrid fields (``linear_attention_freq`` from ``layer_types``: 1 = Gated DeltaNet, 0 = attention), the GDN
+    sizes, RoPE share and mRoPE sections, MoE and shared-expert settings, the top-level tie flag and token ids and
+    the HF vision config in the model's dtype. ``head_dim``, ``hf_text_config`` and ``audio_token_id``, which the
+    bridges set on the provider but which are not its fields (Bridge's own save leaves them out), are not written."""
+    raw = info.raw
+    text = dict(raw.get("text_config") or {})
+    view = bc.hf_view(text, BRIDGE_TEXT_DEFAULTS[info.family])
+    dtype = bc.section_dtype(text, raw) or torch.float32
+    parameters = bc.rope(view)
+    model: dict[str, Any] = {"_target_": BRIDGE_PROVIDERS[info.family],
+                             **bc.provider_kwargs(view, dtype, divisible_by=make_vocab_size_divisible_by)}
+    model.update(normalization="RMSNorm", gated_linear_unit=True, add_qkv_bias=bool(view.get("attention_bias")),
+                 add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, layernorm_zero_centered_gamma=True,
+                 attention_output_gate=True, experimental_attention_variant="gated_delta_net",
+                 linear_attention_freq=[int(t == "linear_attention") for t in info.layer_types],
+                 linear_num_value_heads=view["linear_num_value_heads"],
+                 rotary_percent=parameters.get("partial_rotary_factor", 0.25),
+                 linear_conv_kernel_dim=view["linear_conv_kernel_dim"], linear_key_head_dim=view["linear_key_head_dim"],
+                 linear_value_head_dim=view["linear_value_head_dim"],
+                 linear_num_key_heads=view["linear_num_key_heads"])
+    if model.get("mtp_num_layers"):
+        model["mtp_loss_scaling_factor"] = 0.1
+    if info.is_moe:
+        model.update(moe_ffn_hidden_size=view["moe_intermediate_size"], num_moe_experts=view["num_experts"],
+                     moe_router_topk=view["num_experts_per_tok"],
+                     moe_shared_expert_intermediate_size=view["shared_expert_intermediate_size"],
+                     moe_shared_expert_gate=True, moe_grouped_gemm=True,
+                     moe_router_load_balancing_type="global_aux_loss", moe_router_pre_softmax=False,
+                     moe_token_dispatcher_type="alltoall", moe_permute_fusion=True)
+    vision = dict(raw.get("vision_config") or {})
+    model.update(share_embeddings_and_output_weights=bool(raw.get("tie_word_embeddings", False)),
+                 position_embedding_type="mrope",
+                 vision_config=bc.hf_config_ref(VISION_CONFIGS[info.family], vision, dtype),
+                 bos_token_id=view.get("bos_token_id"), eos_token_id=view.get("eos_token_id"),
+                 vision_start_token_id=raw.get("vision_start_token_id", 248053),
+                 vision_end_token_id=raw.get("vision_end_token_id", 248054),
+                 image_token_id=raw.get("image_token_id", 248056), video_token_id=raw.get("video_token_id", 248057),
+                 mrope_section=list(parameters.get("mrope_section", [11, 11, 10])))
+    return {**model, **bc.parallel_fields(tp=tp, pp=pp, ep=ep, etp=etp, hf_model_id=hf_model_id)}
 
 
 def _info(info: ModelInfo) -> Qwen35Info:

@@ -9,7 +9,8 @@ fused names exist only in a transformers 5 model's memory (and a DCP saved from 
 
 Megatron side: Megatron-LM's GPTModel, unprefixed (``embedding.word_embeddings.weight``,
 ``decoder.layers.L.*``, ``output_layer.weight``), the table of :mod:`vlconvert.models.gpt_table` (the names
-Megatron-Bridge 0.6.2's Qwen3 / Qwen3-MoE bridges use).
+Megatron-Bridge 0.6.2's Qwen3 / Qwen3-MoE bridges use). Bridge's ``run_config.yaml``:
+:meth:`Qwen3TextFamily.bridge_model_config` (``Qwen3Bridge`` / ``Qwen3MoEBridge.provider_bridge``).
 
 :func:`lm_shapes` (a Qwen GPT language model's tensors under a prefix) is shared with the VL families.
 """
@@ -20,8 +21,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from vlconvert.dtypes import parse_dtype
 from vlconvert.errors import UsageError, UserError
+from vlconvert.models import bridge_config as bc
 from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, config_int, linear_shapes, renamed
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family, MegatronPrefixes
 from vlconvert.models.gpt_table import decoder_layer_params, embedding_param, final_params
@@ -44,6 +48,22 @@ TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
                   "decoder_sparse_step": 1, "moe_intermediate_size": 768, "num_experts": 128,
                   "num_experts_per_tok": 8, "mlp_only_layers": None},
 }
+
+# transformers 5.12's Qwen3Config / Qwen3MoeConfig class defaults of the fields Megatron-Bridge 0.6.2 reads (the
+# version Bridge runs with): a field config.json leaves out is one the config object still has
+_ROPE = {"rope_theta": 10000.0, "rope_type": "default"}
+_BRIDGE_COMMON = {"max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "initializer_range": 0.02,
+                  "attention_dropout": 0.0, "tie_word_embeddings": False, "attention_bias": False,
+                  "hidden_act": "silu", "rope_parameters": _ROPE}
+BRIDGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": {**_BRIDGE_COMMON, "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128},
+    "qwen3_moe": {**_BRIDGE_COMMON, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                  "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4, "num_experts": 128,
+                  "num_experts_per_tok": 8, "moe_intermediate_size": 768, "router_aux_loss_coef": 0.001,
+                  "norm_topk_prob": False},
+}
+GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
 
 
 def check_text_sizes(text: dict, where: str = "") -> None:
@@ -220,6 +240,33 @@ class Qwen3TextFamily(Family):
             out += decoder_layer_params(skeleton, layer, hf_lm=HF_LM, mg_lm=mg, spec=spec, experts=experts)
         out += final_params(skeleton, f"{HF_LM}norm.weight", EMBED, LM_HEAD, mg, padded_vocab)
         return out
+
+    def bridge_model_config(self, info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                            make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None,
+                            **_: Any) -> dict:
+        """Bridge 0.6.2's ``GPTModelProvider`` as ``Qwen3Bridge`` / ``Qwen3MoEBridge.provider_bridge`` derive it:
+        the base ``provider_bridge`` (mapped fields, RoPE or YaRN, dtype, activation), then Qwen3's fixed fields
+        and, for MoE, the router and dispatcher settings (``moe_router_pre_softmax`` = not ``norm_topk_prob``)."""
+        raw = info.raw
+        fields = text_fields(raw, TEXT_DEFAULTS[info.family])
+        if info.is_moe and not all(is_sparse_layer(raw, fields, i) for i in range(info.layers)):
+            raise UserError("Megatron-Bridge 0.6.2 builds every Qwen3-MoE layer as a MoE layer and this config has "
+                            "dense ones (mlp_only_layers / decoder_sparse_step): its run_config.yaml cannot "
+                            "describe the model; use --for mbridge or --for megatron-lm")
+        view = bc.hf_view(raw, BRIDGE_DEFAULTS[info.family])
+        if info.is_moe:  # one attribute under two names (transformers' attribute_map): the config's value for both
+            view["num_experts"] = view["num_local_experts"] = info.experts
+        kwargs = bc.provider_kwargs(view, info.dtype, divisible_by=make_vocab_size_divisible_by)
+        model: dict[str, Any] = {"_target_": GPT_PROVIDER,
+                                 **{k: v for k, v in kwargs.items() if k not in bc.MLA_FIELDS}}
+        model.setdefault("position_embedding_type", "rope")  # "yarn" when the RoPE type says so
+        model.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False, add_qkv_bias=False,
+                     hidden_dropout=0.0, qk_layernorm=True, autocast_dtype=bc.dtype_ref(torch.bfloat16))
+        if info.is_moe:
+            model.update(moe_grouped_gemm=True, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
+                         moe_router_pre_softmax=not view.get("norm_topk_prob"),
+                         moe_token_dispatcher_type="alltoall", moe_permute_fusion=True)
+        return {**model, **bc.parallel_fields(tp=tp, pp=pp, ep=ep, etp=etp, hf_model_id=hf_model_id)}
 
 
 FAMILY = Qwen3TextFamily()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlconvert.models import bridge_config as bc
 from vlconvert.models.megatron_table import hf_vision_tensors  # noqa: F401 - re-exported: the old name
 from vlconvert.models.qwen3vl import ModelInfo
 
@@ -21,42 +22,6 @@ _BRIDGE_PROVIDERS = {False: "megatron.bridge.models.qwen_vl.qwen3_vl_provider.Qw
                      True: "megatron.bridge.models.qwen_vl.qwen3_vl_provider.Qwen3VLMoEModelProvider"}
 _HF_CONFIGS = {"qwen3_vl": "transformers.models.qwen3_vl.configuration_qwen3_vl.Qwen3VL{}Config",
                "qwen3_vl_moe": "transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe.Qwen3VLMoe{}Config"}
-# (HF text_config name, provider field), in Bridge's CONFIG_MAPPING order (the first one present wins)
-_CONFIG_MAPPING = (("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
-                   ("intermediate_size", "ffn_hidden_size"), ("num_attention_heads", "num_attention_heads"),
-                   ("num_key_value_heads", "num_query_groups"), ("head_dim", "kv_channels"),
-                   ("vocab_size", "vocab_size"), ("max_position_embeddings", "seq_length"),
-                   ("rms_norm_eps", "layernorm_epsilon"), ("initializer_range", "init_method_std"),
-                   ("attention_dropout", "attention_dropout"), ("hidden_dropout", "hidden_dropout"),
-                   ("tie_word_embeddings", "share_embeddings_and_output_weights"),
-                   ("attention_bias", "add_qkv_bias"), ("mlp_bias", "add_bias_linear"),
-                   ("use_qk_norm", "qk_layernorm"), ("rope_theta", "rotary_base"),
-                   ("partial_rotary_factor", "rotary_percent"), ("num_experts", "num_moe_experts"),
-                   ("num_local_experts", "num_moe_experts"), ("num_experts_per_tok", "moe_router_topk"),
-                   ("moe_intermediate_size", "moe_ffn_hidden_size"), ("aux_loss_alpha", "moe_aux_loss_coeff"),
-                   ("router_aux_loss_coef", "moe_aux_loss_coeff"))
-
-
-def _dtype_ref(dtype: torch.dtype) -> dict:
-    return {"_target_": str(dtype), "_call_": False}  # str(torch.bfloat16) == "torch.bfloat16"
-
-
-def _rope(text: dict) -> dict:
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    return rope if isinstance(rope, dict) else {}
-
-
-def _hf_config_ref(family: str, kind: str, fields: dict, dtype: torch.dtype) -> dict:
-    """An HF sub-config as Bridge serializes it: its class as ``_target_``, its fields as arguments."""
-    out: dict[str, Any] = {"_target_": _HF_CONFIGS[family].format(kind)}
-    out.update({k: v for k, v in fields.items() if k not in ("torch_dtype", "dtype", "rope_scaling", "rope_theta")})
-    if "num_local_experts" in out:  # the constructor's name for it (transformers maps it to num_local_experts)
-        out["num_experts"] = out.pop("num_local_experts")
-    rope = _rope(fields)
-    if rope or "rope_theta" in fields:  # transformers 5 keeps both in rope_parameters
-        out["rope_parameters"] = {**rope, **({"rope_theta": fields["rope_theta"]} if "rope_theta" in fields else {})}
-    out["dtype"] = _dtype_ref(dtype)
-    return out
 
 
 def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
@@ -67,14 +32,9 @@ def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 
     text = dict(raw.get("text_config") or {})
     vision = dict(raw.get("vision_config") or {})
     dtype = info.dtype or torch.float32
-    model: dict[str, Any] = {"_target_": _BRIDGE_PROVIDERS[info.is_moe]}
-    for hf_name, field_name in _CONFIG_MAPPING:
-        if hf_name in text and field_name not in model:
-            model[field_name] = text[hf_name]
-    rope = _rope(text)
-    if "rotary_base" not in model and "rope_theta" in rope:
-        model["rotary_base"] = rope["rope_theta"]
-    model.update(fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=_dtype_ref(dtype),
+    model: dict[str, Any] = {"_target_": _BRIDGE_PROVIDERS[info.is_moe], **bc.mapped_fields(text)}
+    rope = bc.rope(text)
+    model.update(fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=bc.dtype_ref(dtype),
                  normalization="RMSNorm", gated_linear_unit=True, add_qkv_bias=bool(text.get("attention_bias")),
                  add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0,
                  share_embeddings_and_output_weights=bool(raw.get("tie_word_embeddings", False)))
@@ -86,8 +46,8 @@ def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 
                      moe_router_pre_softmax=False, moe_token_dispatcher_type="alltoall", moe_permute_fusion=True)
     family = "qwen3_vl_moe" if info.is_moe else "qwen3_vl"
     model.update(position_embedding_type="mrope",
-                 vision_config=_hf_config_ref(family, "Vision", vision, dtype),
-                 hf_text_config=_hf_config_ref(family, "Text", text, dtype),
+                 vision_config=bc.hf_config_ref(_HF_CONFIGS[family].format("Vision"), vision, dtype),
+                 hf_text_config=bc.hf_config_ref(_HF_CONFIGS[family].format("Text"), text, dtype),
                  head_dim=info.head_dim, bos_token_id=text.get("bos_token_id", 151643),
                  eos_token_id=text.get("eos_token_id", 151645),
                  vision_start_token_id=raw.get("vision_start_token_id", 151652),
