@@ -377,7 +377,7 @@ def test_disk_full_mid_write_publishes_nothing(tmp_path, monkeypatch):
     import vlconvert.layouts.hf as conv
 
     calls = {"n": 0}
-    real_write = conv.SafetensorsFileWriter.write
+    real_write = conv.SafetensorsFileWriter.write_blocks
 
     def full_disk(self, *args, **kwargs):
         calls["n"] += 1
@@ -386,7 +386,7 @@ def test_disk_full_mid_write_publishes_nothing(tmp_path, monkeypatch):
         return real_write(self, *args, **kwargs)
 
     hf_to_dcp(FIX / "tiny-dense-tied", tmp_path / "dcp")
-    monkeypatch.setattr(conv.SafetensorsFileWriter, "write", full_disk)
+    monkeypatch.setattr(conv.SafetensorsFileWriter, "write_blocks", full_disk)
     line = error_line("dcp-to-hf", tmp_path / "dcp", tmp_path / "out", "--assets-dir", FIX / "tiny-dense-tied")
     assert "disk full" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp"]

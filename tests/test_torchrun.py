@@ -13,17 +13,19 @@ import pytest
 import torch
 from helpers import folder_digest, run_cli
 
-from vlconvert.engine import PlannedFile, assign_files
+from vlconvert.engine import PlannedFile
+from vlconvert.splitting import SPLIT_BYTES_ENV, assign_shares
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def torchrun(launcher_args: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+def torchrun(launcher_args: list[str], argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "vlconvert", *argv, "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    env = {**ENV, **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0 and any(s in proc.stderr for s in ("rendezvous", "Address already in use")):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)  # the free port was taken
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # the free port was taken
     return proc
 
 
@@ -44,14 +46,45 @@ def test_two_ranks_write_the_same_bytes_as_one_process(tmp_path, argv):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp", "one", "two"]  # no stage, lock or journal left
 
 
-def test_two_nodes_with_a_rendezvous_endpoint(tmp_path):
+@pytest.mark.parametrize("argv", [
+    ["{hf}", "--to", "dcp"],
+    ["{dcp}", "--to", "hf", "--assets-dir", "{hf}", "--max-shard-size", "700KB"],
+    ["{hf}", "--to", "megatron", "--tp", "2"],
+])
+def test_three_ranks_share_files_byte_for_byte(tmp_path, argv):
+    """With shares of a few KiB (VLCONVERT_SPLIT_BYTES), three ranks write parts of the same files: zip
+    records and pieces cross the boundaries; the output and its manifest equal one process's."""
+    from vlconvert.engine import Converter
+
+    hf = FIX / "tiny-moe"
+    run_cli("convert", hf, tmp_path / "dcp", "--to", "dcp", "-q")
+    args = [a.format(hf=hf, dcp=tmp_path / "dcp") for a in argv]
+    run_cli("convert", args[0], tmp_path / "one", *args[1:], "-q")
+    options = {"to": args[2], **({"tp": 2} if "--tp" in args else {}),
+               **({"assets_dir": hf, "max_shard_size": "700KB"} if "--assets-dir" in args else {})}
+    plan = Converter(args[0], tmp_path / "x", **options).plan()
+    shares = assign_shares(plan.files, 3, unit=4096)
+    assert any(len(owners) > 1 for owners in shares.values())  # files really are shared
+    proc = torchrun(["--standalone", "--nproc-per-node=3"], ["convert", args[0], str(tmp_path / "three"), *args[1:]],
+                    env={SPLIT_BYTES_ENV: "4096"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert folder_digest(tmp_path / "three") == folder_digest(tmp_path / "one")
+    assert (tmp_path / "three/vlconvert-manifest.json").read_bytes() == \
+        (tmp_path / "one/vlconvert-manifest.json").read_bytes()
+    run_cli("verify", "--manifest", tmp_path / "three", "-q")
+
+
+@pytest.mark.parametrize("split", [None, "4096"])
+def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, split):
+    """Two launchers (one per "node", one rank each) on a shared folder; with ``split``, they share files."""
+    env = {**ENV, **({SPLIT_BYTES_ENV: split} if split else {})}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "megatron", "--tp", "2", "--ep", "2"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=vlconvert-test"]
-    nodes = [subprocess.Popen([*launch, f"--node-rank={i}", "-m", "vlconvert", *argv, "-q"], env=ENV,
+    nodes = [subprocess.Popen([*launch, f"--node-rank={i}", "-m", "vlconvert", *argv, "-q"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [(n.wait(timeout=600), n.stderr.read()) for n in nodes]
     assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
@@ -80,10 +113,26 @@ def test_a_failure_under_json_is_one_record_on_stdout(tmp_path):
 
 
 def test_files_are_split_by_bytes():
-    files = [PlannedFile(f"f{i}", [("t", (n,), torch.uint8)]) for i, n in enumerate([50, 40, 30, 20, 10])]
-    owner = assign_files(files, 2)
-    load = [sum(f.nbytes for f in files if owner[f.name] == r) for r in range(2)]
-    assert owner == {"f0": 0, "f1": 1, "f2": 1, "f3": 0, "f4": 0} and load == [80, 70]
+    """Files laid end to end, cut into runs of equal bytes: a cut near a file boundary keeps the file whole,
+    another splits the file at a multiple of the unit; the last share of a file runs to its real end."""
+    files = [PlannedFile(f"f{i}", [("t", (n,), torch.uint8)]) for i, n in enumerate([5000, 5000, 5000, 2500])]
+    assert assign_shares(files, 1) == {f"f{i}": [(0, 0, None)] for i in range(4)}
+    two = assign_shares(files, 2, unit=64)
+    assert two == {"f0": [(0, 0, None)], "f1": [(0, 0, 3776), (1, 3776, None)], "f2": [(1, 0, None)],
+                   "f3": [(1, 0, None)]}
+    eight = assign_shares(files, 8, unit=64)
+    load = [0] * 8
+    for f in files:
+        owners = eight[f.name]
+        for (rank, start, stop), nxt in zip(owners, [*owners[1:], None], strict=True):
+            assert stop == (nxt[1] if nxt else None) and start % 64 == 0
+            load[rank] += (stop or f.nbytes) - start
+    assert max(load) - min(load) <= 2 * 64 and sum(load) == 17500
+    # two equal files over two ranks stay whole; over three, each is cut once
+    same = [PlannedFile(n, [("t", (8000,), torch.uint8)]) for n in "ab"]
+    assert assign_shares(same, 2, unit=64) == {"a": [(0, 0, None)], "b": [(1, 0, None)]}
+    assert assign_shares(same, 3, unit=64) == {"a": [(0, 0, 5312), (1, 5312, None)],
+                                               "b": [(1, 0, 2688), (2, 2688, None)]}
 
 
 @pytest.mark.parametrize("to", [["--to", "dcp"], ["--to", "megatron", "--tp", "2", "--ep", "2"]])

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vlconvert import buffers, hashing
+from vlconvert import buffers, hashing, splitting
 from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.filebytes import FileSpan
@@ -43,7 +43,7 @@ from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exp
     source_row_blocks,
 )
 from vlconvert.progress import progress_bar
-from vlconvert.publish import staged_output
+from vlconvert.publish import Stage, staged_output
 from vlconvert.sources import Source, open_source, preview
 from vlconvert.sources.restore import RestoredSource, restorable
 from vlconvert.targets import TARGETS as TARGET_MODULES
@@ -414,13 +414,15 @@ class Converter:
         return self.target.write(self, stage, plan, advance)
 
     def _run_distributed(self, progress: Progress | None) -> Result:
-        """One rank of ``torchrun``: every rank plans the same output from metadata; the files are assigned
-        to ranks by bytes (:func:`assign_files`) and each rank writes its own into the stage rank 0 created
-        (lock, overlap checks, staging as in a single process). Rank 0 then gathers every file's size,
-        sha256 and DCP records, writes the index / ``.metadata`` / tracker and the manifest once, and
-        publishes. The output is byte-identical whatever the number of ranks. ``--resume`` works here too: rank 0
-        keeps the journaled files and tells every rank which, so each skips the kept files it owns (a killed
-        ``torchrun`` run has journaled rank 0's finished files and, at its end, the others')."""
+        """One rank of ``torchrun``: every rank plans the same output from metadata; the bytes are split over
+        the ranks (:func:`~vlconvert.splitting.assign_shares`: whole files, and byte ranges of a file where that
+        balances the ranks) and each rank writes its share into the stage rank 0 created (lock, overlap checks,
+        staging as in a single process). The ranks then finish the files they share (:mod:`vlconvert.splitting`);
+        rank 0 gathers every file's size, sha256 and DCP records, writes the index / ``.metadata`` / tracker
+        and the manifest once, and publishes. The output is byte-identical whatever the number of ranks.
+        ``--resume`` works here too: rank 0 keeps the journaled files and tells every rank which, so each skips
+        the kept files it owns (a killed ``torchrun`` run has journaled rank 0's finished files and, at its
+        end, the others'; a file ranks share is journaled once all have finished it)."""
         import torch.distributed as dist
 
         global ranks_ran
@@ -455,9 +457,12 @@ class Converter:
         dist.all_gather_object(verdicts, refused)
         if any(verdicts):
             raise UserError(next(v for v in verdicts if v))
-        owner = assign_files(plan.files, world)
+        shares = splitting.assign_shares(plan.files, world)
         self._world, self._lead = world, rank == 0
-        self._mine = lambda name: owner.get(name, 0) == rank
+        self._mine = lambda name: any(r == rank for r, _, _ in shares.get(name, [(0, 0, None)]))
+        split = {name: (start, stop) for name, owners in shares.items() if len(owners) > 1
+                 for r, start, stop in owners if r == rank}
+        self._splitting = any(len(owners) > 1 for owners in shares.values())
         assets: list[str] = []
         notes: list[str] = []
         try:
@@ -472,6 +477,7 @@ class Converter:
                     dist.broadcast_object_list([("error", str(exc), {})], src=0)
                     raise
                 dist.broadcast_object_list([("ok", str(stage.path), stage.kept)], src=0)
+                stage.split = split
                 failure: BaseException | None = None
                 try:
                     bar = progress_bar(progress, f"{source.layout} -> {self.to} (rank 0 of {world})", plan.tensor_bytes)
@@ -481,15 +487,14 @@ class Converter:
                             assets = self._write(stage.path, plan, advance)
                     except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
                         error, failure = f"rank 0: {one_line(exc, 300)}", exc
-                    gathered: list = [None] * world
-                    dist.all_gather_object(gathered, (error, {}))
-                    errors = [e for e, _ in gathered if e]
-                    if errors:
-                        raise failure if failure is not None and errors[0].startswith("rank 0") \
-                            else UserError(errors[0])
-                    for _, entries in gathered[1:]:
+                    error, gathered, shared = self._meet(stage, error, {})
+                    if error:
+                        raise failure if failure is not None and error.startswith("rank 0") else UserError(error)
+                    for entries in gathered[1:]:
                         for rel, e in sorted(entries.items()):
                             stage.journal(rel, e["size"], e["sha256"], e["state"])
+                    for rel, (size, digest, state) in sorted(shared.items()):
+                        stage.journal(rel, size, digest, state)
                     self.target.finish(self, stage.path, plan, stage.entries)
                     notes = list(stage.notes)
                 except BaseException as exc:  # noqa: BLE001 - handed to the stage, then re-raised
@@ -515,13 +520,14 @@ class Converter:
                     raise UserError(f"rank 0 stopped before writing: {where}")
                 error, entries = None, {}
                 with attached_stage(where, self.dst, kept) as stage:
+                    stage.split = split
                     try:
                         self._write(stage.path, plan, lambda n: None)
-                        sync_files(sorted(stage.path / rel for rel in stage.entries))  # on disk, this node too
+                        # on disk, this node too
+                        sync_files(sorted(stage.path / rel for rel in [*stage.entries, *stage.parts]))
                     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which cleans up
                         error = f"rank {rank}: {one_line(exc, 300)}"
-                    entries = dict(stage.entries)
-                dist.all_gather_object([None] * world, (error, entries))
+                    self._meet(stage, error, dict(stage.entries))
                 final: list = [None]
                 dist.broadcast_object_list(final, src=0)
                 if final[0] is not None:
@@ -534,18 +540,42 @@ class Converter:
         return Result(self.dst, plan, files, written, plan.notes + notes, assets)
 
 
+    def _meet(self, stage: Stage, error: str | None, entries: dict) -> tuple[str | None, list[dict], dict]:
+        """Every rank, after writing its share: exchange the first error and the finished files, then finish
+        the files ranks share (CRC-32s combined, late bytes written, shared pieces hashed; see
+        :mod:`vlconvert.splitting`). Returns the first error of any rank, each rank's finished files, and each
+        shared file's (size, digest, state); every rank takes the same steps, so none waits alone."""
+        import torch.distributed as dist
+
+        from vlconvert.errors import one_line
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+
+        def exchange(work: Callable[[], Any], error: str | None) -> tuple[str | None, list]:
+            value = None
+            if error is None:
+                try:
+                    value = work()
+                except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+                    error = f"rank {rank}: {one_line(exc, 300)}"
+            out: list = [None] * world
+            dist.all_gather_object(out, (error, value))
+            return next((e for e, _ in out if e), None), [v for _, v in out]
+
+        error, reports = exchange(lambda: (entries, splitting.crc_report(stage.parts)), error)
+        if error or not self._splitting:
+            return error, [r[0] for r in reports] if not error else [], {}
+        error, _ = exchange(lambda: splitting.fill_holes(
+            stage.path, stage.parts, splitting.combine_crcs([r[1] for r in reports])), None)
+        if error:
+            return error, [], {}
+        error, pieces = exchange(lambda: splitting.finish_pieces(stage.path, stage.parts), None)
+        if error:
+            return error, [], {}
+        return None, [r[0] for r in reports], splitting.assemble(pieces) if rank == 0 else {}
+
+
 # ------------------------------------------------------------------------------------------- ops
-def assign_files(files: list[PlannedFile], world: int) -> dict[str, int]:
-    """Output file -> rank, balancing bytes: largest first, each to the least loaded rank (ties: lowest)."""
-    load = [0] * world
-    owner: dict[str, int] = {}
-    for f in sorted(files, key=lambda f: -f.nbytes):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owner[f.name] = rank
-        load[rank] += f.nbytes
-    return owner
-
-
 def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype, block: int = ROW_BLOCK
                      ) -> Iterator[torch.Tensor | FileSpan]:
     """A canonical tensor as row blocks of about ``block`` bytes in ``dtype``; fused experts one expert at a time, in

@@ -166,9 +166,12 @@ class PieceHasher:
     Calls must come from one thread at a time (one writer per file). Buffers handed over must not change
     until :meth:`digest` returns (vlconvert's writers hand over fresh buffers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
+        if start % PIECE_BYTES:
+            raise ValueError(f"a hashed range starts at a piece boundary, not at byte {start}")
+        self.first = start // PIECE_BYTES  # the file's piece that self.pieces[0] is
         self.pieces: list = []
-        self.size = 0
+        self.size = start  # the file position the next bytes handed over have
         self.error: BaseException | None = None
         self._threads: list[int] = []
         self._pending = 0
@@ -185,6 +188,7 @@ class PieceHasher:
         start = 0
         while start < size:
             index, within = divmod(self.size, PIECE_BYTES)
+            index -= self.first
             if index == len(self.pieces):
                 self.pieces.append(hashlib.sha256())
                 self._threads.append(_pool().thread_for_next_piece())
@@ -227,8 +231,13 @@ class PieceHasher:
     def digest(self) -> Digest:
         """The digest of everything handed over (waits for the hashing threads)."""
         self.wait()
-        if len(self.pieces) <= 1:
+        if len(self.pieces) <= 1 and not self.first:
             return (self.pieces[0] if self.pieces else hashlib.sha256()).hexdigest()
+        return [piece.hexdigest() for piece in self.pieces]
+
+    def pieces_hex(self) -> list[str]:
+        """The digest of each piece handed over, in order (waits for the hashing threads)."""
+        self.wait()
         return [piece.hexdigest() for piece in self.pieces]
 
 
@@ -266,6 +275,15 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's ``crc32_combine``, which
     Python's zlib does not expose): lets threads compute the CRCs of consecutive runs independently."""
     return _multiply(_x_to_the_8n(length2), crc1) ^ crc2 if length2 else crc1
+
+
+def piece_digests(path: str | Path, pieces: list[int], size: int) -> dict[int, str]:
+    """The sha256 of the given pieces of a file of ``size`` bytes, read back from it (on the hashing threads)."""
+    hashers = {}
+    for i in pieces:
+        hasher = hashers[i] = PieceHasher(i * PIECE_BYTES)
+        hasher.update_range(path, i * PIECE_BYTES, min(PIECE_BYTES, size - i * PIECE_BYTES))
+    return {i: h.pieces_hex()[0] for i, h in hashers.items()}
 
 
 def file_digest(path: str | Path) -> Digest:

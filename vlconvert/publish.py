@@ -38,7 +38,7 @@ import sys
 import threading
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,19 +309,34 @@ class _Lock:
 
 
 # ----------------------------------------------------------------------------------- hashed files
+class OtherRanksBytes(Exception):
+    """A CRC-32 was asked for over bytes that other ranks write (a split file, see :class:`Part`): it is known
+    only after the ranks exchange their parts (:meth:`Checksum.resolve`)."""
+
+
 class Checksum:
     """A running CRC-32 that :class:`OutputFile` computes off the caller's thread (see ``write(crc=)``).
 
     Buffers are added by the checksum thread; copied ranges by the hashing threads as they read them
     (:class:`~vlconvert.hashing.CrcPart`), folded in order with :func:`~vlconvert.hashing.crc32_combine`
-    when :attr:`value` is read (which waits for them)."""
+    when :attr:`value` is read (which waits for them).
+
+    In a file split over ranks, the checksum of a streamed record (:meth:`OutputFile.write_blocks`) knows the
+    record (``record``: its first byte in the file and its size) and which of its bytes it saw (``seen_from``,
+    ``length``); its :attr:`value` is then the whole record's only if this rank saw all of it, or once
+    :meth:`resolve` gave the value the ranks' parts combine to."""
 
     def __init__(self) -> None:
         self._value = 0
         self._parts: list[CrcPart] = []
+        self.length = 0
+        self.record: tuple[int, int] | None = None
+        self.seen_from = 0
+        self._resolved: int | None = None
 
     def add(self, view: memoryview) -> None:
         """Advance over ``view``, after everything added before it."""
+        self.length += len(view)
         if self._parts:
             self._parts.append(CrcPart(len(view), zlib.crc32(view)))
         else:
@@ -329,15 +344,59 @@ class Checksum:
 
     def add_parts(self, parts: list[CrcPart]) -> None:
         """Advance over runs whose CRCs other threads compute, after everything added before them."""
+        self.length += sum(part.length for part in parts)
         self._parts.extend(parts)
 
-    @property
-    def value(self) -> int:
-        """The CRC-32 of everything added so far (waits for the parts still being computed)."""
+    def local(self) -> int:
+        """The CRC-32 of the bytes added here (waits for the parts still being computed)."""
         for part in self._parts:
             self._value = crc32_combine(self._value, part.result(), part.length)
         self._parts.clear()
         return self._value
+
+    def resolve(self, value: int) -> None:
+        """The record's CRC-32, combined from every rank's part of it."""
+        self._resolved = value
+
+    @property
+    def value(self) -> int:
+        """The CRC-32 of the record (of everything added, outside a split file)."""
+        if self._resolved is not None:
+            return self._resolved
+        if self.record is not None and (self.seen_from or self.length != self.record[1]):
+            raise OtherRanksBytes(f"record at byte {self.record[0]}")
+        return self.local()
+
+
+class Part:
+    """This process's bytes ``start:stop`` of an output file that several ranks of ``torchrun`` write at once
+    (``stop`` None: to the end). What the rank could not finish alone is kept here until the ranks have met
+    (:mod:`vlconvert.splitting`): the CRC-32s of records it saw part of, the late bytes that need other ranks'
+    CRC-32s (``holes``), and the pieces it could not hash (a piece another rank writes part of, or a hole)."""
+
+    def __init__(self, start: int, stop: int | None):
+        self.start, self.stop = start, stop
+        self.records: list[Checksum] = []  # every streamed record of the file, in order
+        self.holes: list[tuple[Callable[[], bytes], int, int, int]] = []  # make, record pos, lo, hi
+        self.dirty: set[int] = set()  # pieces whose streamed digest is wrong (a hole was zeros)
+        self.hashed: dict[int, str] = {}  # piece -> digest, streamed
+        self.size = 0  # the whole file's size (every rank walks all of it)
+        self.state: Any = None
+
+    def clip(self, pos: int, size: int) -> tuple[int, int]:
+        """The part of bytes ``pos:pos+size`` in this share (empty: lo >= hi)."""
+        hi = pos + size if self.stop is None else min(pos + size, self.stop)
+        return max(pos, self.start), hi
+
+    @property
+    def hash_start(self) -> int:
+        """The first piece boundary at or after the start: pieces from there on are hashed while written."""
+        return -(-self.start // PIECE_BYTES) * PIECE_BYTES
+
+    @property
+    def hash_stop(self) -> int | None:
+        """Where streamed hashing stops: the last piece boundary before ``stop`` (None: the end of the file)."""
+        return None if self.stop is None else self.stop // PIECE_BYTES * PIECE_BYTES
 
 
 class OutputFile(io.RawIOBase):
@@ -364,14 +423,19 @@ class OutputFile(io.RawIOBase):
     ``--resume`` (e.g. the DCP records it holds).
     """
 
-    def __init__(self, path: Path, stage: Stage | None, rel: str):
+    def __init__(self, path: Path, stage: Stage | None, rel: str, part: Part | None = None):
         super().__init__()
         self.path = path
         self.stage = stage
         self.rel = rel
         self.state: Any = None
-        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._hash = PieceHasher()
+        self.part = part
+        if part is None:
+            self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        else:  # other ranks write the rest of this file at the same time: never truncate it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            self._f = open(fd, "wb", buffering=0)  # noqa: SIM115 - a descriptor is not truncated
+        self._hash = PieceHasher(part.hash_start if part else 0)
         self._pos = 0
         self._in_order = True
         self._to_check: queue.Queue | None = None
@@ -415,9 +479,49 @@ class OutputFile(io.RawIOBase):
             self._put((self._pos, _Range(Path(path), offset, size), crc), size)
         return size
 
+    def write_blocks(self, size: int, blocks: Iterable[Any], crc: Checksum | None = None) -> int:
+        """Queue one record of ``size`` bytes given in order as buffers or spans of input files (objects with
+        ``path``, ``offset`` and ``nbytes``: copied, see :meth:`copy_range`); ``crc`` is advanced over it.
+        In a file split over ranks, blocks wholly outside this rank's share are not asked for (a record
+        outside it is never produced) and ``crc`` learns which part of the record it saw."""
+        start, part = self._pos, self.part
+        if part is not None:
+            lo, hi = part.clip(start, size)
+            if crc is not None:
+                crc.record, crc.seen_from = (start, size), min(max(lo - start, 0), size)
+                part.records.append(crc)
+            if lo >= hi:
+                self._pos += size
+                return size
+        written = 0
+        for block in blocks:
+            if part is not None and part.stop is not None and self._pos >= part.stop:
+                self._pos = start + size  # the rest is another rank's
+                return size
+            if hasattr(block, "path"):
+                written += self.copy_range(block.path, block.offset, block.nbytes, crc=crc)
+            else:
+                written += self.write(memoryview(block).cast("B"), crc=crc)
+        return written
+
     def _put(self, item: tuple, size: int) -> None:
         if self._error is not None:
             self._raise()
+        if self.part is not None:  # only this rank's bytes go on
+            pos, data, extra = item
+            lo, hi = self.part.clip(pos, size)
+            if lo >= hi:
+                self._pos += size
+                return
+            if isinstance(data, _Range):
+                data = _Range(data.path, data.offset + lo - pos, hi - lo)
+            elif callable(data):
+                data, extra = _Late(data, pos, size, lo, hi), hi - lo
+            else:
+                data = data[lo - pos:hi - pos]
+            item = (lo, data, extra)
+            self._pos += size - (hi - lo)
+            size = hi - lo
         if not self._threads:
             self._to_check, self._to_write = queue.Queue(maxsize=QUEUE_DEPTH), queue.Queue(maxsize=QUEUE_DEPTH)
             self._threads = [threading.Thread(target=target, name=f"{what} {self.rel}", daemon=True)
@@ -439,14 +543,10 @@ class OutputFile(io.RawIOBase):
                 pos, data, extra = item
                 try:
                     if isinstance(data, _Range):
-                        if not self._hash_range(pos, data, extra) and extra is not None:
-                            for view in inputs.chunks(data):  # hashed at close: the CRC needs the bytes here
-                                extra.add(view)
+                        self._take_range(pos, data, extra, inputs)
                     else:
                         if callable(data):
-                            data = memoryview(data()).cast("B")
-                            if len(data) != extra:
-                                raise RuntimeError(f"{self.rel}: {len(data)} late bytes, {extra} announced")
+                            data = self._late(data, pos, extra)
                             extra = None
                         self._checksum(pos, data, extra)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -457,24 +557,60 @@ class OutputFile(io.RawIOBase):
             inputs.close()
             self._to_write.put(None)
 
+    def _late(self, make: Callable[[], bytes], pos: int, size: int) -> memoryview:
+        """The late bytes ``make()`` gives; in a split file, zeros where they need other ranks' CRC-32s (a
+        hole, filled once the ranks have met; the pieces it touches are hashed again then)."""
+        try:
+            data = memoryview(make()).cast("B")
+        except OtherRanksBytes:
+            assert self.part is not None and isinstance(make, _Late)
+            self.part.holes.append((make.make, make.pos, make.lo, make.hi))
+            self.part.dirty.update(range(make.lo // PIECE_BYTES, (make.hi - 1) // PIECE_BYTES + 1))
+            data = memoryview(bytes(size))
+        if len(data) != size:
+            raise RuntimeError(f"{self.rel}: {len(data)} late bytes, {size} announced")
+        return data
+
+    def _hash_bounds(self, pos: int, size: int) -> tuple[int, int]:
+        """The bytes of ``pos:pos+size`` this process hashes while writing (all of them outside a split file;
+        in one, those in the whole pieces of its share)."""
+        if self.part is None:
+            return pos, pos + size
+        stop = self.part.hash_stop
+        lo, hi = max(pos, self.part.hash_start), pos + size if stop is None else min(pos + size, stop)
+        return (lo, hi) if lo < hi else (pos, pos)
+
     def _checksum(self, pos: int, view: memoryview, crc: Checksum | None) -> None:
         if crc is not None:
             crc.add(view)
-        if pos == self._hash.size and self._in_order:
-            self._hash.update(view)  # hashed by the hashing threads (the buffer is not changed after write())
+        lo, hi = self._hash_bounds(pos, len(view))
+        if lo == hi:
+            return
+        if lo == self._hash.size and self._in_order:
+            # hashed by the hashing threads (the buffer is not changed after write())
+            self._hash.update(view[lo - pos:hi - pos])
         else:
             self._in_order = False
 
-    def _hash_range(self, pos: int, r: _Range, crc: Checksum | None) -> bool:
-        """Hand a copied range to the hashing threads (which compute ``crc`` over it too); False if the file
-        is no longer written in order (it is hashed at close, and nothing was done here)."""
-        if pos == self._hash.size and self._in_order:
-            parts = self._hash.update_range(r.path, r.offset, r.size, crc=crc is not None)
-            if crc is not None:
-                crc.add_parts(parts)
-            return True
-        self._in_order = False
-        return False
+    def _take_range(self, pos: int, r: _Range, crc: Checksum | None, inputs: _Inputs) -> None:
+        """Hand a copied range to the hashing threads, which compute ``crc`` over it too; bytes they do not
+        hash (the file is no longer written in order: it is hashed at close; or outside the whole pieces of a
+        split file's share) are read here for the CRC."""
+        lo, hi = self._hash_bounds(pos, r.size)
+        in_order = lo < hi and lo == self._hash.size and self._in_order
+        if lo < hi and not in_order:
+            self._in_order = False
+        runs = ((pos, lo), (lo, hi), (hi, pos + r.size)) if in_order else ((pos, pos + r.size),)
+        for a, b in runs:
+            if a >= b:
+                continue
+            if in_order and a == lo:
+                parts = self._hash.update_range(r.path, r.offset + a - pos, b - a, crc=crc is not None)
+                if crc is not None:
+                    crc.add_parts(parts)
+            elif crc is not None:
+                for view in inputs.chunks(_Range(r.path, r.offset + a - pos, b - a)):
+                    crc.add(view)
 
     def _write_queued(self) -> None:
         """Write thread: write queued buffers at their positions until ``None``; keep the first error."""
@@ -533,6 +669,9 @@ class OutputFile(io.RawIOBase):
         except BaseException:
             self.abort()
             raise
+        if self.part is not None:
+            self._close_part(self.part)
+            return
         size = self._f.seek(0, os.SEEK_END)
         super().close()
         self._f.close()
@@ -547,6 +686,24 @@ class OutputFile(io.RawIOBase):
             except ShortFile as exc:
                 raise UserError(f"{exc}: it changed while this run read it; nothing was published") from exc
             self.stage.journal(self.rel, size, digest, self.state)
+
+    def _close_part(self, part: Part) -> None:
+        """A split file's share is finished: kept in the stage (``stage.parts``) until the ranks meet; rank 0
+        journals the whole file then (:func:`vlconvert.splitting.finish_parts`)."""
+        super().close()
+        self._f.close()
+        part.size, part.state = self._pos, self.state
+        try:
+            digests = self._hash.pieces_hex() if self._in_order else []
+        except ShortFile as exc:
+            raise UserError(f"{exc}: it changed while this run read it; nothing was published") from exc
+        stop = self._hash.size  # whole pieces only: the last one ends at the share's end or at the file's
+        part.hashed = {self._hash.first + i: d for i, d in enumerate(digests)
+                       if (self._hash.first + i + 1) * PIECE_BYTES <= stop or stop == part.size}
+        for piece in part.dirty:
+            part.hashed.pop(piece, None)
+        if self.stage is not None and self.stage.active:
+            self.stage.parts[self.rel] = part
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Leaving a ``with`` block by an exception closes without journaling: a partly written file must
@@ -564,6 +721,22 @@ class OutputFile(io.RawIOBase):
         if not self.closed:
             super().close()
             self._f.close()
+
+
+class _Late:
+    """Late bytes (:meth:`OutputFile.write_later`) of a split file at ``pos:pos+size``, of which this rank
+    writes ``lo:hi``."""
+
+    __slots__ = ("make", "pos", "size", "lo", "hi")
+
+    def __init__(self, make: Callable[[], bytes], pos: int, size: int, lo: int, hi: int):
+        self.make, self.pos, self.size, self.lo, self.hi = make, pos, size, lo, hi
+
+    def __call__(self) -> memoryview:
+        data = memoryview(self.make()).cast("B")
+        if len(data) != self.size:
+            raise RuntimeError(f"{len(data)} late bytes, {self.size} announced")
+        return data[self.lo - self.pos:self.hi - self.pos]
 
 
 class _Range:
@@ -754,7 +927,11 @@ def create_file(path: str | Path) -> OutputFile:
     path = Path(path)
     found = _stage_of(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return OutputFile(path, *(found if found else (None, path.name)))
+    if found is None:
+        return OutputFile(path, None, path.name)
+    stage, rel = found
+    share = stage.split.get(rel)
+    return OutputFile(path, stage, rel, Part(*share) if share is not None else None)
 
 
 def kept_state(path: str | Path) -> Any | None:
@@ -835,6 +1012,8 @@ class Stage(os.PathLike):
         self.notes: list[str] = []
         self.active = True  # False once the run has left the stage: a late close (GC) journals nothing
         self.in_memory = False  # a torchrun follower: entries go to rank 0, not to the journal file
+        self.split: dict[str, tuple[int, int | None]] = {}  # rel -> this rank's bytes of a file ranks share
+        self.parts: dict[str, Part] = {}  # rel -> this rank's finished share of such a file
         self._journal: io.TextIOBase | None = None
 
     def __fspath__(self) -> str:

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -455,6 +456,37 @@ class SafetensorsFileWriter:
         else:
             self._f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         return nbytes
+
+    def write_blocks(self, name: str, blocks: Iterable[torch.Tensor | FileSpan]) -> int:
+        """Write the whole of ``name`` from its row blocks in order (tensors or :class:`FileSpan`, copied file to
+        file); return bytes. In a file ranks share, blocks outside this rank's bytes are not asked for."""
+        planned = self.tensors[name]
+        if self._f is None:
+            self.written += planned.nbytes
+            return planned.nbytes
+        where = self.data_start + self.offsets[name]
+        if self._f.tell() != where:
+            self._f.seek(where)
+        rows = planned.shape[0] if planned.shape else 1
+
+        def raw() -> Iterator[memoryview | FileSpan]:
+            row = 0
+            for block in blocks:
+                shape = tuple(block.shape)
+                whole = row == 0 and shape == planned.shape
+                if block.dtype != planned.dtype or not (whole or (
+                        shape[1:] == planned.shape[1:] and row + (shape[0] if shape else 1) <= rows)):
+                    raise ValueError(f"{name}: rows {row}+{shape} {block.dtype} outside {planned.shape} "
+                                     f"{planned.dtype}")
+                row += rows if whole else shape[0]
+                yield block if isinstance(block, FileSpan) else \
+                    memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+        written = self._f.write_blocks(planned.nbytes, raw())
+        if written != planned.nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
+        self.written += written
+        return written
 
     def abort(self) -> None:
         """Close the file after a failure without checking it (the caller discards it)."""

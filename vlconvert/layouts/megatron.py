@@ -263,12 +263,7 @@ class _ZipStream:
         if self.pos % _ALIGN:  # pragma: no cover - guards the header arithmetic above
             raise RuntimeError("storage record is not 64-byte aligned")
         crc = Checksum()
-        written = 0
-        for block in blocks:
-            if isinstance(block, FileSpan):  # bytes of an input file: copied file to file
-                written += self.f.copy_range(block.path, block.offset, block.nbytes, crc=crc)
-            else:
-                written += self.f.write(memoryview(block).cast("B"), crc=crc)
+        written = self.f.write_blocks(size, blocks, crc)  # a FileSpan is copied file to file
         self.pos += written
         if written != size:
             raise RuntimeError(f"{name}: streamed {written} bytes, planned {size}")
@@ -280,11 +275,12 @@ class _ZipStream:
         self.pos += self.f.write_later(24 if zip64 else 16, descriptor)
         self.entries.append((raw_name, crc, size, offset, 0x08))
 
-    def _directory(self, start: int) -> bytes:
-        """The central directory (at byte ``start``) and the end records; CRCs are read when this runs."""
+    def _directory(self, start: int, crcs: bool = True) -> bytes:
+        """The central directory (at byte ``start``) and the end records; CRCs are read when this runs (zeros
+        without ``crcs``: the size is the same)."""
         out = bytearray()
         for raw_name, crc, size, offset, flags in self.entries:
-            value = crc.value if isinstance(crc, Checksum) else crc
+            value = 0 if not crcs else crc.value if isinstance(crc, Checksum) else crc
             fields = [v for v in (size, size) if v >= self._LIMIT] + ([offset] if offset >= self._LIMIT else [])
             extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
             version = 45 if fields else 20
@@ -303,7 +299,7 @@ class _ZipStream:
     def close(self) -> None:
         """Write the central directory and the end records."""
         start = self.pos
-        size = len(self._directory(start))  # the size does not depend on the CRCs
+        size = len(self._directory(start, crcs=False))  # the size does not depend on the CRCs
         self.pos += self.f.write_later(size, lambda: self._directory(start))
 
 

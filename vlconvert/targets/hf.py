@@ -22,7 +22,7 @@ from vlconvert.layouts.hf import (
     write_index,
 )
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
-from vlconvert.targets.base import Conversion, Target, nbytes
+from vlconvert.targets.base import Conversion, Target, counted, nbytes
 
 if TYPE_CHECKING:
     from vlconvert.sources import Source
@@ -74,10 +74,7 @@ class HFTarget(Target):
                     if writer.kept:  # --resume kept this shard
                         advance(t.nbytes)
                         continue
-                    row = 0
-                    for block in conv.blocks(t.name, layout, t.dtype):
-                        advance(writer.write(t.name, block, row_offset=row))
-                        row += block.shape[0] if len(block.shape) else 1
+                    writer.write_blocks(t.name, counted(conv.blocks(t.name, layout, t.dtype), advance))
                 ok = True
             finally:
                 if ok:
