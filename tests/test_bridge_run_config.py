@@ -243,3 +243,11 @@ def test_unknown_activation_is_refused_in_one_line() -> None:
     config = {**CONFIGS["qwen3"], "hidden_act": "gelu"}
     with pytest.raises(UserError, match="hidden_act 'gelu'"):
         family_of(config).bridge_model_config(_info(config))
+
+
+def test_megatron_bridge_0_3_is_refused_in_one_line(sources: dict, tmp_path: Path) -> None:
+    """These records follow Bridge 0.6.2's bridges: ``--for megatron-bridge-0.3`` is refused, not written."""
+    result = run_cli("convert", sources["qwen3"], tmp_path / "td", "--to", "torch_dist", "--for",
+                     "megatron-bridge-0.3", expect=1)
+    assert "megatron-bridge-0.3" in result.output and "--for megatron-bridge" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "td").exists()

@@ -56,6 +56,14 @@ YARN_MAPPING = (("factor", "yarn_rotary_scaling_factor"),
 ACTIVATIONS = {"silu": "torch.nn.functional.silu"}
 
 
+def check_consumer(family: str, consumer: str | None) -> None:
+    """Refuse a Megatron-Bridge version other than 0.6 (``--for megatron-bridge-0.3``) for a family whose record
+    follows Bridge 0.6.2's bridges only (one line)."""
+    if consumer not in (None, "megatron-bridge"):
+        raise UserError(f"writing {consumer}'s run_config.yaml for {family} is not supported (Megatron-Bridge 0.6's "
+                        "is: --for megatron-bridge); use --for mbridge or --for megatron-lm")
+
+
 def dtype_ref(dtype: torch.dtype) -> dict:
     """A torch dtype as Bridge's YAML representer writes it."""
     return {"_target_": str(dtype), "_call_": False}  # str(torch.bfloat16) == "torch.bfloat16"

@@ -179,10 +179,11 @@ class Qwen25VLFamily(Family):
 
     def bridge_model_config(self, info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
                             make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None,
-                            **_: Any) -> dict:
+                            consumer: str | None = None, **_: Any) -> dict:
         """Bridge 0.6.2's ``Qwen25VLModelProvider`` as ``Qwen25VLBridge.provider_bridge`` derives it: the language
         model's mapped fields (``text_config``, or the top-level fields transformers hands to it), QKV biases, the
         top-level tie flag and token ids, the HF vision config (Bridge keeps ``mrope_section`` at its default)."""
+        bc.check_consumer(info.family, consumer)
         raw = info.raw
         nested = as_dict(raw.get("text_config"), "text_config")
         text = nested or {k: raw[k] for k in _TEXT_PARAMS if k in raw}

@@ -788,13 +788,15 @@ VISION_CONFIGS = {"qwen3_5": "transformers.models.qwen3_5.configuration_qwen3_5.
 
 
 def bridge_model_config(info: Qwen35Info, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-                        make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None, **_: Any) -> dict:
+                        make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None,
+                        consumer: str | None = None, **_: Any) -> dict:
     """Bridge 0.6.2's ``Qwen35VLModelProvider`` / ``Qwen35VLMoEModelProvider`` as its Qwen3.5-VL bridges derive
     them: the language model's mapped fields (``mtp_num_hidden_layers`` -> ``mtp_num_layers``), Qwen3-Next's
     hybrid fields (``linear_attention_freq`` from ``layer_types``: 1 = Gated DeltaNet, 0 = attention), the GDN
     sizes, RoPE share and mRoPE sections, MoE and shared-expert settings, the top-level tie flag and token ids and
     the HF vision config in the model's dtype. ``head_dim``, ``hf_text_config`` and ``audio_token_id``, which the
     bridges set on the provider but which are not its fields (Bridge's own save leaves them out), are not written."""
+    bc.check_consumer(info.family, consumer)
     raw = info.raw
     text = dict(raw.get("text_config") or {})
     view = bc.hf_view(text, BRIDGE_TEXT_DEFAULTS[info.family])

@@ -243,10 +243,11 @@ class Qwen3TextFamily(Family):
 
     def bridge_model_config(self, info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
                             make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None,
-                            **_: Any) -> dict:
+                            consumer: str | None = None, **_: Any) -> dict:
         """Bridge 0.6.2's ``GPTModelProvider`` as ``Qwen3Bridge`` / ``Qwen3MoEBridge.provider_bridge`` derive it:
         the base ``provider_bridge`` (mapped fields, RoPE or YaRN, dtype, activation), then Qwen3's fixed fields
         and, for MoE, the router and dispatcher settings (``moe_router_pre_softmax`` = not ``norm_topk_prob``)."""
+        bc.check_consumer(info.family, consumer)
         raw = info.raw
         fields = text_fields(raw, TEXT_DEFAULTS[info.family])
         if info.is_moe and not all(is_sparse_layer(raw, fields, i) for i in range(info.layers)):

@@ -25,9 +25,10 @@ _HF_CONFIGS = {"qwen3_vl": "transformers.models.qwen3_vl.configuration_qwen3_vl.
 
 
 def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-                        make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None) -> dict:
+                        make_vocab_size_divisible_by: int = 128, hf_model_id: str | None = None,
+                        consumer: str | None = None) -> dict:
     """The ``model:`` section of a Megatron-Bridge ``run_config.yaml`` for this model (``hf_model_id``: the HF
-    folder Bridge finds the tokenizer and config in)."""
+    folder Bridge finds the tokenizer and config in; the same for every ``consumer`` with a run_config.yaml)."""
     raw = info.raw
     text = dict(raw.get("text_config") or {})
     vision = dict(raw.get("vision_config") or {})

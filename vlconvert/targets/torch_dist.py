@@ -119,7 +119,7 @@ def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dty
     """The plan of a torch_dist output for ``o["consumer"]``: files, tensors (with their keys), notes."""
     flavour = tdl.consumer(o.get("consumer"))
     if flavour.run_config:  # the framework's record of the model: refused in one line where not known
-        sk.family.bridge_model_config(sk.info)
+        sk.family.bridge_model_config(sk.info, consumer=flavour.name)
     vocab = sk.shape_in(sk.family.embed, "released")[0]
     mplan = plan_megatron_ranks(sk, 1, 1, 1, spec=spec, experts="sequential", dtype=dtype,
                                 padded_vocab_size=padded, source_dtypes=source_dtypes)
@@ -211,7 +211,7 @@ def write_torch_dist(conv: Conversion, stage: Path, plan: ConversionPlan, advanc
         run_config = {"_target_": "megatron.bridge.training.config.ConfigContainer",
                       "model": family.bridge_model_config(info, tp=o["tp"], pp=o["pp"], ep=o["ep"], etp=o["etp"],
                                                    make_vocab_size_divisible_by=o["make_vocab_size_divisible_by"],
-                                                   hf_model_id=_hf_folder(conv)),
+                                                   hf_model_id=_hf_folder(conv), consumer=flavour.name),
                       "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig",
                                      "ckpt_format": "torch_dist", "save_optim": False, "save_rng": False,
                                      "fully_parallel_save": True, "dist_ckpt_strictness": "assume_ok_unexpected"}}
