@@ -5,6 +5,8 @@ What is replaced, and nothing else:
   (LinearAdapter, LoRALinear, LoRATopKRouter) raise if built; no LoRA is used by these tests. Bridge 0.3.1
   (the one for megatron-core 0.16) imports TE in ``megatron.bridge.peft.lora`` too: stubbed the same way
   there (LoRA, VLMLoRA, LoRAMerge), and only for that version.
+- ``gpt_provider.transformer_engine_layer_spec`` (what a ``GPTModelProvider``'s default layer spec calls) by
+  Bridge's own ``local_layer_spec`` (megatron-core's local modules).
 - The TE module classes Bridge's Qwen3-VL model and provider pick (``get_vit_layer_with_transformer_engine_spec``,
   ``TENorm``/``TEColumnParallelLinear``/``TERowParallelLinear`` for the patch mergers and
   ``get_gpt_layer_with_transformer_engine_spec`` for the language model) by megatron-core's local
@@ -62,7 +64,12 @@ def install() -> None:
                                         normalization="RMSNorm")
 
     qwen3_vl_provider.get_gpt_layer_with_transformer_engine_spec = lm_spec
+    from megatron.bridge.models import gpt_provider
     from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+    # a GPTModelProvider read back from run_config.yaml (Qwen3, Qwen3-MoE, Qwen2.5-VL) keeps its default spec,
+    # which asks for TE modules: its TE layer spec is Bridge's own local one here
+    gpt_provider.transformer_engine_layer_spec = gpt_provider.local_layer_spec
 
     finalize = GPTModelProvider.finalize
 

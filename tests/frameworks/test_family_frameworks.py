@@ -20,8 +20,8 @@ The HF sources are tiny bf16 models built with transformers' own classes from a 
   HF -> Megatron mapping of the HF folder into the same model, the vocabulary tensors' first V rows the HF ones.
 
 Not covered here, and why:
-- Bridge's ``load_megatron_model`` / ``export_ckpt`` / training loader: they read ``run_config.yaml``, which vlconvert
-  writes for Qwen3-VL only (``--for megatron-bridge`` is refused in one line for these families).
+- Bridge's ``load_megatron_model`` of the default output (``--for megatron-bridge``, with its ``run_config.yaml``):
+  ``test_bridge_families.py``.
 - Megatron legacy: no installed framework reads it (Megatron-Bridge 0.6.2 loads torch_dist only; Megatron-LM's
   ``megatron.training`` is not installed).
 - Qwen3-MoE with dense layers among the MoE ones (``mlp_only_layers``) in Bridge: its Qwen3-MoE provider builds
