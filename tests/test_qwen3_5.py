@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_hf_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,6 +25,7 @@ from vlconvert.models.base import ModelInfo
 from vlconvert.models.megatron_table import Src
 
 transformers = pytest.importorskip("transformers")
+EMBED_KEY = "model.language_model.embed_tokens.weight"
 
 
 def _config(moe: bool, tied: bool = False) -> dict:
@@ -551,3 +553,33 @@ def test_a_folder_without_config_is_told_apart_from_qwen3_vl(folders, tmp_path):
     report = inspect_checkpoint(bare)
     assert report["config"] is None and report["family"] == "qwen3_5_moe"
     assert report["parameters"]["experts"] > 0 and report["tied_embeddings"]["lm_head_stored"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_megatron_lm_args_carry_gated_deltanet_fields(folders, tmp_path, kind):
+    """``--for megatron-lm``: the checkpoint's ``args`` name the hybrid layers and GDN sizes as megatron-core 0.19's
+    TransformerConfig fields (Megatron-LM's flags), from the HF config."""
+    from vlconvert.engine import Converter
+
+    src = folders[kind]
+    text = json.loads((src / "config.json").read_text())["text_config"]
+    Converter(src, tmp_path / "td", to="torch_dist", consumer="megatron-lm").run()
+    args = torch.load(tmp_path / "td/release/common.pt", weights_only=False)["args"]
+    assert args.experimental_attention_variant == "gated_delta_net" and args.attention_output_gate
+    assert args.linear_attention_freq == [int(t == "linear_attention") for t in text["layer_types"]] == [1, 0]
+    assert (args.linear_conv_kernel_dim, args.linear_key_head_dim, args.linear_value_head_dim,
+            args.linear_num_key_heads, args.linear_num_value_heads) == tuple(
+        text[k] for k in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                          "linear_num_key_heads", "linear_num_value_heads"))
+    assert args.apply_layernorm_1p and args.layernorm_zero_centered_gamma and args.qk_layernorm
+    assert args.rotary_percent == text["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert args.mtp_num_layers == text["mtp_num_hidden_layers"] == 1 and args.kv_channels == text["head_dim"]
+    if kind == "moe":
+        assert args.moe_shared_expert_intermediate_size == text["shared_expert_intermediate_size"]
+        assert args.num_experts == text["num_experts"] and args.ffn_hidden_size == text["moe_intermediate_size"]
+    # the language model only (no vision tower): back to HF as a partial checkpoint, bit-exact
+    Converter(tmp_path / "td", tmp_path / "hf", to="hf", assets_dir=src, allow_missing=True).run()
+    want, have = load_file(src / "model.safetensors"), load_hf_tensors(tmp_path / "hf")
+    assert not [k for k in have if k.startswith("model.visual.")] and EMBED_KEY in have
+    assert all(torch.equal(want[k], have[k]) for k in have)
+    assert sorted(have) == sorted(k for k in want if not k.startswith("model.visual."))

@@ -9,6 +9,8 @@ from vlconvert:
 - Bridge's own ``load_model_config(DST/iter_0000000)`` instantiates the provider from the file; every field of it
   equals the provider Bridge's own bridge derives from the HF folder (``AutoBridge.to_megatron_provider``),
   functions (``activation_func``) compared by qualified name, HF sub-configs by ``to_dict``.
+- Qwen3.5 ``--for megatron-lm``: Bridge's Megatron-LM reader builds the ``TransformerConfig`` from the checkpoint's
+  ``args``; its language-model fields (GDN, hybrid layers, MTP, shared expert) equal Bridge's Qwen3.5 provider's.
 - Qwen3, Qwen3-MoE, Qwen2.5-VL: ``AutoBridge.load_megatron_model(DST)`` builds the model from that file alone (its
   default layer spec on megatron-core's local modules: ``bridge_env``) and loads DST: every tensor equals Bridge's
   own HF import; its ``export_hf_weights`` gives every HF tensor back, bit for bit.
@@ -74,3 +76,13 @@ def test_qwen3_vl_activation_func(tmp_path: Path) -> None:
     vlconvert("convert", FIX / "tiny-dense-tied", tmp_path / "td", "--to", "torch_dist", "-q")
     got = worker(WORKER, "bridge-config", FIX / "tiny-dense-tied", tmp_path / "td/iter_0000000", "compare")
     assert not got["differ"], got
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_megatron_lm_args_give_bridges_qwen3_5_language_model(sources: dict, tmp_path: Path, family: str) -> None:
+    """``--for megatron-lm``: the TransformerConfig Bridge's Megatron-LM reader builds from the checkpoint's ``args``
+    has the hybrid-layer, Gated DeltaNet, gated-attention, MTP and shared-expert fields of Bridge's own Qwen3.5
+    provider (the model is not built: see the module docstring)."""
+    vlconvert("convert", sources[family], tmp_path / "td", "--to", "torch_dist", "--for", "megatron-lm", "-q")
+    got = worker(WORKER, "mlm-config", sources[family], tmp_path / "td/release")
+    assert got["args"] and not got["differ"], got

@@ -149,6 +149,34 @@ def bridge_config(fixture: str, dst: str, callables: str = "skip") -> int:
     return 1 if differ or type(have) is not type(want) else 0
 
 
+MLM_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+              "layernorm_epsilon", "normalization", "qk_layernorm", "gated_linear_unit", "add_bias_linear",
+              "add_qkv_bias", "layernorm_zero_centered_gamma", "attention_output_gate",
+              "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim",
+              "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+              "mtp_num_layers", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+
+
+def mlm_config(fixture: str, dst: str) -> int:
+    """Bridge's Megatron-LM reader (``load_model_config``: the ``TransformerConfig`` Megatron-LM builds from a
+    checkpoint's ``args``) against the provider Bridge's own bridge derives from HF: the language model's
+    architecture fields (:data:`MLM_FIELDS`, ``activation_func`` by name, ``args.rotary_percent``)."""
+    from megatron.bridge.training.model_load_save import load_model_config
+
+    bridge_env.init_dist(port=int(os.environ.get("PORT", "29511")))
+    want = _bridge(fixture).to_megatron_provider(load_weights=False)
+    have, args = load_model_config(dst)
+    differ = [f"{n}: bridge {getattr(want, n)!r} megatron-lm {getattr(have, n, None)!r}" for n in MLM_FIELDS
+              if getattr(want, n) != getattr(have, n, None)]
+    if _callable_name(want.activation_func) != _callable_name(have.activation_func):
+        differ.append(f"activation_func: {want.activation_func} {have.activation_func}")
+    if args is not None and args.rotary_percent != want.rotary_percent:  # a GPTModel argument, not a config field
+        differ.append(f"rotary_percent: bridge {want.rotary_percent} megatron-lm {args.rotary_percent}")
+    _result(config=type(have).__name__, args=args is not None, differ=differ)
+    return 1 if differ or args is None else 0
+
+
 def _parallel(rank: int, world: int, port: int, fixture: str, dst: str, tp: int, ep: int, out: str) -> None:
     from megatron.core import dist_checkpointing
 
@@ -431,7 +459,7 @@ JOBS = {"bridge-load": bridge_load, "bridge-load-export": bridge_load_export,
         "bridge-export": bridge_export, "bridge-save": bridge_save,
         "bridge-config": bridge_config, "bridge-train-load": bridge_train_load, "mcore-parallel": mcore_parallel,
         "mlm-load": mlm_load, "bridge-dump": bridge_dump, "reference-dump": reference_dump,
-        "family-load": family_load, "mlm-family": mlm_family}
+        "family-load": family_load, "mlm-family": mlm_family, "mlm-config": mlm_config}
 
 if __name__ == "__main__":
     code = JOBS[sys.argv[1]](*sys.argv[2:])

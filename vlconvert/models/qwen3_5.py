@@ -762,6 +762,9 @@ class Qwen35Family(Family):
     def bridge_model_config(self, info: ModelInfo, **sizes: Any) -> dict:
         return bridge_model_config(_info(info), **sizes)
 
+    def megatron_lm_args(self, info: ModelInfo, **sizes: Any) -> dict:
+        return megatron_lm_args(_info(info), **sizes)
+
 
 # ------------------------------------------------------------------------------- framework records
 # transformers 5.12's Qwen3_5TextConfig / Qwen3_5MoeTextConfig class defaults of the fields Megatron-Bridge 0.6.2
@@ -832,6 +835,31 @@ def bridge_model_config(info: Qwen35Info, *, tp: int = 1, pp: int = 1, ep: int =
                  image_token_id=raw.get("image_token_id", 248056), video_token_id=raw.get("video_token_id", 248057),
                  mrope_section=list(parameters.get("mrope_section", [11, 11, 10])))
     return {**model, **bc.parallel_fields(tp=tp, pp=pp, ep=ep, etp=etp, hf_model_id=hf_model_id)}
+
+
+def megatron_lm_args(info: Qwen35Info, **sizes: Any) -> dict:
+    """Megatron-LM's ``args`` for the language model: the GPT fields
+    (:func:`vlconvert.models.gpt_table.megatron_lm_args`) plus megatron-core 0.19's Gated DeltaNet /
+    gated-attention fields under their ``TransformerConfig`` names (Megatron-LM's parser derives its flags from
+    them; Bridge's Megatron-LM reader copies them by name): ``experimental_attention_variant``,
+    ``linear_attention_freq`` (1 = GDN layer, 0 = attention), the GDN sizes, ``attention_output_gate``,
+    zero-centred norms (``apply_layernorm_1p``), the RoPE share (``rotary_percent``), the MTP depth, the shared
+    expert."""
+    from vlconvert.models.gpt_table import megatron_lm_args as gpt_args
+
+    text = dict(info.raw.get("text_config") or {})
+    args = gpt_args(info, text, qk_norm=True, qkv_bias=False, **sizes)
+    args.update(experimental_attention_variant="gated_delta_net",
+                linear_attention_freq=[int(t == "linear_attention") for t in info.layer_types],
+                linear_conv_kernel_dim=info.conv_kernel, linear_key_head_dim=info.linear_key_head_dim,
+                linear_value_head_dim=info.linear_value_head_dim, linear_num_key_heads=info.linear_key_heads,
+                linear_num_value_heads=info.linear_value_heads, attention_output_gate=True, apply_layernorm_1p=True,
+                layernorm_zero_centered_gamma=True,
+                rotary_percent=bc.rope(text).get("partial_rotary_factor", 0.25),
+                mtp_num_layers=info.mtp_layers or None)
+    if info.is_moe:
+        args.update(moe_shared_expert_intermediate_size=info.shared_intermediate, moe_shared_expert_gate=True)
+    return args
 
 
 def _info(info: ModelInfo) -> Qwen35Info:
