@@ -50,6 +50,7 @@ def test_two_ranks_write_the_same_bytes_as_one_process(tmp_path, argv):
     ["{hf}", "--to", "dcp"],
     ["{dcp}", "--to", "hf", "--assets-dir", "{hf}", "--max-shard-size", "700KB"],
     ["{hf}", "--to", "megatron", "--tp", "2"],
+    ["{hf}", "--to", "torch_dist"],
 ])
 def test_three_ranks_share_files_byte_for_byte(tmp_path, argv):
     """With shares of a few KiB (VLCONVERT_SPLIT_BYTES), three ranks write parts of the same files: zip

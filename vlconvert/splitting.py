@@ -53,7 +53,9 @@ def assign_shares(files: Sequence[Any], world: int, unit: int | None = None) -> 
 
     The files are laid end to end (sizes from the plan's tensor bytes) and cut into ``world`` runs of about
     equal bytes; a cut that falls within an eighth of a run of a file boundary moves to it (the file stays
-    whole), any other cuts the file at a multiple of ``unit`` (default :func:`split_bytes`). A file whose
+    whole), any other cuts the file at a multiple of ``unit`` (default :func:`split_bytes`), or moves to the
+    file's end where no such multiple lies inside it (so rank 0 always writes the start of the first file,
+    which a target's lead may need: torch_dist's ``.metadata`` comes from walking its data file). A file whose
     list has one share is written whole by that rank, as without splitting. Deterministic: every rank
     computes the same."""
     unit = unit or split_bytes()
@@ -71,10 +73,10 @@ def assign_shares(files: Sequence[Any], world: int, unit: int | None = None) -> 
         i = max(j for j, s in enumerate(starts) if s <= at)
         within, size = at - starts[i], files[i].nbytes
         cut = round(within / unit) * unit
-        if within <= run / 8 or (size - within > run / 8 and not 0 < cut < size and within < size / 2):
+        if within <= run / 8:
             cut = 0
         elif size - within <= run / 8 or not 0 < cut < size:
-            cut = size
+            cut = size  # never 0 here: rank 0 always writes the start of the first file
         cuts.append(max(starts[i] + cut, cuts[-1] if cuts else 0))
     bounds = [0, *cuts, total]
     shares: dict[str, list[Share]] = {}

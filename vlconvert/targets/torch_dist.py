@@ -184,6 +184,8 @@ def write_torch_dist(conv: Conversion, stage: Path, plan: ConversionPlan, advanc
                        "shape": [*([1] * len(gk.index)), *t.shape], "dtype": str(t.dtype)})
         expect += [{"key": key, "bytes": True} for key in extras]
     expect.append({"key": tdl.COMMON_STATE_KEY, "bytes": True})
+    if not conv.owns(f"{folder.name}/{DATA_FILE}"):  # under torchrun: a rank with no share of the data file
+        return
     try:
         writer.open_file(DATA_FILE, expect)
         for t, gk, extras in planned:
@@ -199,10 +201,15 @@ def write_torch_dist(conv: Conversion, stage: Path, plan: ConversionPlan, advanc
             for key in extras:
                 writer.write_bytes(key, extra)
         writer.write_bytes(tdl.COMMON_STATE_KEY, tdl.common_state_bytes(common))
-        writer.finish()
+        if conv.lead:  # .metadata needs only the records' places, which every rank's walk of the file knows
+            writer.finish()
+        else:
+            writer.close_file()
     except BaseException:
         writer.abort()
         raise
+    if not conv.lead:
+        return
     tdl.write_common(folder, common)
     if flavour.run_config:
         state = tdl.train_state_bytes(iteration or 0)
@@ -220,12 +227,11 @@ def write_torch_dist(conv: Conversion, stage: Path, plan: ConversionPlan, advanc
 
 
 class TorchDistTarget(Target):
-    """One data file of global tensors for the consumer framework (``--for``), its own files beside it. Written
-    by one process (its one data file cannot be split over ``torchrun`` ranks)."""
+    """One data file of global tensors for the consumer framework (``--for``), its own files beside it. Under
+    ``torchrun`` the ranks write byte ranges of the data file (:mod:`vlconvert.splitting`); rank 0 the rest."""
 
     name = "torch_dist"
     options = MEGATRON_OPTIONS | {"consumer"}
-    distributed = False
 
     def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
         return plan_torch_dist(conv, source, dtype)
