@@ -98,6 +98,9 @@ def test_bridge_files_and_run_config(tmp_path: Path) -> None:
     assert (model["num_layers"], model["hidden_size"], model["num_moe_experts"], model["tensor_model_parallel_size"]) \
         == (info.layers, info.hidden, info.experts, 2)
     assert isinstance(model["layernorm_epsilon"], float)  # YAML 1.1 reads 1e-06 as a string
+    # left out, Bridge's loader builds megatron-core's default activation (gelu) for a silu model
+    assert info.raw["text_config"]["hidden_act"] == "silu"
+    assert model["activation_func"] == {"_target_": "torch.nn.functional.silu", "_call_": False}
     assert model["hf_model_id"] == str((FIX / "tiny-moe").resolve())
     # Bridge builds Qwen3-VL unpadded: the embedding keeps the vocabulary's rows whatever --tp
     emb = DCPReader(tmp_path / "td/iter_0000000").tensors["language_model.embedding.word_embeddings.weight"]
