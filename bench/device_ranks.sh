@@ -2,9 +2,10 @@
 # Ranks that split the bytes (issue 21): each route of a full-size model in one process and under torchrun
 # with N ranks, each run after a `cp -r` + sync of the same input (its time printed beside), wall time with
 # start-up and a final sync; outputs compared byte for byte with the one-process output (cmp of manifests).
-# Usage: bash bench/device_ranks.sh MODEL WORKDIR OUTDIR [ROUTES]   (ROUTES: dcp,megatron,hf; WORKDIR/hf reused)
+# Usage: bash bench/device_ranks.sh MODEL WORKDIR OUTDIR [ROUTES] [RANKS]
+#   ROUTES: dcp,megatron,hf; RANKS: "2 4 8"; WORKDIR/hf is reused when it exists
 set -u
-MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}; ROUTES=${4:-dcp,megatron,hf}
+MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}; ROUTES=${4:-dcp,megatron,hf}; RANKS=${5:-2 4 8}
 mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 py=python3
@@ -28,19 +29,19 @@ if [ ! -d "$S" ]; then t=$(now); $py bench/bench_convert.py --make-source "$S" -
   echo "generated $MODEL in $(echo "$(now) - $t" | bc) s"; fi
 case ",$ROUTES," in *,dcp,*)
   pair "hf->dcp 1 process" "$S" $py -m vlconvert convert "$S" "$W/o" --to dcp -q; cp "$W/o/vlconvert-manifest.json" "$OUT/dcp.json"
-  for n in 2 4 8; do pair "hf->dcp torchrun $n" "$S" tr $n convert "$S" "$W/o" --to dcp -q; same "$OUT/dcp.json"; done;;
+  for n in $RANKS; do pair "hf->dcp torchrun $n" "$S" tr $n convert "$S" "$W/o" --to dcp -q; same "$OUT/dcp.json"; done;;
 esac
 case ",$ROUTES," in *,megatron,*)
   pair "hf->megatron tp2 1 process" "$S" $py -m vlconvert convert "$S" "$W/o" --to megatron --tp 2 -q
   cp "$W/o/vlconvert-manifest.json" "$OUT/mg.json"
-  for n in 2 4 8; do pair "hf->megatron tp2 torchrun $n" "$S" tr $n convert "$S" "$W/o" --to megatron --tp 2 -q
+  for n in $RANKS; do pair "hf->megatron tp2 torchrun $n" "$S" tr $n convert "$S" "$W/o" --to megatron --tp 2 -q
     same "$OUT/mg.json"; done;;
 esac
 case ",$ROUTES," in *,hf,*)
   rm -rf "$W/dcp"; $py -m vlconvert convert "$S" "$W/dcp" --to dcp -q
   pair "dcp->hf 1 process" "$W/dcp" $py -m vlconvert convert "$W/dcp" "$W/o" --to hf --assets-dir "$S" -q
   cp "$W/o/vlconvert-manifest.json" "$OUT/hf.json"
-  for n in 4 8; do pair "dcp->hf torchrun $n" "$W/dcp" tr $n convert "$W/dcp" "$W/o" --to hf --assets-dir "$S" -q
+  for n in $RANKS; do pair "dcp->hf torchrun $n" "$W/dcp" tr $n convert "$W/dcp" "$W/o" --to hf --assets-dir "$S" -q
     same "$OUT/hf.json"; done
   rm -rf "$W/dcp";;
 esac
