@@ -18,6 +18,7 @@ import torch
 import yaml
 from helpers import load_hf_tensors, run_cli
 from test_families import CONFIGS as FAMILY_CONFIGS
+from test_family_routes import _build
 
 from vlconvert.engine import Converter
 from vlconvert.errors import UserError
@@ -39,18 +40,6 @@ PROVIDERS = {"qwen3": "megatron.bridge.models.gpt_provider.GPTModelProvider",
              "qwen3_5_moe": "megatron.bridge.models.qwen_vl.qwen35_vl_provider.Qwen35VLMoEModelProvider"}
 BF16 = {"_target_": "torch.bfloat16", "_call_": False}
 SILU = {"_target_": "torch.nn.functional.silu", "_call_": False}
-
-
-def _build(config: dict) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    cls = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = cls.from_config(AutoConfig.for_model(**json.loads(json.dumps(config)))).to(torch.bfloat16)
-    with torch.no_grad():  # norms start at 1 and biases at 0: give every tensor distinct values
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
 
 
 @pytest.fixture(scope="session")

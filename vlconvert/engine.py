@@ -548,6 +548,7 @@ class Converter:
         import torch.distributed as dist
 
         from vlconvert.errors import one_line
+        from vlconvert.publish import sync_files
 
         rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -562,7 +563,11 @@ class Converter:
             dist.all_gather_object(out, (error, value))
             return next((e for e, _ in out if e), None), [v for _, v in out]
 
-        error, reports = exchange(lambda: (entries, splitting.crc_report(stage.parts)), error)
+        def report() -> tuple[dict, dict]:
+            sync_files([stage.path / rel for rel in sorted(stage.parts)])  # another node may read them back
+            return entries, splitting.crc_report(stage.parts)
+
+        error, reports = exchange(report, error)
         if error or not self._splitting:
             return error, [r[0] for r in reports] if not error else [], {}
         error, _ = exchange(lambda: splitting.fill_holes(
