@@ -75,21 +75,35 @@ def test_three_ranks_share_files_byte_for_byte(tmp_path, argv):
     run_cli("verify", "--manifest", tmp_path / "three", "-q")
 
 
-@pytest.mark.parametrize("split", [None, "4096"])
-def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, split):
-    """Two launchers (one per "node", one rank each) on a shared folder; with ``split``, they share files."""
+def shared_files(to: list[str], ranks: int, unit: int) -> int:
+    """How many of the output files of tiny-moe ``to`` the ranks share at shares of ``unit`` bytes."""
+    from vlconvert.engine import Converter
+
+    options = {"tp": 2, "ep": 2} if "--tp" in to else {}
+    plan = Converter(FIX / "tiny-moe", Path("/nonexistent/out"), to=to[1], **options).plan()
+    return sum(len(owners) > 1 for owners in assign_shares(plan.files, ranks, unit=unit).values())
+
+
+MG = ["--to", "megatron", "--tp", "2", "--ep", "2"]
+
+
+@pytest.mark.parametrize(("to", "split"), [(MG, None), (["--to", "dcp"], "4096")])
+def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, to, split):
+    """Two launchers (one per "node", one rank each) on a shared folder; with ``split``, they share a file."""
+    if split:
+        assert shared_files(to, 2, int(split)) >= 1
     env = {**ENV, **({SPLIT_BYTES_ENV: split} if split else {})}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "megatron", "--tp", "2", "--ep", "2"]
+    argv = ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), *to]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=vlconvert-test"]
     nodes = [subprocess.Popen([*launch, f"--node-rank={i}", "-m", "vlconvert", *argv, "-q"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [(n.wait(timeout=600), n.stderr.read()) for n in nodes]
     assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
-    run_cli("convert", FIX / "tiny-moe", tmp_path / "one", "--to", "megatron", "--tp", "2", "--ep", "2", "-q")
+    run_cli("convert", FIX / "tiny-moe", tmp_path / "one", *to, "-q")
     assert folder_digest(tmp_path / "out") == folder_digest(tmp_path / "one")
 
 
@@ -136,10 +150,11 @@ def test_files_are_split_by_bytes():
                                                "b": [(1, 0, 2688), (2, 2688, None)]}
 
 
-@pytest.mark.parametrize("to", [["--to", "dcp"], ["--to", "megatron", "--tp", "2", "--ep", "2"]])
-def test_torchrun_resumes_a_killed_run_with_the_same_bytes(tmp_path, to):
+@pytest.mark.parametrize(("to", "split"), [(["--to", "dcp"], None), (MG, None), (["--to", "dcp"], "4096")])
+def test_torchrun_resumes_a_killed_run_with_the_same_bytes(tmp_path, to, split):
     """A run killed half-way (SIGKILL) is finished by ``torchrun --resume`` on 2 ranks: the journaled files
-    are kept (rank 0 tells the other rank which), the rest are written, and the bytes equal a clean run."""
+    are kept (rank 0 tells the other rank which), the rest are written (``split``: the ranks share them, the
+    partial files the killed run left are discarded), and the bytes equal a clean run."""
     import signal
 
     from test_reliability import _killed_run
@@ -156,7 +171,15 @@ def test_torchrun_resumes_a_killed_run_with_the_same_bytes(tmp_path, to):
     assert kept > 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vlconvert",
            *argv, "--resume"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if split:  # the file the killed run left half written is one the ranks share now
+        from vlconvert.engine import Converter
+
+        plan = Converter(FIX / "tiny-moe", tmp_path / "x", to=to[1]).plan()
+        assert any(len(owners) > 1 for owners in assign_shares(plan.files, 2, unit=int(split)).values())
+    if split:  # the file the killed run left half written is one the ranks share now
+        assert shared_files(to, 2, int(split)) >= 1
+    env = {**ENV, **({SPLIT_BYTES_ENV: split} if split else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{kept} finished files kept" in proc.stdout + proc.stderr
     assert folder_digest(out) == folder_digest(tmp_path / "one")
