@@ -132,6 +132,9 @@ def fill_holes(stage: Path, parts: dict[str, Part], crcs: dict[str, dict[int, in
         known = crcs.get(rel, {})
         for c in part.records:
             assert c.record is not None
+            if c.record[1] == 0:  # an empty record: no rank saw a byte of it
+                c.resolve(0)
+                continue
             if c.record[0] not in known:
                 raise RuntimeError(f"{rel}: no rank reported the record at byte {c.record[0]}")
             c.resolve(known[c.record[0]])
