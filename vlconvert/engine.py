@@ -480,7 +480,9 @@ class Converter:
                 stage.split = split
                 failure: BaseException | None = None
                 try:
-                    bar = progress_bar(progress, f"{source.layout} -> {self.to} (rank 0 of {world})", plan.tensor_bytes)
+                    share = sum((f.nbytes if stop is None else stop) - start for f in plan.files
+                                for r, start, stop in shares.get(f.name, [(0, 0, None)]) if r == 0)
+                    bar = progress_bar(progress, f"{source.layout} -> {self.to} (rank 0 of {world})", share)
                     error = None
                     try:
                         with bar as advance:
