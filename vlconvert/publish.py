@@ -482,8 +482,9 @@ class OutputFile(io.RawIOBase):
     def write_blocks(self, size: int, blocks: Iterable[Any], crc: Checksum | None = None) -> int:
         """Queue one record of ``size`` bytes given in order as buffers or spans of input files (objects with
         ``path``, ``offset`` and ``nbytes``: copied, see :meth:`copy_range`); ``crc`` is advanced over it.
-        In a file split over ranks, blocks wholly outside this rank's share are not asked for (a record
-        outside it is never produced) and ``crc`` learns which part of the record it saw."""
+        In a file split over ranks, a record wholly outside this rank's share is never produced, blocks past
+        the share's end are not asked for (those before its start are, and dropped), and ``crc`` learns which
+        part of the record it saw."""
         start, part = self._pos, self.part
         if part is not None:
             lo, hi = part.clip(start, size)
