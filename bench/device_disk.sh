@@ -14,7 +14,7 @@ since() { echo "$(now) - $1" | bc; }
 echo "== disk $(date -u +%FT%TZ)"; nproc; df -h "$W" | tail -1
 if [ ! -d "$S" ]; then t=$(now); python3 bench/bench_convert.py --make-source "$S" --model "$MODEL" >/dev/null
   echo "generated $MODEL in $(since "$t") s"; fi
-du -sb "$S" | cut -f1 | awk '{printf "bytes %d (%.2f GB)\n", $1, $1/1e9}'
+du -sb "$S" | cut -f1 | awk '{printf "bytes %.0f (%.2f GB)\n", $1, $1/1e9}'
 for i in ${CP_RUNS:-1 2}; do
   rm -rf "$W/d"; sync; t=$(now); cp -r --reflink=never "$S" "$W/d"; sync; echo "cp -r + sync: $(since "$t") s"
 done
