@@ -126,12 +126,18 @@ def provider_kwargs(view: dict, dtype: torch.dtype | None, *, divisible_by: int 
         out["make_vocab_size_divisible_by"] = vocab_divisor(out["vocab_size"], divisible_by)
     dtype = dtype or torch.float32
     out.update(fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=dtype_ref(dtype))
+    out["activation_func"] = activation_ref(view)
+    return out
+
+
+def activation_ref(view: dict) -> dict:
+    """The config's ``hidden_act`` as Bridge's ``activation_func`` (left out, Bridge's loader builds
+    megatron-core's default, gelu); one line for an activation Bridge's record cannot name."""
     act = view.get("hidden_act") or view.get("hidden_activation") or "silu"
     if act not in ACTIVATIONS:
         raise UserError(f"writing Megatron-Bridge's run_config.yaml for hidden_act '{act}' is not supported "
                         f"(only {', '.join(ACTIVATIONS)}): use --for mbridge or --for megatron-lm")
-    out["activation_func"] = function_ref(ACTIVATIONS[act])
-    return out
+    return function_ref(ACTIVATIONS[act])
 
 
 def hf_config_ref(target: str, fields: dict, dtype: torch.dtype | None) -> dict:

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from vlconvert.errors import UserError
 from vlconvert.models import bridge_config as bc
 from vlconvert.models.megatron_table import hf_vision_tensors  # noqa: F401 - re-exported: the old name
 from vlconvert.models.qwen3vl import ModelInfo
@@ -40,11 +39,7 @@ def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 
                  normalization="RMSNorm", gated_linear_unit=True, add_qkv_bias=bool(text.get("attention_bias")),
                  add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0,
                  share_embeddings_and_output_weights=bool(raw.get("tie_word_embeddings", False)))
-    act = text.get("hidden_act") or "silu"  # left out, Bridge's loader would build megatron-core's default, gelu
-    if act not in bc.ACTIVATIONS:
-        raise UserError(f"writing Megatron-Bridge's run_config.yaml for hidden_act '{act}' is not supported "
-                        f"(only {', '.join(bc.ACTIVATIONS)}): use --for mbridge or --for megatron-lm")
-    model["activation_func"] = bc.function_ref(bc.ACTIVATIONS[act])
+    model["activation_func"] = bc.activation_ref(text)
     if info.is_moe:
         model.update(moe_ffn_hidden_size=info.moe_intermediate, num_moe_experts=info.experts,
                      moe_router_topk=info.experts_per_token, decoder_sparse_step=text.get("decoder_sparse_step", 1),
