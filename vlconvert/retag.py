@@ -533,19 +533,22 @@ def _write_patched_shard(ckpt: HFCheckpoint, shard: Path, dst: Path, patches: di
     ordered = sorted(infos.values(), key=lambda t: t.start)
     writer = SafetensorsFileWriter(dst, [PlannedTensor(t.name, t.dtype, t.shape) for t in ordered],
                                    metadata=metadata or None)
+    def blocks(t: Any) -> Iterator[torch.Tensor]:
+        rows_patch = patches.get(t.name, {})
+        if not t.shape or (t.nbytes <= _ROW_BLOCK_BYTES and not rows_patch):
+            yield ckpt.read(t.name)
+            return
+        row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
+        for start, stop in _row_blocks(t.shape[0], row_bytes):
+            block = ckpt.read_rows(t.name, start, stop)
+            for row, value in rows_patch.items():
+                if start <= row < stop:
+                    block[row - start] = value
+            yield block
+
     try:
         for t in ordered:
-            rows_patch = patches.get(t.name, {})
-            if not t.shape or (t.nbytes <= _ROW_BLOCK_BYTES and not rows_patch):
-                advance(writer.write(t.name, ckpt.read(t.name)))
-                continue
-            row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
-            for start, stop in _row_blocks(t.shape[0], row_bytes):
-                block = ckpt.read_rows(t.name, start, stop)
-                for row, value in rows_patch.items():
-                    if start <= row < stop:
-                        block[row - start] = value
-                advance(writer.write(t.name, block, row_offset=start))
+            advance(writer.write_blocks(t.name, blocks(t)))
     except BaseException:
         writer.abort()  # keep the original error; the staged output is discarded
         raise

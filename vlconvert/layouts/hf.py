@@ -21,7 +21,7 @@ from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, dtype_n
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.filebytes import FileSpan, block_nbytes, read_exact
+from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.publish import (
     MANIFEST_NAME,
     check_inside,
@@ -404,7 +404,7 @@ def shard_file_names(count: int) -> list[str]:
 
 
 class SafetensorsFileWriter:
-    """Write one safetensors file whose header is known up front, one tensor (or row block) at a time.
+    """Write one safetensors file whose header is known up front, one tensor at a time from its row blocks.
 
     Memory stays at the size of whatever piece is being written; the file is complete only when every
     planned byte has been written (``close`` checks).
@@ -431,31 +431,6 @@ class SafetensorsFileWriter:
         self._f = None if self.kept else create_file(self.path)
         if self._f is not None:
             self._f.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, tensor: torch.Tensor | FileSpan, row_offset: int = 0) -> int:
-        """Write ``tensor`` (or a :class:`FileSpan`, copied file to file) as the whole of ``name``, or rows
-        starting at ``row_offset``; return bytes."""
-        planned = self.tensors[name]
-        if tensor.dtype != planned.dtype:
-            raise ValueError(f"{name}: writing {tensor.dtype}, planned {planned.dtype}")
-        if row_offset == 0 and tuple(tensor.shape) == planned.shape:
-            pos = 0
-        else:
-            if tuple(tensor.shape[1:]) != planned.shape[1:] or row_offset + tensor.shape[0] > planned.shape[0]:
-                raise ValueError(f"{name}: rows {row_offset}+{tuple(tensor.shape)} outside {planned.shape}")
-            pos = row_offset * (planned.nbytes // planned.shape[0])
-        nbytes = block_nbytes(tensor)
-        self.written += nbytes
-        if self._f is None:
-            return nbytes
-        where = self.data_start + self.offsets[name] + pos
-        if self._f.tell() != where:
-            self._f.seek(where)
-        if isinstance(tensor, FileSpan):
-            self._f.copy_range(tensor.path, tensor.offset, nbytes)
-        else:
-            self._f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        return nbytes
 
     def write_blocks(self, name: str, blocks: Iterable[torch.Tensor | FileSpan]) -> int:
         """Write the whole of ``name`` from its row blocks in order (tensors or :class:`FileSpan`, copied file to
