@@ -537,6 +537,7 @@ def _write_patched_shard(ckpt: HFCheckpoint, shard: Path, dst: Path, patches: di
         rows_patch = patches.get(t.name, {})
         if not t.shape or (t.nbytes <= _ROW_BLOCK_BYTES and not rows_patch):
             yield ckpt.read(t.name)
+            advance(t.nbytes)
             return
         row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
         for start, stop in _row_blocks(t.shape[0], row_bytes):
@@ -545,10 +546,11 @@ def _write_patched_shard(ckpt: HFCheckpoint, shard: Path, dst: Path, patches: di
                 if start <= row < stop:
                     block[row - start] = value
             yield block
+            advance(block.numel() * block.element_size())  # the bar moves block by block
 
     try:
         for t in ordered:
-            advance(writer.write_blocks(t.name, blocks(t)))
+            writer.write_blocks(t.name, blocks(t))
     except BaseException:
         writer.abort()  # keep the original error; the staged output is discarded
         raise
