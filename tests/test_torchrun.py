@@ -107,6 +107,24 @@ def test_two_nodes_with_a_rendezvous_endpoint(tmp_path, to, split):
     assert folder_digest(tmp_path / "out") == folder_digest(tmp_path / "one")
 
 
+def test_nodes_that_plan_differently_are_refused(tmp_path):
+    """A node launched with another VLCONVERT_SPLIT_BYTES would write other byte ranges than rank 0 expects:
+    gaps or overlaps no checksum catches. Every rank stops with one line; nothing is published."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["convert", str(FIX / "tiny-moe"), str(tmp_path / "out"), "--to", "dcp"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=vlconvert-differ"]
+    envs = [ENV, {**ENV, SPLIT_BYTES_ENV: "4096"}]
+    nodes = [subprocess.Popen([*launch, f"--node-rank={i}", "-m", "vlconvert", *argv, "-q"], env=envs[i],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [(n.wait(timeout=600), n.stderr.read()) for n in nodes]
+    assert all(code != 0 for code, _ in results)
+    assert all("planned another output than rank 0" in err for _, err in results), [e[-1500:] for _, e in results]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_refusal_reaches_every_rank_and_nothing_is_published(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("not theirs")  # an empty folder would be filled (issue 22)

@@ -448,16 +448,24 @@ class Converter:
             raise UserError(f"--to {self.to} is written by one process: run it without torchrun")
         plan = self.plan()
         source = self.source
+        shares: dict = {}
         try:  # each rank is its own process: the budget is per rank, and all stop if one cannot keep it
             self.block_bytes, refused = self.memory_plan()[0], None
             hashing.QUEUED_BYTES = self.hash_queue_bytes
+            shares = splitting.assign_shares(plan.files, world)
         except UserError as exc:
             refused = str(exc)
+        # every rank must write its share of the same files: a node with another SRC, other options or another
+        # $VLCONVERT_SPLIT_BYTES would leave gaps or overlaps that no checksum catches (each hashes what is there)
+        layout = hashlib.sha256(repr(([(f.name, f.tensors) for f in plan.files], shares)).encode()).hexdigest()
         verdicts: list = [None] * world
-        dist.all_gather_object(verdicts, refused)
-        if any(verdicts):
-            raise UserError(next(v for v in verdicts if v))
-        shares = splitting.assign_shares(plan.files, world)
+        dist.all_gather_object(verdicts, (refused, layout))
+        if any(v for v, _ in verdicts):
+            raise UserError(next(v for v, _ in verdicts if v))
+        differ = [r for r, (_, other) in enumerate(verdicts) if other != verdicts[0][1]]
+        if differ:
+            raise UserError(f"rank {differ[0]} planned another output than rank 0 (another SRC, other options or "
+                            f"another {splitting.SPLIT_BYTES_ENV}): every rank must see the same inputs and settings")
         self._world, self._lead = world, rank == 0
         self._mine = lambda name: any(r == rank for r, _, _ in shares.get(name, [(0, 0, None)]))
         split = {name: (start, stop) for name, owners in shares.items() if len(owners) > 1
