@@ -177,22 +177,27 @@ def mlm_config(fixture: str, dst: str) -> int:
     return 1 if differ or args is None else 0
 
 
-def _parallel(rank: int, world: int, port: int, fixture: str, dst: str, tp: int, ep: int, out: str) -> None:
+def _reference_and_loaded(bridge, provider, dst: str) -> tuple[list, list]:
+    """Bridge's model with the HF weights (its own import), and a zeroed one that loaded DST at megatron-core's
+    default strictness (assume_ok_unexpected: every key the model asks for must exist)."""
     from megatron.core import dist_checkpointing
 
-    bridge_env.init_dist(rank, world, port, tp=tp, ep=ep)
-    bridge = _bridge(fixture)
-    provider = bridge.to_megatron_provider(load_weights=False)
-    provider.tensor_model_parallel_size, provider.expert_model_parallel_size = tp, ep
-    provider.finalize()
     ref = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
     bridge.load_hf_weights(ref)
     fresh = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
     for p in fresh[0].parameters():
         p.data.zero_()
-    # megatron-core's default strictness (assume_ok_unexpected): every key the model asks for must exist
-    loaded = dist_checkpointing.load(fresh[0].sharded_state_dict(), dst)
-    fresh[0].load_state_dict(loaded, strict=False)
+    fresh[0].load_state_dict(dist_checkpointing.load(fresh[0].sharded_state_dict(), dst), strict=False)
+    return ref, fresh
+
+
+def _parallel(rank: int, world: int, port: int, fixture: str, dst: str, tp: int, ep: int, out: str) -> None:
+    bridge_env.init_dist(rank, world, port, tp=tp, ep=ep)
+    bridge = _bridge(fixture)
+    provider = bridge.to_megatron_provider(load_weights=False)
+    provider.tensor_model_parallel_size, provider.expert_model_parallel_size = tp, ep
+    provider.finalize()
+    ref, fresh = _reference_and_loaded(bridge, provider, dst)
     bad = _compare(_weights(ref), _weights(fresh))
     Path(out, f"rank{rank}.json").write_text(json.dumps({"tensors": len(_weights(ref)), "mismatched": bad[:10]}))
     torch.distributed.barrier()
@@ -314,20 +319,12 @@ def _family_provider(bridge, tp: int, ep: int = 1):
 
 
 def _family_rank(rank: int, world: int, port: int, fixture: str, dst: str, tp: int, ep: int, out: str) -> None:
-    from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
     bridge_env.init_dist(rank, world, port, tp=tp, ep=ep)
     bridge = _bridge(fixture)
     provider = _family_provider(bridge, tp, ep)
-    ref = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
-    bridge.load_hf_weights(ref)
-    fresh = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
-    for p in fresh[0].parameters():
-        p.data.zero_()
-    # megatron-core's default strictness (assume_ok_unexpected): every key the model asks for must exist
-    loaded = dist_checkpointing.load(fresh[0].sharded_state_dict(), dst)
-    fresh[0].load_state_dict(loaded, strict=False)
+    ref, fresh = _reference_and_loaded(bridge, provider, dst)
     want, have = _weights(ref), _weights(fresh)
     bad = _compare(want, have)
     # Bridge's own Megatron -> HF export of the loaded model against the HF folder's tensors
