@@ -29,4 +29,4 @@ pair "hf->megatron tp2 torchrun 2" $py -m torch.distributed.run --nproc-per-node
 pair "hf->dcp OMP_NUM_THREADS=4" env OMP_NUM_THREADS=4 $py -m vlconvert convert "$S" "$W/o" --to dcp -q
 rm -rf "$W/o"
 $py bench/profile_route.py "$S" "$W/o" --to megatron --tp 2 --json "$OUT/prof_hf_mg.txt" | head -60
-} 2>&1 | tee "$OUT/log.txt"
+} 2>&1 | tee -a "$OUT/log.txt"
