@@ -4,12 +4,13 @@
 # (`dd` with skip/seek, conv=notrunc): what "ranks that split the bytes" could reach at best.
 # Usage: bash bench/device_disk.sh MODEL WORKDIR OUTDIR [WAYS]   (generates WORKDIR/hf unless it exists)
 set -u
+calc() { awk "BEGIN { printf \"%.2f\", $* }"; }  # no bc on the device machine
 MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}; WAYS=${4:-4 8 16}
 mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 S="$W/hf"
 now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
+since() { calc "$(now) - $1"; }
 {
 echo "== disk $(date -u +%FT%TZ)"; nproc; df -h "$W" | tail -1
 if [ ! -d "$S" ]; then t=$(now); python3 bench/bench_convert.py --make-source "$S" --model "$MODEL" >/dev/null

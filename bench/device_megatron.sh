@@ -4,6 +4,7 @@
 # process), each after a `cp -r` + sync of the same input; then bench/profile_route.py (per-thread CPU).
 # Usage: bash bench/device_megatron.sh MODEL WORKDIR OUTDIR
 set -u
+calc() { awk "BEGIN { printf \"%.2f\", $* }"; }  # no bc on the device machine
 MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}
 mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -13,14 +14,14 @@ S="$W/hf"
 echo "== machine $(date -u +%FT%TZ)"; nproc
 $py -c "import torch; print(torch.__version__, 'intra-op threads', torch.get_num_threads())"
 if [ ! -d "$S" ]; then t=$(date +%s.%N); $py bench/bench_convert.py --make-source "$S" --model "$MODEL" >/dev/null
-  echo "generated $MODEL in $(echo "$(date +%s.%N) - $t" | bc) s"; fi
+  echo "generated $MODEL in $(calc "$(date +%s.%N) - $t") s"; fi
 pair() {  # name, command...: cp + sync of the source, then the command + sync
   local name=$1; shift
   rm -rf "$W/cp" "$W/o"; sync
   local t0=$(date +%s.%N); cp -r --reflink=never "$S" "$W/cp"; sync; local t1=$(date +%s.%N)
   rm -rf "$W/cp"; sync
   local t2=$(date +%s.%N); "$@" >/dev/null; sync; local t3=$(date +%s.%N)
-  echo "$name: $(echo "$t3 - $t2" | bc) s, cp $(echo "$t1 - $t0" | bc) s, x cp $(echo "scale=2; ($t3 - $t2) / ($t1 - $t0)" | bc)"
+  echo "$name: $(calc "$t3 - $t2") s, cp $(calc "$t1 - $t0") s, x cp $(calc "($t3 - $t2) / ($t1 - $t0)")"
 }
 pair "hf->megatron tp2 (default threads)" $py -m vlconvert convert "$S" "$W/o" --to megatron --tp 2 -q
 pair "hf->megatron tp2 OMP_NUM_THREADS=4" env OMP_NUM_THREADS=4 $py -m vlconvert convert "$S" "$W/o" --to megatron --tp 2 -q

@@ -3,6 +3,7 @@
 # time goes in hf->dcp, dcp->hf and hf->megatron --tp 2 of a full-size model (bench/profile_route.py),
 # then the same routes under torchrun. Usage: bash bench/device_profile.sh MODEL WORKDIR OUTDIR
 set -u
+calc() { awk "BEGIN { printf \"%.2f\", $* }"; }  # no bc on the device machine
 MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}
 mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1
@@ -13,7 +14,7 @@ echo "== start-up (warm, 3 runs each)"
 for i in 1 2 3; do /usr/bin/time -f "import torch %e s" $py -c "import torch"; done
 for i in 1 2 3; do /usr/bin/time -f "import torch.distributed.checkpoint %e s" $py -c "import torch.distributed.checkpoint"; done
 echo "== generate $MODEL"
-t=$(date +%s.%N); $py bench/bench_convert.py --make-source "$W/hf" --model "$MODEL"; echo "generated in $(echo "$(date +%s.%N) - $t" | bc) s"
+t=$(date +%s.%N); $py bench/bench_convert.py --make-source "$W/hf" --model "$MODEL"; echo "generated in $(calc "$(date +%s.%N) - $t") s"
 for i in 1 2 3; do /usr/bin/time -f "dry-run hf->dcp %e s" $py -m vlconvert convert "$W/hf" "$W/x" --to dcp --dry-run -q >/dev/null; done
 for i in 1 2; do /usr/bin/time -f "dry-run hf->megatron tp2 %e s" $py -m vlconvert convert "$W/hf" "$W/x" --to megatron --tp 2 --dry-run -q >/dev/null; done
 echo "== profiles"

@@ -5,6 +5,7 @@
 # Usage: bash bench/device_ranks.sh MODEL WORKDIR OUTDIR [ROUTES] [RANKS]
 #   ROUTES: dcp,megatron,hf; RANKS: "2 4 8"; WORKDIR/hf is reused when it exists
 set -u
+calc() { awk "BEGIN { printf \"%.2f\", $* }"; }  # no bc on the device machine
 MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}; ROUTES=${4:-dcp,megatron,hf}; RANKS=${5:-2 4 8}
 mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -17,7 +18,7 @@ pair() {  # name, input, command...: cp -r + sync of the input, then the command
   local t0=$(now); cp -r --reflink=never "$input" "$W/cp"; sync; local t1=$(now)
   rm -rf "$W/cp"; sync
   local t2=$(now); "$@" >/dev/null 2>"$OUT/err.txt" || tail -3 "$OUT/err.txt"; sync; local t3=$(now)
-  echo "$name: $(echo "$t3 - $t2" | bc) s, cp $(echo "$t1 - $t0" | bc) s, x cp $(echo "scale=2; ($t3 - $t2) / ($t1 - $t0)" | bc)"
+  echo "$name: $(calc "$t3 - $t2") s, cp $(calc "$t1 - $t0") s, x cp $(calc "($t3 - $t2) / ($t1 - $t0)")"
 }
 same() {  # the manifest of $W/o equals the one kept as $1
   cmp -s "$W/o/vlconvert-manifest.json" "$1" && echo "  output identical to one process" || echo "  OUTPUT DIFFERS"
@@ -26,7 +27,7 @@ tr() { local n=$1; shift; $py -m torch.distributed.run --standalone --nproc-per-
 {
 echo "== ranks $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
 if [ ! -d "$S" ]; then t=$(now); $py bench/bench_convert.py --make-source "$S" --model "$MODEL" >/dev/null
-  echo "generated $MODEL in $(echo "$(now) - $t" | bc) s"; fi
+  echo "generated $MODEL in $(calc "$(now) - $t") s"; fi
 case ",$ROUTES," in *,dcp,*)
   pair "hf->dcp 1 process" "$S" $py -m vlconvert convert "$S" "$W/o" --to dcp -q; cp "$W/o/vlconvert-manifest.json" "$OUT/dcp.json"
   for n in $RANKS; do pair "hf->dcp torchrun $n" "$S" tr $n convert "$S" "$W/o" --to dcp -q; same "$OUT/dcp.json"; done;;
