@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from vlconvert import buffers, hashing, splitting
+from vlconvert import workers as workers_mod
 from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.filebytes import FileSpan
@@ -97,7 +98,9 @@ class Converter:
     ``merge_lora`` a PEFT adapter folder merged into the weights on the way; ``consumer`` (torch_dist:
     megatron-bridge, mbridge, ms-swift or megatron-lm) the framework whose own save the output matches.
     ``max_memory`` (bytes or a size such as ``"1GiB"``): the peak resident memory to stay under (see
-    :meth:`memory_plan`).
+    :meth:`memory_plan`), per process. ``workers``: processes forked to write the output's bytes together
+    (``"auto"``: :func:`~vlconvert.workers.auto_workers`; the command line's default); 1 by default here, since
+    a library caller's process may run threads of its own, which a fork does not take along.
     """
 
     def __init__(self, src: str | Path, dst: str | Path, *, to: str, dtype: str | torch.dtype | None = "auto",
@@ -110,7 +113,7 @@ class Converter:
                  make_vocab_size_divisible_by: int = 128, iteration: int | None = None,
                  overwrite: bool = False, resume: bool = False, metadata: bool = True,
                  source_layout: str | None = None, merge_lora: str | Path | None = None,
-                 max_memory: str | int | None = None, consumer: str | None = None,
+                 max_memory: str | int | None = None, consumer: str | None = None, workers: str | int = 1,
                  info: Callable[[str], None] = lambda s: None):
         target = target_named(to)
         if iteration is not None and iteration < 0:
@@ -149,6 +152,7 @@ class Converter:
         self.assets_dir, self.config = assets_dir, config
         self.overwrite, self.resume, self.info = overwrite, resume, info
         self.max_memory = _memory_budget(max_memory)  # not an option of the output: --resume ignores it
+        self.workers = workers_mod.parse_workers(workers)  # None: auto; not an option of the output either
         self.block_bytes = ROW_BLOCK
         self.source_layout = source_layout  # the older spellings (hf-to-dcp, ...) name the layout they read
         self._source: Source | None = None
@@ -386,7 +390,13 @@ class Converter:
         returning ``advance(n_bytes)``, a tqdm-like bar or a context manager yielding either. Under
         ``torchrun`` (``WORLD_SIZE`` > 1) the files are split by bytes over the ranks: see :meth:`_run_distributed`."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if self.workers not in (None, 1):
+                raise UsageError(f"--workers {self.workers} under torchrun: the ranks already split the output; "
+                                 "drop --workers or run without torchrun")
             return self._run_distributed(progress)
+        workers = self.worker_count()
+        if workers > 1:
+            return self._run_forked(workers, progress)
         plan = self.plan()
         source = self.source
         self.block_bytes = self.memory_plan()[0]
@@ -413,6 +423,35 @@ class Converter:
         """This process's share of the output files (all of them in a single process)."""
         return self.target.write(self, stage, plan, advance)
 
+    def worker_count(self) -> int:
+        """How many processes this run forks (``workers``; auto: by output size and cores, one where
+        ``max_memory`` is set, since that budget is per process)."""
+        if self.workers is not None:
+            return self.workers
+        if self.max_memory is not None:
+            return 1
+        plan = self.plan()
+        return workers_mod.auto_workers(sum(f.nbytes for f in plan.files))
+
+    def _run_forked(self, workers: int, progress: Progress | None) -> Result:
+        """``workers`` processes of this one split the output's bytes as ``torchrun``'s ranks do (the same
+        :meth:`_run_rank`), forked after the plan, so ``import torch`` and the plan are paid once. Each child
+        reopens the source (a handle shared across a fork shares its offset) and ends when its share is met."""
+        plan = self.plan()
+        if not self.target.distributed:
+            raise UsageError(f"--to {self.to} is written by one process: drop --workers")
+        group = workers_mod.ForkedGroup(workers)
+        if group.rank != 0:
+            self._source, self.info = None, lambda s: None
+            buffers.BUFFERS.clear()
+            threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) // workers)
+            torch.set_num_threads(threads)
+            group.child_exit(lambda: self._run_rank(None, group, plan))
+        try:
+            return self._run_rank(progress, group, plan)
+        finally:
+            group.reap()
+
     def _run_distributed(self, progress: Progress | None) -> Result:
         """One rank of ``torchrun``: every rank plans the same output from metadata; the bytes are split over
         the ranks (:func:`~vlconvert.splitting.assign_shares`: whole files, and byte ranges of a file where that
@@ -431,22 +470,20 @@ class Converter:
             dist.init_process_group("gloo")
         ranks_ran = True  # the command line then ends the process without finalization (cli._leave_rank)
         try:
-            return self._run_rank(progress)
+            return self._run_rank(progress, workers_mod.TorchGroup(), self.plan())
         finally:
             if owned and dist.is_initialized():
                 dist.destroy_process_group()
 
-    def _run_rank(self, progress: Progress | None) -> Result:
-        """The body of :meth:`_run_distributed`, run inside the process group."""
-        import torch.distributed as dist
-
+    def _run_rank(self, progress: Progress | None, group: workers_mod.Group, plan: ConversionPlan) -> Result:
+        """One process of ``group`` (a ``torchrun`` rank or a ``--workers`` process): its share of the output,
+        the exchanges, and, on rank 0, the stage, the journal and the publishing (:meth:`_run_distributed`)."""
         from vlconvert.errors import one_line
         from vlconvert.publish import attached_stage, sync_files
 
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = group.rank, group.world
         if not self.target.distributed:
             raise UserError(f"--to {self.to} is written by one process: run it without torchrun")
-        plan = self.plan()
         source = self.source
         shares: dict = {}
         try:  # each rank is its own process: the budget is per rank, and all stop if one cannot keep it
@@ -458,8 +495,7 @@ class Converter:
         # every rank must write its share of the same files: a node with another SRC, other options or another
         # $VLCONVERT_SPLIT_BYTES would leave gaps or overlaps that no checksum catches (each hashes what is there)
         layout = hashlib.sha256(repr(([(f.name, f.tensors) for f in plan.files], shares)).encode()).hexdigest()
-        verdicts: list = [None] * world
-        dist.all_gather_object(verdicts, (refused, layout))
+        verdicts = group.all_gather((refused, layout))
         if any(v for v, _ in verdicts):
             raise UserError(next(v for v, _ in verdicts if v))
         differ = [r for r, (_, other) in enumerate(verdicts) if other != verdicts[0][1]]
@@ -482,24 +518,29 @@ class Converter:
                 try:
                     stage = staged.__enter__()
                 except BaseException as exc:
-                    dist.broadcast_object_list([("error", str(exc), {})], src=0)
+                    group.broadcast(("error", str(exc), {}))
                     raise
-                dist.broadcast_object_list([("ok", str(stage.path), stage.kept)], src=0)
+                group.broadcast(("ok", str(stage.path), stage.kept))
                 stage.split = split
                 failure: BaseException | None = None
                 try:
-                    share = sum((f.nbytes if stop is None else stop) - start for f in plan.files
-                                for r, start, stop in shares.get(f.name, [(0, 0, None)]) if r == 0)
-                    bar = progress_bar(progress, f"{source.layout} -> {self.to} (rank 0 of {world})", share)
+                    if isinstance(group, workers_mod.ForkedGroup):  # one bar for every worker's bytes
+                        share, title = plan.tensor_bytes, f"{source.layout} -> {self.to} ({world} workers)"
+                    else:
+                        share = sum((f.nbytes if stop is None else stop) - start for f in plan.files
+                                    for r, start, stop in shares.get(f.name, [(0, 0, None)]) if r == 0)
+                        title = f"{source.layout} -> {self.to} (rank 0 of {world})"
                     error = None
-                    try:
-                        with bar as advance:
+                    with progress_bar(progress, title, share) as bar:
+                        advance = group.progress(bar, share) if isinstance(group, workers_mod.ForkedGroup) else bar
+                        try:
                             assets = self._write(stage.path, plan, advance)
-                    except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
-                        error, failure = f"rank 0: {one_line(exc, 300)}", exc
-                    error, gathered, shared = self._meet(stage, error, {})
+                        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+                            error, failure = f"{group.noun} 0: {one_line(exc, 300)}", exc
+                        error, gathered, shared = self._meet(stage, error, {}, group)
                     if error:
-                        raise failure if failure is not None and error.startswith("rank 0") else UserError(error)
+                        own = failure is not None and error.startswith(f"{group.noun} 0:")
+                        raise failure if own else UserError(error)
                     for entries in gathered[1:]:
                         for rel, e in sorted(entries.items()):
                             stage.journal(rel, e["size"], e["sha256"], e["state"])
@@ -509,6 +550,8 @@ class Converter:
                     notes = list(stage.notes)
                 except BaseException as exc:  # noqa: BLE001 - handed to the stage, then re-raised
                     failure = exc
+                if failure is not None:
+                    group.stop_others()  # no worker writes into the stage while it is removed
                 outcome = None
                 try:
                     if failure is None:
@@ -519,29 +562,28 @@ class Converter:
                     failure = exc
                 if failure is not None:
                     outcome = str(failure) or type(failure).__name__
-                dist.broadcast_object_list([outcome], src=0)
+                group.broadcast(outcome)
                 if failure is not None:
                     raise failure
             else:
-                started: list = [None]
-                dist.broadcast_object_list(started, src=0)
-                status, where, kept = started[0]
+                status, where, kept = group.broadcast(None)
                 if status != "ok":
-                    raise UserError(f"rank 0 stopped before writing: {where}")
+                    raise UserError(f"{group.noun} 0 stopped before writing: {where}")
                 error, entries = None, {}
                 with attached_stage(where, self.dst, kept) as stage:
                     stage.split = split
                     try:
-                        self._write(stage.path, plan, lambda n: None)
+                        advance = group.progress(lambda n: None, 0) \
+                            if isinstance(group, workers_mod.ForkedGroup) else (lambda n: None)
+                        self._write(stage.path, plan, advance)
                         # on disk, this node too
                         sync_files(sorted(stage.path / rel for rel in [*stage.entries, *stage.parts]))
                     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which cleans up
-                        error = f"rank {rank}: {one_line(exc, 300)}"
-                    self._meet(stage, error, dict(stage.entries))
-                final: list = [None]
-                dist.broadcast_object_list(final, src=0)
-                if final[0] is not None:
-                    raise UserError(f"nothing was published: {final[0]}")
+                        error = f"{group.noun} {rank}: {one_line(exc, 300)}"
+                    self._meet(stage, error, dict(stage.entries), group)
+                final = group.broadcast(None)
+                if final is not None:
+                    raise UserError(f"nothing was published: {final}")
         finally:
             source.close()
             buffers.BUFFERS.clear()
@@ -550,17 +592,16 @@ class Converter:
         return Result(self.dst, plan, files, written, plan.notes + notes, assets)
 
 
-    def _meet(self, stage: Stage, error: str | None, entries: dict) -> tuple[str | None, list[dict], dict]:
+    def _meet(self, stage: Stage, error: str | None, entries: dict,
+              group: workers_mod.Group) -> tuple[str | None, list[dict], dict]:
         """Every rank, after writing its share: exchange the first error and the finished files, then finish
         the files ranks share (CRC-32s combined, late bytes written, shared pieces hashed; see
         :mod:`vlconvert.splitting`). Returns the first error of any rank, each rank's finished files, and each
         shared file's (size, digest, state); every rank takes the same steps, so none waits alone."""
-        import torch.distributed as dist
-
         from vlconvert.errors import one_line
         from vlconvert.publish import sync_files
 
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = group.rank
 
         def exchange(work: Callable[[], Any], error: str | None) -> tuple[str | None, list]:
             value = None
@@ -568,9 +609,8 @@ class Converter:
                 try:
                     value = work()
                 except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
-                    error = f"rank {rank}: {one_line(exc, 300)}"
-            out: list = [None] * world
-            dist.all_gather_object(out, (error, value))
+                    error = f"{group.noun} {rank}: {one_line(exc, 300)}"
+            out = group.all_gather((error, value))
             return next((e for e, _ in out if e), None), [v for _, v in out]
 
         def report() -> tuple[dict, dict]:
