@@ -17,7 +17,6 @@ from helpers import folder_digest, run_cli
 
 from vlconvert import workers
 from vlconvert.engine import Converter
-from vlconvert.errors import UsageError
 from vlconvert.splitting import SPLIT_BYTES_ENV, assign_shares
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -158,11 +157,40 @@ def test_workers_that_are_not_a_count_are_refused(tmp_path, value):
     assert not (tmp_path / "out").exists()
 
 
-def test_workers_under_torchrun_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UsageError, match="--workers 2 under torchrun"):
-        Converter(HF, tmp_path / "out", to="dcp", workers=2).run()
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("argv", [
+    ["--to", "megatron", "--tp", "2"],
+    ["--to", "dcp"],
+])
+def test_torchrun_ranks_with_workers_write_the_same_bytes(tmp_path, argv):
+    """Two torchrun ranks ("nodes") with two workers each: four processes share the files, byte for byte."""
+    run_cli("convert", HF, tmp_path / "one", *argv, "-q")
+    plan = Converter(HF, tmp_path / "x", **({"to": "megatron", "tp": 2} if "--tp" in argv else {"to": "dcp"})).plan()
+    assert any(len(owners) > 1 for owners in assign_shares(plan.files, 4, unit=4096).values())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vlconvert",
+           "convert", str(HF), str(tmp_path / "four"), *argv, "--workers", "2", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("rendezvous", "Address already in use")):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)  # the free port was taken
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "four/vlconvert-manifest.json").read_bytes() == \
+        (tmp_path / "one/vlconvert-manifest.json").read_bytes()
+    assert folder_digest(tmp_path / "four") == folder_digest(tmp_path / "one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four", "one"]
+
+
+def test_auto_workers_under_torchrun(tmp_path, monkeypatch):
+    """Several ranks per node already use its cores: auto stays at 1; one rank per node forks by its part."""
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    conv = Converter(HF, tmp_path / "out", to="dcp", workers="auto")
+    monkeypatch.setattr(workers, "BYTES_PER_WORKER", 2**16)  # the fixture is a few hundred KiB
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert conv.worker_count() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    total = sum(f.nbytes for f in conv.plan().files)
+    assert conv.worker_count() == min(8, -(-(total // 4) // 2**16)) > 1
+    monkeypatch.delenv("WORLD_SIZE")
+    assert conv.worker_count() == min(8, -(-total // 2**16))
 
 
 def test_auto_workers_follow_size_and_cores(monkeypatch):

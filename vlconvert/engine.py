@@ -390,9 +390,6 @@ class Converter:
         returning ``advance(n_bytes)``, a tqdm-like bar or a context manager yielding either. Under
         ``torchrun`` (``WORLD_SIZE`` > 1) the files are split by bytes over the ranks: see :meth:`_run_distributed`."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            if self.workers not in (None, 1):
-                raise UsageError(f"--workers {self.workers} under torchrun: the ranks already split the output; "
-                                 "drop --workers or run without torchrun")
             return self._run_distributed(progress)
         workers = self.worker_count()
         if workers > 1:
@@ -424,14 +421,16 @@ class Converter:
         return self.target.write(self, stage, plan, advance)
 
     def worker_count(self) -> int:
-        """How many processes this run forks (``workers``; auto: by output size and cores, one where
-        ``max_memory`` is set, since that budget is per process)."""
+        """How many processes this run (or this ``torchrun`` rank) forks: ``workers``; auto: by output size and
+        cores, one where ``max_memory`` is set (that budget is per process) and under ``torchrun`` with several
+        ranks per node (they already use its cores); with one rank per node, by the node's part of the bytes."""
         if self.workers is not None:
             return self.workers
-        if self.max_memory is not None:
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.max_memory is not None or (ranks > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", ranks)) > 1):
             return 1
         plan = self.plan()
-        return workers_mod.auto_workers(sum(f.nbytes for f in plan.files))
+        return workers_mod.auto_workers(sum(f.nbytes for f in plan.files) // ranks)
 
     def _run_forked(self, workers: int, progress: Progress | None) -> Result:
         """``workers`` processes of this one split the output's bytes as ``torchrun``'s ranks do (the same
@@ -442,15 +441,19 @@ class Converter:
             raise UsageError(f"--to {self.to} is written by one process: drop --workers")
         group = workers_mod.ForkedGroup(workers)
         if group.rank != 0:
-            self._source, self.info = None, lambda s: None
-            buffers.BUFFERS.clear()
-            threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) // workers)
-            torch.set_num_threads(threads)
+            self._become_worker(workers)
             group.child_exit(lambda: self._run_rank(None, group, plan))
         try:
             return self._run_rank(progress, group, plan)
         finally:
             group.reap()
+
+    def _become_worker(self, workers: int) -> None:
+        """A forked worker: its own source handles, no notes of its own (rank 0 prints), its part of the cores."""
+        self._source, self.info = None, lambda s: None
+        buffers.BUFFERS.clear()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // workers))
 
     def _run_distributed(self, progress: Progress | None) -> Result:
         """One rank of ``torchrun``: every rank plans the same output from metadata; the bytes are split over
@@ -466,12 +469,30 @@ class Converter:
 
         global ranks_ran
         owned = not dist.is_initialized()
+        workers, node = self.worker_count(), None
+        if workers > 1:  # --workers under torchrun: each rank forks its workers before joining the ranks
+            if not owned:
+                raise UsageError(f"--workers {workers} needs to fork before the process group starts, and this "
+                                 "process already runs one: use workers=1, or more torchrun ranks")
+            plan = self.plan()
+            if not self.target.distributed:
+                raise UsageError(f"--to {self.to} is written by one process: drop --workers")
+            node = workers_mod.NodeGroup(workers_mod.ForkedGroup(workers), int(os.environ.get("RANK", "0")),
+                                         int(os.environ["WORLD_SIZE"]))
+            if node.node.rank != 0:
+                self._become_worker(workers)
+                node.child_exit(lambda: self._run_rank(None, node, plan))
         if owned:
             dist.init_process_group("gloo")
         ranks_ran = True  # the command line then ends the process without finalization (cli._leave_rank)
         try:
-            return self._run_rank(progress, workers_mod.TorchGroup(), self.plan())
+            if node is None:
+                return self._run_rank(progress, workers_mod.TorchGroup(), self.plan())
+            node.join()
+            return self._run_rank(progress, node, self.plan())
         finally:
+            if node is not None:
+                node.reap()
             if owned and dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -524,15 +545,17 @@ class Converter:
                 stage.split = split
                 failure: BaseException | None = None
                 try:
-                    if isinstance(group, workers_mod.ForkedGroup):  # one bar for every worker's bytes
+                    shown = group.shown()  # the processes whose bytes this bar counts
+                    if len(shown) == world:  # --workers: one bar for all
                         share, title = plan.tensor_bytes, f"{source.layout} -> {self.to} ({world} workers)"
                     else:
                         share = sum((f.nbytes if stop is None else stop) - start for f in plan.files
-                                    for r, start, stop in shares.get(f.name, [(0, 0, None)]) if r == 0)
-                        title = f"{source.layout} -> {self.to} (rank 0 of {world})"
+                                    for r, start, stop in shares.get(f.name, [(0, 0, None)]) if r in shown)
+                        who = "rank 0" if len(shown) == 1 else f"processes 0-{len(shown) - 1}"
+                        title = f"{source.layout} -> {self.to} ({who} of {world})"
                     error = None
                     with progress_bar(progress, title, share) as bar:
-                        advance = group.progress(bar, share) if isinstance(group, workers_mod.ForkedGroup) else bar
+                        advance = group.progress(bar, share)
                         try:
                             assets = self._write(stage.path, plan, advance)
                         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
@@ -573,8 +596,7 @@ class Converter:
                 with attached_stage(where, self.dst, kept) as stage:
                     stage.split = split
                     try:
-                        advance = group.progress(lambda n: None, 0) \
-                            if isinstance(group, workers_mod.ForkedGroup) else (lambda n: None)
+                        advance = group.progress(lambda n: None, 0)
                         self._write(stage.path, plan, advance)
                         # on disk, this node too
                         sync_files(sorted(stage.path / rel for rel in [*stage.entries, *stage.parts]))

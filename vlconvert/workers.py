@@ -46,6 +46,12 @@ class Group(Protocol):
     def stop_others(self) -> None:
         """Rank 0, failing: end the other processes before the stage is removed (workers only)."""
 
+    def progress(self, bar: Callable[[int], None], total: int) -> Callable[[int], None]:
+        """This process's ``advance(n)`` for the bar ``bar`` of ``total`` bytes (a no-op bar where it has none)."""
+
+    def shown(self) -> range:
+        """The ranks whose bytes this process's bar counts."""
+
 
 class TorchGroup:
     """The ranks of ``torchrun``, through ``torch.distributed`` (gloo)."""
@@ -70,6 +76,12 @@ class TorchGroup:
 
     def stop_others(self) -> None:
         """The ranks are torchrun's: they stop at the next exchange, which tells them rank 0 failed."""
+
+    def progress(self, bar: Callable[[int], None], total: int) -> Callable[[int], None]:
+        return bar
+
+    def shown(self) -> range:
+        return range(self.rank, self.rank + 1)
 
 
 class ForkedGroup:
@@ -108,11 +120,12 @@ class ForkedGroup:
             self._pipes.append(near)
 
     # ---------------------------------------------------------------------------------- exchanges
-    def all_gather(self, value: Any) -> list:
+    def all_gather(self, value: Any, combine: Callable[[list], list] = lambda values: values) -> list:
+        """Every worker's ``value`` in order; ``combine`` (rank 0 only) turns them into what all receive."""
         if self.rank != 0:
             self._send(self._pipes[0], value)
             return self._recv(self._pipes[0], 0)
-        out = [value, *(self._recv(pipe, rank) for rank, pipe in enumerate(self._pipes, start=1))]
+        out = combine([value, *(self._recv(pipe, rank) for rank, pipe in enumerate(self._pipes, start=1))])
         for pipe in self._pipes:
             self._send(pipe, out)
         return out
@@ -152,6 +165,9 @@ class ForkedGroup:
         return f"exit code {os.waitstatus_to_exitcode(status)}"
 
     # ------------------------------------------------------------------------------------ progress
+    def shown(self) -> range:
+        return range(self.world)
+
     def progress(self, bar: Callable[[int], None], total: int) -> Callable[[int], None]:
         """This process's ``advance(n)``: rank 0's moves ``bar`` by its own bytes and the children's, up to
         ``total`` (a record two workers' shares cut is built by both: the second drops the part before its
@@ -216,6 +232,50 @@ class ForkedGroup:
         self._pids = []
         for pipe in self._pipes:
             pipe.close()
+
+
+class NodeGroup:
+    """``torchrun`` with ``--workers W``: each rank forks W-1 workers (before it joins the process group, so no
+    gloo thread is running at the fork), making ``WORLD_SIZE * W`` processes; process ``r * W + i`` is worker
+    ``i`` of rank ``r``. A rank relays its workers' values to the other ranks (one ``torch.distributed`` call per
+    exchange, among the ranks only), so one rank per node with W workers splits a file over every node's cores
+    without each process paying ``import torch`` and the rendezvous."""
+
+    noun = "process"
+
+    def __init__(self, node: ForkedGroup, rank: int, ranks: int) -> None:
+        self.node, self._ranks = node, None
+        self.rank, self.world = rank * node.world + node.rank, ranks * node.world
+        self._first = rank * node.world
+
+    def join(self) -> None:
+        """The rank's own process: join the ranks (after the fork)."""
+        self._ranks = TorchGroup()
+
+    def all_gather(self, value: Any) -> list:
+        def across(local: list) -> list:
+            return [v for values in self._ranks.all_gather(local) for v in values]
+        return self.node.all_gather(value, across)
+
+    def broadcast(self, value: Any) -> Any:
+        if self.node.rank == 0:
+            value = self._ranks.broadcast(value)
+        return self.node.broadcast(value)
+
+    def stop_others(self) -> None:
+        self.node.stop_others()
+
+    def progress(self, bar: Callable[[int], None], total: int) -> Callable[[int], None]:
+        return self.node.progress(bar, total)
+
+    def shown(self) -> range:
+        return range(self._first, self._first + self.node.world)
+
+    def child_exit(self, body: Callable[[], Any]) -> NoReturn:
+        self.node.child_exit(body)
+
+    def reap(self) -> None:
+        self.node.reap()
 
 
 def _die_with_parent() -> None:
