@@ -178,6 +178,35 @@ def test_torchrun_ranks_with_workers_write_the_same_bytes(tmp_path, argv):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["four", "one"]
 
 
+def test_a_worker_of_another_rank_killed_ends_every_rank_in_one_line(tmp_path):
+    """torchrun 2 x --workers 2: rank 1's worker is killed; both ranks stop at the same exchange, each with one
+    line naming it (before: rank 0 waited on gloo and died of a lost connection), nothing published."""
+    script = tmp_path / "kill.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from vlconvert import cli
+        from vlconvert.engine import Converter
+        start, write = os.getpid(), Converter._write
+        def failing(self, stage, plan, advance):
+            if os.environ["RANK"] == "1" and os.getpid() != start:  # the worker rank 1 forked
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(self, stage, plan, advance)
+        Converter._write = failing
+        sys.argv = ["vlconvert", *sys.argv[1:]]
+        cli.main()
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           "convert", str(HF), str(tmp_path / "out"), "--to", "dcp", "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    if "rendezvous" in proc.stderr or "Address already in use" in proc.stderr:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    line = "worker 1 of rank 1 stopped before finishing its share (killed by SIGKILL)"
+    assert proc.returncode != 0
+    assert errors == [f"error: nothing was published: {line}", f"error: {line}"], proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kill.py"]
+
+
 def test_auto_workers_under_torchrun(tmp_path, monkeypatch):
     """Several ranks per node already use its cores: auto stays at 1; one rank per node forks by its part."""
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)))
@@ -191,6 +220,14 @@ def test_auto_workers_under_torchrun(tmp_path, monkeypatch):
     assert conv.worker_count() == min(8, -(-(total // 4) // 2**16)) > 1
     monkeypatch.delenv("WORLD_SIZE")
     assert conv.worker_count() == min(8, -(-total // 2**16))
+
+
+def test_a_count_of_workers_past_four_per_core_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    result = run_cli("convert", HF, tmp_path / "out", "--to", "dcp", "--workers", "17", expect=2)
+    assert "--workers 17 is more than 16 (4 per core on this machine's 4)" in result.output
+    assert not (tmp_path / "out").exists()
+    assert Converter(HF, tmp_path / "out", to="dcp", workers=16).workers == 16
 
 
 def test_auto_workers_follow_size_and_cores(monkeypatch):

@@ -452,8 +452,7 @@ class Converter:
         """A forked worker: its own source handles, no notes of its own (rank 0 prints), its part of the cores."""
         self._source, self.info = None, lambda s: None
         buffers.BUFFERS.clear()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // workers))
+        torch.set_num_threads(max(1, workers_mod.usable_cores() // workers))
 
     def _run_distributed(self, progress: Progress | None) -> Result:
         """One rank of ``torchrun``: every rank plans the same output from metadata; the bytes are split over

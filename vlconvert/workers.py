@@ -38,7 +38,9 @@ class Group(Protocol):
     noun: str  # how messages name a process: "rank" (torchrun) or "worker"
 
     def all_gather(self, value: Any) -> list:
-        """Every process's ``value``, in rank order, returned to every process."""
+        """Every process's ``value``, in rank order, returned to every process. Values are ``(error, payload)``
+        pairs (error None when all went well): a worker that died is given ``(its one line, None)``, so every
+        process sees the failure at the same exchange."""
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value``, returned to every process (the others pass None)."""
@@ -100,6 +102,8 @@ class ForkedGroup:
         self._pipes: list[Connection] = []
         self._pids: list[int] = []
         self._bar: Callable[[int], None] = lambda n: None
+        self._gone: dict[int, tuple[str, None]] = {}  # rank 0: workers that died, and their line
+        self.of = ""  # under torchrun: " of rank R", for messages
         ends = [Pipe() for _ in range(1, world)]
         sys.stdout.flush()
         sys.stderr.flush()
@@ -125,7 +129,7 @@ class ForkedGroup:
         if self.rank != 0:
             self._send(self._pipes[0], value)
             return self._recv(self._pipes[0], 0)
-        out = combine([value, *(self._recv(pipe, rank) for rank, pipe in enumerate(self._pipes, start=1))])
+        out = combine([value, *(self._recv(pipe, rank, lost=True) for rank, pipe in enumerate(self._pipes, start=1))])
         for pipe in self._pipes:
             self._send(pipe, out)
         return out
@@ -143,7 +147,11 @@ class ForkedGroup:
         except OSError:  # the other end is gone: the receive that follows reports who
             pass
 
-    def _recv(self, pipe: Connection, rank: int) -> Any:
+    def _recv(self, pipe: Connection, rank: int, lost: bool = False) -> Any:
+        """The next value from ``pipe``. Its end: in a child, rank 0 is gone (it reports why), so the child
+        ends; in rank 0, worker ``rank`` died: ``(its one line, None)`` where ``lost``, else the error."""
+        if rank in self._gone:
+            return self._gone[rank]
         while not pipe.poll(0.2):
             self._take_progress()
         try:
@@ -152,8 +160,12 @@ class ForkedGroup:
             return value
         except (EOFError, OSError):
             if self.rank != 0:
-                os._exit(1)  # rank 0 is gone (it reports why); nothing to add
-            raise UserError(f"worker {rank} stopped before finishing its share ({self._end_of(rank)})") from None
+                os._exit(1)
+            line = f"worker {rank}{self.of} stopped before finishing its share ({self._end_of(rank)})"
+            self._gone[rank] = (line, None)
+            if lost:
+                return self._gone[rank]
+            raise UserError(line) from None
 
     def _end_of(self, rank: int) -> str:
         try:
@@ -245,6 +257,7 @@ class NodeGroup:
 
     def __init__(self, node: ForkedGroup, rank: int, ranks: int) -> None:
         self.node, self._ranks = node, None
+        node.of = f" of rank {rank}"
         self.rank, self.world = rank * node.world + node.rank, ranks * node.world
         self._first = rank * node.world
 
@@ -288,10 +301,15 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_workers(output_bytes: int) -> int:
     """``--workers auto``: one process per GiB of output, at most :data:`MAX_AUTO_WORKERS` and half the cores
     this process may use (two cores give one: a single process already keeps both busy)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, min(MAX_AUTO_WORKERS, cores // 2 if cores > 2 else 1, math.ceil(output_bytes / BYTES_PER_WORKER)))
 
 
@@ -303,8 +321,12 @@ def parse_workers(value: str | int | None) -> int | None:
         count = int(value)
     except (TypeError, ValueError):
         count = 0
-    if count < 1 or str(value).strip() != str(count):
-        from vlconvert.errors import UsageError
+    from vlconvert.errors import UsageError
 
+    if count < 1 or str(value).strip() != str(count):
         raise UsageError(f"--workers {value!r} is not a count: give 1 or more, or 'auto'")
+    limit = max(8, 4 * usable_cores())
+    if count > limit:
+        raise UsageError(f"--workers {count} is more than {limit} (4 per core on this machine's {usable_cores()}): "
+                         "each worker is a process; give fewer, or 'auto'")
     return count
