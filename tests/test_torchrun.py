@@ -52,9 +52,11 @@ def test_two_ranks_write_the_same_bytes_as_one_process(tmp_path, argv):
     ["{hf}", "--to", "megatron", "--tp", "2"],
     ["{hf}", "--to", "torch_dist"],
 ])
-def test_three_ranks_share_files_byte_for_byte(tmp_path, argv):
-    """With shares of a few KiB (VLCONVERT_SPLIT_BYTES), three ranks write parts of the same files: zip
-    records and pieces cross the boundaries; the output and its manifest equal one process's."""
+@pytest.mark.parametrize("launch", ["torchrun", "workers"])
+def test_three_ranks_share_files_byte_for_byte(tmp_path, argv, launch):
+    """With shares of a few KiB (VLCONVERT_SPLIT_BYTES), three ranks of torchrun, or three processes of
+    ``convert --workers 3``, write parts of the same files: zip records and pieces cross the boundaries;
+    the output and its manifest equal one process's."""
     from vlconvert.engine import Converter
 
     hf = FIX / "tiny-moe"
@@ -66,13 +68,19 @@ def test_three_ranks_share_files_byte_for_byte(tmp_path, argv):
     plan = Converter(args[0], tmp_path / "x", **options).plan()
     shares = assign_shares(plan.files, 3, unit=4096)
     assert any(len(owners) > 1 for owners in shares.values())  # files really are shared
-    proc = torchrun(["--standalone", "--nproc-per-node=3"], ["convert", args[0], str(tmp_path / "three"), *args[1:]],
-                    env={SPLIT_BYTES_ENV: "4096"})
+    argv = ["convert", args[0], str(tmp_path / "three"), *args[1:]]
+    if launch == "torchrun":
+        proc = torchrun(["--standalone", "--nproc-per-node=3"], argv, env={SPLIT_BYTES_ENV: "4096"})
+    else:
+        proc = subprocess.run([sys.executable, "-m", "vlconvert", *argv, "--workers", "3", "-q"], capture_output=True,
+                              text=True, env={**ENV, SPLIT_BYTES_ENV: "4096"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(tmp_path / "three")  # rank 0 alone prints
     assert folder_digest(tmp_path / "three") == folder_digest(tmp_path / "one")
     assert (tmp_path / "three/vlconvert-manifest.json").read_bytes() == \
         (tmp_path / "one/vlconvert-manifest.json").read_bytes()
     run_cli("verify", "--manifest", tmp_path / "three", "-q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp", "one", "three"]  # no stage, lock or journal left
 
 
 def shared_files(to: list[str], ranks: int, unit: int) -> int:

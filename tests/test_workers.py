@@ -1,6 +1,7 @@
-"""``convert --workers N``: processes forked by one command split the output's bytes as torchrun's ranks do;
-the output and its manifest are byte-identical to one process's, and a worker that fails, is killed or is
-interrupted ends the command in one line with nothing published and no process left behind."""
+"""``convert --workers N``: processes forked by one command split the output's bytes as torchrun's ranks do
+(the output and its manifest equal one process's: tests/test_torchrun.py, for every route); a worker that
+fails, is killed or is interrupted ends the command in one line with nothing published and no process left
+behind."""
 
 from __future__ import annotations
 
@@ -40,31 +41,6 @@ def alive(pids: list[int]) -> list[int]:
         if state != "Z":
             out.append(pid)
     return out
-
-
-@pytest.mark.parametrize("argv", [
-    ["{hf}", "--to", "dcp"],
-    ["{dcp}", "--to", "hf", "--assets-dir", "{hf}", "--max-shard-size", "700KB"],
-    ["{hf}", "--to", "megatron", "--tp", "2"],
-    ["{hf}", "--to", "torch_dist"],
-])
-def test_workers_write_the_same_bytes_as_one_process(tmp_path, argv):
-    """Three workers with shares of 4 KiB: zip records, pieces and files cross the boundaries."""
-    run_cli("convert", HF, tmp_path / "dcp", "--to", "dcp", "-q")
-    args = [a.format(hf=HF, dcp=tmp_path / "dcp") for a in argv]
-    run_cli("convert", args[0], tmp_path / "one", *args[1:], "-q")
-    options = {"to": args[2], **({"tp": 2} if "--tp" in args else {}),
-               **({"assets_dir": HF, "max_shard_size": "700KB"} if "--assets-dir" in args else {})}
-    plan = Converter(args[0], tmp_path / "x", **options).plan()
-    assert any(len(owners) > 1 for owners in assign_shares(plan.files, 3, unit=4096).values())  # files are shared
-    proc = vlconvert("convert", args[0], tmp_path / "three", *args[1:], "--workers", "3", "-q")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == str(tmp_path / "three")  # rank 0 alone prints
-    assert (tmp_path / "three/vlconvert-manifest.json").read_bytes() == \
-        (tmp_path / "one/vlconvert-manifest.json").read_bytes()
-    assert folder_digest(tmp_path / "three") == folder_digest(tmp_path / "one")
-    run_cli("verify", "--manifest", tmp_path / "three", "-q")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp", "one", "three"]  # no stage, lock or journal left
 
 
 def test_one_bar_counts_every_workers_bytes(tmp_path):
