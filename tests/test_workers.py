@@ -207,8 +207,8 @@ def test_a_count_of_workers_past_four_per_core_is_refused(tmp_path, monkeypatch)
 
 
 def test_auto_workers_follow_size_and_cores(monkeypatch):
-    for cores, size, expected in [(2, 10 * 2**30, 1), (16, 17 * 2**30, 8), (16, 3 * 2**30 + 1, 4),
-                                  (16, 2**20, 1), (64, 500 * 2**30, 8), (6, 40 * 2**30, 3)]:
+    for cores, size, expected in [(2, 10 * 2**30, 2), (16, 17 * 2**30, 8), (16, 3 * 2**30 + 1, 4), (1, 5 * 2**30, 1),
+                                  (16, 2**20, 1), (64, 500 * 2**30, 8), (6, 40 * 2**30, 3), (4, 40 * 2**30, 2)]:
         monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert workers.auto_workers(size) == expected, (cores, size)
 
