@@ -39,8 +39,8 @@ def vlconvert_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "vlconvert"]
 
 
-def cases() -> list[tuple[str, list[str]]]:
-    """(label, argv) of every case, the torch-import baseline first."""
+def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:
+    """(label, argv) of every case, the torch-import baseline first; ``manifest_folder``: a conversion output."""
     vlc = vlconvert_command()
     return [
         ("python -c 'import torch'", [sys.executable, "-c", "import torch"]),
@@ -49,6 +49,7 @@ def cases() -> list[tuple[str, list[str]]]:
         ("vlconvert plan 235B megatron", [*vlc, "plan", "--config", PLAN_CONFIG, "--to", "megatron",
                                           "--tp", "4", "--pp", "2", "--ep", "16"]),
         ("vlconvert verify tiny-moe x2", [*vlc, "verify", "fixtures/tiny-moe", "fixtures/tiny-moe"]),
+        ("vlconvert verify --manifest", [*vlc, "verify", "--manifest", str(manifest_folder)]),
         ("vlconvert doctor", [*vlc, "doctor"]),
     ]
 
@@ -67,9 +68,18 @@ def time_once(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
 
 
 def run_cases(runs: int, env: dict[str, str]) -> list[dict]:
+    """Every case, with a small conversion output made first for ``verify --manifest``."""
+    with tempfile.TemporaryDirectory(prefix="vlconvert-bench-out-") as out:
+        folder = Path(out) / "dcp"
+        subprocess.run([*vlconvert_command(), "convert", "fixtures/tiny-moe", str(folder), "--to", "dcp", "-q"],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return _run_cases(cases(folder), runs, env)
+
+
+def _run_cases(all_cases: list[tuple[str, list[str]]], runs: int, env: dict[str, str]) -> list[dict]:
     """Median wall and CPU seconds of ``runs`` timed runs per case, after one warm-up run each."""
     results: list[dict] = []
-    for label, argv in cases():
+    for label, argv in all_cases:
         time_once(argv, env)  # warm-up: page cache and bytecode; not counted
         timed = [time_once(argv, env) for _ in range(runs)]
         results.append({"case": label, "median_s": statistics.median(t[0] for t in timed),

@@ -28,6 +28,7 @@ except SystemExit as exc:
 print("EXIT:", code)
 print("TRANSFORMERS:", ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "transformers")))
 print("DCP:", ",".join(sorted(m for m in sys.modules if m.startswith("torch.distributed.checkpoint"))))
+print("TORCH:", "torch" in sys.modules)
 """
 
 
@@ -66,12 +67,29 @@ def test_metadata_commands_do_not_import_transformers(args: list[str]) -> None:
     assert lines["TRANSFORMERS"] == ""
 
 
+def test_verify_manifest_does_not_import_torch(tmp_path) -> None:
+    """Checking a folder against its manifest reads files and hashes them: no torch (3.5-4 s of start-up with
+    the CUDA build of torch), and a tampered file is still found."""
+    subprocess.run([sys.executable, "-m", "vlconvert", "convert", "fixtures/tiny-moe", str(tmp_path / "out"), "--to",
+                    "dcp", "-q"], cwd=ROOT, capture_output=True, check=True, timeout=300)
+    assert _probe(["verify", "--manifest", str(tmp_path / "out")])["TORCH"] == "False"
+    shard = next((tmp_path / "out").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-c", _PROBE, "verify", "--manifest", str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert "EXIT: 1" in result.stdout and "TORCH: False" in result.stdout, result.stdout + result.stderr
+    assert shard.name in result.stdout, result.stdout
+
+
 def _probe(args: list[str]) -> dict[str, str]:
     result = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
-                 for line in result.stdout.splitlines() if line.startswith(("EXIT:", "TRANSFORMERS:", "DCP:")))
+                 for line in result.stdout.splitlines()
+                 if line.startswith(("EXIT:", "TRANSFORMERS:", "DCP:", "TORCH:")))
     assert lines["EXIT"] == "0", result.stdout + result.stderr
     return lines
 

@@ -19,7 +19,7 @@ import torch
 from vlconvert import sources
 from vlconvert.dtypes import dtype_name
 from vlconvert.errors import UserError
-from vlconvert.layouts.hf import resolve_source
+from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.sources import Source
 

@@ -29,7 +29,8 @@ from vlconvert import workers as workers_mod
 from vlconvert.dtypes import element_size, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.filebytes import FileSpan
-from vlconvert.layouts.hf import parse_size, resolve_source
+from vlconvert.layouts.hf import parse_size
+from vlconvert.locate import resolve_source
 from vlconvert.models.base import EXPERT_LAYOUTS
 from vlconvert.models.megatron_table import RankTensor, Src
 from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exported, callers import them here

@@ -16,7 +16,7 @@ from typing import Any
 
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
-from vlconvert.layouts.hf import resolve_source
+from vlconvert.locate import resolve_source
 from vlconvert.models.base import ModelInfo, Skeleton, expert_layout_of
 from vlconvert.models.family import Family
 from vlconvert.models.registry import FAMILIES, any_is_expert, family_named, guess_family, known_sizes, load_config

@@ -25,7 +25,8 @@ import torch
 from vlconvert import ops
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UsageError, UserError
-from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, resolve_source, shard_file_names
+from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
+from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.family import Family
 from vlconvert.models.megatron_table import (  # noqa: F401 - re-exported: the plan command's split rules

@@ -56,7 +56,7 @@ def retag_think_command(src: str, dst: str | None, in_place: bool, open_tag: str
     Applies to every model family vlconvert knows (qwen3_vl, qwen3_vl_moe, qwen3, qwen3_moe, qwen2_5_vl,
     qwen3_5, qwen3_5_moe): the embedding rows are found through the family of the tensors.
     """
-    from vlconvert.layouts.hf import resolve_source
+    from vlconvert.locate import resolve_source
     from vlconvert.retag import (
         check_jsonl_paths,
         resolve_tags,

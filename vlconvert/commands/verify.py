@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-from vlconvert.comparison import TensorResult, VerifyReport, open_pair, source_bytes, verify_sources
 from vlconvert.console import Reporter, handle_errors, output_options, stdout
 from vlconvert.errors import UsageError
+
+if TYPE_CHECKING:
+    from vlconvert.comparison import TensorResult, VerifyReport
 
 
 @click.command("verify")
@@ -50,6 +53,8 @@ def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_j
         return
     if b is None:
         raise UsageError("give two checkpoints A B to compare, or one folder with --manifest")
+    from vlconvert.comparison import VerifyReport, open_pair, source_bytes, verify_sources  # imports torch
+
     src_a, src_b = open_pair(a, b, config, assets_dir)
     report = VerifyReport(str(a), str(b), src_a.layout, src_b.layout, tolerance)
     reporter.info(f"comparing {a} ({src_a.layout}) with {b} ({src_b.layout})")
@@ -69,7 +74,7 @@ def verify_command(a, b, manifest, tolerance, config, assets_dir, show_all, as_j
 
 def check_folder_manifest(folder: str, reporter: Reporter) -> None:
     """``verify --manifest``: sizes and sha256 of every file against the manifest; exit 1 on any problem."""
-    from vlconvert.layouts.hf import resolve_source
+    from vlconvert.locate import resolve_source
     from vlconvert.publish import check_manifest, read_manifest
 
     files = read_manifest(resolve_source(folder))  # a missing folder: no such folder (did you mean...)

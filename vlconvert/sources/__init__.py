@@ -22,8 +22,8 @@ from pathlib import Path
 
 from vlconvert.errors import UserError
 from vlconvert.layouts import megatron as mlay
-from vlconvert.layouts.hf import resolve_source
 from vlconvert.layouts.torch_dist import find_torch_dist_dir
+from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.publish import InputLog, note_input
 from vlconvert.sources.base import DEFAULT_GROUP_BYTES, Source, preview

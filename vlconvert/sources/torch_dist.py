@@ -17,7 +17,7 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
-from vlconvert.layouts.hf import resolve_source
+from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import RankTensor, Src, hf_vision_tensors, plan_megatron_ranks
 from vlconvert.models.registry import build_skeleton, load_config, megatron_language_prefixes
