@@ -308,13 +308,13 @@ def test_a_rank_other_than_0_prints_no_report(monkeypatch):
 @pytest.mark.parametrize("command", ["verify", "convert --dry-run", "retag-think --check"])
 def test_an_interrupted_read_only_command_says_it_writes_nothing(command, monkeypatch, made, tmp_path):
     import vlconvert.commands.convert as convert_command
-    import vlconvert.commands.verify as verify_command
+    import vlconvert.comparison as comparison  # verify imports it when it compares two checkpoints
     import vlconvert.retag as retag
 
     def interrupt(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(verify_command, "verify_sources", interrupt)
+    monkeypatch.setattr(comparison, "verify_sources", interrupt)
     monkeypatch.setattr(convert_command, "show_dry_run", interrupt)
     monkeypatch.setattr(retag, "think_tag_report", interrupt)
     args = {"verify": ["verify", MOE, made["dcp"]], "convert --dry-run": ["convert", MOE, tmp_path / "o", "--to", "dcp",
