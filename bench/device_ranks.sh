@@ -4,7 +4,8 @@
 # of the same input (its time printed beside), wall time with start-up and a final sync; outputs compared byte
 # for byte with the one-process output (cmp of manifests).
 # Usage: bash bench/device_ranks.sh MODEL WORKDIR OUTDIR [ROUTES] [RANKS] [WORKERS]
-#   ROUTES: dcp,megatron,hf; RANKS: "2 4 8" (torchrun; "" for none); WORKERS: "4 8"; WORKDIR/hf is reused
+#   ROUTES: dcp,megatron,hf; RANKS: "2 4 8" (torchrun; "2x4": 2 ranks forking 4 workers each; "" for none);
+#   WORKERS: "4 8" (--workers in one command); WORKDIR/hf is reused
 set -u
 calc() { awk "BEGIN { printf \"%.2f\", $* }"; }  # no bc on the device machine
 MODEL=${1:-8B}; W=${2:-/var/tmp/vlbench}; OUT=${3:-/tmp/out}; ROUTES=${4:-dcp,megatron,hf}; RANKS=${5-2 4 8}; WORKERS=${6-}
@@ -29,7 +30,10 @@ route() {  # name, key, input, convert arguments...: one process, then each --wo
   local name=$1 key=$2 input=$3; shift 3
   pair "$name 1 process" "$input" $py -m vlconvert convert "$@" --workers 1 -q; cp "$W/o/vlconvert-manifest.json" "$OUT/$key.json"
   for n in $WORKERS; do pair "$name --workers $n" "$input" $py -m vlconvert convert "$@" --workers $n -q; same "$OUT/$key.json"; done
-  for n in $RANKS; do pair "$name torchrun $n" "$input" tr $n convert "$@" -q; same "$OUT/$key.json"; done
+  for n in $RANKS; do  # N ranks, or RxW: R ranks forking W workers each
+    if [[ $n == *x* ]]; then pair "$name torchrun ${n%x*} x --workers ${n#*x}" "$input" tr ${n%x*} convert "$@" --workers ${n#*x} -q
+    else pair "$name torchrun $n" "$input" tr $n convert "$@" -q; fi
+    same "$OUT/$key.json"; done
 }
 {
 echo "== ranks $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
