@@ -389,7 +389,8 @@ class Converter:
         """Write the output (published atomically when complete). ``progress``: a tqdm-like bar (advanced
         by ``update(n_bytes)``; its ``total`` set if unset), or ``progress(description, total_bytes)``
         returning ``advance(n_bytes)``, a tqdm-like bar or a context manager yielding either. Under
-        ``torchrun`` (``WORLD_SIZE`` > 1) the files are split by bytes over the ranks: see :meth:`_run_distributed`."""
+        ``torchrun`` (``WORLD_SIZE`` > 1) the files are split by bytes over the ranks: see :meth:`_run_distributed`;
+        with more than one worker (:meth:`worker_count`), over forked processes: see :meth:`_run_forked`."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return self._run_distributed(progress)
         workers = self.worker_count()
@@ -435,25 +436,29 @@ class Converter:
 
     def _run_forked(self, workers: int, progress: Progress | None) -> Result:
         """``workers`` processes of this one split the output's bytes as ``torchrun``'s ranks do (the same
-        :meth:`_run_rank`), forked after the plan, so ``import torch`` and the plan are paid once. Each child
-        reopens the source (a handle shared across a fork shares its offset) and ends when its share is met."""
-        plan = self.plan()
-        if not self.target.distributed:
-            raise UsageError(f"--to {self.to} is written by one process: drop --workers")
-        group = workers_mod.ForkedGroup(workers)
-        if group.rank != 0:
-            self._become_worker(workers)
-            group.child_exit(lambda: self._run_rank(None, group, plan))
+        :meth:`_run_rank`), forked after the plan, so ``import torch`` and the plan are paid once."""
+        group = self._fork(workers, lambda forked: forked)
         try:
-            return self._run_rank(progress, group, plan)
+            return self._run_rank(progress, group, self.plan())
         finally:
             group.reap()
 
-    def _become_worker(self, workers: int) -> None:
-        """A forked worker: its own source handles, no notes of its own (rank 0 prints), its part of the cores."""
-        self._source, self.info = None, lambda s: None
-        buffers.BUFFERS.clear()
-        torch.set_num_threads(max(1, workers_mod.usable_cores() // workers))
+    def _fork(self, workers: int, group_of: Callable[[workers_mod.ForkedGroup], workers_mod.Group]
+              ) -> workers_mod.Group:
+        """Fork ``workers - 1`` children and return this process's group (``group_of`` the forked group, plain
+        or under ``torchrun``). A child never returns: it reopens the source (a handle shared across a fork
+        shares its offset), prints nothing, takes its part of the cores, writes its share and ends."""
+        plan = self.plan()
+        if not self.target.distributed:
+            raise UsageError(f"--to {self.to} is written by one process: drop --workers")
+        forked = workers_mod.ForkedGroup(workers)
+        group = group_of(forked)
+        if forked.rank != 0:
+            self._source, self.info = None, lambda s: None
+            buffers.BUFFERS.clear()
+            torch.set_num_threads(max(1, workers_mod.usable_cores() // workers))
+            forked.child_exit(lambda: self._run_rank(None, group, plan))
+        return group
 
     def _run_distributed(self, progress: Progress | None) -> Result:
         """One rank of ``torchrun``: every rank plans the same output from metadata; the bytes are split over
@@ -474,14 +479,8 @@ class Converter:
             if not owned:
                 raise UsageError(f"--workers {workers} needs to fork before the process group starts, and this "
                                  "process already runs one: use workers=1, or more torchrun ranks")
-            plan = self.plan()
-            if not self.target.distributed:
-                raise UsageError(f"--to {self.to} is written by one process: drop --workers")
-            node = workers_mod.NodeGroup(workers_mod.ForkedGroup(workers), int(os.environ.get("RANK", "0")),
-                                         int(os.environ["WORLD_SIZE"]))
-            if node.node.rank != 0:
-                self._become_worker(workers)
-                node.child_exit(lambda: self._run_rank(None, node, plan))
+            ranks = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+            node = self._fork(workers, lambda forked: workers_mod.NodeGroup(forked, *ranks))
         if owned:
             dist.init_process_group("gloo")
         ranks_ran = True  # the command line then ends the process without finalization (cli._leave_rank)
@@ -492,7 +491,7 @@ class Converter:
             return self._run_rank(progress, node, self.plan())
         finally:
             if node is not None:
-                node.reap()
+                node.node.reap()
             if owned and dist.is_initialized():
                 dist.destroy_process_group()
 

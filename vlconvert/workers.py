@@ -24,7 +24,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import Any, NoReturn, Protocol
 
-from vlconvert.errors import UserError
+from vlconvert.errors import UsageError
 
 MAX_AUTO_WORKERS = 8
 BYTES_PER_WORKER = 2**30  # auto: one worker per GiB of output, so a small conversion stays in one process
@@ -129,7 +129,7 @@ class ForkedGroup:
         if self.rank != 0:
             self._send(self._pipes[0], value)
             return self._recv(self._pipes[0], 0)
-        out = combine([value, *(self._recv(pipe, rank, lost=True) for rank, pipe in enumerate(self._pipes, start=1))])
+        out = combine([value, *(self._recv(pipe, rank) for rank, pipe in enumerate(self._pipes, start=1))])
         for pipe in self._pipes:
             self._send(pipe, out)
         return out
@@ -147,9 +147,9 @@ class ForkedGroup:
         except OSError:  # the other end is gone: the receive that follows reports who
             pass
 
-    def _recv(self, pipe: Connection, rank: int, lost: bool = False) -> Any:
-        """The next value from ``pipe``. Its end: in a child, rank 0 is gone (it reports why), so the child
-        ends; in rank 0, worker ``rank`` died: ``(its one line, None)`` where ``lost``, else the error."""
+    def _recv(self, pipe: Connection, rank: int) -> Any:
+        """The next value from ``pipe`` (rank ``rank``'s). Its end: in a child, rank 0 is gone (it reports why),
+        so the child ends; in rank 0, worker ``rank`` died: ``(its one line, None)``, that exchange's error."""
         if rank in self._gone:
             return self._gone[rank]
         while not pipe.poll(0.2):
@@ -163,9 +163,7 @@ class ForkedGroup:
                 os._exit(1)
             line = f"worker {rank}{self.of} stopped before finishing its share ({self._end_of(rank)})"
             self._gone[rank] = (line, None)
-            if lost:
-                return self._gone[rank]
-            raise UserError(line) from None
+            return self._gone[rank]
 
     def _end_of(self, rank: int) -> str:
         try:
@@ -284,12 +282,6 @@ class NodeGroup:
     def shown(self) -> range:
         return range(self._first, self._first + self.node.world)
 
-    def child_exit(self, body: Callable[[], Any]) -> NoReturn:
-        self.node.child_exit(body)
-
-    def reap(self) -> None:
-        self.node.reap()
-
 
 def _die_with_parent() -> None:
     """Linux: SIGTERM this child if the command's process dies (SIGKILL, OOM killer) before it reaps us."""
@@ -322,8 +314,6 @@ def parse_workers(value: str | int | None) -> int | None:
         count = int(value)
     except (TypeError, ValueError):
         count = 0
-    from vlconvert.errors import UsageError
-
     if count < 1 or str(value).strip() != str(count):
         raise UsageError(f"--workers {value!r} is not a count: give 1 or more, or 'auto'")
     limit = max(8, 4 * usable_cores())
