@@ -18,6 +18,7 @@ from helpers import folder_digest, run_cli
 
 from vlconvert import workers
 from vlconvert.engine import Converter
+from vlconvert.errors import UserError
 from vlconvert.splitting import SPLIT_BYTES_ENV, assign_shares
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -196,6 +197,24 @@ def test_auto_workers_under_torchrun(tmp_path, monkeypatch):
     assert conv.worker_count() == min(8, -(-(total // 4) // 2**16)) > 1
     monkeypatch.delenv("WORLD_SIZE")
     assert conv.worker_count() == min(8, -(-total // 2**16))
+
+
+def test_a_fork_the_system_refuses_ends_in_one_line(tmp_path, monkeypatch):
+    """A process limit (EAGAIN) on the second fork: the first worker is stopped, one line, nothing written."""
+    forks = []
+
+    def fork() -> int:
+        forks.append(1)
+        if len(forks) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    real_fork = workers.os.fork
+    monkeypatch.setattr(workers.os, "fork", fork)
+    with pytest.raises(UserError, match=r"could not start worker 2 of 3 \(Resource temporarily unavailable\): give "
+                                        "fewer --workers"):
+        Converter(HF, tmp_path / "out", to="dcp", workers=3).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_count_of_workers_past_four_per_core_is_refused(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import Any, NoReturn, Protocol
 
-from vlconvert.errors import UsageError
+from vlconvert.errors import UsageError, UserError
 
 MAX_AUTO_WORKERS = 8
 BYTES_PER_WORKER = 2**30  # auto: one worker per GiB of output, so a small conversion stays in one process
@@ -108,7 +108,12 @@ class ForkedGroup:
         sys.stdout.flush()
         sys.stderr.flush()
         for rank in range(1, world):
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN / ENOMEM: a process limit or memory, not a bug
+                self.stop_others()
+                raise UserError(f"could not start worker {rank} of {world} ({exc.strerror}): give fewer --workers"
+                                ) from None
             if pid == 0:
                 self.rank = rank
                 for i, (near, far) in enumerate(ends, start=1):
