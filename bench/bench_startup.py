@@ -50,6 +50,11 @@ def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:
                                           "--tp", "4", "--pp", "2", "--ep", "16"]),
         ("vlconvert verify tiny-moe x2", [*vlc, "verify", "fixtures/tiny-moe", "fixtures/tiny-moe"]),
         ("vlconvert verify --manifest", [*vlc, "verify", "--manifest", str(manifest_folder)]),
+        ("convert hf->megatron --dry-run", [*vlc, "convert", "fixtures/tiny-moe", str(manifest_folder.parent / "no"),
+                                            "--to", "megatron", "--tp", "2", "--dry-run"]),
+        ("convert dcp->hf --dry-run", [*vlc, "convert", str(manifest_folder), str(manifest_folder.parent / "no"),
+                                       "--to", "hf", "--assets-dir", "fixtures/tiny-moe", "--dry-run"]),
+        ("vlconvert inspect dcp", [*vlc, "inspect", str(manifest_folder)]),
         ("vlconvert doctor", [*vlc, "doctor"]),
     ]
 

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint import planner as tp
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from vlconvert.dtypes import to_torch as to_torch_dtype
 from vlconvert.errors import UserError
 from vlconvert.layouts import dcp_classes as C
 from vlconvert.layouts import dcp_pickle
@@ -45,8 +46,11 @@ def to_torch(md: C.Metadata) -> tm.Metadata:
             new = tm.TensorStorageMetadata(properties=conv(obj.properties), size=obj.size,
                                            chunks=[conv(c) for c in obj.chunks])
         elif isinstance(obj, C.TensorProperties):
-            new = tm.TensorProperties(dtype=obj.dtype, layout=obj.layout, requires_grad=obj.requires_grad,
-                                      memory_format=obj.memory_format, pin_memory=obj.pin_memory)
+            # as read, the stand-ins hold no torch objects: a DType, a Layout, the memory format's encoding
+            layout = torch.serialization._get_layout(obj.layout) if isinstance(obj.layout, C.Layout) else obj.layout
+            memory_format = {e: f for f, e in C._encodings()}.get(obj.memory_format, obj.memory_format)
+            new = tm.TensorProperties(dtype=to_torch_dtype(obj.dtype), layout=layout, requires_grad=obj.requires_grad,
+                                      memory_format=memory_format, pin_memory=obj.pin_memory)
         elif isinstance(obj, C.ChunkStorageMetadata):
             new = tm.ChunkStorageMetadata(offsets=obj.offsets, sizes=obj.sizes)
         elif isinstance(obj, C.BytesStorageMetadata):
@@ -226,7 +230,7 @@ def test_stand_ins_have_torchs_fields_and_names() -> None:
         module, name = C.PICKLED_AS.get(mine) or next(k for k, v in C.READ_AS.items() if v is mine)
         assert (module, name) == (theirs.__module__, theirs.__qualname__)
         assert C.READ_AS[(module, name)] is mine
-    assert C.HAS_VERSION == ("version" in tm.Metadata.__dataclass_fields__)
+    assert C.has_version() == ("version" in tm.Metadata.__dataclass_fields__)
     assert [(e.name, e.value) for e in C._MEM_FORMAT_ENCODING] == [(e.name, e.value) for e in tm._MEM_FORMAT_ENCODING]
     assert [(e.name, e.value) for e in C.WriteItemType] == [(e.name, e.value) for e in tp.WriteItemType]
     assert C.MetadataIndex("a", [0, 1], 3) == C.MetadataIndex("a", torch.Size([0, 1]), 9)

@@ -15,7 +15,8 @@ import math
 import sys
 import threading
 
-import torch
+from vlconvert.dtypes import to_torch
+from vlconvert.lazy import torch
 
 POOL_MIN = 8 * 2**20  # smaller blocks come from torch.empty
 KEEP = 32  # buffers kept per size; more live at once are allocated as usual and not kept
@@ -57,8 +58,8 @@ class BufferPool:
         """An uninitialised tensor (pooled from :data:`POOL_MIN` bytes on)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < POOL_MIN:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._take(nbytes), dtype=torch.uint8).view(dtype).reshape(shape)
+            return torch.empty(shape, dtype=to_torch(dtype))
+        return torch.frombuffer(self._take(nbytes), dtype=torch.uint8).view(to_torch(dtype)).reshape(shape)
 
     def held_bytes(self) -> int:
         """Bytes the pool keeps (in use or idle)."""

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert import sources
-from vlconvert.dtypes import dtype_name
+from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
+from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.sources import Source
@@ -173,7 +172,7 @@ def source_bytes(src: Source) -> int:
     total = 0
     for name in _all_names(src):
         shape, dtype = src.spec(name)
-        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += math.prod(shape) * element_size(dtype)
     return total
 
 

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert.errors import UsageError, UserError
+from vlconvert.lazy import torch
 
 CONV3D_ISSUE = "https://github.com/pytorch/pytorch/issues/166122"
 

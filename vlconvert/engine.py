@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert import buffers, hashing, splitting
 from vlconvert import workers as workers_mod
-from vlconvert.dtypes import element_size, parse_dtype
+from vlconvert.dtypes import DType, as_dtype, element_size, is_torch_dtype, parse_dtype, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size
+from vlconvert.lazy import loaded, torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import EXPERT_LAYOUTS
 from vlconvert.models.megatron_table import RankTensor, Src
@@ -65,8 +64,8 @@ Progress = Any
 def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dtype | None:
     """The output dtype: ``auto`` = the config's for a DCP (training jobs keep fp32 master weights), else
     the stored one; ``config``; ``keep``; or bf16 / fp16 / fp32."""
-    if isinstance(choice, torch.dtype):
-        return choice
+    if isinstance(choice, DType) or is_torch_dtype(choice):
+        return as_dtype(choice)
     if choice in (None, "keep"):
         return None
     if choice == "auto":
@@ -83,7 +82,7 @@ ranks_ran = False  # a conversion ran as one rank of torchrun in this process
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+    return tensor if tensor.dtype == dtype else tensor.to(to_torch(dtype))
 
 
 class Converter:
@@ -451,6 +450,7 @@ class Converter:
         plan = self.plan()
         if not self.target.distributed:
             raise UsageError(f"--to {self.to} is written by one process: drop --workers")
+        loaded(torch)  # the plan needed no torch; import it once here rather than once in every worker
         forked = workers_mod.ForkedGroup(workers)
         group = group_of(forked)
         if forked.rank != 0:
@@ -679,7 +679,7 @@ def _valued_blocks(tensor: RankTensor, source: Source) -> Iterator[torch.Tensor]
         rows = source.rows(src, 0, tensor.shape[0])[:, a:b]
     else:
         rows = torch.cat([source.rows(src, a, b) for src, a, b in tensor.segs])
-    yield source.skeleton.family.to_megatron_value(tensor, rows.to(tensor.dtype)).contiguous()
+    yield source.skeleton.family.to_megatron_value(tensor, rows.to(to_torch(tensor.dtype))).contiguous()
 
 
 def resident_bytes() -> int:

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from vlconvert.engine import Converter, Progress
+from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import MegatronPlan, plan_megatron_ranks
 from vlconvert.sources import MegatronSource
 

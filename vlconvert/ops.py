@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from vlconvert import buffers
 from vlconvert.errors import UsageError, UserError
+from vlconvert.lazy import torch
 
 # A row map is a list of (source, start, stop): rows start..stop-1 of ``source`` (a small int or str tag).
 RowMap = list[tuple[object, int, int]]

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from vlconvert.dtypes import dtype_name, element_size
+from vlconvert.dtypes import dtype_name, element_size, to_torch
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import PlannedTensor
+from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src
 from vlconvert.progress import human_bytes
 from vlconvert.sources import Source
@@ -146,14 +145,14 @@ def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) ->
     if t.axis == 1:
         src, a, b = t.segs[0]
         for r in range(0, t.shape[0], step):
-            yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(t.dtype).contiguous()
+            yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(to_torch(t.dtype)).contiguous()
         return
     for src, a, b in t.segs:
         if src is not None:
             yield from source_row_blocks(source, src, a, b, t.dtype, step)
             continue
         for r in range(a, b, step):  # vocabulary padding
-            yield torch.zeros((min(b, r + step) - r, *t.shape[1:]), dtype=t.dtype)
+            yield torch.zeros((min(b, r + step) - r, *t.shape[1:]), dtype=to_torch(t.dtype))
 
 
 def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: torch.dtype, step: int
@@ -168,5 +167,5 @@ def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: to
             yield span
             r += span.shape[0]
         else:
-            yield source.rows(src, r, end).to(dtype)
+            yield source.rows(src, r, end).to(to_torch(dtype))
             r = end

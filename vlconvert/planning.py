@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert import ops
-from vlconvert.dtypes import dtype_name, element_size
+from vlconvert.dtypes import BFLOAT16, dtype_name, element_size
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
+from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.family import Family
@@ -544,7 +543,7 @@ def _source_checks(plan: Plan, skeleton: Skeleton, source: str | Path, config: A
         # the config's tensors in the form this source stores them (a family may keep experts fused or one
         # per expert, MTP present or not: Family.skeleton_for); shapes still come from the config
         stored = getattr(src, "skeleton", None) or skeleton
-        expected = {t.name: t.shape for t in canonical_tensors(stored, torch.bfloat16)}
+        expected = {t.name: t.shape for t in canonical_tensors(stored, BFLOAT16)}
         names = set(src.names())
         missing = sorted(set(expected) - names)
         unexpected = sorted(names - set(expected))

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert import __version__, publish
+from vlconvert.dtypes import to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.hf import (
@@ -40,6 +39,7 @@ from vlconvert.layouts.hf import (
     read_header,
     resolve_source,
 )
+from vlconvert.lazy import torch
 from vlconvert.models.registry import FAMILIES, guess_family
 from vlconvert.progress import progress_bar
 
@@ -523,7 +523,7 @@ def _row_blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
 def mean_of_rows(ckpt: HFCheckpoint, name: str, ids: list[int]) -> torch.Tensor:
     """Mean (computed in float32, cast back) of rows ``ids`` of matrix ``name``."""
     rows = torch.stack([ckpt.read_rows(name, i, i + 1)[0] for i in ids]).to(torch.float32)
-    return rows.mean(dim=0).to(ckpt.tensors[name].dtype)
+    return rows.mean(dim=0).to(to_torch(ckpt.tensors[name].dtype))
 
 
 def _write_patched_shard(ckpt: HFCheckpoint, shard: Path, dst: Path, patches: dict[str, dict[int, torch.Tensor]],

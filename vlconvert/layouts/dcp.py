@@ -23,23 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy
 
-from vlconvert.dtypes import element_size
+from vlconvert.dtypes import BY_NAME, DType, element_size, is_torch_dtype, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes, dcp_pickle
 from vlconvert.layouts.filebytes import FileSpan, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
+from vlconvert.lazy import torch
 from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, note_input, open_input
 
 METADATA_NAME = ".metadata"
 _MAX_RECORD_PKL = 2**20  # a one-tensor record's data.pkl is a few hundred bytes
 DCP_VERSION = "1.0.0"
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-                                torch.float8_e4m3fn, torch.float8_e5m2)}
+_DTYPES = {str(d): d for d in (BY_NAME[name] for name in (
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+    "float8_e4m3fn", "float8_e5m2"))}  # as a --resume journal names them: "torch.bfloat16"
 
 _MAX_DIM = 2**62  # far above any real dimension; keeps every product inside torch's int64
 _MAX_METADATA = 2**30
@@ -69,7 +70,7 @@ def _check_tensor_entry(path: Path, key: str, entry: dcp_classes.TensorStorageMe
         raise UserError(f"{where} has a size too large to exist: {list(size)}")
     props = getattr(entry, "properties", None)
     dtype = getattr(props, "dtype", None)
-    if not isinstance(props, dcp_classes.TensorProperties) or not isinstance(dtype, torch.dtype):
+    if not isinstance(props, dcp_classes.TensorProperties) or not (isinstance(dtype, DType) or is_torch_dtype(dtype)):
         raise UserError(f"{where} has no valid dtype ({_one_line(dtype, 40)})")
     try:
         element_size(dtype)
@@ -183,7 +184,7 @@ class DCPTensor:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * element_size(self.dtype)
 
 
 class _FileWindow(io.RawIOBase):
@@ -379,7 +380,7 @@ class DCPReader:
             return self._whole[1][index][start:stop]
         raw = read_exact(self._open(chunk), span.offset, span.nbytes,
                          f"'{chunk.file}' is truncated: a record at byte {chunk.start} ends early")
-        return raw.view(span.dtype).reshape(span.shape)
+        return raw.view(to_torch(span.dtype)).reshape(span.shape)
 
     def _chunk_span(self, chunk: Chunk, start: int, stop: int, index: tuple[int, ...]) -> FileSpan | None:
         """Where ``chunk[index][start:stop]`` (chunk-local) lies in the record's storage, when the record
@@ -418,7 +419,7 @@ class DCPReader:
         """``tensor[index][start:stop]`` of tensor ``key``, reading only the rows of the chunks it overlaps."""
         entry = self.tensors[key]
         k = len(index)
-        out = torch.empty((stop - start, *entry.shape[k + 1:]), dtype=entry.dtype)
+        out = torch.empty((stop - start, *entry.shape[k + 1:]), dtype=to_torch(entry.dtype))
         covered = 0
         for chunk in entry.chunks:
             if 0 in chunk.sizes or not all(o <= i < o + n for i, o, n in zip(index, chunk.offsets, chunk.sizes,
@@ -460,7 +461,7 @@ class DCPReader:
         entry = self.tensors[key]
         if len(entry.chunks) == 1 and entry.chunks[0].sizes == entry.shape:
             return self.read_chunk(entry.chunks[0])
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        out = torch.empty(entry.shape, dtype=to_torch(entry.dtype))
         for chunk in entry.chunks:
             if 0 in chunk.sizes:
                 continue
@@ -491,13 +492,13 @@ def _check_tiling(meta_path: Path, key: str, shape: tuple[int, ...], chunks: lis
             spans = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in boxes)
             overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
         else:
-            lo = torch.tensor([c.offsets for c in boxes], dtype=torch.int64)
-            hi = lo + torch.tensor([c.sizes for c in boxes], dtype=torch.int64)
+            lo = numpy.array([c.offsets for c in boxes], dtype=numpy.int64)
+            hi = lo + numpy.array([c.sizes for c in boxes], dtype=numpy.int64)
             overlap = False
             for i in range(0, len(boxes), 128):  # pairwise box intersection, 128 rows at a time
-                inter = (torch.maximum(lo[i:i + 128, None], lo[None]) < torch.minimum(hi[i:i + 128, None], hi[None]))
+                inter = (numpy.maximum(lo[i:i + 128, None], lo[None]) < numpy.minimum(hi[i:i + 128, None], hi[None]))
                 hits = inter.all(-1)
-                hits[torch.arange(hits.shape[0]), torch.arange(i, i + hits.shape[0])] = False
+                hits[numpy.arange(hits.shape[0]), numpy.arange(i, i + hits.shape[0])] = False
                 overlap = overlap or bool(hits.any())
         problem = "two of its chunks overlap" if overlap else None
     if problem:
@@ -634,7 +635,7 @@ class DCPWriter:
         size = torch.Size(shape)
         zeros = torch.Size([0] * len(shape))
         self.state_dict_metadata[key] = dcp_classes.TensorStorageMetadata(
-            properties=dcp_classes.TensorProperties(dtype=dtype), size=size,
+            properties=dcp_classes.TensorProperties(dtype=to_torch(dtype)), size=size,
             chunks=[dcp_classes.ChunkStorageMetadata(offsets=zeros, sizes=size)])
         index = dcp_classes.MetadataIndex(key, zeros, 0)
         self.storage_data[index] = dcp_classes._StorageInfo(self._file_name, start, length)

@@ -6,9 +6,10 @@ a training node (it pulls in DTensor and its operator tables); vlconvert needs n
 read the ``.metadata`` pickle. The classes here have the fields, constructors, defaults, equality and
 pickled state of torch's (``torch/distributed/checkpoint/metadata.py``, ``filesystem.py``,
 ``planner.py``), so :mod:`vlconvert.layouts.dcp_pickle` pickles them to the bytes torch's own classes
-give, naming torch's classes, and unpickles torch's names into them. Tensor sizes, offsets, dtypes
-and layouts stay torch's own ``torch.Size``, ``torch.dtype`` and ``torch.layout`` (``import torch``
-provides them).
+give, naming torch's classes, and unpickles torch's names into them. Reading needs no torch at all: sizes,
+dtypes and layouts are read as :class:`Size`, :class:`vlconvert.dtypes.DType` and :class:`Layout`, which
+pickle back to the bytes of ``torch.Size``, ``torch.dtype`` and ``torch.layout``; the metadata vlconvert
+writes holds torch's own (torch is imported by then).
 
 Each class written into ``.metadata`` carries, as ``__module__``, an alias as long as the name of the
 torch module that defines the real class (:data:`PICKLED_AS`); the alias names this module in
@@ -18,13 +19,15 @@ the alias is replaced by the real name (same length: the frame sizes stay right)
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
-import torch
+from vlconvert.dtypes import DType, to_torch
+from vlconvert.lazy import torch
 
 METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
@@ -51,33 +54,63 @@ class _MEM_FORMAT_ENCODING(Enum):
     TORCH_PRESERVE_FORMAT = 2
 
 
-_ENCODINGS = ((torch.contiguous_format, _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT),
-              (torch.channels_last, _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST),
-              (torch.preserve_format, _MEM_FORMAT_ENCODING.TORCH_PRESERVE_FORMAT))
+def _encodings() -> tuple[tuple[Any, _MEM_FORMAT_ENCODING], ...]:
+    """Each memory format with its pickled encoding (a function: torch is imported when first needed)."""
+    return ((torch.contiguous_format, _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT),
+            (torch.channels_last, _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST),
+            (torch.preserve_format, _MEM_FORMAT_ENCODING.TORCH_PRESERVE_FORMAT))
 
 
 @dataclass
 class TensorProperties:
     """dtype (and deprecated layout, requires_grad, memory format, pinning) of a stored tensor."""
 
-    dtype: torch.dtype = field(default_factory=torch.get_default_dtype)
-    layout: torch.layout = field(default=torch.strided)
+    dtype: torch.dtype = field(default_factory=lambda: torch.get_default_dtype())
+    layout: torch.layout = field(default_factory=lambda: torch.strided)
     requires_grad: bool = False
-    memory_format: torch.memory_format = field(default=torch.contiguous_format)
+    memory_format: torch.memory_format = field(default_factory=lambda: torch.contiguous_format)
     pin_memory: bool = False
 
     def __getstate__(self):
-        encoding = next((e for f, e in _ENCODINGS if self.memory_format == f), None)
+        if isinstance(self.memory_format, _MEM_FORMAT_ENCODING):  # as read
+            encoding = self.memory_format
+        else:
+            encoding = next((e for f, e in _encodings() if self.memory_format == f), None)
         if encoding is None:
             raise RuntimeError(f"Invalid torch.memory_format: {self.memory_format}")
-        return (self.dtype, self.layout, self.requires_grad, encoding, self.pin_memory)
+        dtype = to_torch(self.dtype) if isinstance(self.dtype, DType) else self.dtype
+        return (dtype, self.layout, self.requires_grad, encoding, self.pin_memory)
 
     def __setstate__(self, state) -> None:
         self.dtype, self.layout, self.requires_grad, encoding, self.pin_memory = state
-        memory_format = next((f for f, e in _ENCODINGS if encoding == e), None)
-        if memory_format is None:
+        if not isinstance(encoding, _MEM_FORMAT_ENCODING):
             raise RuntimeError(f"Invalid torch.memory_format encoding: {encoding}")
-        self.memory_format = memory_format
+        self.memory_format = encoding  # kept as read: the torch.memory_format would need torch
+
+
+class Size(tuple):
+    """A ``torch.Size`` as read from a pickle without torch: a tuple that pickles back as ``torch.Size``."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (torch.Size, (tuple(self),))
+
+
+class Layout(str):
+    """A ``torch.layout`` as read from a pickle without torch (``"torch.strided"``); pickles back as torch's."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (torch.serialization._get_layout, (str(self),))
+
+
+def layout_named(name: object) -> Layout:
+    """Stands in for ``torch.serialization._get_layout`` when a pickle is read."""
+    if not isinstance(name, str):
+        raise TypeError(f"a layout's name is a string, not {type(name).__name__}")
+    return Layout(name)
 
 
 @dataclass
@@ -119,7 +152,7 @@ def make_metadata(**fields: Any) -> Metadata:
     """A :class:`Metadata` with the fields the installed torch's own class has: torch < 2.9 has no
     ``version`` (its ``dcp.save`` writes none), and its pickle must not carry one."""
     metadata = Metadata(**fields)
-    if not HAS_VERSION:
+    if not has_version():
         del metadata.version  # the class default (None) is not pickled: the instance dict has no entry
     return metadata
 
@@ -184,15 +217,14 @@ class SavePlan:
     usable: bool = True
 
 
-def _torch_version() -> tuple[int, int]:
+@functools.cache
+def has_version() -> bool:
+    """Whether the installed torch's ``Metadata`` has a ``version`` field (torch 2.9 added it)."""
     parts = torch.__version__.split("+")[0].split(".")
     try:
-        return int(parts[0]), int(parts[1])
+        return (int(parts[0]), int(parts[1])) >= (2, 9)
     except (IndexError, ValueError):
-        return (99, 0)
-
-
-HAS_VERSION = _torch_version() >= (2, 9)  # torch 2.9 added Metadata.version
+        return True
 
 # (module, name) of torch's class for each stand-in class, and back
 PICKLED_AS: dict[type, tuple[str, str]] = {

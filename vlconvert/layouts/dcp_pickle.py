@@ -17,14 +17,14 @@ import io
 import pathlib
 import pickle
 
-import torch
-
+from vlconvert.dtypes import BY_NAME
 from vlconvert.layouts import dcp_classes
+from vlconvert.lazy import loaded, torch
 
 _ALIASES = ((dcp_classes.METADATA_ALIAS, dcp_classes.METADATA_MODULE),
             (dcp_classes.FILESYSTEM_ALIAS, dcp_classes.FILESYSTEM_MODULE))
 _OTHERS: dict[tuple[str, str], object] = {
-    ("torch", "Size"): torch.Size, ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
     ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
     ("pathlib", "WindowsPath"): pathlib.WindowsPath, ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
@@ -89,10 +89,14 @@ class _Unpickler(pickle.Unpickler):
         found = dcp_classes.READ_AS.get((module, name))
         if found is None:
             found = _OTHERS.get((module, name))
+        if found is None and (module, name) == ("torch", "Size"):
+            found = dcp_classes.Size
         if found is None and (module, name) == ("torch.serialization", "_get_layout"):
-            found = torch.serialization._get_layout  # imported with torch
-        if found is None and module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
-            found = vars(torch)[name]  # a dtype: no lazy submodule import
+            found = dcp_classes.layout_named
+        if found is None and module == "torch" and name in BY_NAME:
+            found = BY_NAME[name]
+        if found is None and module == "torch" and isinstance(vars(loaded(torch)).get(name), torch.dtype):
+            found = vars(loaded(torch))[name]  # a dtype: no lazy submodule import
         if found is None:
             raise RefusedClass(f"refusing to load {module}.{name}")
         return found

@@ -7,11 +7,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from vlconvert import buffers
 from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
+from vlconvert.lazy import torch
 
 
 def read_exact(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, truncated: str) -> torch.Tensor:

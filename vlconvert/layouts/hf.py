@@ -14,13 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from vlconvert.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, dtype_name, element_size
+from vlconvert.dtypes import SAFETENSORS, dtype_name, element_size, safetensors_code, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.filebytes import FileSpan, read_exact
+from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.publish import (
     MANIFEST_NAME,
@@ -80,7 +79,7 @@ def _header_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tu
     if missing:
         raise UserError(f"{where} has no '{missing[0]}'")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_TO_TORCH:
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS:
         raise UserError(f"{where} has an unknown dtype {_one_line(dtype_name, 40, quote=True)}")
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < _MAX_DIM for d in shape):
         raise UserError(f"{where} has a bad shape {_one_line(shape, 60)}: "
@@ -91,7 +90,7 @@ def _header_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tu
             or not 0 <= offsets[0] <= offsets[1]):
         raise UserError(f"{where} has bad data_offsets {_one_line(offsets, 60)}: "
                         "expected [begin, end] with 0 <= begin <= end")
-    return SAFETENSORS_TO_TORCH[dtype_name], tuple(shape), offsets[0], offsets[1]
+    return SAFETENSORS[dtype_name], tuple(shape), offsets[0], offsets[1]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -263,7 +262,7 @@ class HFCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         """Read one whole tensor."""
         info = self.tensors[name]
-        return self._read_bytes(info.file, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
+        return self._read_bytes(info.file, info.start, info.nbytes).view(to_torch(info.dtype)).reshape(info.shape)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Read rows ``start:stop`` of the first dimension only (a contiguous byte range)."""
@@ -273,7 +272,7 @@ class HFCheckpoint:
         start, stop = max(0, start), min(stop, info.shape[0])
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         data = self._read_bytes(info.file, info.start + start * row, max(0, stop - start) * row)
-        return data.view(info.dtype).reshape((max(0, stop - start), *info.shape[1:]))
+        return data.view(to_torch(info.dtype)).reshape((max(0, stop - start), *info.shape[1:]))
 
     def span(self, name: str, start: int, stop: int) -> FileSpan:
         """Where rows ``start:stop`` of the first dimension lie in their file."""
@@ -367,7 +366,7 @@ class SafetensorsFileWriter:
         offset = 0
         self.offsets: dict[str, int] = {}
         for t in tensors:
-            header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+            header[t.name] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape),
                               "data_offsets": [offset, offset + t.nbytes]}
             self.offsets[t.name] = offset
             offset += t.nbytes

@@ -36,13 +36,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from vlconvert.dtypes import element_size
+from vlconvert.dtypes import BY_NAME, DType, as_dtype, element_size, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts import dcp_classes
 from vlconvert.layouts.filebytes import FileSpan, read_exact
+from vlconvert.lazy import loaded, torch
 from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, note_input, open_input, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -56,13 +56,20 @@ MAX_DATA_PKL = 64 * 2**20  # a rank file's pickled dict; real ones are a few MiB
 _MAX_TRACKER = 4096
 _MAX_DIM = 2**62  # far above any real dimension; keeps every product inside torch's int64
 
-_STORAGE_OF: dict[torch.dtype, str] = {
-    torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage",
-    torch.float64: "DoubleStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
-    torch.float8_e4m3fn: "Float8_e4m3fnStorage", torch.float8_e5m2: "Float8_e5m2Storage",
-}
+_STORAGE_OF: dict[DType, str] = {BY_NAME[name]: storage for name, storage in [
+    ("float32", "FloatStorage"), ("float16", "HalfStorage"), ("bfloat16", "BFloat16Storage"),
+    ("float64", "DoubleStorage"), ("int64", "LongStorage"), ("int32", "IntStorage"), ("int16", "ShortStorage"),
+    ("int8", "CharStorage"), ("uint8", "ByteStorage"), ("bool", "BoolStorage"),
+    ("float8_e4m3fn", "Float8_e4m3fnStorage"), ("float8_e5m2", "Float8_e5m2Storage")]}
 _DTYPE_OF = {v: k for k, v in _STORAGE_OF.items()}
+
+
+def _storable(dtype: object) -> str | None:
+    """The torch storage class that holds ``dtype`` (a DType or a torch dtype), or None."""
+    try:
+        return _STORAGE_OF.get(as_dtype(dtype))
+    except UserError:
+        return None
 
 
 def rank_folder(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
@@ -101,7 +108,7 @@ class _TensorRef:
 class _Pickler(pickle.Pickler):
     def persistent_id(self, obj):  # noqa: D401 - pickle hook
         if isinstance(obj, _StorageRef):
-            return ("storage", getattr(torch, _STORAGE_OF[obj.dtype]), obj.key, "cpu", obj.numel)
+            return ("storage", getattr(torch, _storable(obj.dtype)), obj.key, "cpu", obj.numel)
         return None
 
 
@@ -131,7 +138,7 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
     if not entries:
         raise ValueError(f"{path}: a rank file needs at least one tensor")
     for e in entries:
-        if e.dtype not in _STORAGE_OF:
+        if _storable(e.dtype) is None:
             raise UserError(f"dtype {e.dtype} of '{e.name}' cannot be stored in a Megatron rank file")
     model = collections.OrderedDict()
     for i, e in enumerate(entries):
@@ -427,9 +434,6 @@ def _rebuild_parameter(data, *_rest):
     return data
 
 
-_SAFE_TORCH = {"Size": torch.Size, "device": torch.device}
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """An allowlist unpickler: tensors become :class:`LazyTensor`, unknown globals inert :class:`Opaque`."""
 
@@ -447,10 +451,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch":
             if name in _DTYPE_OF:
                 return _StorageType(_DTYPE_OF[name])
-            if name in _SAFE_TORCH:
-                return _SAFE_TORCH[name]
-            if isinstance(vars(torch).get(name), torch.dtype):  # no lazy submodule imports
-                return vars(torch)[name]
+            if name == "Size":  # torch.Size((2, 3)): a tuple, read without torch
+                return dcp_classes.Size
+            if name in BY_NAME:  # a dtype, e.g. in Megatron's args
+                return BY_NAME[name]
+            if name == "device" or isinstance(vars(loaded(torch)).get(name), torch.dtype):  # no lazy submodule imports
+                return getattr(torch, name)
         return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
 
     def persistent_load(self, pid):
@@ -662,14 +668,14 @@ class RankFile:
 
     def _read_flat(self, t: LazyTensor, offset: int, count: int) -> torch.Tensor:
         if count == 0:
-            return torch.empty(0, dtype=t.dtype)
+            return torch.empty(0, dtype=to_torch(t.dtype))
         size = element_size(t.dtype)
         info = self._records.get(t.key)
         if info is None or (offset + count) * size > info.file_size:
             raise UserError(f"'{self.path}' is truncated or corrupt: tensor bytes outside record '{t.key}'")
         with open_input(self.path) as f:
             return read_exact(f, self._data_start(t.key) + offset * size, count * size,
-                              f"'{self.path}' is truncated: record '{t.key}' ends early").view(t.dtype)
+                              f"'{self.path}' is truncated: record '{t.key}' ends early").view(to_torch(t.dtype))
 
 
 # ------------------------------------------------------------------------------------------ folders

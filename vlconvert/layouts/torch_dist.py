@@ -20,8 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from vlconvert.dtypes import to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
@@ -29,6 +28,7 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER, Consumer, consumer  # noqa: F401
 from vlconvert.layouts.dcp import _DTYPES, DCPReader, DCPWriter, TensorBlocks, kept_matching
 from vlconvert.layouts.megatron import write_torch_record
+from vlconvert.lazy import torch
 from vlconvert.publish import create_file, note_input
 
 METADATA_JSON = "metadata.json"
@@ -258,7 +258,7 @@ class TorchDistWriter(DCPWriter):
         key = sys.intern(key)
         entry = self.state_dict_metadata.get(key)
         if entry is None:
-            entry = dcp_classes.TensorStorageMetadata(properties=dcp_classes.TensorProperties(dtype=dtype),
+            entry = dcp_classes.TensorStorageMetadata(properties=dcp_classes.TensorProperties(dtype=to_torch(dtype)),
                                                       size=torch.Size(size), chunks=[])
             self.state_dict_metadata[key] = entry
             self.planner_data[key] = (key,)

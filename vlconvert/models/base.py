@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from vlconvert.dtypes import element_size
 from vlconvert.errors import UsageError, UserError
+from vlconvert.lazy import torch
 
 if TYPE_CHECKING:
     from vlconvert.models.family import Family

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32
 from vlconvert.errors import UserError
+from vlconvert.lazy import torch
 
 # (HF config field, provider field), in Bridge 0.6.2's ``MegatronModelBridge.CONFIG_MAPPING`` order
 CONFIG_MAPPING = (
@@ -124,8 +124,8 @@ def provider_kwargs(view: dict, dtype: torch.dtype | None, *, divisible_by: int 
             out["yarn_correction_range_round_to_int"] = scaling["truncate"]
     if out.get("vocab_size") is not None:
         out["make_vocab_size_divisible_by"] = vocab_divisor(out["vocab_size"], divisible_by)
-    dtype = dtype or torch.float32
-    out.update(fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=dtype_ref(dtype))
+    dtype = dtype or FLOAT32
+    out.update(fp16=dtype == FLOAT16, bf16=dtype == BFLOAT16, params_dtype=dtype_ref(dtype))
     out["activation_func"] = activation_ref(view)
     return out
 

@@ -29,9 +29,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
+from vlconvert.dtypes import BFLOAT16
 from vlconvert.errors import UserError
+from vlconvert.lazy import torch
 from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, TensorSpec, runtime_experts_layout
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class Family:
             shapes = self.skeleton_shapes(info, runtime)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"cannot read a {info.family} model's shapes from this config: {exc}") from exc
-        dtype = info.dtype or torch.bfloat16
+        dtype = info.dtype or BFLOAT16
         return Skeleton(info=info, tensors={n: TensorSpec(s, dtype) for n, s in shapes.items()},
                         runtime_experts=runtime)
 

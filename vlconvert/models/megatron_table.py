@@ -18,13 +18,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from vlconvert import ops
-from vlconvert.dtypes import element_size, parse_dtype
+from vlconvert.dtypes import BFLOAT16, FLOAT32, DType, as_dtype, element_size, is_torch_dtype, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor
 from vlconvert.layouts.megatron import rank_folder
+from vlconvert.lazy import torch
 from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family
 
@@ -356,9 +355,9 @@ def check_coverage(params: list[Param], sk: Skeleton) -> None:
 # ------------------------------------------------------------------------------------ output tensors
 def output_dtype(skeleton: Skeleton, dtype: str | torch.dtype | None) -> torch.dtype:
     """The dtype a conversion writes: the one asked for, else the config's, else bf16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return parse_dtype(dtype) or skeleton.info.dtype or torch.bfloat16
+    if isinstance(dtype, DType) or is_torch_dtype(dtype):
+        return as_dtype(dtype)
+    return parse_dtype(dtype) or skeleton.info.dtype or BFLOAT16
 
 
 def canonical_tensors(skeleton: Skeleton, dtype: torch.dtype) -> list[PlannedTensor]:
@@ -395,7 +394,7 @@ def hf_vision_tensors(skeleton: Skeleton, dtypes: dict[str, torch.dtype], prefix
     for name in skeleton.hf_keys():
         if family.is_vision(name):
             shape = tuple(skeleton.shape_in(name, "released"))
-            dtype = dtypes.get(name) or skeleton.info.dtype or torch.float32
+            dtype = dtypes.get(name) or skeleton.info.dtype or FLOAT32
             out.append(RankTensor(prefix + name[len(vision):], shape, dtype, 0, ((Src(name), 0, shape[0]),)))
     return out
 
@@ -429,7 +428,7 @@ def stage_bytes_inputs(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = 
     """Bytes per decoder layer, plus what the first stage (vision tower, embedding) and the last stage
     (final norm, output layer: its own copy when embeddings are tied) carry besides layers."""
     info = skeleton.info
-    dtype = dtype or info.dtype or torch.bfloat16
+    dtype = dtype or info.dtype or BFLOAT16
     layer_bytes = [0] * info.layers
     first_extra = last_extra = 0
     family = skeleton.family

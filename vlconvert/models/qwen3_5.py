@@ -30,11 +30,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert import ops
-from vlconvert.dtypes import parse_dtype
+from vlconvert.dtypes import BFLOAT16, FLOAT32, parse_dtype
 from vlconvert.errors import UsageError, UserError
+from vlconvert.lazy import torch
 from vlconvert.models import bridge_config as bc
 from vlconvert.models.base import ModelInfo, RuntimeTensor, TensorSpec, read_config_json
 from vlconvert.models.base import Skeleton as BaseSkeleton
@@ -320,7 +319,7 @@ def build_skeleton(config: str | Path | dict | Qwen35Info, *, experts: str = "fu
     _check_layout("experts", experts)
     _check_layout("MTP experts", mtp_experts)
     shapes = skeleton_shapes(info, experts, mtp_experts, mtp)
-    dtype = info.dtype or torch.bfloat16
+    dtype = info.dtype or BFLOAT16
     return Skeleton(info=info, tensors={n: TensorSpec(sh, dtype) for n, sh in shapes.items()},
                     runtime_experts="transformers5", experts=experts, mtp_experts=mtp_experts, mtp=mtp)
 
@@ -803,7 +802,7 @@ def bridge_model_config(info: Qwen35Info, *, tp: int = 1, pp: int = 1, ep: int =
     raw = info.raw
     text = dict(raw.get("text_config") or {})
     view = bc.hf_view(text, BRIDGE_TEXT_DEFAULTS[info.family])
-    dtype = bc.section_dtype(text, raw) or torch.float32
+    dtype = bc.section_dtype(text, raw) or FLOAT32
     parameters = bc.rope(view)
     model: dict[str, Any] = {"_target_": BRIDGE_PROVIDERS[info.family],
                              **bc.provider_kwargs(view, dtype, divisible_by=make_vocab_size_divisible_by)}

@@ -21,9 +21,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from vlconvert.dtypes import parse_dtype
+from vlconvert.dtypes import BFLOAT16, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.models import bridge_config as bc
 from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, config_int, linear_shapes, renamed
@@ -262,7 +260,7 @@ class Qwen3TextFamily(Family):
                                  **{k: v for k, v in kwargs.items() if k not in bc.MLA_FIELDS}}
         model.setdefault("position_embedding_type", "rope")  # "yarn" when the RoPE type says so
         model.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False, add_qkv_bias=False,
-                     hidden_dropout=0.0, qk_layernorm=True, autocast_dtype=bc.dtype_ref(torch.bfloat16))
+                     hidden_dropout=0.0, qk_layernorm=True, autocast_dtype=bc.dtype_ref(BFLOAT16))
         if info.is_moe:
             model.update(moe_grouped_gemm=True, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
                          moe_router_pre_softmax=not view.get("norm_topk_prob"),

@@ -27,10 +27,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from vlconvert.dtypes import parse_dtype
+from vlconvert.dtypes import BFLOAT16, parse_dtype
 from vlconvert.errors import UserError
+from vlconvert.lazy import torch
 from vlconvert.models.base import (  # noqa: F401 - re-exported: the names callers import from here
     EXPERT_LAYOUTS,
     ModelInfo,
@@ -254,7 +253,7 @@ def _skeleton_from_transformers(config: str | Path | dict | ModelInfo) -> Skelet
         model = _meta_model(info.raw)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         raise UserError(f"transformers cannot build a {info.family} model from this config: {exc}") from exc
-    dtype = info.dtype or torch.bfloat16
+    dtype = info.dtype or BFLOAT16
     tensors = {name: TensorSpec(tuple(t.shape), dtype) for name, t in model.state_dict().items()}
     return Skeleton(info=info, tensors=tensors, runtime_experts=measured_runtime_experts_layout())
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32
 from vlconvert.models import bridge_config as bc
 from vlconvert.models.megatron_table import hf_vision_tensors  # noqa: F401 - re-exported: the old name
 from vlconvert.models.qwen3vl import ModelInfo
@@ -32,10 +31,10 @@ def bridge_model_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, ep: int = 
     raw = info.raw
     text = dict(raw.get("text_config") or {})
     vision = dict(raw.get("vision_config") or {})
-    dtype = info.dtype or torch.float32
+    dtype = info.dtype or FLOAT32
     model: dict[str, Any] = {"_target_": _BRIDGE_PROVIDERS[info.is_moe], **bc.mapped_fields(text)}
     rope = bc.rope(text)
-    model.update(fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=bc.dtype_ref(dtype),
+    model.update(fp16=dtype == FLOAT16, bf16=dtype == BFLOAT16, params_dtype=bc.dtype_ref(dtype),
                  normalization="RMSNorm", gated_linear_unit=True, add_qkv_bias=bool(text.get("attention_bias")),
                  add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0,
                  share_embeddings_and_output_weights=bool(raw.get("tie_word_embeddings", False)))

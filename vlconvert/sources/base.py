@@ -6,12 +6,12 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
 from vlconvert import buffers
+from vlconvert.dtypes import element_size
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
+from vlconvert.lazy import torch
 from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.megatron_table import Src, source_shape
 from vlconvert.models.registry import any_is_expert, family_named, load_config
@@ -100,7 +100,7 @@ class Source:
         n = 1
         for d in shape:
             n *= d
-        return n * torch.empty((), dtype=dtype).element_size()
+        return n * element_size(dtype)
 
     def location(self, name: str) -> tuple[int, int]:
         """(group, position) of ``name`` in the best order to read it; writers that keep the source's

@@ -6,12 +6,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from vlconvert import buffers
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton, expert_layout_of
 from vlconvert.models.megatron_table import Src
 from vlconvert.sources.base import Source, skeleton_for

@@ -14,11 +14,10 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
-from vlconvert.dtypes import dtype_name
+from vlconvert.dtypes import BFLOAT16, BY_NAME, FLOAT16, FLOAT32, dtype_name, to_torch
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.lazy import torch
 from vlconvert.models.base import read_config_json
 from vlconvert.models.megatron_table import Src
 from vlconvert.sources.base import Source
@@ -26,7 +25,7 @@ from vlconvert.sources.hf import HFSource
 
 SCALE_SUFFIX = "_scale_inv"
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8 = (BY_NAME["float8_e4m3fn"], BY_NAME["float8_e5m2"])
 
 
 def fp8_config(config: Path | dict | None) -> dict | None:
@@ -67,7 +66,7 @@ class FP8Source(HFSource):
                             "FP8 ([rows, cols]) is supported")
         self.block = (block[0], block[1])
         stored = self.skeleton.info.dtype if self.skeleton is not None else None
-        self.out_dtype = stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        self.out_dtype = stored if stored in (BFLOAT16, FLOAT16, FLOAT32) else BFLOAT16
         if self.skeleton is not None:  # the Megatron writer records the config: it is not quantized any more
             self.skeleton.info.raw.pop("quantization_config", None)  # (config.json outputs: describe_weights)
         tensors = self.checkpoint.tensors
@@ -185,9 +184,9 @@ class FP8Source(HFSource):
 
     def read(self, name: str) -> torch.Tensor:
         if name in self.per_expert:
-            return Source.read(self, name).to(self.spec(name)[1])
+            return Source.read(self, name).to(to_torch(self.spec(name)[1]))
         if name in self.scales:
-            return self.dequantize(name, 0, self.checkpoint.tensors[name].shape[0]).to(self.out_dtype)
+            return self.dequantize(name, 0, self.checkpoint.tensors[name].shape[0]).to(to_torch(self.out_dtype))
         return super().read(name)
 
     def dequantize(self, name: str, start: int, stop: int) -> torch.Tensor:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from vlconvert import buffers
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import HFCheckpoint
+from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton, expert_layout_of, read_config_json
 from vlconvert.models.megatron_table import Src
 from vlconvert.models.registry import any_is_expert, family_named, guess_family, load_config

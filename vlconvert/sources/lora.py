@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert.errors import UsageError, UserError, one_line
+from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import Src
 from vlconvert.publish import note_input
 from vlconvert.sources.base import Source

@@ -7,11 +7,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from vlconvert.dtypes import to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src, plan_megatron_ranks
 from vlconvert.models.registry import load_config, megatron_language_prefixes
@@ -102,7 +102,7 @@ class MegatronSource(RankMappedSource):
             if out.shape[1] != shape[1]:
                 raise UserError(f"the checkpoint holds {out.shape[1]} of {shape[1]} columns of '{src}'")
             return out
-        out = torch.empty((stop - start, *shape[1:]), dtype=self._dtypes[src])
+        out = torch.empty((stop - start, *shape[1:]), dtype=to_torch(self._dtypes[src]))
         covered = 0
         for p in pieces:
             lo, hi = max(start, p.start), min(stop, p.stop)

@@ -12,9 +12,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import Src
 from vlconvert.sources.base import Source
 from vlconvert.sources.hf import HFSource

@@ -10,13 +10,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from vlconvert.dtypes import to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import RankTensor, Src, hf_vision_tensors, plan_megatron_ranks
@@ -262,7 +262,7 @@ class TorchDistSource(RankMappedSource):
         shape = self.matrix_shape(src)
         if pieces[0].axis == 1:  # a row-parallel weight: the whole source at tp 1
             return self._rows(pieces[0].tensor, start, stop)
-        out = torch.empty((stop - start, *shape[1:]), dtype=self._dtypes[src])
+        out = torch.empty((stop - start, *shape[1:]), dtype=to_torch(self._dtypes[src]))
         covered = 0
         for p in pieces:
             lo, hi = max(start, p.start), min(stop, p.stop)

@@ -21,12 +21,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from vlconvert import buffers
+from vlconvert.dtypes import to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
+from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import Src
 from vlconvert.publish import note_input
@@ -271,7 +271,7 @@ class VerlSource(Source):
             if lo < hi:
                 parts.append(self.ranks[piece.rank].read_rows(key, lo - piece.start, hi - piece.start))
         if not parts:
-            return torch.empty((0, *shape[1:]), dtype=self.ranks[0].tensors[key].dtype)
+            return torch.empty((0, *shape[1:]), dtype=to_torch(self.ranks[0].tensors[key].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:

@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
-
 from vlconvert.dtypes import element_size
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes
+from vlconvert.lazy import torch
 
 if TYPE_CHECKING:
     from vlconvert.models.megatron_table import RankTensor

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from vlconvert.dtypes import to_torch
 from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import describe_weights
+from vlconvert.lazy import torch
 from vlconvert.models.base import RuntimeTensor
 from vlconvert.models.megatron_table import RankTensor, Src
 from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype
@@ -139,7 +139,7 @@ def runtime_blocks(conv: Conversion, entry: RuntimeEntry) -> Iterator[torch.Tens
         return
     per, offset, parts = entry.shape[1], 0, []
     for src, start, stop in tensor.segs:
-        parts.append(conv.source.rows(src, start, stop).to(tensor.dtype))
+        parts.append(conv.source.rows(src, start, stop).to(to_torch(tensor.dtype)))
         offset += stop - start
         if offset % per == 0:
             yield torch.cat(parts).unsqueeze(0)

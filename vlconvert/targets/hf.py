@@ -6,8 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from vlconvert.errors import UsageError
 from vlconvert.layouts.hf import (
     INDEX_NAME,
@@ -21,6 +19,7 @@ from vlconvert.layouts.hf import (
     shard_file_names,
     write_index,
 )
+from vlconvert.lazy import torch
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
 from vlconvert.targets.base import Conversion, Target, counted, nbytes
 

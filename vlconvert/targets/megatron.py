@@ -7,9 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from vlconvert.layouts import megatron as mlay
+from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import MegatronPlan, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
 from vlconvert.targets.base import Conversion, Target, counted

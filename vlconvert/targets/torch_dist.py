@@ -15,12 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from vlconvert import ops
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import TensorBlocks
+from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import RankTensor, hf_vision_tensors, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
