@@ -30,7 +30,7 @@ from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes, dcp_pickle
-from vlconvert.layouts.filebytes import FileSpan, read_exact
+from vlconvert.layouts.filebytes import FileSpan, read_bytes, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
 from vlconvert.lazy import torch
 from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, note_input, open_input
@@ -343,8 +343,8 @@ class DCPReader:
         pkl = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
         if len(pkl) != 1 or pkl[0].file_size > _MAX_RECORD_PKL:
             return None
-        raw = read_exact(f, self._entry_start(f, chunk, pkl[0], where), pkl[0].file_size, f"{where}: it ends early")
-        tensor = restricted_load(raw.numpy().tobytes(), where)
+        raw = read_bytes(f, self._entry_start(f, chunk, pkl[0], where), pkl[0].file_size, f"{where}: it ends early")
+        tensor = restricted_load(raw, where)
         if not (isinstance(tensor, LazyTensor) and tensor.dtype == chunk.dtype and tensor.shape == chunk.sizes
                 and len(tensor.stride) == len(tensor.shape) and tensor.offset >= 0 and tensor.contiguous):
             return None  # read whole by torch.load, which checks the rest

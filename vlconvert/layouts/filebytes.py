@@ -29,6 +29,15 @@ def read_exact(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, tru
     return out
 
 
+def read_bytes(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, truncated: str) -> bytes:
+    """Bytes ``start:start+nbytes`` of open file ``f`` (small ranges: a record's ``data.pkl``), no torch."""
+    f.seek(start)
+    data = f.read(nbytes)
+    if len(data) < nbytes:
+        raise UserError(truncated)
+    return data
+
+
 @dataclass(frozen=True)
 class FileSpan:
     """Rows of a tensor that lie in a file exactly as a writer would store them (C order, little-endian):
