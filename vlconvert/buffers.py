@@ -15,7 +15,7 @@ import math
 import sys
 import threading
 
-from vlconvert.dtypes import to_torch
+from vlconvert.dtypes import DType, to_torch
 from vlconvert.lazy import torch
 
 POOL_MIN = 8 * 2**20  # smaller blocks come from torch.empty
@@ -54,7 +54,7 @@ class BufferPool:
                 bucket.append(buf)
             return buf
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def empty(self, shape: tuple[int, ...], dtype: DType) -> torch.Tensor:
         """An uninitialised tensor (pooled from :data:`POOL_MIN` bytes on)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < POOL_MIN:
@@ -75,7 +75,7 @@ class BufferPool:
 BUFFERS = BufferPool()
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def empty(shape: tuple[int, ...], dtype: DType) -> torch.Tensor:
     """An uninitialised tensor from the process's pool."""
     return BUFFERS.empty(tuple(shape), dtype)
 

@@ -61,7 +61,7 @@ Progress = Any
 
 # ------------------------------------------------------------------------------------------ plans
 # ---------------------------------------------------------------------------------------- options
-def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dtype | None:
+def resolve_dtype(choice: str | DType | None, source: Source) -> DType | None:
     """The output dtype: ``auto`` = the config's for a DCP (training jobs keep fp32 master weights), else
     the stored one; ``config``; ``keep``; or bf16 / fp16 / fp32."""
     if isinstance(choice, DType) or is_torch_dtype(choice):
@@ -81,7 +81,7 @@ def resolve_dtype(choice: str | torch.dtype | None, source: Source) -> torch.dty
 ranks_ran = False  # a conversion ran as one rank of torchrun in this process
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cast(tensor: torch.Tensor, dtype: DType) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(to_torch(dtype))
 
 
@@ -103,7 +103,7 @@ class Converter:
     a library caller's process may run threads of its own, which a fork does not take along.
     """
 
-    def __init__(self, src: str | Path, dst: str | Path, *, to: str, dtype: str | torch.dtype | None = "auto",
+    def __init__(self, src: str | Path, dst: str | Path, *, to: str, dtype: str | DType | None = "auto",
                  assets_dir: str | Path | None = None, config: str | Path | None = None,
                  experts_layout: str | None = None, prefix: str = "", src_prefix: str | None = None,
                  max_shard_size: str | int = "5GB", tied_lm_head: bool = True, allow_missing: bool = False,
@@ -315,7 +315,7 @@ class Converter:
         """Whether this process writes output file ``name`` (every file in a single process)."""
         return self._mine(name)
 
-    def blocks(self, name: str, layout: str, dtype: torch.dtype) -> Iterator[torch.Tensor | FileSpan]:
+    def blocks(self, name: str, layout: str, dtype: DType) -> Iterator[torch.Tensor | FileSpan]:
         """Canonical tensor ``name`` of the source as row blocks in ``dtype`` (fused experts in ``layout``)."""
         return canonical_blocks(self.source, name, layout, dtype, self.block_bytes)
 
@@ -652,7 +652,7 @@ class Converter:
 
 
 # ------------------------------------------------------------------------------------------- ops
-def canonical_blocks(source: Source, name: str, layout: str, dtype: torch.dtype, block: int = ROW_BLOCK
+def canonical_blocks(source: Source, name: str, layout: str, dtype: DType, block: int = ROW_BLOCK
                      ) -> Iterator[torch.Tensor | FileSpan]:
     """A canonical tensor as row blocks of about ``block`` bytes in ``dtype``; fused experts one expert at a time, in
     ``layout`` (released or transformers5). Produced one block at a time; blocks that lie verbatim in a

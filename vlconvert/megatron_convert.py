@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlconvert.dtypes import DType
 from vlconvert.engine import Converter, Progress
-from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import MegatronPlan, plan_megatron_ranks
 from vlconvert.sources import MegatronSource
 
@@ -53,7 +53,7 @@ def _run(conv: Converter, progress_factory: Progress | None) -> tuple[Result, Co
 
 def hf_to_megatron(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
                    etp: int | None = None, spec: str = "te", experts: str = "grouped",
-                   dtype: torch.dtype | None = None, padded_vocab_size: int | None = None,
+                   dtype: DType | None = None, padded_vocab_size: int | None = None,
                    make_vocab_size_divisible_by: int = 128, pp_first_layers: int | None = None,
                    pp_last_layers: int | None = None, overwrite: bool = False, iteration: int | None = None,
                    progress_factory: Progress | None = None, resume: bool = False, metadata: bool = True,
@@ -68,7 +68,7 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1
 
 
 def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-            spec: str | None = None, experts: str | None = None, dtype: torch.dtype | None = None,
+            spec: str | None = None, experts: str | None = None, dtype: DType | None = None,
             padded_vocab_size: int | None = None, make_vocab_size_divisible_by: int = 128,
             pp_first_layers: int | None = None, pp_last_layers: int | None = None,
             config: str | Path | None = None, overwrite: bool = False, iteration: int | None = None,
@@ -84,7 +84,7 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: i
 
 
 def megatron_to_hf(src: str | Path, dst: str | Path, *, assets_dir: str | Path, max_shard_size: str | int = "5GB",
-                   dtype: torch.dtype | None = None, overwrite: bool = False, progress_factory: Progress | None = None,
+                   dtype: DType | None = None, overwrite: bool = False, progress_factory: Progress | None = None,
                    resume: bool = False, info: Callable[[str], None] = lambda s: None) -> Result:
     """Megatron legacy rank files -> Hugging Face folder: weights from the ranks, every other file copied
     byte for byte from ``assets_dir`` (the original HF folder); experts in the released orientation."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlconvert.dtypes import dtype_name, element_size, to_torch
+from vlconvert.dtypes import DType, dtype_name, element_size, to_torch
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import PlannedTensor
 from vlconvert.lazy import torch
@@ -24,7 +24,7 @@ class PlannedFile:
     """One output file and the tensors it holds, in write order."""
 
     name: str  # path relative to the output folder
-    tensors: list[tuple[str, tuple[int, ...], torch.dtype]]  # (name in the file, shape, dtype)
+    tensors: list[tuple[str, tuple[int, ...], DType]]  # (name in the file, shape, dtype)
 
     def __repr__(self) -> str:
         return f"PlannedFile({self.name!r}, {len(self.tensors)} tensors, {human_bytes(self.nbytes)})"
@@ -47,7 +47,7 @@ class DCPEntry:
     key: str
     source: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     nesting: tuple
 
 
@@ -59,7 +59,7 @@ class ConversionPlan:
     source: str
     source_layout: str
     target: str
-    dtype: torch.dtype | None
+    dtype: DType | None
     experts_layout: str | None
     files: list[PlannedFile]
     notes: list[str] = field(default_factory=list)
@@ -126,11 +126,11 @@ IN_FLIGHT = 30
 HASH_PIECES = 4
 
 
-def out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+def out_dtype(stored: DType, dtype: DType | None) -> DType:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def rows_per_block(shape: tuple[int, ...], dtype: torch.dtype, block: int = ROW_BLOCK) -> int:
+def rows_per_block(shape: tuple[int, ...], dtype: DType, block: int = ROW_BLOCK) -> int:
     """Rows of a tensor of ``shape`` that make about ``block`` bytes (at least one)."""
     row_bytes = element_size(dtype)
     for d in shape[1:]:
@@ -155,7 +155,7 @@ def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) ->
             yield torch.zeros((min(b, r + step) - r, *t.shape[1:]), dtype=to_torch(t.dtype))
 
 
-def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: torch.dtype, step: int
+def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: DType, step: int
                       ) -> Iterator[torch.Tensor | FileSpan]:
     """Rows ``start:stop`` of source matrix ``src`` in ``dtype``, at most ``step`` rows a block: a
     :class:`FileSpan` for each run of rows that lies verbatim in a file, tensors for the rest."""

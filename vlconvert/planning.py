@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from vlconvert import ops
-from vlconvert.dtypes import BFLOAT16, dtype_name, element_size
+from vlconvert.dtypes import BFLOAT16, DType, dtype_name, element_size
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor, parse_size, plan_shards, shard_file_names
-from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.family import Family
@@ -190,7 +189,7 @@ def existing_parent(folder: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- the planners
-def _hf_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, max_shard_size: int) -> None:
+def _hf_plan(plan: Plan, skeleton: Skeleton, dtype: DType, max_shard_size: int) -> None:
     tensors = canonical_tensors(skeleton, dtype)
     shards = plan_shards(tensors, max_shard_size)
     names = shard_file_names(len(shards))
@@ -202,7 +201,7 @@ def _hf_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, max_shard_size:
                       "--assets-dir")
 
 
-def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, experts_layout: str,
+def _dcp_plan(plan: Plan, skeleton: Skeleton, dtype: DType, experts_layout: str,
               source: str | Path | None) -> None:
     """As ``hf_to_dcp`` writes: every model key (tied models get an lm_head copy), one data file per
     source shard (``__0_{i}.distcp``), experts in ``experts_layout``."""
@@ -303,7 +302,7 @@ def _megatron_checks(info, family: Family, tp: int, pp: int, ep: int, etp: int, 
         raise UserError(f"--pp {pp} is more than the {info.layers} decoder layers")
 
 
-def _torch_dist_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, consumer: str | None, tp: int,
+def _torch_dist_plan(plan: Plan, skeleton: Skeleton, dtype: DType, consumer: str | None, tp: int,
                      divisible_by: int, padded_size: int | None) -> None:
     """As ``convert --to torch_dist --for CONSUMER`` writes: one data file of global tensors, the framework's
     own files beside it."""
@@ -325,7 +324,7 @@ def _torch_dist_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, consume
     plan.notes += [n for n in tdplan.notes if not n.startswith("--pp/--ep")]
 
 
-def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
+def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: DType, tp: int, pp: int, ep: int, etp: int,
                    first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
     info = skeleton.info
     family = skeleton.family
@@ -480,7 +479,7 @@ def _megatron_plan(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, 
             plan.parallel["training_flags"] = flags
 
 
-def _megatron_plan_from_table(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int,
+def _megatron_plan_from_table(plan: Plan, skeleton: Skeleton, dtype: DType, tp: int, pp: int, ep: int,
                               etp: int, counts: list[int], first: int | None, last: int | None, divisible_by: int,
                               padded_size: int | None) -> None:
     """Per-rank files, bytes and tensors from the converter's own rank plan (the family's Megatron table)."""
@@ -503,7 +502,7 @@ def _megatron_plan_from_table(plan: Plan, skeleton: Skeleton, dtype: torch.dtype
                       "pickle/zip framing)")
 
 
-def _converter_ranks(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
+def _converter_ranks(plan: Plan, skeleton: Skeleton, dtype: DType, tp: int, pp: int, ep: int, etp: int,
                      first: int | None, last: int | None, divisible_by: int,
                      padded_size: int | None) -> MegatronPlan | None:
     """The converter's own rank plan for these sizes, or None after adding the failed check saying why."""
@@ -516,7 +515,7 @@ def _converter_ranks(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int
         return None
 
 
-def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: torch.dtype, tp: int, pp: int, ep: int, etp: int,
+def _cross_check_megatron(plan: Plan, skeleton: Skeleton, dtype: DType, tp: int, pp: int, ep: int, etp: int,
                           first: int | None, last: int | None, divisible_by: int, padded_size: int | None) -> None:
     """Take per-rank tensor counts from the converter's own rank planner (``plan_megatron_ranks``) and
     check that its per-rank bytes equal the ones computed here from the split rules."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 from vlconvert.commands.common import (
     asset_rows,
@@ -20,11 +20,12 @@ from vlconvert.commands.common import (
     written,
 )
 from vlconvert.console import VERBOSE_ASSETS, DtypeParam, Reporter, handle_errors, human_bytes, output_options
+from vlconvert.dtypes import DType
 
 DTYPE = DtypeParam("keep", "config")
 
 
-def _dtype(name: str | None) -> torch.dtype | str | None:
+def _dtype(name: str | None) -> DType | str | None:
     """A checked --dtype value -> what the converters take: None (keep), 'config', or a torch dtype."""
     from vlconvert.dtypes import parse_dtype
 

@@ -167,7 +167,7 @@ class Chunk:
     file: Path
     start: int
     length: int
-    dtype: torch.dtype | None = None  # when set, read_chunk checks the record holds this dtype
+    dtype: DType | None = None  # when set, read_chunk checks the record holds this dtype
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class DCPTensor:
 
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     chunks: tuple[Chunk, ...]
 
     @property
@@ -510,7 +510,7 @@ class TensorBlocks:
     """A tensor given as its shape, dtype and row blocks in order (so it is never whole in memory)."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     blocks: Iterable[torch.Tensor]
 
 
@@ -624,7 +624,7 @@ class DCPWriter:
         self._file = create_file(self.folder / name)
         self._records = []
 
-    def _add(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, start: int, length: int,
+    def _add(self, key: str, shape: tuple[int, ...], dtype: DType, start: int, length: int,
              nesting: tuple) -> None:
         if key in self.state_dict_metadata:
             raise ValueError(f"duplicate key {key}")

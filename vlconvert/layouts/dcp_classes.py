@@ -8,7 +8,7 @@ pickled state of torch's (``torch/distributed/checkpoint/metadata.py``, ``filesy
 ``planner.py``), so :mod:`vlconvert.layouts.dcp_pickle` pickles them to the bytes torch's own classes
 give, naming torch's classes, and unpickles torch's names into them. Reading needs no torch at all: sizes,
 dtypes and layouts are read as :class:`Size`, :class:`vlconvert.dtypes.DType` and :class:`Layout`, which
-pickle back to the bytes of ``torch.Size``, ``torch.dtype`` and ``torch.layout``; the metadata vlconvert
+pickle back to the bytes of ``torch.Size``, ``DType`` and ``torch.layout``; the metadata vlconvert
 writes holds torch's own (torch is imported by then).
 
 Each class written into ``.metadata`` carries, as ``__module__``, an alias as long as the name of the
@@ -65,7 +65,7 @@ def _encodings() -> tuple[tuple[Any, _MEM_FORMAT_ENCODING], ...]:
 class TensorProperties:
     """dtype (and deprecated layout, requires_grad, memory format, pinning) of a stored tensor."""
 
-    dtype: torch.dtype = field(default_factory=lambda: torch.get_default_dtype())
+    dtype: DType = field(default_factory=lambda: torch.get_default_dtype())
     layout: torch.layout = field(default_factory=lambda: torch.strided)
     requires_grad: bool = False
     memory_format: torch.memory_format = field(default_factory=lambda: torch.contiguous_format)

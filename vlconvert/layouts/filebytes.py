@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlconvert import buffers
-from vlconvert.dtypes import element_size
+from vlconvert.dtypes import DType, element_size
 from vlconvert.errors import UserError
 from vlconvert.lazy import torch
 
@@ -48,7 +48,7 @@ class FileSpan:
     path: Path
     offset: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def nbytes(self) -> int:

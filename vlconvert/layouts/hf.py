@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert.dtypes import SAFETENSORS, dtype_name, element_size, safetensors_code, to_torch
+from vlconvert.dtypes import SAFETENSORS, DType, dtype_name, element_size, safetensors_code, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
@@ -43,7 +43,7 @@ class TensorInfo:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     start: int  # absolute byte offset of the data in ``file``
     end: int
@@ -70,7 +70,7 @@ def _parse_json_bytes(raw: bytes, path: Path, what: str) -> object:
         raise UserError(f"'{path}' is corrupt: its {what} is not usable JSON ({_one_line(exc, 80)})") from exc
 
 
-def _header_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+def _header_entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...], int, int]:
     """Validate one safetensors header entry; return (dtype, shape, begin, end)."""
     where = f"'{path}' is corrupt: header entry '{_one_line(name, 80)}'"
     if not isinstance(entry, dict):
@@ -305,7 +305,7 @@ class PlannedTensor:
     """One tensor an output file will hold."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -468,7 +468,7 @@ CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers < 4.56 wrote torch_
 _SUB_CONFIGS = ("text_config", "vision_config")
 
 
-def describe_weights(path: Path, dtype: torch.dtype | None) -> bool:
+def describe_weights(path: Path, dtype: DType | None) -> bool:
     """Make the config.json staged at ``path`` describe the weights written beside it; True if it changed.
 
     vlconvert never writes quantized weights, so ``quantization_config`` goes (an FP8 release's, whether the

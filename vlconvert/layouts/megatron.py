@@ -89,7 +89,7 @@ def iteration_folder(iteration: int | None) -> str:
 
 # --------------------------------------------------------------------------------------------- writer
 class _StorageRef:
-    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+    def __init__(self, key: str, dtype: DType, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
 
 
@@ -118,7 +118,7 @@ class RankEntry:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def nbytes(self) -> int:
@@ -178,7 +178,7 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
     return written
 
 
-def write_torch_record(f, shape: tuple[int, ...], dtype: torch.dtype, data: torch.Tensor | Iterable[torch.Tensor],
+def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tensor | Iterable[torch.Tensor],
                        lead: int = 0) -> None:
     """Write one ``torch.save``-format archive holding a single tensor into ``f`` (at its current position),
     from the tensor or from its row blocks in order (memory: one block). ``torch.load`` reads it. With
@@ -382,7 +382,7 @@ class LazyTensor:
     """A tensor inside a rank file, known by metadata only."""
 
     key: str
-    dtype: torch.dtype
+    dtype: DType
     offset: int  # in elements, into the storage
     shape: tuple[int, ...]
     stride: tuple[int, ...]
@@ -394,7 +394,7 @@ class LazyTensor:
 
 
 class _StorageType:
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: DType):
         self.dtype = dtype
 
 
@@ -418,7 +418,7 @@ class _Stored:
     """A storage record reference; made only by ``persistent_load`` (no pickled global names this class)."""
 
     key: str
-    dtype: torch.dtype
+    dtype: DType
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_rest) -> LazyTensor:

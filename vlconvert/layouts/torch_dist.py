@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert.dtypes import to_torch
+from vlconvert.dtypes import DType, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
@@ -254,7 +254,7 @@ class TorchDistWriter(DCPWriter):
                             _DTYPES[record["dtype"]], record["start"], record["length"])
 
     def _add_chunk(self, key: str, size: tuple[int, ...], offsets: tuple[int, ...], shape: tuple[int, ...],
-                   dtype: torch.dtype, start: int, length: int) -> None:
+                   dtype: DType, start: int, length: int) -> None:
         key = sys.intern(key)
         entry = self.state_dict_metadata.get(key)
         if entry is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlconvert.dtypes import element_size
+from vlconvert.dtypes import DType, element_size
 from vlconvert.errors import UsageError, UserError
 from vlconvert.lazy import torch
 
@@ -54,7 +54,7 @@ class ModelInfo:
     vision_heads: int
     vision_intermediate: int
     deepstack: tuple[int, ...]
-    dtype: torch.dtype | None
+    dtype: DType | None
     raw: dict = field(repr=False, compare=False, hash=False, default_factory=dict)
 
     @property
@@ -85,7 +85,7 @@ class TensorSpec:
     """Shape and dtype of one parameter as the installed transformers model holds it."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def nbytes(self) -> int:

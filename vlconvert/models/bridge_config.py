@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32
+from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType
 from vlconvert.errors import UserError
-from vlconvert.lazy import torch
 
 # (HF config field, provider field), in Bridge 0.6.2's ``MegatronModelBridge.CONFIG_MAPPING`` order
 CONFIG_MAPPING = (
@@ -64,7 +63,7 @@ def check_consumer(family: str, consumer: str | None) -> None:
                         "is: --for megatron-bridge); use --for mbridge or --for megatron-lm")
 
 
-def dtype_ref(dtype: torch.dtype) -> dict:
+def dtype_ref(dtype: DType) -> dict:
     """A torch dtype as Bridge's YAML representer writes it."""
     return {"_target_": str(dtype), "_call_": False}  # str(torch.bfloat16) == "torch.bfloat16"
 
@@ -112,7 +111,7 @@ def vocab_divisor(vocab: int, start: int = 128) -> int:
     return base
 
 
-def provider_kwargs(view: dict, dtype: torch.dtype | None, *, divisible_by: int = 128) -> dict[str, Any]:
+def provider_kwargs(view: dict, dtype: DType | None, *, divisible_by: int = 128) -> dict[str, Any]:
     """Bridge's ``hf_config_to_provider_kwargs`` of ``view`` (an HF language-model config's fields with its class
     defaults): mapped fields, YaRN fields, vocabulary divisor, dtype flags and the activation function."""
     out = mapped_fields(view)
@@ -140,7 +139,7 @@ def activation_ref(view: dict) -> dict:
     return function_ref(ACTIVATIONS[act])
 
 
-def hf_config_ref(target: str, fields: dict, dtype: torch.dtype | None) -> dict:
+def hf_config_ref(target: str, fields: dict, dtype: DType | None) -> dict:
     """An HF sub-config as Bridge serializes it: its class as ``_target_``, its fields as arguments (RoPE fields
     merged into ``rope_parameters`` as transformers 5 keeps them; ``dtype`` as a torch dtype, or left out)."""
     out: dict[str, Any] = {"_target_": target}
@@ -168,7 +167,7 @@ def parallel_fields(*, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
     return out
 
 
-def section_dtype(*sections: dict) -> torch.dtype | None:
+def section_dtype(*sections: dict) -> DType | None:
     """The first dtype named by ``dtype`` / ``torch_dtype`` in ``sections`` (None when none is)."""
     from vlconvert.dtypes import parse_dtype
 

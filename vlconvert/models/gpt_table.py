@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vlconvert import ops
-from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32, to_torch
-from vlconvert.lazy import torch
+from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType, to_torch
 from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.megatron_table import Param, Src, _whole
 
@@ -141,7 +140,7 @@ def _expert_params(skeleton: Skeleton, hf: str, mg: str, experts: str, kw: dict)
 
 def megatron_lm_args(info: ModelInfo, text: dict, *, qk_norm: bool, qkv_bias: bool, tp: int, pp: int, ep: int,
                      etp: int | None, padded_vocab: int,
-                     make_vocab_size_divisible_by: int, dtype: torch.dtype | None, iteration: int) -> dict:
+                     make_vocab_size_divisible_by: int, dtype: DType | None, iteration: int) -> dict:
     """The fields of Megatron-LM's ``args`` for a Qwen GPT language model (``text``: its config section;
     ``pretrain_gpt.py`` flags),
     including those Megatron-LM's ``load_args_from_checkpoint`` / ``check_checkpoint_args`` and

@@ -23,7 +23,6 @@ from vlconvert.dtypes import BFLOAT16, FLOAT32, DType, as_dtype, element_size, i
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.hf import PlannedTensor
 from vlconvert.layouts.megatron import rank_folder
-from vlconvert.lazy import torch
 from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family
 
@@ -115,7 +114,7 @@ class RankTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     axis: int
     segs: tuple[Seg, ...]
     value_op: str | None = None
@@ -155,14 +154,14 @@ class MegatronPlan:
     padded_vocab: int
     stage_layers: list[int]
     ranks: list[RankPlan]
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self.ranks)
 
-    def listing(self) -> list[tuple[str, list[tuple[str, tuple[int, ...], torch.dtype]]]]:
+    def listing(self) -> list[tuple[str, list[tuple[str, tuple[int, ...], DType]]]]:
         """Per rank folder: (folder, [(megatron name, shape, dtype), ...]) in write order."""
         return [(r.folder, [(t.name, t.shape, t.dtype) for t in r.tensors]) for r in self.ranks]
 
@@ -195,10 +194,10 @@ def _as_skeleton(model: Skeleton | ModelInfo | dict | str | Path) -> Skeleton:
 
 def plan_megatron_ranks(model: Skeleton | ModelInfo | dict | str | Path, tp: int = 1, pp: int = 1, ep: int = 1,
                         etp: int | None = None, *, spec: str = "te", experts: str = "grouped",
-                        dtype: torch.dtype | None = None, padded_vocab_size: int | None = None,
+                        dtype: DType | None = None, padded_vocab_size: int | None = None,
                         make_vocab_size_divisible_by: int = 128, pp_first_layers: int | None = None,
                         pp_last_layers: int | None = None,
-                        source_dtypes: dict[str, torch.dtype] | None = None) -> MegatronPlan:
+                        source_dtypes: dict[str, DType] | None = None) -> MegatronPlan:
     """Plan a Megatron-Core legacy checkpoint: per rank folder, every tensor's local name, shape, dtype.
 
     ``model``: a skeleton, ModelInfo, config dict or config path. ``etp`` defaults to ``tp``. Tensor
@@ -322,8 +321,8 @@ def _split(p: Param, size: int, rank: int) -> tuple[int, tuple[Seg, ...], tuple[
     raise AssertionError(p.split)
 
 
-def _dtype_for(p: Param, sk: Skeleton, dtype: torch.dtype | None,
-               source_dtypes: dict[str, torch.dtype] | None) -> torch.dtype:
+def _dtype_for(p: Param, sk: Skeleton, dtype: DType | None,
+               source_dtypes: dict[str, DType] | None) -> DType:
     if dtype is not None:
         return dtype
     src = p.sources()[0]
@@ -353,19 +352,19 @@ def check_coverage(params: list[Param], sk: Skeleton) -> None:
 
 
 # ------------------------------------------------------------------------------------ output tensors
-def output_dtype(skeleton: Skeleton, dtype: str | torch.dtype | None) -> torch.dtype:
+def output_dtype(skeleton: Skeleton, dtype: str | DType | None) -> DType:
     """The dtype a conversion writes: the one asked for, else the config's, else bf16."""
     if isinstance(dtype, DType) or is_torch_dtype(dtype):
         return as_dtype(dtype)
     return parse_dtype(dtype) or skeleton.info.dtype or BFLOAT16
 
 
-def canonical_tensors(skeleton: Skeleton, dtype: torch.dtype) -> list[PlannedTensor]:
+def canonical_tensors(skeleton: Skeleton, dtype: DType) -> list[PlannedTensor]:
     """The tensors a Hugging Face folder of this config holds (released expert orientation)."""
     return [PlannedTensor(n, dtype, skeleton.shape_in(n, "released")) for n in skeleton.hf_keys()]
 
 
-def config_bytes(skeleton: Skeleton, dtype: torch.dtype | None = None) -> int:
+def config_bytes(skeleton: Skeleton, dtype: DType | None = None) -> int:
     """Sum over the config's shapes (each HF tensor once) at ``dtype`` (default: the config's)."""
     dtype = dtype or output_dtype(skeleton, None)
     return sum(t.nbytes for t in canonical_tensors(skeleton, dtype))
@@ -385,7 +384,7 @@ def layer_of(name: str, family: Family | None = None) -> int | None:
     return None
 
 
-def hf_vision_tensors(skeleton: Skeleton, dtypes: dict[str, torch.dtype], prefix: str) -> list[RankTensor]:
+def hf_vision_tensors(skeleton: Skeleton, dtypes: dict[str, DType], prefix: str) -> list[RankTensor]:
     """The HF vision tower kept as a plain module (ms-swift, Megatron-Bridge 0.3): every vision tensor under
     ``prefix`` + its name inside the tower, HF shape and row order, unstacked."""
     family = skeleton.family
@@ -423,7 +422,7 @@ def stage_costs(counts: list[int], layer_bytes: list[int], first_extra: int, las
     return costs
 
 
-def stage_bytes_inputs(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = None
+def stage_bytes_inputs(skeleton: Skeleton, pp: int, dtype: DType | None = None
                        ) -> tuple[list[int], int, int]:
     """Bytes per decoder layer, plus what the first stage (vision tower, embedding) and the last stage
     (final norm, output layer: its own copy when embeddings are tied) carry besides layers."""
@@ -445,7 +444,7 @@ def stage_bytes_inputs(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = 
     return layer_bytes, first_extra, last_extra
 
 
-def balanced_pp_split(skeleton: Skeleton, pp: int, dtype: torch.dtype | None = None
+def balanced_pp_split(skeleton: Skeleton, pp: int, dtype: DType | None = None
                       ) -> tuple[int, int, list[int], list[int]] | None:
     """First/last-stage layer counts balancing bytes per pipeline stage for this model (see
     :func:`propose_pp_split`); returns (first, last, counts, stage bytes) or None."""

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vlconvert import buffers
-from vlconvert.dtypes import element_size
+from vlconvert.dtypes import DType, element_size
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size, plan_shards
@@ -42,11 +42,11 @@ class Source:
         """Tensors held that the model does not have (their own names)."""
         return []
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         """Canonical shape and stored dtype of ``name``, from metadata only."""
         raise NotImplementedError
 
-    def dtype(self, src: Src) -> torch.dtype:
+    def dtype(self, src: Src) -> DType:
         """Stored dtype of a source matrix."""
         return self.spec(src.hf)[1]
 
@@ -179,13 +179,13 @@ class RankMappedSource(Source):
     """A source whose matrices are assembled from Megatron tensors (legacy rank files, torch_dist):
     ``self._dtypes`` maps each source matrix to its stored dtype."""
 
-    _dtypes: dict[Src, torch.dtype]
+    _dtypes: dict[Src, DType]
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         src = Src(name, 0) if self.skeleton.family.is_stacked_expert(name) else Src(name)
         return self.skeleton.shape_in(name, "released"), self._dtypes[src]
 
-    def dtype(self, src: Src) -> torch.dtype:
+    def dtype(self, src: Src) -> DType:
         return self._dtypes[src]
 
     def matrix_shape(self, src: Src) -> tuple[int, ...]:

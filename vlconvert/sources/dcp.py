@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlconvert import buffers
+from vlconvert.dtypes import DType
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.dcp import DCPReader
 from vlconvert.layouts.filebytes import FileSpan
@@ -154,7 +155,7 @@ class DCPSource(Source):
                                                        self.skeleton)
         return self._experts[name]
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         entry = self.reader.tensors[self.key(name)]
         if name in self._runtime:
             return self.skeleton.shape_in(name, "released"), entry.dtype

@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from vlconvert.dtypes import BFLOAT16, BY_NAME, FLOAT16, FLOAT32, dtype_name, to_torch
+from vlconvert.dtypes import BFLOAT16, BY_NAME, FLOAT16, FLOAT32, DType, dtype_name, to_torch
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.lazy import torch
@@ -134,7 +134,7 @@ class FP8Source(HFSource):
             return super().location(next(iter(self.per_expert[name].values()))[0])
         return super().location(name)
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         if name in self.per_expert:
             first = next(iter(self.per_expert[name].values()))[0]
             return tuple(self.skeleton.shape_in(name, "released")), self.spec(first)[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlconvert import buffers
+from vlconvert.dtypes import DType
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import HFCheckpoint
@@ -92,7 +93,7 @@ class HFSource(Source):
             return "transformers5"
         return self.hint or "released"
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         info = self.checkpoint.tensors[name]
         shape = info.shape
         if self.stored_layout(name) == "transformers5":

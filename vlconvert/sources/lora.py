@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlconvert.dtypes import DType
 from vlconvert.errors import UsageError, UserError, one_line
 from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import Src
@@ -235,7 +236,7 @@ class LoRAMergedSource(Source):
     def extra_names(self) -> list[str]:
         return self.inner.extra_names()
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         return self.inner.spec(name)
 
     def matrix_shape(self, src: Src) -> tuple[int, ...]:

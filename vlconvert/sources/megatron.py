@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert.dtypes import to_torch
+from vlconvert.dtypes import DType, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.filebytes import FileSpan
@@ -61,7 +61,7 @@ class MegatronSource(RankMappedSource):
         self.layout_info, self.plan, self.files, self.notes = _open_megatron(self.folder, config, assets_dir)
         self.skeleton = self.plan.skeleton
         self.pieces: dict[Src, list[_Piece]] = {}
-        self._dtypes: dict[Src, torch.dtype] = {}
+        self._dtypes: dict[Src, DType] = {}
         seen: set[tuple] = set()
         for r in self.plan.ranks:
             key = (r.tp, r.pp, r.ep)

@@ -12,6 +12,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from vlconvert.dtypes import DType
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import Src
@@ -58,10 +59,10 @@ class RestoredSource(Source):
     def extra_names(self) -> list[str]:
         return self.inner.extra_names()
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         return self._of(name).spec(name)
 
-    def dtype(self, src: Src) -> torch.dtype:
+    def dtype(self, src: Src) -> DType:
         return self._of(src.hf).dtype(src)
 
     def matrix_shape(self, src: Src) -> tuple[int, ...]:

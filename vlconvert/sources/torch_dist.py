@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert.dtypes import to_torch
+from vlconvert.dtypes import DType, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
@@ -195,7 +195,7 @@ class TorchDistSource(RankMappedSource):
             self.locations.append((key, index))
             used.add(key)
         self.pieces: dict[Src, list[_Piece]] = {}
-        self._dtypes: dict[Src, torch.dtype] = {}
+        self._dtypes: dict[Src, DType] = {}
         for i, t in enumerate(self.tensors):
             off = 0
             for src, a, b in t.segs:

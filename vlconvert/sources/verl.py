@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from vlconvert import buffers
-from vlconvert.dtypes import to_torch
+from vlconvert.dtypes import DType, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
@@ -254,7 +254,7 @@ class VerlSource(Source):
     def key(self, name: str) -> str:
         return self._mapped.get(name, name)
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def spec(self, name: str) -> tuple[tuple[int, ...], DType]:
         key = self.key(name)
         dtype = self.ranks[0].tensors[key].dtype
         if name in self._mapped and self.skeleton.family.is_expert(name):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from vlconvert.dtypes import element_size
+from vlconvert.dtypes import DType, element_size
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes
 from vlconvert.lazy import torch
 
@@ -46,7 +46,7 @@ class Conversion(Protocol):
 
     def experts_layout(self, default: str) -> str: ...
 
-    def blocks(self, name: str, layout: str, dtype: torch.dtype) -> Iterator[torch.Tensor | FileSpan]: ...
+    def blocks(self, name: str, layout: str, dtype: DType) -> Iterator[torch.Tensor | FileSpan]: ...
 
     def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | FileSpan]: ...
 
@@ -64,7 +64,7 @@ class Target:
     allows_missing: ClassVar[bool] = False
     distributed: ClassVar[bool] = True
 
-    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: DType | None) -> ConversionPlan:
         """Every output file and the tensors it holds, from metadata alone."""
         raise NotImplementedError
 
@@ -88,7 +88,7 @@ def counted(blocks: Iterator[torch.Tensor | FileSpan], advance: Callable[[int], 
         advance(block_nbytes(block))
 
 
-def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def nbytes(shape: tuple[int, ...], dtype: DType) -> int:
     """Bytes of a tensor of ``shape`` and ``dtype``."""
     n = element_size(dtype)
     for d in shape:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlconvert.dtypes import to_torch
+from vlconvert.dtypes import DType, to_torch
 from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import describe_weights
@@ -41,7 +41,7 @@ class DCPTarget(Target):
     name = "dcp"
     options = frozenset({"prefix", "tied_lm_head", "experts_layout"})
 
-    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: DType | None) -> ConversionPlan:
         layout = conv.experts_layout("auto")
         sk = source.skeleton
         prefix = conv.options["prefix"]
@@ -65,7 +65,7 @@ class DCPTarget(Target):
         return ConversionPlan(str(source.folder), source.layout, "dcp", dtype, layout if sk.info.is_moe else None,
                               files, dcp_files=dcp_files, assets=["config.json"])
 
-    def _plan_runtime(self, conv: Conversion, source: Source, dtype: torch.dtype | None,
+    def _plan_runtime(self, conv: Conversion, source: Source, dtype: DType | None,
                       runtime: list[RuntimeTensor], layout: str) -> ConversionPlan:
         """Records under the run-time names, each a row map over the canonical tensors the source holds."""
         sk = source.skeleton

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlconvert.dtypes import DType
 from vlconvert.errors import UsageError
 from vlconvert.layouts.hf import (
     INDEX_NAME,
@@ -19,7 +20,6 @@ from vlconvert.layouts.hf import (
     shard_file_names,
     write_index,
 )
-from vlconvert.lazy import torch
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
 from vlconvert.targets.base import Conversion, Target, counted, nbytes
 
@@ -34,7 +34,7 @@ class HFTarget(Target):
     options = frozenset({"max_shard_size", "allow_missing", "experts_layout"})
     allows_missing = True
 
-    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: DType | None) -> ConversionPlan:
         if conv.assets is None and source.layout != "hf":
             raise UsageError(f"'{conv.src}' is a {source.layout} checkpoint: pass --assets-dir with the original "
                             "Hugging Face folder (config, tokenizer and processor files are copied from it)")
@@ -87,11 +87,11 @@ class HFTarget(Target):
         return copied
 
 
-def written_dtype(plan: ConversionPlan) -> torch.dtype | None:
+def written_dtype(plan: ConversionPlan) -> DType | None:
     """The dtype of the weights a plan writes: ``--dtype``'s, else the floating dtype holding the most bytes."""
     if plan.dtype is not None:
         return plan.dtype
-    held: dict[torch.dtype, int] = {}
+    held: dict[DType, int] = {}
     for f in plan.files:
         for _, shape, dtype in f.tensors:
             if dtype.is_floating_point:

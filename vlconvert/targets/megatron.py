@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlconvert.dtypes import DType
 from vlconvert.layouts import megatron as mlay
-from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import MegatronPlan, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
 from vlconvert.targets.base import Conversion, Target, counted
@@ -27,7 +27,7 @@ class MegatronTarget(Target):
     name = "megatron"
     options = MEGATRON_OPTIONS
 
-    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: DType | None) -> ConversionPlan:
         o = conv.options
         previous = getattr(source, "plan", None)  # a Megatron source keeps its spec and expert style
         spec = o["spec"] or (previous.spec if isinstance(previous, MegatronPlan) else "te")

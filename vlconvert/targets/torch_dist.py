@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlconvert import ops
+from vlconvert.dtypes import DType
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import TensorBlocks
@@ -91,7 +92,7 @@ def chunks(plan: ConversionPlan) -> list[tuple[RankTensor, tdl.GlobalKey, list[s
     return out
 
 
-def plan_torch_dist(conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+def plan_torch_dist(conv: Conversion, source: Source, dtype: DType | None) -> ConversionPlan:
     """The tp=1 Megatron plan (vocabulary padded as the consumer builds the model) and the one data file."""
     o = conv.options
     flavour = tdl.consumer(o.get("consumer"))
@@ -113,7 +114,7 @@ def vocab_rows(vocab: int, o: dict, flavour: tdl.Consumer) -> int:
     return vocab
 
 
-def torch_dist_plan(sk: Skeleton, o: dict, dtype: torch.dtype | None, source_dtypes: dict[str, torch.dtype],
+def torch_dist_plan(sk: Skeleton, o: dict, dtype: DType | None, source_dtypes: dict[str, DType],
                     padded: int, source: str, source_layout: str, spec: str) -> ConversionPlan:
     """The plan of a torch_dist output for ``o["consumer"]``: files, tensors (with their keys), notes."""
     flavour = tdl.consumer(o.get("consumer"))
@@ -232,7 +233,7 @@ class TorchDistTarget(Target):
     name = "torch_dist"
     options = MEGATRON_OPTIONS | {"consumer"}
 
-    def plan(self, conv: Conversion, source: Source, dtype: torch.dtype | None) -> ConversionPlan:
+    def plan(self, conv: Conversion, source: Source, dtype: DType | None) -> ConversionPlan:
         return plan_torch_dist(conv, source, dtype)
 
     def write(self, conv: Conversion, stage: Path, plan: ConversionPlan, advance: Callable[[int], None]) -> list[str]:
