@@ -30,6 +30,7 @@ from vlconvert.errors import UserError
 from vlconvert.layouts import dcp_classes as C
 from vlconvert.layouts import dcp_pickle
 from vlconvert.layouts.dcp import METADATA_NAME, DCPReader, read_dcp_metadata
+from vlconvert.layouts.torch_names import Layout
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -47,7 +48,7 @@ def to_torch(md: C.Metadata) -> tm.Metadata:
                                            chunks=[conv(c) for c in obj.chunks])
         elif isinstance(obj, C.TensorProperties):
             # as read, the stand-ins hold no torch objects: a DType, a Layout, the memory format's encoding
-            layout = torch.serialization._get_layout(obj.layout) if isinstance(obj.layout, C.Layout) else obj.layout
+            layout = torch.serialization._get_layout(obj.layout) if isinstance(obj.layout, Layout) else obj.layout
             memory_format = {e: f for f, e in C._encodings()}.get(obj.memory_format, obj.memory_format)
             new = tm.TensorProperties(dtype=to_torch_dtype(obj.dtype), layout=layout, requires_grad=obj.requires_grad,
                                       memory_format=memory_format, pin_memory=obj.pin_memory)
@@ -115,7 +116,7 @@ def load_with_torch_dcp(folder: Path, md: C.Metadata) -> dict:
         for part in path[:-1]:
             holder = holder.setdefault(part, {})
         holder[path[-1]] = io.BytesIO() if isinstance(entry, C.BytesStorageMetadata) else \
-            torch.full(tuple(entry.size), 7, dtype=entry.properties.dtype)
+            torch.full(tuple(entry.size), 7, dtype=to_torch_dtype(entry.properties.dtype))
     dcp.load(state, checkpoint_id=str(folder))
     flat = {}
     for key in md.state_dict_metadata:

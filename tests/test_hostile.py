@@ -451,7 +451,7 @@ def zip_with(path: Path, pkl: bytes, records: dict[str, bytes] | None = None,
 
 def mg_pickle(payload: object) -> bytes:
     buf = io.BytesIO()
-    mlay._Pickler(buf, protocol=2).dump(payload)
+    mlay._dump(payload, buf)
     return buf.getvalue()
 
 

@@ -139,8 +139,8 @@ def test_no_route_imports_torch_distributed_checkpoint(tmp_path, dcp_sources, ro
 def test_python_m_vlconvert_import_log_has_no_torch_distributed_checkpoint(tmp_path, dcp_sources,
                                                                          route: str) -> None:
     """The real entry point, ``python -X importtime -m vlconvert convert ...``: the import log names every
-    module the run imported, never ``torch.distributed.checkpoint``. hf->dcp imports torch (its writer pickles
-    each record with torch's names); dcp->hf of a dense model copies every tensor's bytes and imports none."""
+    module the run imported: never ``torch.distributed.checkpoint``, and for these routes of a dense model, which
+    copy every tensor's bytes, not torch either."""
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "vlconvert", *_route(route, dcp_sources, out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -148,7 +148,7 @@ def test_python_m_vlconvert_import_log_has_no_torch_distributed_checkpoint(tmp_p
     imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:") and line.count("|") == 2}
     assert "vlconvert.layouts.dcp" in imported and "vlconvert.engine" in imported
-    assert ("torch" in imported) == (route == "hf-to-dcp")
+    assert "torch" not in imported
     assert not {m for m in imported if m.startswith("torch.distributed.checkpoint")}
     assert (out / ".metadata").is_file() if route == "hf-to-dcp" else (out / "config.json").is_file()
 
@@ -191,3 +191,30 @@ def _report(stdout: str) -> str:
     """The command's own output: the probe's lines removed."""
     return "\n".join(line for line in stdout.splitlines()
                      if not line.startswith(("EXIT:", "TRANSFORMERS:", "DCP:", "TORCH:")))
+
+
+BYTE_ONLY = {  # routes whose every tensor is copied byte for byte: they need no torch at all
+    "hf-to-dcp": ROUTES["hf-to-dcp"],
+    "hf-to-dcp-moe-tf5": ["convert", str(ROOT / "fixtures" / "tiny-moe-tf5"), "{out}", "--to", "dcp"],
+    "hf-to-hf-reshard": ["convert", TIED, "{out}", "--to", "hf", "--max-shard-size", "200KB"],
+    "dcp-to-hf": ROUTES["dcp-to-hf"],
+    "hf-to-dcp-workers": [*ROUTES["hf-to-dcp"], "--workers", "2"],
+}
+
+
+@pytest.mark.parametrize("name", list(BYTE_ONLY))
+def test_byte_only_routes_never_import_torch_and_write_the_same_bytes(tmp_path, dcp_sources, name: str) -> None:
+    """Copied tensors, DCP records (their data.pkl) and ``.metadata`` are written with torch's names but
+    without torch (:mod:`vlconvert.layouts.torch_names`): every file, manifest included, is the one a run
+    with torch imported writes."""
+    outs = {}
+    for label, prelude in (("without", ""), ("with", "import torch\n")):
+        out = tmp_path / label
+        argv = [a.format(out=out, **dcp_sources) for a in BYTE_ONLY[name]]
+        result = subprocess.run([sys.executable, "-c", prelude + _PROBE, *argv, "-q"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"TORCH: {label == 'with'}" in result.stdout
+        outs[label] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert sorted(outs["without"]) == sorted(outs["with"]) and len(outs["with"]) > 3
+    assert outs["without"] == outs["with"]

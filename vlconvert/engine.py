@@ -28,7 +28,7 @@ from vlconvert.dtypes import DType, as_dtype, element_size, is_torch_dtype, pars
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import parse_size
-from vlconvert.lazy import loaded, torch
+from vlconvert.lazy import is_loaded, torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import EXPERT_LAYOUTS
 from vlconvert.models.megatron_table import RankTensor, Src
@@ -450,15 +450,22 @@ class Converter:
         plan = self.plan()
         if not self.target.distributed:
             raise UsageError(f"--to {self.to} is written by one process: drop --workers")
-        loaded(torch)  # the plan needed no torch; import it once here rather than once in every worker
         forked = workers_mod.ForkedGroup(workers)
         group = group_of(forked)
         if forked.rank != 0:
             self._source, self.info = None, lambda s: None
             buffers.BUFFERS.clear()
-            torch.set_num_threads(max(1, workers_mod.usable_cores() // workers))
-            forked.child_exit(lambda: self._run_rank(None, group, plan))
+            forked.child_exit(lambda: self._child(group, plan, max(1, workers_mod.usable_cores() // workers)))
         return group
+
+    def _child(self, group: workers_mod.Group, plan: ConversionPlan, threads: int) -> Result:
+        """A forked worker's run: its share of the cores for torch's operators, then its share of the bytes.
+        A route that only copies bytes never imports torch; one that does takes ``threads`` at its import."""
+        if is_loaded("torch"):
+            torch.set_num_threads(threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        return self._run_rank(None, group, plan)
 
     def _run_distributed(self, progress: Progress | None) -> Result:
         """One rank of ``torchrun``: every rank plans the same output from metadata; the bytes are split over

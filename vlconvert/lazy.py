@@ -36,3 +36,13 @@ def _import(name: str) -> types.ModuleType:
     """``import name`` by the import statement's own path (which ``python -X importtime`` logs)."""
     __import__(name)
     return sys.modules[name]
+
+
+def is_loaded(name: str) -> bool:
+    """Whether module ``name`` has been imported (then using it costs nothing)."""
+    return name in sys.modules
+
+
+def is_tensor(value: object) -> bool:
+    """``isinstance(value, torch.Tensor)`` without importing torch: before torch is imported, nothing is one."""
+    return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)

@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy
 
-from vlconvert.dtypes import BY_NAME, DType, element_size, is_torch_dtype, to_torch
+from vlconvert.dtypes import BY_NAME, DType, as_dtype, element_size, is_torch_dtype, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes, dcp_pickle
 from vlconvert.layouts.filebytes import FileSpan, read_bytes, read_exact
 from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
+from vlconvert.layouts.torch_names import Size
 from vlconvert.lazy import torch
 from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, note_input, open_input
 
@@ -632,10 +633,10 @@ class DCPWriter:
         # bytes of .metadata do not depend on where a key came from (a fresh write or a --resume journal)
         key = sys.intern(key)
         nesting = tuple(sys.intern(part) if isinstance(part, str) else part for part in nesting)
-        size = torch.Size(shape)
-        zeros = torch.Size([0] * len(shape))
+        size = Size(shape)
+        zeros = Size([0] * len(shape))
         self.state_dict_metadata[key] = dcp_classes.TensorStorageMetadata(
-            properties=dcp_classes.TensorProperties(dtype=to_torch(dtype)), size=size,
+            properties=dcp_classes.TensorProperties(dtype=as_dtype(dtype)), size=size,
             chunks=[dcp_classes.ChunkStorageMetadata(offsets=zeros, sizes=size)])
         index = dcp_classes.MetadataIndex(key, zeros, 0)
         self.storage_data[index] = dcp_classes._StorageInfo(self._file_name, start, length)
@@ -647,10 +648,10 @@ class DCPWriter:
         if self.skipping:
             if key not in self.state_dict_metadata:
                 raise RuntimeError(f"--resume: '{key}' is not in the kept file {self._file_name}")
-            return self.storage_data[dcp_classes.MetadataIndex(key, torch.Size([0] * len(tensor.shape)), 0)].length
+            return self.storage_data[dcp_classes.MetadataIndex(key, Size([0] * len(tensor.shape)), 0)].length
         if self._file is None:
             raise RuntimeError("open_file() first")
-        if isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, TensorBlocks):
             tensor = tensor.detach().contiguous()
             shape, dtype, data = tuple(tensor.shape), tensor.dtype, tensor
         else:

@@ -20,6 +20,7 @@ the alias is replaced by the real name (same length: the frame sizes stay right)
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from enum import Enum, auto
 from typing import Any
 
 from vlconvert.dtypes import DType, to_torch
-from vlconvert.lazy import torch
+from vlconvert.layouts.torch_names import STRIDED, Size
+from vlconvert.lazy import is_loaded, torch
 
 METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
@@ -66,9 +68,9 @@ class TensorProperties:
     """dtype (and deprecated layout, requires_grad, memory format, pinning) of a stored tensor."""
 
     dtype: DType = field(default_factory=lambda: torch.get_default_dtype())
-    layout: torch.layout = field(default_factory=lambda: torch.strided)
+    layout: torch.layout = STRIDED  # a stand-in that pickles as torch.strided (torch_names)
     requires_grad: bool = False
-    memory_format: torch.memory_format = field(default_factory=lambda: torch.contiguous_format)
+    memory_format: Any = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT  # or a torch.memory_format
     pin_memory: bool = False
 
     def __getstate__(self):
@@ -78,7 +80,7 @@ class TensorProperties:
             encoding = next((e for f, e in _encodings() if self.memory_format == f), None)
         if encoding is None:
             raise RuntimeError(f"Invalid torch.memory_format: {self.memory_format}")
-        dtype = to_torch(self.dtype) if isinstance(self.dtype, DType) else self.dtype
+        dtype = to_torch(self.dtype) if isinstance(self.dtype, DType) and is_loaded("torch") else self.dtype
         return (dtype, self.layout, self.requires_grad, encoding, self.pin_memory)
 
     def __setstate__(self, state) -> None:
@@ -86,31 +88,6 @@ class TensorProperties:
         if not isinstance(encoding, _MEM_FORMAT_ENCODING):
             raise RuntimeError(f"Invalid torch.memory_format encoding: {encoding}")
         self.memory_format = encoding  # kept as read: the torch.memory_format would need torch
-
-
-class Size(tuple):
-    """A ``torch.Size`` as read from a pickle without torch: a tuple that pickles back as ``torch.Size``."""
-
-    __slots__ = ()
-
-    def __reduce__(self):
-        return (torch.Size, (tuple(self),))
-
-
-class Layout(str):
-    """A ``torch.layout`` as read from a pickle without torch (``"torch.strided"``); pickles back as torch's."""
-
-    __slots__ = ()
-
-    def __reduce__(self):
-        return (torch.serialization._get_layout, (str(self),))
-
-
-def layout_named(name: object) -> Layout:
-    """Stands in for ``torch.serialization._get_layout`` when a pickle is read."""
-    if not isinstance(name, str):
-        raise TypeError(f"a layout's name is a string, not {type(name).__name__}")
-    return Layout(name)
 
 
 @dataclass
@@ -171,7 +148,7 @@ class MetadataIndex:
         object.__setattr__(self, "fqn", fqn)
         object.__setattr__(self, "index", index)
         if offset is not None:
-            object.__setattr__(self, "offset", torch.Size(offset))
+            object.__setattr__(self, "offset", Size(offset))
 
 
 @dataclass
@@ -219,8 +196,13 @@ class SavePlan:
 
 @functools.cache
 def has_version() -> bool:
-    """Whether the installed torch's ``Metadata`` has a ``version`` field (torch 2.9 added it)."""
-    parts = torch.__version__.split("+")[0].split(".")
+    """Whether the installed torch's ``Metadata`` has a ``version`` field (torch 2.9 added it); read from the
+    package's metadata, without importing torch, where there is one."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source build without an installed distribution
+        version = torch.__version__
+    parts = version.split("+")[0].split(".")
     try:
         return (int(parts[0]), int(parts[1])) >= (2, 9)
     except (IndexError, ValueError):

@@ -18,8 +18,8 @@ import pathlib
 import pickle
 
 from vlconvert.dtypes import BY_NAME
-from vlconvert.layouts import dcp_classes
-from vlconvert.lazy import loaded, torch
+from vlconvert.layouts import dcp_classes, torch_names
+from vlconvert.lazy import is_loaded, loaded, torch
 
 _ALIASES = ((dcp_classes.METADATA_ALIAS, dcp_classes.METADATA_MODULE),
             (dcp_classes.FILESYSTEM_ALIAS, dcp_classes.FILESYSTEM_MODULE))
@@ -37,22 +37,18 @@ def _short_unicode(text: str) -> bytes:
     return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
 
 
-class _Pickler(pickle._Pickler):  # type: ignore[name-defined]  # the pure-Python pickler
-    """Writes each stand-in class as a global naming torch's class (as ``pickle`` does for torch's own)."""
+class _Pickler(torch_names.NamingPickler):
+    """Writes each stand-in class as a global naming torch's class (as ``pickle`` does for torch's own), and
+    torch's objects by name (:class:`~vlconvert.layouts.torch_names.NamingPickler`)."""
 
     def save_global(self, obj, name=None):
         real = dcp_classes.PICKLED_AS.get(obj) if isinstance(obj, type) else None
         if real is None:
             return super().save_global(obj, name)
-        module, qualname = real
+        metadata = real[0] == dcp_classes.METADATA_MODULE
+        module = dcp_classes.METADATA_MODULE if metadata else dcp_classes.FILESYSTEM_MODULE
         # the module's name as one string object per module, the class's __qualname__ object, as torch's
-        module = dcp_classes.METADATA_MODULE if module == dcp_classes.METADATA_MODULE else dcp_classes.FILESYSTEM_MODULE
-        if self.proto >= 4:
-            self.save(module)
-            self.save(obj.__qualname__)
-            self.write(pickle.STACK_GLOBAL)
-        else:
-            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
+        self.write_global(module, obj.__qualname__)
         self.memoize(obj)
 
 
@@ -65,7 +61,7 @@ def dumps_pure(metadata: object, protocol: int = pickle.DEFAULT_PROTOCOL) -> byt
 
 def dumps(metadata: object, protocol: int = pickle.DEFAULT_PROTOCOL) -> bytes:
     """``metadata`` (built from :mod:`dcp_classes`) pickled as ``pickle.dumps`` pickles torch's classes."""
-    if protocol < 4:
+    if protocol < 4 or not is_loaded("torch"):  # the C pickler needs torch's own Size, dtype and layout
         return dumps_pure(metadata, protocol)
     raw = pickle.dumps(metadata, protocol)
     for alias, _ in _ALIASES:
@@ -90,9 +86,9 @@ class _Unpickler(pickle.Unpickler):
         if found is None:
             found = _OTHERS.get((module, name))
         if found is None and (module, name) == ("torch", "Size"):
-            found = dcp_classes.Size
+            found = torch_names.Size
         if found is None and (module, name) == ("torch.serialization", "_get_layout"):
-            found = dcp_classes.layout_named
+            found = torch_names.layout_named
         if found is None and module == "torch" and name in BY_NAME:
             found = BY_NAME[name]
         if found is None and module == "torch" and isinstance(vars(loaded(torch)).get(name), torch.dtype):

@@ -40,9 +40,9 @@ from vlconvert.dtypes import BY_NAME, DType, as_dtype, element_size, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts import dcp_classes
+from vlconvert.layouts import torch_names
 from vlconvert.layouts.filebytes import FileSpan, read_exact
-from vlconvert.lazy import loaded, torch
+from vlconvert.lazy import is_loaded, is_tensor, loaded, torch
 from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, note_input, open_input, write_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -101,15 +101,38 @@ class _TensorRef:
 
     def __reduce__(self):
         stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
-        return torch._utils._rebuild_tensor_v2, (self.storage, 0, torch.Size(self.shape), stride, False,
-                                                 collections.OrderedDict())
+        return _torch_object(_REBUILD), (self.storage, 0, torch_names.Size(self.shape), stride, False,
+                                         collections.OrderedDict())
 
 
-class _Pickler(pickle.Pickler):
+_REBUILD = torch_names.TorchGlobal("torch._utils", "_rebuild_tensor_v2")
+
+
+def _torch_object(ref: torch_names.TorchGlobal):
+    """torch's object once torch is imported (for the C pickler), else its name (for the naming pickler)."""
+    return ref.real() if is_loaded("torch") else ref
+
+
+class _StoragePickling:
     def persistent_id(self, obj):  # noqa: D401 - pickle hook
         if isinstance(obj, _StorageRef):
-            return ("storage", getattr(torch, _storable(obj.dtype)), obj.key, "cpu", obj.numel)
+            storage = torch_names.TorchGlobal("torch", _storable(obj.dtype))
+            return ("storage", _torch_object(storage), obj.key, "cpu", obj.numel)
         return None
+
+
+class _CPickler(_StoragePickling, pickle.Pickler):
+    pass
+
+
+class _NamingPickler(_StoragePickling, torch_names.NamingPickler):
+    pass
+
+
+def _dump(obj: object, buf: io.BytesIO) -> None:
+    """Pickle ``obj`` at protocol 2 as torch.save does: with the C pickler once torch is imported, else with
+    the pure-Python one writing torch's names (same bytes, no torch needed to write a copied tensor)."""
+    (_CPickler if is_loaded("torch") else _NamingPickler)(buf, protocol=2).dump(obj)
 
 
 @dataclass(frozen=True)
@@ -152,7 +175,7 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
             on_bytes(total)
         return total
     buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(payload)
+    _dump(payload, buf)
     prefix = "archive"
     digest = hashlib.sha1(buf.getvalue()).hexdigest()
     written = 0
@@ -163,7 +186,7 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
             zf.add(name, data)
         for i, e in enumerate(entries):
             produced = produce(i, e)
-            if isinstance(produced, torch.Tensor):
+            if is_tensor(produced):
                 _check_block(e, produced, whole=True)
                 zf.add(f"{prefix}/data/{i}", _raw(produced))
             else:  # row blocks, in order: one is held at a time
@@ -186,12 +209,12 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tens
     numel = math.prod(shape)
     entry = RankEntry("tensor", tuple(shape), dtype)
     buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(_TensorRef(_StorageRef("0", dtype, numel), tuple(shape)))
+    _dump(_TensorRef(_StorageRef("0", dtype, numel), tuple(shape)), buf)
     zf = _ZipStream(f)
     for name, raw in (("archive/data.pkl", buf.getvalue()), ("archive/.format_version", b"1"),
                       ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
         zf.add(name, raw)
-    if isinstance(data, torch.Tensor):
+    if is_tensor(data):
         zf.add("archive/data/0", _raw(_check_block(entry, data, whole=True)))
     else:
         if any(d != 1 for d in shape[:lead]):
@@ -452,7 +475,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if name in _DTYPE_OF:
                 return _StorageType(_DTYPE_OF[name])
             if name == "Size":  # torch.Size((2, 3)): a tuple, read without torch
-                return dcp_classes.Size
+                return torch_names.Size
             if name in BY_NAME:  # a dtype, e.g. in Megatron's args
                 return BY_NAME[name]
             if name == "device" or isinstance(vars(loaded(torch)).get(name), torch.dtype):  # no lazy submodule imports

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert.dtypes import DType, to_torch
+from vlconvert.dtypes import DType, as_dtype
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
@@ -28,6 +28,7 @@ from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts.consumers import CONSUMERS, DEFAULT_CONSUMER, Consumer, consumer  # noqa: F401
 from vlconvert.layouts.dcp import _DTYPES, DCPReader, DCPWriter, TensorBlocks, kept_matching
 from vlconvert.layouts.megatron import write_torch_record
+from vlconvert.layouts.torch_names import Size
 from vlconvert.lazy import torch
 from vlconvert.publish import create_file, note_input
 
@@ -258,14 +259,14 @@ class TorchDistWriter(DCPWriter):
         key = sys.intern(key)
         entry = self.state_dict_metadata.get(key)
         if entry is None:
-            entry = dcp_classes.TensorStorageMetadata(properties=dcp_classes.TensorProperties(dtype=to_torch(dtype)),
-                                                      size=torch.Size(size), chunks=[])
+            entry = dcp_classes.TensorStorageMetadata(properties=dcp_classes.TensorProperties(dtype=as_dtype(dtype)),
+                                                      size=Size(size), chunks=[])
             self.state_dict_metadata[key] = entry
             self.planner_data[key] = (key,)
         elif tuple(entry.size) != size or entry.properties.dtype != dtype:
             raise ValueError(f"{key}: chunk of another size or dtype")
-        entry.chunks.append(dcp_classes.ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape)))
-        index = dcp_classes.MetadataIndex(key, torch.Size(offsets), 0)
+        entry.chunks.append(dcp_classes.ChunkStorageMetadata(offsets=Size(offsets), sizes=Size(shape)))
+        index = dcp_classes.MetadataIndex(key, Size(offsets), 0)
         self.storage_data[index] = dcp_classes._StorageInfo(self._file_name, start, length)
 
     def _add_bytes(self, key: str, start: int, length: int) -> None:
@@ -282,7 +283,7 @@ class TorchDistWriter(DCPWriter):
         :class:`TensorBlocks` streams row blocks of its dims after the first ``lead`` (which are 1)."""
         shape = tuple(tensor.shape)
         if self.skipping:
-            info = self.storage_data.get(dcp_classes.MetadataIndex(key, torch.Size(offsets), 0))
+            info = self.storage_data.get(dcp_classes.MetadataIndex(key, Size(offsets), 0))
             if info is None:
                 raise RuntimeError(f"--resume: '{key}' at {list(offsets)} is not in the kept file {self._file_name}")
             return info.length
