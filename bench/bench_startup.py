@@ -55,6 +55,11 @@ def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:
         ("convert dcp->hf --dry-run", [*vlc, "convert", str(manifest_folder), str(manifest_folder.parent / "no"),
                                        "--to", "hf", "--assets-dir", "fixtures/tiny-moe", "--dry-run"]),
         ("vlconvert inspect dcp", [*vlc, "inspect", str(manifest_folder)]),
+        ("convert hf->dcp tiny dense (copies)", [*vlc, "convert", "fixtures/tiny-dense-tied",
+                                                 str(manifest_folder.parent / "w1"), "--to", "dcp", "--overwrite"]),
+        ("convert hf->megatron tiny (tensors)", [*vlc, "convert", "fixtures/tiny-dense-tied",
+                                                 str(manifest_folder.parent / "w2"), "--to", "megatron", "--tp", "2",
+                                                 "--overwrite"]),
         ("vlconvert doctor", [*vlc, "doctor"]),
     ]
 
