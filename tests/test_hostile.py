@@ -709,3 +709,16 @@ def test_embedding_that_is_not_a_matrix(tok_folder: Path, tmp_path: Path) -> Non
     result = invoke("retag-think", tok_folder, "--check", "--json")
     assert result.exit_code == 0, result.output
     assert "not a [rows, hidden] matrix" in json.loads(result.stdout)["weights_error"]
+
+
+def test_dcp_chunk_boxes_must_tile_the_tensor(tmp_path: Path) -> None:
+    """Chunks of a 2-D sharding (boxes, not row slabs) are checked pairwise: four quarters tile a [4, 4]
+    tensor; moving one over its neighbour (same element count) is one line naming the tensor."""
+    from vlconvert.layouts.dcp import Chunk, _check_tiling
+
+    def boxes(*corners: tuple[int, int]) -> list[Chunk]:
+        return [Chunk((r, c), (2, 2), tmp_path / "d", 0, 0) for r, c in corners]
+
+    _check_tiling(tmp_path / ".metadata", "w", (4, 4), boxes((0, 0), (0, 2), (2, 0), (2, 2)))
+    with pytest.raises(UserError, match="'w' of size \\[4, 4\\]: two of its chunks overlap"):
+        _check_tiling(tmp_path / ".metadata", "w", (4, 4), boxes((0, 0), (0, 1), (2, 0), (2, 2)))
