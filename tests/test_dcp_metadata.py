@@ -336,3 +336,17 @@ def test_other_globals_are_refused_with_one_line(tmp_path: Path, module: str, na
     assert message.endswith(f"holds something other than DCP metadata: refusing to load {module}.{name}")
     with pytest.raises(dcp_pickle.RefusedClass):
         dcp_pickle.loads(_pickle_naming(module, name))
+
+
+@pytest.mark.parametrize("dims", [(), (7,), (0, 0), (4, 3, 2)])
+def test_stand_ins_print_as_torchs_objects(dims: tuple[int, ...]) -> None:
+    """Names and ids vlconvert derives from metadata (DCP's save_id hashes the offsets' text) are the ones
+    torch's objects give: the stand-ins print as they do."""
+    from vlconvert.dtypes import BY_NAME
+    from vlconvert.layouts.torch_names import STRIDED, Size
+
+    assert str(Size(dims)) == str(torch.Size(dims)) and repr(Size(dims)) == repr(torch.Size(dims))
+    assert Size(dims) == torch.Size(dims) and hash(Size(dims)) == hash(torch.Size(dims))
+    assert str(STRIDED) == str(torch.strided) == repr(torch.strided)
+    for name, dtype in BY_NAME.items():
+        assert str(dtype) == repr(dtype) == str(getattr(torch, name)) and dtype == getattr(torch, name)

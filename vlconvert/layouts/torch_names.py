@@ -62,6 +62,9 @@ class Size(tuple):
 
     __slots__ = ()
 
+    def __repr__(self) -> str:  # as torch.Size prints: DCP's save_id is made from it (DCPWriter.finish)
+        return f"torch.Size({list(self)})"
+
     def __reduce__(self):
         return (_callable(TORCH_SIZE), (tuple(self),))
 
