@@ -69,7 +69,7 @@ def slice_row_map(row_map: RowMap, start: int, stop: int) -> RowMap:
         pos += n
         if pos >= stop:
             break
-    return merge_row_map(out)
+    return out if len(out) < 2 else merge_row_map(out)
 
 
 def merge_row_map(row_map: RowMap) -> RowMap:

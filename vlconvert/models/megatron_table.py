@@ -234,9 +234,11 @@ def plan_megatron_ranks(model: Skeleton | ModelInfo | dict | str | Path, tp: int
     check_coverage(params, sk)
     offsets = [sum(stage_layers[:i]) for i in range(pp)]
     held: dict[tuple[int, int], list[tuple[Param, int | None, int | None]]] = {}
+    per_rank = info.experts // ep if info.is_moe else 0
     for p in params:  # which (stage, EP rank) holds each parameter, in state-dict order
         for s in _stages_of(p, pp, offsets, stage_layers):
-            for e in range(ep):
+            # a routed expert lives on one EP rank only; anything else may be on every one
+            for e in range(ep) if p.expert is None or not per_rank else (p.expert // per_rank,):
                 where = _placement(p, info, s, e, pp, ep, offsets[s], stage_layers[s])
                 if where is not None:
                     held.setdefault((s, e), []).append((p, *where))
