@@ -162,6 +162,7 @@ PLAN_ONLY = {  # commands that read headers and configs only: each must run with
     "torch_dist-to-hf-dry-run": [*ROUTES["torch_dist-to-hf"], "--dry-run"],
     "dcp-to-megatron-dry-run": [*ROUTES["dcp-to-megatron"], "--dry-run"],
     "inspect-hf": ["inspect", TIED],
+    "verify-hf-dcp": ["verify", TIED, "{dcp}"],  # every tensor stored verbatim on both sides: compared as bytes
     "inspect-megatron": ["inspect", "{megatron}"],
     "plan-235B-megatron": ["plan", "--config", str(ROOT / "fixtures/configs/Qwen3-VL-235B-A22B-Instruct.json"),
                            "--to", "megatron", "--tp", "4", "--pp", "2", "--ep", "16"],

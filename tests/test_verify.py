@@ -164,3 +164,34 @@ def test_hf_against_dcp_and_megatron(tmp_path: Path, fixtures_dir: Path, fixture
     for other in (tmp_path / "dcp", tmp_path / "meg"):
         data = _cli(copy, other, expect=1)
         assert [t["name"] for t in data["tensors"] if t["status"] != "equal"] == [name]
+
+
+@pytest.mark.parametrize("to", ["dcp", "megatron"])
+def test_stored_bytes_are_compared_as_bytes_and_a_changed_one_is_still_found(fixtures_dir: Path, tmp_path: Path,
+                                                                           to: str) -> None:
+    """Rows both sides store verbatim are compared as file bytes (no tensors, no torch); a bit flipped in one
+    tensor's stored bytes then takes the tensor comparison, which names that tensor and its difference."""
+    from helpers import run_cli
+
+    from vlconvert.comparison import stored_bytes_equal
+    from vlconvert.models.megatron_table import Src
+    from vlconvert.sources import open_source
+
+    tied = fixtures_dir / "tiny-dense-tied"
+    out = tmp_path / to
+    run_cli("convert", tied, out, "--to", to, *(["--tp", "2"] if to == "megatron" else []), "-q")
+    a, b = open_source(tied), open_source(out, assets_dir=tied)
+    name = "model.language_model.embed_tokens.weight"  # its rows split over TP: one span per rank file
+    assert stored_bytes_equal(a, b, name, a.spec(name)[0])
+    span = a.row_span(Src(name), 0, 1)  # the HF side: flip a bit of its first row in a copy of the folder
+    a.close()
+    b.close()
+    copy = tmp_path / "hf"
+    shutil.copytree(tied, copy)
+    target = copy / span.path.name
+    data = bytearray(target.read_bytes())
+    data[span.offset + 1] ^= 0x10
+    target.write_bytes(bytes(data))
+    report = _cli(copy, out, "--assets-dir", tied, expect=1)
+    bad = [t for t in report["tensors"] if t["status"] != "equal"]
+    assert [t["name"] for t in bad] == [name] and bad[0]["status"] == "mismatch" and bad[0]["max_abs_diff"] > 0

@@ -17,9 +17,11 @@ from typing import Any
 from vlconvert import sources
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
+from vlconvert.models.megatron_table import Src
 from vlconvert.sources import Source
 
 _BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float64)
@@ -155,6 +157,10 @@ def verify_sources(a: Source, b: Source, tolerance: float = 0.0,
                 r = TensorResult(name, "shape_mismatch", None, list(shape_a), list(shape_b),
                                  dtype_name(dtype_a), dtype_name(dtype_b))
                 nbytes = 0
+            elif dtype_a == dtype_b and stored_bytes_equal(a, b, name, tuple(shape_a)):
+                r = TensorResult(name, "equal", 0.0, list(shape_a), list(shape_b), dtype_name(dtype_a),
+                                 dtype_name(dtype_b))
+                nbytes = math.prod(shape_a) * element_size(dtype_a)
             else:
                 x = a.read(name)
                 y = b.read(name)
@@ -165,6 +171,75 @@ def verify_sources(a: Source, b: Source, tolerance: float = 0.0,
         if on_tensor is not None:
             on_tensor(r, nbytes)
     return results
+
+
+def stored_bytes_equal(a: Source, b: Source, name: str, shape: tuple[int, ...]) -> bool:
+    """True when both sides store every row of ``name`` verbatim in their files (:meth:`Source.row_span`)
+    and those bytes are equal: then the tensors are bitwise equal, known without reading them as tensors
+    (no torch). False when a side must be read (assembled, merged, dequantized) or the bytes differ: the
+    tensor comparison then says how. Fused expert tensors always take that path: a side may store them
+    transposed, with the same shape when the matrices are square."""
+    if not shape or any(s.skeleton is None or s.skeleton.family.is_expert(name) for s in (a, b)):
+        return False
+    spans_a, spans_b = _row_spans(a, name, shape), _row_spans(b, name, shape)
+    if spans_a is None or spans_b is None:
+        return False
+    left, right = _SpanBytes(spans_a), _SpanBytes(spans_b)
+    try:
+        while True:
+            piece = left.read(_BYTE_PIECE)
+            if piece != right.read(_BYTE_PIECE):
+                return False
+            if not piece:
+                return True
+    finally:
+        left.close()
+        right.close()
+
+
+_BYTE_PIECE = 8 * 2**20
+
+
+def _row_spans(src: Source, name: str, shape: tuple[int, ...]) -> list[FileSpan] | None:
+    """The file spans that hold rows ``0:shape[0]`` of ``name`` in order, or None if a row is not stored."""
+    spans, row = [], 0
+    while row < shape[0]:
+        span = src.row_span(Src(name), row, shape[0])
+        if span is None or not span.shape or span.shape[0] <= 0 or tuple(span.shape[1:]) != shape[1:]:
+            return None
+        spans.append(span)
+        row += span.shape[0]
+    return spans
+
+
+class _SpanBytes:
+    """The bytes of a list of file spans, read in order."""
+
+    def __init__(self, spans: list[FileSpan]):
+        self.spans, self.index, self.pos, self.file = spans, 0, 0, None
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end)."""
+        out = bytearray()
+        while len(out) < n and self.index < len(self.spans):
+            span = self.spans[self.index]
+            if self.file is None or self.file.name != str(span.path):
+                self.close()
+                self.file = open(span.path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
+            self.file.seek(span.offset + self.pos)
+            data = self.file.read(min(n - len(out), span.nbytes - self.pos))
+            if not data:
+                raise UserError(f"'{span.path}' is truncated: ended while reading tensor data")
+            out += data
+            self.pos += len(data)
+            if self.pos == span.nbytes:
+                self.index, self.pos = self.index + 1, 0
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def source_bytes(src: Source) -> int:
