@@ -50,6 +50,8 @@ def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:
                                           "--tp", "4", "--pp", "2", "--ep", "16"]),
         ("vlconvert verify tiny-moe x2", [*vlc, "verify", "fixtures/tiny-moe", "fixtures/tiny-moe"]),
         ("vlconvert verify --manifest", [*vlc, "verify", "--manifest", str(manifest_folder)]),
+        ("vlconvert verify hf dcp (dense)", [*vlc, "verify", "fixtures/tiny-dense-tied",
+                                             str(manifest_folder.parent / "dense")]),
         ("convert hf->megatron --dry-run", [*vlc, "convert", "fixtures/tiny-moe", str(manifest_folder.parent / "no"),
                                             "--to", "megatron", "--tp", "2", "--dry-run"]),
         ("convert dcp->hf --dry-run", [*vlc, "convert", str(manifest_folder), str(manifest_folder.parent / "no"),
@@ -83,6 +85,8 @@ def run_cases(runs: int, env: dict[str, str]) -> list[dict]:
         folder = Path(out) / "dcp"
         subprocess.run([*vlconvert_command(), "convert", "fixtures/tiny-moe", str(folder), "--to", "dcp", "-q"],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*vlconvert_command(), "convert", "fixtures/tiny-dense-tied", str(Path(out) / "dense"),
+                        "--to", "dcp", "-q"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         return _run_cases(cases(folder), runs, env)
 
 
