@@ -17,11 +17,12 @@ from typing import Any
 from vlconvert import sources
 from vlconvert.dtypes import dtype_name, element_size
 from vlconvert.errors import UserError
-from vlconvert.layouts.filebytes import FileSpan
+from vlconvert.layouts.filebytes import FileSpan, read_bytes
 from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import Src
+from vlconvert.publish import open_input
 from vlconvert.sources import Source
 
 _BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float64)
@@ -225,11 +226,9 @@ class _SpanBytes:
             span = self.spans[self.index]
             if self.file is None or self.file.name != str(span.path):
                 self.close()
-                self.file = open(span.path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
-            self.file.seek(span.offset + self.pos)
-            data = self.file.read(min(n - len(out), span.nbytes - self.pos))
-            if not data:
-                raise UserError(f"'{span.path}' is truncated: ended while reading tensor data")
+                self.file = open_input(span.path)
+            data = read_bytes(self.file, span.offset + self.pos, min(n - len(out), span.nbytes - self.pos),
+                              f"'{span.path}' is truncated: ended while reading tensor data")
             out += data
             self.pos += len(data)
             if self.pos == span.nbytes:

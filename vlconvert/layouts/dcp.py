@@ -23,13 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlconvert.dtypes import BY_NAME, DType, as_dtype, element_size, is_torch_dtype, to_torch
+from vlconvert.dtypes import DType, as_dtype, element_size, is_torch_dtype, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes, dcp_pickle
 from vlconvert.layouts.filebytes import FileSpan, read_bytes, read_exact
-from vlconvert.layouts.megatron import LazyTensor, check_pickle, restricted_load, write_torch_record
+from vlconvert.layouts.megatron import (
+    STORABLE_DTYPES,
+    LazyTensor,
+    check_pickle,
+    restricted_load,
+    write_torch_record,
+)
 from vlconvert.layouts.torch_names import Size
 from vlconvert.lazy import torch
 from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, note_input, open_input
@@ -37,9 +43,7 @@ from vlconvert.publish import OutputFile, create_file, forget_kept, kept_state, 
 METADATA_NAME = ".metadata"
 _MAX_RECORD_PKL = 2**20  # a one-tensor record's data.pkl is a few hundred bytes
 DCP_VERSION = "1.0.0"
-_DTYPES = {str(d): d for d in (BY_NAME[name] for name in (
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "float8_e4m3fn", "float8_e5m2"))}  # as a --resume journal names them: "torch.bfloat16"
+_DTYPES = {str(d): d for d in STORABLE_DTYPES}  # as a --resume journal names them: "torch.bfloat16"
 
 _MAX_DIM = 2**62  # far above any real dimension; keeps every product inside torch's int64
 _MAX_METADATA = 2**30

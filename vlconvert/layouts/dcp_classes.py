@@ -8,7 +8,7 @@ pickled state of torch's (``torch/distributed/checkpoint/metadata.py``, ``filesy
 ``planner.py``), so :mod:`vlconvert.layouts.dcp_pickle` pickles them to the bytes torch's own classes
 give, naming torch's classes, and unpickles torch's names into them. Reading needs no torch at all: sizes,
 dtypes and layouts are read as :class:`Size`, :class:`vlconvert.dtypes.DType` and :class:`Layout`, which
-pickle back to the bytes of ``torch.Size``, ``DType`` and ``torch.layout``; the metadata vlconvert
+pickle back to the bytes of ``torch.Size``, ``torch.dtype`` and ``torch.layout``; the metadata vlconvert
 writes holds torch's own (torch is imported by then).
 
 Each class written into ``.metadata`` carries, as ``__module__``, an alias as long as the name of the

@@ -62,6 +62,7 @@ _STORAGE_OF: dict[DType, str] = {BY_NAME[name]: storage for name, storage in [
     ("int8", "CharStorage"), ("uint8", "ByteStorage"), ("bool", "BoolStorage"),
     ("float8_e4m3fn", "Float8_e4m3fnStorage"), ("float8_e5m2", "Float8_e5m2Storage")]}
 _DTYPE_OF = {v: k for k, v in _STORAGE_OF.items()}
+STORABLE_DTYPES: tuple[DType, ...] = tuple(_STORAGE_OF)  # what a torch.save record (rank file, DCP) can hold
 
 
 def _storable(dtype: object) -> str | None:
@@ -101,23 +102,18 @@ class _TensorRef:
 
     def __reduce__(self):
         stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
-        return _torch_object(_REBUILD), (self.storage, 0, torch_names.Size(self.shape), stride, False,
+        return torch_names.torch_object(_REBUILD), (self.storage, 0, torch_names.Size(self.shape), stride, False,
                                          collections.OrderedDict())
 
 
 _REBUILD = torch_names.TorchGlobal("torch._utils", "_rebuild_tensor_v2")
 
 
-def _torch_object(ref: torch_names.TorchGlobal):
-    """torch's object once torch is imported (for the C pickler), else its name (for the naming pickler)."""
-    return ref.real() if is_loaded("torch") else ref
-
-
 class _StoragePickling:
     def persistent_id(self, obj):  # noqa: D401 - pickle hook
         if isinstance(obj, _StorageRef):
             storage = torch_names.TorchGlobal("torch", _storable(obj.dtype))
-            return ("storage", _torch_object(storage), obj.key, "cpu", obj.numel)
+            return ("storage", torch_names.torch_object(storage), obj.key, "cpu", obj.numel)
         return None
 
 

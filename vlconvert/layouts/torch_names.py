@@ -52,8 +52,8 @@ TORCH_SIZE = TorchGlobal("torch", "Size")
 GET_LAYOUT = TorchGlobal("torch.serialization", "_get_layout")
 
 
-def _callable(ref: TorchGlobal) -> Any:
-    """torch's object where torch is imported (the C pickler needs it), else the name."""
+def torch_object(ref: TorchGlobal) -> Any:
+    """torch's object where torch is imported (the C pickler needs it), else the name (for NamingPickler)."""
     return ref.real() if is_loaded("torch") else ref
 
 
@@ -66,7 +66,7 @@ class Size(tuple):
         return f"torch.Size({list(self)})"
 
     def __reduce__(self):
-        return (_callable(TORCH_SIZE), (tuple(self),))
+        return (torch_object(TORCH_SIZE), (tuple(self),))
 
 
 class Layout(str):
@@ -75,7 +75,7 @@ class Layout(str):
     __slots__ = ()
 
     def __reduce__(self):
-        return (_callable(GET_LAYOUT), (str(self),))
+        return (torch_object(GET_LAYOUT), (str(self),))
 
 
 STRIDED = Layout("torch.strided")  # one object, as torch.strided is: a pickle refers back to it
