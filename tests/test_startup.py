@@ -219,3 +219,30 @@ def test_byte_only_routes_never_import_torch_and_write_the_same_bytes(tmp_path, 
         outs[label] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert sorted(outs["without"]) == sorted(outs["with"]) and len(outs["with"]) > 3
     assert outs["without"] == outs["with"]
+
+
+_NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):  # as in an environment without torch installed
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def test_without_torch_installed_plans_and_copies_work_and_tensor_work_is_one_line(tmp_path) -> None:
+    """Plans and byte copies need no torch at all; a route that transforms tensors says in one line that it
+    needs torch (exit 1, nothing published) instead of a traceback."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _NO_TORCH + _PROBE, *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "a"), "--to", "megatron", "--dry-run").stdout
+    assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "dcp"), "--to", "dcp", "-q").stdout
+    assert (tmp_path / "dcp" / ".metadata").is_file()
+    result = run("convert", TIED, str(tmp_path / "mg"), "--to", "megatron", "--tp", "2", "-q")
+    lines = result.stderr.strip().splitlines()
+    assert "EXIT: 1" in result.stdout and len(lines) == 1, result.stdout + result.stderr
+    assert lines[0] == "error: this command works on tensors and needs torch, which is not installed: pip install torch"
+    assert not (tmp_path / "mg").exists()

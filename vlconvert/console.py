@@ -242,6 +242,9 @@ def handle_errors(func: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if debug:
                 raise
+            if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":  # imported at the first tensor
+                fail("error: this command works on tensors and needs torch, which is not installed: "  # operation
+                     "pip install torch", as_json=as_json)  # (vlconvert.lazy): plans and byte copies need none
             fail(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
                  "and report it", as_json=as_json)
         finally:
