@@ -164,6 +164,40 @@ def test_fsdp2_training_checkpoint_three_ranks_to_hf(tmp_path):
         assert tensor_bytes(result[key]) == tensor_bytes(tensor), key
 
 
+def test_fsdp2_row_chunks_put_together_as_bytes_equal_the_torch_path(tmp_path, monkeypatch):
+    """A real FSDP2 save cuts each tensor in row chunks, one per rank: rows that cross chunks, a TP rank's columns
+    and experts turned to [in, out] are put together as bytes (``Source.row_bytes`` over the chunks' spans, no
+    torch); every file written equals what torch's operations write (the byte path switched off)."""
+    from vlconvert.sources.base import Source
+    from vlconvert.sources.hf import HFSource
+    from vlconvert.sources.megatron import MegatronSource
+
+    train = tmp_path / "train"
+    torchrun(3, "save", str(FIX / "tiny-moe"), str(train))
+    routes = {"megatron": ["--to", "megatron", "--tp", "2", "--ep", "2"],
+              "hf": ["--to", "hf", "--experts-layout", "transformers5"]}
+    taken: list[bool] = []
+    chunked = Source.row_bytes  # what the DCP reader uses
+
+    def spy(self, *args):
+        rows = chunked(self, *args)
+        taken.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(Source, "row_bytes", spy)
+    for name, args in routes.items():
+        run_cli("convert", train, tmp_path / f"{name}-bytes", *args, "--dtype", "keep", "--assets-dir",
+                FIX / "tiny-moe", "-q")
+    assert any(taken)
+    for cls in (Source, HFSource, MegatronSource):
+        monkeypatch.setattr(cls, "row_bytes", lambda self, *args: None)
+        monkeypatch.setattr(cls, "expert_bytes", lambda self, *args: None)
+    for name, args in routes.items():
+        run_cli("convert", train, tmp_path / f"{name}-torch", *args, "--dtype", "keep", "--assets-dir",
+                FIX / "tiny-moe", "-q")
+        assert folder_digest(tmp_path / f"{name}-bytes") == folder_digest(tmp_path / f"{name}-torch"), name
+
+
 def test_prefix_and_dtype_and_experts_layout_options(tmp_path):
     out = tmp_path / "dcp"
     hf_to_dcp(FIX / "tiny-moe", out, prefix="model.model.", dtype="fp32", experts_layout="released")

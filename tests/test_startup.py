@@ -232,8 +232,8 @@ sys.meta_path.insert(0, NoTorch())
 
 
 def test_without_torch_installed_plans_and_copies_work_and_tensor_work_is_one_line(tmp_path) -> None:
-    """Plans and byte copies need no torch at all; a route that transforms tensors says in one line that it
-    needs torch (exit 1, nothing published) instead of a traceback."""
+    """Plans and routes that move bytes (hf->megatron at tp 2 included) need no torch at all; a route that computes
+    (a dtype cast) says in one line that it needs torch (exit 1, nothing published) instead of a traceback."""
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", _NO_TORCH + _PROBE, *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300, check=False)
@@ -241,8 +241,10 @@ def test_without_torch_installed_plans_and_copies_work_and_tensor_work_is_one_li
     assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "a"), "--to", "megatron", "--dry-run").stdout
     assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "dcp"), "--to", "dcp", "-q").stdout
     assert (tmp_path / "dcp" / ".metadata").is_file()
-    result = run("convert", TIED, str(tmp_path / "mg"), "--to", "megatron", "--tp", "2", "-q")
+    assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "mg"), "--to", "megatron", "--tp", "2", "-q").stdout
+    assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").is_file()  # columns and padding: bytes
+    result = run("convert", TIED, str(tmp_path / "fp16"), "--to", "megatron", "--tp", "2", "--dtype", "fp16", "-q")
     lines = result.stderr.strip().splitlines()
     assert "EXIT: 1" in result.stdout and len(lines) == 1, result.stdout + result.stderr
     assert lines[0] == "error: this command works on tensors and needs torch, which is not installed: pip install torch"
-    assert not (tmp_path / "mg").exists()
+    assert not (tmp_path / "fp16").exists()

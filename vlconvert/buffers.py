@@ -54,6 +54,10 @@ class BufferPool:
                 bucket.append(buf)
             return buf
 
+    def take(self, nbytes: int) -> bytearray:
+        """A buffer of ``nbytes`` (kept for reuse from :data:`POOL_MIN` bytes on); its contents are undefined."""
+        return self._take(nbytes) if nbytes >= POOL_MIN else bytearray(nbytes)
+
     def empty(self, shape: tuple[int, ...], dtype: DType) -> torch.Tensor:
         """An uninitialised tensor (pooled from :data:`POOL_MIN` bytes on)."""
         nbytes = math.prod(shape) * dtype.itemsize

@@ -45,6 +45,7 @@ from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exp
 )
 from vlconvert.progress import progress_bar
 from vlconvert.publish import Stage, staged_output
+from vlconvert.rowbytes import ByteRows
 from vlconvert.sources import Source, open_source, preview
 from vlconvert.sources.restore import RestoredSource, restorable
 from vlconvert.targets import TARGETS as TARGET_MODULES
@@ -315,11 +316,11 @@ class Converter:
         """Whether this process writes output file ``name`` (every file in a single process)."""
         return self._mine(name)
 
-    def blocks(self, name: str, layout: str, dtype: DType) -> Iterator[torch.Tensor | FileSpan]:
+    def blocks(self, name: str, layout: str, dtype: DType) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
         """Canonical tensor ``name`` of the source as row blocks in ``dtype`` (fused experts in ``layout``)."""
         return canonical_blocks(self.source, name, layout, dtype, self.block_bytes)
 
-    def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | FileSpan]:
+    def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
         """A row-mapped (Megatron) tensor built from the source, as row blocks (the family's value op applied
         where the table names one)."""
         if tensor.value_op is None:
@@ -660,7 +661,7 @@ class Converter:
 
 # ------------------------------------------------------------------------------------------- ops
 def canonical_blocks(source: Source, name: str, layout: str, dtype: DType, block: int = ROW_BLOCK
-                     ) -> Iterator[torch.Tensor | FileSpan]:
+                     ) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
     """A canonical tensor as row blocks of about ``block`` bytes in ``dtype``; fused experts one expert at a time, in
     ``layout`` (released or transformers5). Produced one block at a time; blocks that lie verbatim in a
     source file come as :class:`FileSpan` (the writer copies them file to file)."""
@@ -669,12 +670,15 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: DType, block
             span = source.expert_span(name, e, layout)
             if span is not None and span.dtype == dtype:
                 yield span.reshape((1, *span.shape))
-            else:
-                yield _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
+                continue
+            matrix = source.expert_bytes(name, e, layout) if source.spec(name)[1] == dtype else None
+            yield matrix.reshape((1, *matrix.shape)) if matrix is not None else \
+                _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
         return
     shape = tuple(source.spec(name)[0])
     if not shape:
-        yield _cast(source.rows(Src(name), 0, 1), dtype)
+        scalar = source.row_bytes(Src(name), 0, 1) if source.spec(name)[1] == dtype else None
+        yield scalar if scalar is not None else _cast(source.rows(Src(name), 0, 1), dtype)
         return
     yield from source_row_blocks(source, Src(name), 0, shape[0], dtype, rows_per_block(shape, dtype, block))
 

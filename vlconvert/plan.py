@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlconvert import rowbytes
 from vlconvert.dtypes import DType, dtype_name, element_size, to_torch
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.hf import PlannedTensor
 from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src
 from vlconvert.progress import human_bytes
+from vlconvert.rowbytes import ByteRows
 from vlconvert.sources import Source
 
 
@@ -138,27 +140,39 @@ def rows_per_block(shape: tuple[int, ...], dtype: DType, block: int = ROW_BLOCK)
     return max(1, block // max(1, row_bytes))
 
 
-def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK) -> Iterator[torch.Tensor | FileSpan]:
+def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK
+                       ) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
     """One Megatron rank tensor as row blocks of about ``block`` bytes: its row map (or its column block)
-    executed block by block. Rows that lie verbatim in a source file come as :class:`FileSpan`."""
+    executed block by block. Rows that lie verbatim in a source file come as :class:`FileSpan`; a column block and
+    the vocabulary padding as :class:`ByteRows` where no dtype changes (no torch)."""
     step = rows_per_block(t.shape, t.dtype, block)
+    if t.axis == 1 and t.segs[0][1] == 0 and t.segs[0][2] == source.matrix_shape(t.segs[0][0])[1]:
+        yield from source_row_blocks(source, t.segs[0][0], 0, t.shape[0], t.dtype, step)  # every column: rows
+        return
     if t.axis == 1:
         src, a, b = t.segs[0]
+        same_dtype = source.spec(src.hf)[1] == t.dtype
         for r in range(0, t.shape[0], step):
-            yield source.rows(src, r, min(t.shape[0], r + step))[:, a:b].to(to_torch(t.dtype)).contiguous()
+            end = min(t.shape[0], r + step)
+            rows = source.row_bytes(src, r, end) if same_dtype else None
+            if rows is not None:  # no torch: the columns copied as bytes
+                yield rowbytes.columns(rows, a, b)
+            else:
+                yield source.rows(src, r, end)[:, a:b].to(to_torch(t.dtype)).contiguous()
         return
     for src, a, b in t.segs:
         if src is not None:
             yield from source_row_blocks(source, src, a, b, t.dtype, step)
             continue
         for r in range(a, b, step):  # vocabulary padding
-            yield torch.zeros((min(b, r + step) - r, *t.shape[1:]), dtype=to_torch(t.dtype))
+            yield rowbytes.zeros((min(b, r + step) - r, *t.shape[1:]), t.dtype)
 
 
 def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: DType, step: int
-                      ) -> Iterator[torch.Tensor | FileSpan]:
+                      ) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
     """Rows ``start:stop`` of source matrix ``src`` in ``dtype``, at most ``step`` rows a block: a
-    :class:`FileSpan` for each run of rows that lies verbatim in a file, tensors for the rest."""
+    :class:`FileSpan` for each run of rows that lies verbatim in a file, :class:`ByteRows` for rows put together
+    without a value changing, tensors for the rest (a cast, a merge, a dequantization)."""
     r = start
     while r < stop:
         end = min(stop, r + step)
@@ -166,6 +180,7 @@ def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: DT
         if span is not None and span.dtype == dtype and span.shape[0] > 0:
             yield span
             r += span.shape[0]
-        else:
-            yield source.rows(src, r, end).to(to_torch(dtype))
-            r = end
+            continue
+        rows = source.row_bytes(src, r, end) if source.spec(src.hf)[1] == dtype else None
+        yield rows if rows is not None else source.rows(src, r, end).to(to_torch(dtype))
+        r = end

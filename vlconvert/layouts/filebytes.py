@@ -7,10 +7,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert import buffers
+from vlconvert import buffers, rowbytes
 from vlconvert.dtypes import DType, element_size
 from vlconvert.errors import UserError
 from vlconvert.lazy import torch
+from vlconvert.rowbytes import ByteRows
 
 
 def read_exact(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, truncated: str) -> torch.Tensor:
@@ -66,6 +67,16 @@ class FileSpan:
         return FileSpan(self.path, self.offset, tuple(shape), self.dtype)
 
 
-def block_nbytes(block: torch.Tensor | FileSpan) -> int:
-    """Bytes of a block a writer is given: a tensor in memory or a :class:`FileSpan`."""
-    return block.nbytes if isinstance(block, FileSpan) else block.numel() * block.element_size()
+def block_nbytes(block: torch.Tensor | ByteRows | FileSpan) -> int:
+    """Bytes of a block a writer is given: a tensor or :class:`ByteRows` in memory, or a :class:`FileSpan`."""
+    return block.nbytes if isinstance(block, (FileSpan, ByteRows)) else block.numel() * block.element_size()
+
+
+def block_buffer(block: torch.Tensor | ByteRows | FileSpan):
+    """What a writer writes for a block: a :class:`FileSpan` as it is (copied file to file), else the block's
+    bytes as one flat buffer (no copy for a contiguous tensor)."""
+    if isinstance(block, FileSpan):
+        return block
+    if isinstance(block, ByteRows):
+        return rowbytes.raw(block)
+    return block.contiguous().reshape(-1).view(torch.uint8).numpy()

@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlconvert import rowbytes
 from vlconvert.dtypes import SAFETENSORS, DType, dtype_name, element_size, safetensors_code, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
-from vlconvert.layouts.filebytes import FileSpan, read_exact
+from vlconvert.layouts.filebytes import FileSpan, block_buffer, read_exact
 from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.publish import (
@@ -31,6 +32,7 @@ from vlconvert.publish import (
     open_input,
     write_bytes,
 )
+from vlconvert.rowbytes import ByteRows
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -257,7 +259,7 @@ class HFCheckpoint:
 
     def _read_bytes(self, path: Path, start: int, nbytes: int) -> torch.Tensor:
         """Read a byte range into fresh memory with plain reads (no mmap: RSS stays the tensor's size)."""
-        return read_exact(self._file(path), start, nbytes, f"'{path}' is truncated: ended while reading tensor data")
+        return read_exact(self._file(path), start, nbytes, self._truncated(path))
 
     def read(self, name: str) -> torch.Tensor:
         """Read one whole tensor."""
@@ -273,6 +275,19 @@ class HFCheckpoint:
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         data = self._read_bytes(info.file, info.start + start * row, max(0, stop - start) * row)
         return data.view(to_torch(info.dtype)).reshape((max(0, stop - start), *info.shape[1:]))
+
+    def read_row_bytes(self, name: str, start: int, stop: int) -> ByteRows:
+        """Rows ``start:stop`` of the first dimension as bytes (no torch); a scalar is read whole."""
+        info = self.tensors[name]
+        if not info.shape:
+            return rowbytes.read(self._file(info.file), info.start, (), info.dtype, self._truncated(info.file))
+        start, stop = max(0, start), min(stop, info.shape[0])
+        span = self.span(name, start, max(start, stop))
+        return rowbytes.read(self._file(info.file), span.offset, span.shape, span.dtype, self._truncated(info.file))
+
+    @staticmethod
+    def _truncated(path: Path) -> str:
+        return f"'{path}' is truncated: ended while reading tensor data"
 
     def span(self, name: str, start: int, stop: int) -> FileSpan:
         """Where rows ``start:stop`` of the first dimension lie in their file."""
@@ -403,8 +418,7 @@ class SafetensorsFileWriter:
                     raise ValueError(f"{name}: rows {row}+{shape} {block.dtype} outside {planned.shape} "
                                      f"{planned.dtype}")
                 row += rows if whole else shape[0]
-                yield block if isinstance(block, FileSpan) else \
-                    memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+                yield block if isinstance(block, FileSpan) else memoryview(block_buffer(block))
 
         written = self._f.write_blocks(planned.nbytes, raw())
         if written != planned.nbytes:

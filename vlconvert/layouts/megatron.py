@@ -36,14 +36,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlconvert import rowbytes
 from vlconvert.dtypes import BY_NAME, DType, as_dtype, element_size, to_torch
 from vlconvert.errors import UserError
 from vlconvert.errors import is_int as _is_int
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import torch_names
-from vlconvert.layouts.filebytes import FileSpan, read_exact
+from vlconvert.layouts.filebytes import FileSpan, block_buffer, read_exact
 from vlconvert.lazy import is_loaded, is_tensor, loaded, torch
 from vlconvert.publish import Checksum, OutputFile, create_file, kept_state, note_input, open_input, write_bytes
+from vlconvert.rowbytes import ByteRows, is_byte_rows
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -182,7 +184,7 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
             zf.add(name, data)
         for i, e in enumerate(entries):
             produced = produce(i, e)
-            if is_tensor(produced):
+            if is_tensor(produced) or is_byte_rows(produced):
                 _check_block(e, produced, whole=True)
                 zf.add(f"{prefix}/data/{i}", _raw(produced))
             else:  # row blocks, in order: one is held at a time
@@ -210,7 +212,7 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tens
     for name, raw in (("archive/data.pkl", buf.getvalue()), ("archive/.format_version", b"1"),
                       ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
         zf.add(name, raw)
-    if is_tensor(data):
+    if is_tensor(data) or is_byte_rows(data):
         zf.add("archive/data/0", _raw(_check_block(entry, data, whole=True)))
     else:
         if any(d != 1 for d in shape[:lead]):
@@ -222,14 +224,13 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tens
     zf.close()
 
 
-def _raw(tensor: torch.Tensor | FileSpan):
-    """The bytes of a tensor, as a buffer (no copy for a contiguous tensor); a FileSpan stays one."""
-    if isinstance(tensor, FileSpan):
-        return tensor
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+def _raw(block: torch.Tensor | ByteRows | FileSpan):
+    """The bytes of a block, as a buffer (no copy for a contiguous tensor); a FileSpan stays one."""
+    return block_buffer(block)
 
 
-def _check_block(e: RankEntry, block: torch.Tensor | FileSpan, whole: bool = False) -> torch.Tensor | FileSpan:
+def _check_block(e: RankEntry, block: torch.Tensor | ByteRows | FileSpan, whole: bool = False
+                 ) -> torch.Tensor | ByteRows | FileSpan:
     """A produced tensor (or row block) must have the planned dtype and trailing shape."""
     shape_ok = tuple(block.shape) == e.shape if whole else tuple(block.shape[1:]) == e.shape[1:]
     if block.dtype != e.dtype or not shape_ok:
@@ -671,6 +672,15 @@ class RankFile:
         span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride, strict=True) if n > 0)
         flat = self._read_flat(t, t.offset, span)
         return flat.as_strided(t.shape, t.stride)[start:stop].clone()
+
+    def read_row_bytes(self, name: str, start: int, stop: int) -> ByteRows | None:
+        """Rows ``start:stop`` of dim 0 as bytes (no torch), or None for a tensor not stored contiguously."""
+        span = self.span(name, start, stop)
+        if span is None:
+            return None
+        with open_input(self.path) as f:
+            return rowbytes.read(f, span.offset, span.shape, span.dtype,
+                                 f"'{self.path}' is truncated: record '{self.tensors[name].key}' ends early")
 
     def span(self, name: str, start: int, stop: int) -> FileSpan | None:
         """Where rows ``start:stop`` of dim 0 lie in the file (a contiguous tensor), or None."""

@@ -11,7 +11,10 @@ A :class:`Source` answers from metadata alone which canonical tensors exist (:me
 - ``rows(Src(name, e), a, b)``: rows of expert ``e`` of a fused expert tensor, as Megatron holds it
   ([out, in], i.e. the released per-expert matrix transposed);
 - ``row_span(src, a, b)``: where rows from ``a`` lie verbatim in a file (a :class:`FileSpan`), if they do,
-  so that writers copy them file to file instead of through memory.
+  so that writers copy them file to file instead of through memory;
+- ``row_bytes(src, a, b)`` / ``expert_bytes(name, e, layout)``: the same rows put together as bytes
+  (:class:`~vlconvert.rowbytes.ByteRows`: gathered from several places, columns of TP shares, an expert
+  transposed) without torch, where no value changes; None sends the caller to ``rows``.
 
 Writers (:mod:`vlconvert.engine`) only ever talk to this interface, so any layout converts to any other.
 """

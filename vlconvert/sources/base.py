@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from vlconvert import buffers
+from vlconvert import buffers, rowbytes
 from vlconvert.dtypes import DType, element_size
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
@@ -15,7 +15,8 @@ from vlconvert.lazy import torch
 from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.megatron_table import Src, source_shape
 from vlconvert.models.registry import any_is_expert, family_named, load_config
-from vlconvert.publish import note_input
+from vlconvert.publish import note_input, open_input
+from vlconvert.rowbytes import ByteRows
 
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
 
@@ -59,6 +60,31 @@ class Source:
         file: the span may stop before ``stop`` (rows ``start:start+len``, where one file piece ends);
         None when row ``start`` must be read (assembled, transposed, dequantized or merged)."""
         return None
+
+    def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        """Rows ``start:stop`` of a source matrix as bytes in its stored dtype, put together without torch (gathered
+        from several places, or an expert turned to ``[out, in]``), or None when that needs arithmetic or the
+        reader has no byte path (the caller then uses :meth:`rows`). Here: the rows read from the
+        :meth:`row_span` pieces that hold them (a DCP tensor cut in row chunks), None if a row has none."""
+        parts: list[ByteRows] = []
+        r = start
+        while r < stop:
+            span = self.row_span(src, r, stop)
+            if span is None or span.shape[0] <= 0:
+                return None
+            with open_input(span.path) as f:
+                parts.append(rowbytes.read(f, span.offset, span.shape, span.dtype,
+                                           f"'{span.path}' is truncated: ended while reading tensor data"))
+            r += span.shape[0]
+        return rowbytes.concat_rows(parts) if parts else None
+
+    def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
+        """:meth:`expert` as bytes in the stored dtype without torch, or None (see :meth:`row_bytes`)."""
+        src = Src(name, expert)
+        matrix = self.row_bytes(src, 0, self.matrix_shape(src)[0])
+        if matrix is None or layout == "transformers5":
+            return matrix
+        return rowbytes.transposed(matrix)
 
     def expert_span(self, name: str, expert: int, layout: str) -> FileSpan | None:
         """Where :meth:`expert` lies verbatim in a file (shape: the matrix), or None."""

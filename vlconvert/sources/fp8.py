@@ -20,6 +20,7 @@ from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.lazy import torch
 from vlconvert.models.base import read_config_json
 from vlconvert.models.megatron_table import Src
+from vlconvert.rowbytes import ByteRows
 from vlconvert.sources.base import Source
 from vlconvert.sources.hf import HFSource
 
@@ -157,6 +158,16 @@ class FP8Source(HFSource):
         if src.hf in self.scales or src.hf in self.per_expert:  # dequantized or assembled: read
             return None
         return super().row_span(src, start, stop)
+
+    def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        if src.hf in self.scales or src.hf in self.per_expert:  # dequantized or assembled: tensors
+            return None
+        return super().row_bytes(src, start, stop)
+
+    def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
+        if name in self.scales or name in self.per_expert:
+            return None
+        return super().expert_bytes(name, expert, layout)
 
     def _expert(self, src: Src) -> torch.Tensor:
         """Expert ``src.expert`` as Megatron holds it ([out, in]): per-expert keys are dequantized and, for

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlconvert import rowbytes
 from vlconvert.dtypes import DType, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts import megatron as mlay
@@ -15,6 +17,7 @@ from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import MegatronPlan, RankTensor, Src, plan_megatron_ranks
 from vlconvert.models.registry import load_config, megatron_language_prefixes
+from vlconvert.rowbytes import ByteRows
 from vlconvert.sources.base import RankMappedSource, skeleton_of
 
 
@@ -93,6 +96,43 @@ class MegatronSource(RankMappedSource):
         if pieces[0].value_op is not None:  # stored as the family's value op of the HF value: undo it
             return self.skeleton.family.to_hf_value(pieces[0], self._rows(src, pieces, start, stop))
         return self._rows(src, pieces, start, stop)
+
+    def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        if self.stacked(src):
+            return None
+        pieces = self.pieces[src]
+        if pieces[0].value_op is not None:  # undone with arithmetic: tensors
+            return None
+        shape = self.matrix_shape(src)
+        if pieces[0].axis == 1:
+            ordered = sorted(pieces, key=lambda p: p.start)
+            parts = [self.files[p.rank].read_row_bytes(p.name, start, stop) for p in ordered]
+            if any(part is None or len(part.shape) != 2 for part in parts):
+                return None
+            out = rowbytes.concat_columns(parts)
+            if out.shape[1] != shape[1]:
+                raise UserError(f"the checkpoint holds {out.shape[1]} of {shape[1]} columns of '{src}'")
+            return out
+        found: list[tuple[int, ByteRows]] = []
+        for p in pieces:
+            lo, hi = max(start, p.start), min(stop, p.stop)
+            if lo < hi:
+                part = self.files[p.rank].read_row_bytes(p.name, p.offset + lo - p.start, p.offset + hi - p.start)
+                rows = (hi - lo, *shape[1:])
+                if part is None or math.prod(part.shape) != math.prod(rows):
+                    return None
+                found.append((lo, part.reshape(rows)))
+        found.sort(key=lambda f: f[0])
+        at = start
+        for lo, part in found:
+            if lo != at:
+                break
+            at += part.shape[0]
+        if at != stop:
+            raise UserError(f"the checkpoint does not hold rows {start}:{stop} of '{src}'")
+        if not found:
+            return rowbytes.empty((0, *shape[1:]), self._dtypes[src])
+        return rowbytes.concat_rows([part for _, part in found])
 
     def _rows(self, src: Src, pieces: list[_Piece], start: int, stop: int) -> torch.Tensor:
         shape = self.matrix_shape(src)

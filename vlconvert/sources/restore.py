@@ -16,6 +16,7 @@ from vlconvert.dtypes import DType
 from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.lazy import torch
 from vlconvert.models.megatron_table import Src
+from vlconvert.rowbytes import ByteRows
 from vlconvert.sources.base import Source
 from vlconvert.sources.hf import HFSource
 
@@ -79,6 +80,12 @@ class RestoredSource(Source):
 
     def expert_span(self, name: str, expert: int, layout: str) -> FileSpan | None:
         return self._of(name).expert_span(name, expert, layout)
+
+    def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        return self._of(src.hf).row_bytes(src, start, stop)
+
+    def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
+        return self._of(name).expert_bytes(name, expert, layout)
 
     def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
         return self._of(name).expert(name, expert, layout)

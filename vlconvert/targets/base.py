@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from vlconvert.dtypes import DType, element_size
 from vlconvert.layouts.filebytes import FileSpan, block_nbytes
 from vlconvert.lazy import torch
+from vlconvert.rowbytes import ByteRows
 
 if TYPE_CHECKING:
     from vlconvert.models.megatron_table import RankTensor
@@ -46,9 +47,9 @@ class Conversion(Protocol):
 
     def experts_layout(self, default: str) -> str: ...
 
-    def blocks(self, name: str, layout: str, dtype: DType) -> Iterator[torch.Tensor | FileSpan]: ...
+    def blocks(self, name: str, layout: str, dtype: DType) -> Iterator[torch.Tensor | ByteRows | FileSpan]: ...
 
-    def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | FileSpan]: ...
+    def rank_blocks(self, tensor: RankTensor) -> Iterator[torch.Tensor | ByteRows | FileSpan]: ...
 
 
 class Target:
@@ -80,8 +81,8 @@ class Target:
         return 0
 
 
-def counted(blocks: Iterator[torch.Tensor | FileSpan], advance: Callable[[int], None]
-            ) -> Iterator[torch.Tensor | FileSpan]:
+def counted(blocks: Iterator[torch.Tensor | ByteRows | FileSpan], advance: Callable[[int], None]
+            ) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
     """Pass ``blocks`` through, advancing the progress bar by each block's bytes as it is written."""
     for block in blocks:
         yield block

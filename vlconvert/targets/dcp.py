@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlconvert import rowbytes
 from vlconvert.dtypes import DType, to_torch
 from vlconvert.layouts.dcp import DCPWriter, TensorBlocks
 from vlconvert.layouts.filebytes import FileSpan
@@ -18,6 +19,7 @@ from vlconvert.models.base import RuntimeTensor
 from vlconvert.models.megatron_table import RankTensor, Src
 from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype
 from vlconvert.publish import copy_file, write_bytes
+from vlconvert.rowbytes import ByteRows
 from vlconvert.targets.base import Conversion, Target, counted, nbytes
 
 if TYPE_CHECKING:
@@ -130,7 +132,7 @@ class DCPTarget(Target):
         finish_dcp(stage, plan, entries)
 
 
-def runtime_blocks(conv: Conversion, entry: RuntimeEntry) -> Iterator[torch.Tensor | FileSpan]:
+def runtime_blocks(conv: Conversion, entry: RuntimeEntry) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
     """A run-time tensor's row blocks; a stack (experts fused by transformers) one matrix at a time."""
     tensor = entry.tensor
     assert tensor is not None
@@ -139,10 +141,15 @@ def runtime_blocks(conv: Conversion, entry: RuntimeEntry) -> Iterator[torch.Tens
         return
     per, offset, parts = entry.shape[1], 0, []
     for src, start, stop in tensor.segs:
-        parts.append(conv.source.rows(src, start, stop).to(to_torch(tensor.dtype)))
+        rows = conv.source.row_bytes(src, start, stop) if conv.source.spec(src.hf)[1] == tensor.dtype else None
+        parts.append(rows if rows is not None else conv.source.rows(src, start, stop).to(to_torch(tensor.dtype)))
         offset += stop - start
         if offset % per == 0:
-            yield torch.cat(parts).unsqueeze(0)
+            if all(rowbytes.is_byte_rows(p) for p in parts):  # no torch: the matrices stacked as bytes
+                stacked = rowbytes.concat_rows(parts)
+                yield stacked.reshape((1, *stacked.shape))
+            else:
+                yield torch.cat([p.to_tensor() if rowbytes.is_byte_rows(p) else p for p in parts]).unsqueeze(0)
             parts = []
 
 

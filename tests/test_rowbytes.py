@@ -1,0 +1,151 @@
+"""Rows put together as bytes (:mod:`vlconvert.rowbytes`): the same bytes as torch's operations, and whole routes
+that write them without importing torch, file for file the output of the torch path they replace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlconvert import rowbytes
+from vlconvert.dtypes import as_dtype
+from vlconvert.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+
+
+def _bytes_of(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _as_rows(t: torch.Tensor) -> rowbytes.ByteRows:
+    flat = t.contiguous().reshape(-1).view(torch.uint8).numpy().copy()
+    rows = t.shape[0] if t.dim() else 1
+    return rowbytes.ByteRows(flat.reshape(rows, -1), tuple(t.shape), as_dtype(t.dtype))
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(-100, 100, shape, generator=g).to(dtype)
+
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_operations_give_torchs_bytes(dtype: torch.dtype) -> None:
+    a, b = _random((7, 12), dtype, 1), _random((7, 5), dtype, 2)
+    ra, rb = _as_rows(a), _as_rows(b)
+    assert rowbytes.raw(rowbytes.columns(ra, 3, 10)).tobytes() == _bytes_of(a[:, 3:10])
+    assert rowbytes.raw(rowbytes.transposed(ra)).tobytes() == _bytes_of(a.t())
+    assert rowbytes.transposed(ra).shape == (12, 7)
+    assert rowbytes.raw(rowbytes.concat_columns([ra, rb])).tobytes() == _bytes_of(torch.cat([a, b], dim=1))
+    c = _random((3, 12), dtype, 3)
+    assert rowbytes.raw(rowbytes.concat_rows([ra, _as_rows(c)])).tobytes() == _bytes_of(torch.cat([a, c]))
+    assert rowbytes.raw(ra.rows(2, 5)).tobytes() == _bytes_of(a[2:5])
+    zeros = rowbytes.zeros((4, 12), as_dtype(dtype))
+    assert rowbytes.raw(zeros).tobytes() == _bytes_of(torch.zeros(4, 12, dtype=dtype))
+    assert torch.equal(ra.to_tensor(), a)
+    three = _random((2, 3, 4), dtype, 4)
+    assert rowbytes.raw(_as_rows(three).reshape((6, 4))).tobytes() == _bytes_of(three.reshape(6, 4))
+
+
+def test_large_blocks_come_from_the_pool_and_are_reused_once_free() -> None:
+    from vlconvert import buffers
+
+    shape = (buffers.POOL_MIN // 2 // 64, 64)  # POOL_MIN bytes of bf16
+    first = rowbytes.empty(shape, as_dtype(torch.bfloat16))
+    second = rowbytes.empty(shape, as_dtype(torch.bfloat16))  # the first is still referenced: a new buffer
+    assert second.data.ctypes.data != first.data.ctypes.data
+    address = first.data.ctypes.data
+    del first
+    third = rowbytes.empty(shape, as_dtype(torch.bfloat16))
+    assert third.data.ctypes.data == address  # handed out again
+
+
+def test_reading_past_the_end_of_a_file_is_one_user_error(tmp_path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(bytes(range(100)))
+    with path.open("rb") as f:
+        block = rowbytes.read(f, 10, (5, 4), as_dtype(torch.int16), "truncated!")
+        assert rowbytes.raw(block).tobytes() == bytes(range(10, 50))
+        with pytest.raises(UserError, match="truncated!"):
+            rowbytes.read(f, 90, (5, 4), as_dtype(torch.int16), "truncated!")
+
+
+# Runs the CLI, then says whether torch was imported. With _TORCH_PATH first, every reader's byte path is off,
+# so rows are put together by the torch operations they replace.
+_PROBE = """
+import sys
+from vlconvert.cli import main
+code = 0
+try:
+    main(sys.argv[1:], prog_name="vlconvert", standalone_mode=False)
+except SystemExit as exc:
+    code = exc.code or 0
+print("EXIT:", code)
+print("TORCH:", "torch" in sys.modules)
+"""
+_TORCH_PATH = """
+from vlconvert.sources.base import Source
+from vlconvert.sources.hf import HFSource
+from vlconvert.sources.megatron import MegatronSource
+for cls in (Source, HFSource, MegatronSource):
+    cls.row_bytes = lambda self, *args: None
+    cls.expert_bytes = lambda self, *args: None
+"""
+
+DENSE, MOE, MOE_TF5 = (str(FIXTURES / n) for n in ("tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"))
+ROUTES = {  # routes that put rows together in memory without arithmetic; {name}: a source made below
+    "dense-hf-to-megatron-tp2": ["convert", DENSE, "{out}", "--to", "megatron", "--tp", "2"],
+    "dense-hf-to-megatron-tp2-pp2": ["convert", DENSE, "{out}", "--to", "megatron", "--tp", "2", "--pp", "2",
+                                     "--pp-first-layers", "1"],
+    "dense-megatron-tp2-to-hf": ["convert", "{dense_tp2}", "{out}", "--to", "hf", "--assets-dir", DENSE],
+    "dense-megatron-tp2-to-dcp": ["convert", "{dense_tp2}", "{out}", "--to", "dcp", "--assets-dir", DENSE],
+    "moe-hf-to-megatron-tp2-ep2": ["convert", MOE, "{out}", "--to", "megatron", "--tp", "2", "--ep", "2"],
+    "moe-hf-to-megatron-etp2-sequential": ["convert", MOE_TF5, "{out}", "--to", "megatron", "--tp", "2", "--ep", "2",
+                                           "--etp", "2", "--experts", "sequential"],
+    "moe-megatron-tp2-ep2-to-hf": ["convert", "{moe_tp2_ep2}", "{out}", "--to", "hf", "--assets-dir", MOE],
+    "moe-megatron-to-hf-released": ["convert", "{moe_tf5_seq}", "{out}", "--to", "hf", "--assets-dir", MOE_TF5,
+                                    "--experts-layout", "released"],
+    "moe-hf-released-to-dcp-tf5": ["convert", MOE, "{out}", "--to", "dcp", "--experts-layout", "transformers5"],
+    "moe-hf-tf5-to-hf-released": ["convert", MOE_TF5, "{out}", "--to", "hf", "--experts-layout", "released"],
+    "moe-hf-to-megatron-workers": ["convert", MOE, "{out}", "--to", "megatron", "--tp", "2", "--workers", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def megatron_sources(tmp_path_factory) -> dict[str, Path]:
+    from helpers import run_cli
+
+    base = tmp_path_factory.mktemp("rowbytes-sources")
+    run_cli("convert", DENSE, base / "dense_tp2", "--to", "megatron", "--tp", "2", "-q")
+    run_cli("convert", MOE, base / "moe_tp2_ep2", "--to", "megatron", "--tp", "2", "--ep", "2", "-q")
+    run_cli("convert", MOE_TF5, base / "moe_tf5_seq", "--to", "megatron", "--tp", "2", "--experts", "sequential", "-q")
+    return {"dense_tp2": base / "dense_tp2", "moe_tp2_ep2": base / "moe_tp2_ep2", "moe_tf5_seq": base / "moe_tf5_seq"}
+
+
+@pytest.mark.parametrize("name", list(ROUTES))
+def test_routes_that_only_move_bytes_need_no_torch_and_write_the_torch_paths_bytes(tmp_path, megatron_sources,
+                                                                                name: str) -> None:
+    """Column shares of row-parallel weights, matrices gathered from TP ranks, experts turned between [in, out]
+    and [out, in], vocabulary padding: put together as bytes, torch is never imported, and every file written
+    (manifest included) is the one the torch operations write."""
+    outs = {}
+    for label, prelude in (("bytes", ""), ("torch", _TORCH_PATH)):
+        out = tmp_path / label
+        argv = [a.format(out=out, **megatron_sources) for a in ROUTES[name]]
+        result = subprocess.run([sys.executable, "-c", prelude + _PROBE, *argv, "-q"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300, check=False)
+        assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+        if label == "bytes":
+            assert "TORCH: False" in result.stdout
+        outs[label] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert sorted(outs["bytes"]) == sorted(outs["torch"]) and len(outs["torch"]) > 3
+    assert outs["bytes"] == outs["torch"]
