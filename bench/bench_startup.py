@@ -59,9 +59,18 @@ def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:
         ("vlconvert inspect dcp", [*vlc, "inspect", str(manifest_folder)]),
         ("convert hf->dcp tiny dense (copies)", [*vlc, "convert", "fixtures/tiny-dense-tied",
                                                  str(manifest_folder.parent / "w1"), "--to", "dcp", "--overwrite"]),
-        ("convert hf->megatron tiny (tensors)", [*vlc, "convert", "fixtures/tiny-dense-tied",
+        ("convert hf->megatron tp2 tiny dense", [*vlc, "convert", "fixtures/tiny-dense-tied",
                                                  str(manifest_folder.parent / "w2"), "--to", "megatron", "--tp", "2",
                                                  "--overwrite"]),
+        ("convert hf->megatron tp2 ep2 tiny MoE", [*vlc, "convert", "fixtures/tiny-moe",
+                                                   str(manifest_folder.parent / "w3"), "--to", "megatron", "--tp", "2",
+                                                   "--ep", "2", "--overwrite"]),
+        ("convert megatron tp2->hf tiny dense", [*vlc, "convert", str(manifest_folder.parent / "mg"),
+                                                 str(manifest_folder.parent / "w4"), "--to", "hf", "--assets-dir",
+                                                 "fixtures/tiny-dense-tied", "--overwrite"]),
+        ("convert hf->megatron --dtype fp16 (casts)", [*vlc, "convert", "fixtures/tiny-dense-tied",
+                                                       str(manifest_folder.parent / "w5"), "--to", "megatron",
+                                                       "--tp", "2", "--dtype", "fp16", "--overwrite"]),
         ("vlconvert doctor", [*vlc, "doctor"]),
     ]
 
@@ -87,6 +96,8 @@ def run_cases(runs: int, env: dict[str, str]) -> list[dict]:
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([*vlconvert_command(), "convert", "fixtures/tiny-dense-tied", str(Path(out) / "dense"),
                         "--to", "dcp", "-q"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*vlconvert_command(), "convert", "fixtures/tiny-dense-tied", str(Path(out) / "mg"),
+                        "--to", "megatron", "--tp", "2", "-q"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         return _run_cases(cases(folder), runs, env)
 
 
