@@ -195,3 +195,42 @@ def test_stored_bytes_are_compared_as_bytes_and_a_changed_one_is_still_found(fix
     report = _cli(copy, out, "--assets-dir", tied, expect=1)
     bad = [t for t in report["tensors"] if t["status"] != "equal"]
     assert [t["name"] for t in bad] == [name] and bad[0]["status"] == "mismatch" and bad[0]["max_abs_diff"] > 0
+
+
+def test_assembled_rows_and_experts_are_compared_as_bytes_without_torch(fixtures_dir: Path, tmp_path: Path) -> None:
+    """Against a Megatron checkpoint at tp 2 ep 2, a row-parallel weight (its columns on two rank files) and the
+    fused experts (one [out, in] matrix per expert, turned from the HF side's [in, out]) are put together as
+    bytes: verify imports no torch; a bit flipped in one expert still takes the tensor comparison and is named."""
+    import subprocess
+    import sys
+
+    from helpers import run_cli
+
+    from vlconvert.comparison import assembled_bytes_equal
+    from vlconvert.sources import open_source
+
+    moe = fixtures_dir / "tiny-moe"
+    out = tmp_path / "meg"
+    run_cli("convert", moe, out, "--to", "megatron", "--tp", "2", "--ep", "2", "-q")
+    a, b = open_source(moe), open_source(out, assets_dir=moe)
+    o_proj = "model.language_model.layers.0.self_attn.o_proj.weight"
+    for name in (o_proj, GATE_UP):
+        shape, dtype = a.spec(name)
+        assert assembled_bytes_equal(a, b, name, tuple(shape), dtype), name
+    a.close()
+    b.close()
+    probe = ("import sys\nfrom vlconvert.cli import main\ncode = 0\ntry:\n"
+             "    main(sys.argv[1:], prog_name='vlconvert', standalone_mode=False)\n"
+             "except SystemExit as exc:\n    code = exc.code or 0\nprint('EXIT:', code)\n"
+             "print('TORCH:', 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe, "verify", str(moe), str(out), "--assets-dir", str(moe)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert "EXIT: 0" in result.stdout and "TORCH: False" in result.stdout, result.stdout + result.stderr
+    assert "70 equal" in result.stdout
+    copy = tmp_path / "hf"
+    shutil.copytree(moe, copy)
+    rewrite_tensor(copy, GATE_UP, lambda t: t.index_put((torch.tensor([5]), torch.tensor([1]), torch.tensor([2])),
+                                                        -t[5, 1, 2] - 1))
+    report = _cli(copy, out, "--assets-dir", moe, expect=1)
+    bad = [t for t in report["tensors"] if t["status"] != "equal"]
+    assert [t["name"] for t in bad] == [GATE_UP] and bad[0]["status"] == "mismatch" and bad[0]["max_abs_diff"] > 0

@@ -14,15 +14,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlconvert import sources
-from vlconvert.dtypes import dtype_name, element_size
+from vlconvert import rowbytes, sources
+from vlconvert.dtypes import DType, dtype_name, element_size
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan, read_bytes
 from vlconvert.lazy import torch
 from vlconvert.locate import resolve_source
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import Src
+from vlconvert.plan import rows_per_block
 from vlconvert.publish import open_input
+from vlconvert.rowbytes import ByteRows
 from vlconvert.sources import Source
 
 _BLOCK_ELEMENTS = 16 * 2**20  # elements per difference block (128 MiB of float64)
@@ -158,7 +160,8 @@ def verify_sources(a: Source, b: Source, tolerance: float = 0.0,
                 r = TensorResult(name, "shape_mismatch", None, list(shape_a), list(shape_b),
                                  dtype_name(dtype_a), dtype_name(dtype_b))
                 nbytes = 0
-            elif dtype_a == dtype_b and stored_bytes_equal(a, b, name, tuple(shape_a)):
+            elif dtype_a == dtype_b and (stored_bytes_equal(a, b, name, tuple(shape_a))
+                                         or assembled_bytes_equal(a, b, name, tuple(shape_a), dtype_a)):
                 r = TensorResult(name, "equal", 0.0, list(shape_a), list(shape_b), dtype_name(dtype_a),
                                  dtype_name(dtype_b))
                 nbytes = math.prod(shape_a) * element_size(dtype_a)
@@ -199,6 +202,33 @@ def stored_bytes_equal(a: Source, b: Source, name: str, shape: tuple[int, ...]) 
 
 
 _BYTE_PIECE = 8 * 2**20
+
+
+def assembled_bytes_equal(a: Source, b: Source, name: str, shape: tuple[int, ...], dtype: DType) -> bool:
+    """True when both sides can put ``name`` together as bytes without torch (:meth:`Source.row_bytes`; a fused
+    expert tensor one expert at a time in Megatron's ``[out, in]`` orientation, :meth:`Source.expert_bytes`) and
+    those bytes are equal. False when a side needs arithmetic to produce it, or a piece differs (the tensor
+    comparison then says how)."""
+    if not shape or any(s.skeleton is None for s in (a, b)):
+        return False
+    if a.skeleton.family.is_expert(name):
+        for e in range(shape[0]):
+            x, y = a.expert_bytes(name, e, "transformers5"), b.expert_bytes(name, e, "transformers5")
+            if x is None or y is None or x.shape != y.shape or not _same_bytes(x, y):
+                return False
+        return True
+    step = rows_per_block(shape, dtype, _BYTE_PIECE)
+    for row in range(0, shape[0], step):
+        end = min(shape[0], row + step)
+        x = a.row_bytes(Src(name), row, end)
+        y = b.row_bytes(Src(name), row, end) if x is not None else None
+        if x is None or y is None or not _same_bytes(x, y):
+            return False
+    return True
+
+
+def _same_bytes(x: ByteRows, y: ByteRows) -> bool:
+    return x.nbytes == y.nbytes and bool((rowbytes.raw(x) == rowbytes.raw(y)).all())
 
 
 def _row_spans(src: Source, name: str, shape: tuple[int, ...]) -> list[FileSpan] | None:
