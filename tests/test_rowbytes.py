@@ -117,6 +117,11 @@ ROUTES = {  # routes that put rows together in memory without arithmetic; {name}
     "moe-hf-released-to-dcp-tf5": ["convert", MOE, "{out}", "--to", "dcp", "--experts-layout", "transformers5"],
     "moe-hf-tf5-to-hf-released": ["convert", MOE_TF5, "{out}", "--to", "hf", "--experts-layout", "released"],
     "moe-hf-to-megatron-workers": ["convert", MOE, "{out}", "--to", "megatron", "--tp", "2", "--workers", "2"],
+    "moe-hf-to-torch_dist-swift": ["convert", MOE, "{out}", "--to", "torch_dist", "--tp", "2", "--ep", "2",
+                                   "--for", "ms-swift"],
+    "moe-torch_dist-to-hf": ["convert", "{moe_td}", "{out}", "--to", "hf", "--assets-dir", MOE],
+    "moe-torch_dist-to-megatron": ["convert", "{moe_td}", "{out}", "--to", "megatron", "--tp", "2", "--assets-dir",
+                                   MOE],
 }
 
 
@@ -128,7 +133,8 @@ def megatron_sources(tmp_path_factory) -> dict[str, Path]:
     run_cli("convert", DENSE, base / "dense_tp2", "--to", "megatron", "--tp", "2", "-q")
     run_cli("convert", MOE, base / "moe_tp2_ep2", "--to", "megatron", "--tp", "2", "--ep", "2", "-q")
     run_cli("convert", MOE_TF5, base / "moe_tf5_seq", "--to", "megatron", "--tp", "2", "--experts", "sequential", "-q")
-    return {"dense_tp2": base / "dense_tp2", "moe_tp2_ep2": base / "moe_tp2_ep2", "moe_tf5_seq": base / "moe_tf5_seq"}
+    run_cli("convert", MOE, base / "moe_td", "--to", "torch_dist", "--tp", "2", "--ep", "2", "-q")
+    return {name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td")}
 
 
 @pytest.mark.parametrize("name", list(ROUTES))

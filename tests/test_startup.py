@@ -200,6 +200,12 @@ BYTE_ONLY = {  # routes whose every tensor is copied byte for byte: they need no
     "hf-to-hf-reshard": ["convert", TIED, "{out}", "--to", "hf", "--max-shard-size", "200KB"],
     "dcp-to-hf": ROUTES["dcp-to-hf"],
     "hf-to-dcp-workers": [*ROUTES["hf-to-dcp"], "--workers", "2"],
+    # rows cut and put together as bytes (vlconvert.rowbytes); common.pt, extra states and train state written by
+    # vlconvert's own torch.save writer (layouts.megatron.torch_save_bytes)
+    "hf-to-megatron-tp2": ROUTES["hf-to-megatron"],
+    "hf-to-torch_dist-megatron-lm": [*ROUTES["hf-to-torch_dist"], "--tp", "2", "--for", "megatron-lm"],
+    "hf-to-torch_dist-bridge": [*ROUTES["hf-to-torch_dist"], "--for", "megatron-bridge"],
+    "megatron-to-hf": ["convert", "{megatron}", "{out}", "--to", "hf", "--assets-dir", TIED],
 }
 
 

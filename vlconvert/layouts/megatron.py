@@ -224,6 +224,47 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tens
     zf.close()
 
 
+class _MemoryFile:
+    """What :class:`_ZipStream` writes to, in memory: every record's bytes are known when it is added."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+    def write_later(self, size: int, make: Callable[[], bytes]) -> int:
+        data = make()
+        if len(data) != size:  # pragma: no cover - guards the directory arithmetic
+            raise RuntimeError(f"late record of {len(data)} bytes, planned {size}")
+        return self.buffer.write(data)
+
+
+def torch_save_bytes(obj: object, storages: dict[str, tuple[DType, bytes]] | None = None) -> bytes:
+    """``torch.save(obj)`` without torch: ``obj`` is plain data (dtypes as :class:`DType`, argparse namespaces...)
+    whose tensors are :func:`small_tensor` references to ``storages`` (key -> (dtype, little-endian bytes)).
+    Written by the pure-Python pickler with torch's names and laid out as the rank files are, so ``torch.load``
+    reads it; the bytes are the same whether torch is imported or not."""
+    buf = io.BytesIO()
+    _NamingPickler(buf, protocol=2).dump(obj)
+    out = _MemoryFile()
+    zf = _ZipStream(out)  # type: ignore[arg-type]
+    for name, data in (("archive/data.pkl", buf.getvalue()), ("archive/.format_version", b"1"),
+                       ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
+        zf.add(name, data)
+    for key, (_, data) in (storages or {}).items():
+        zf.add(f"archive/data/{key}", data)
+    zf.add("archive/version", b"3\n")
+    zf.add("archive/.data/serialization_id", hashlib.sha1(buf.getvalue()).hexdigest().encode())
+    zf.close()
+    return out.buffer.getvalue()
+
+
+def small_tensor(key: str, dtype: DType, shape: tuple[int, ...] = ()) -> _TensorRef:
+    """A reference that pickles as a contiguous CPU tensor held in storage ``key`` (see :func:`torch_save_bytes`)."""
+    return _TensorRef(_StorageRef(key, dtype, math.prod(shape)), shape)
+
+
 def _raw(block: torch.Tensor | ByteRows | FileSpan):
     """The bytes of a block, as a buffer (no copy for a contiguous tensor); a FileSpan stays one."""
     return block_buffer(block)

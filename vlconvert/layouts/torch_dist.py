@@ -15,12 +15,13 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlconvert.dtypes import DType, as_dtype
+from vlconvert.dtypes import BY_NAME, DType, as_dtype
 from vlconvert.errors import UserError
 from vlconvert.errors import one_line as _one_line
 from vlconvert.layouts import dcp_classes
@@ -102,15 +103,8 @@ def extra_state_keys(gk: GlobalKey, name: str) -> list[str]:
 
 
 def extra_state_bytes() -> bytes:
-    """What megatron-core stores for a module without FP8 state: ``torch.save([None])``."""
-    buf = io.BytesIO()
-    crc = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        torch.save([None], buf)
-    finally:
-        torch.serialization.set_crc32_options(crc)
-    return buf.getvalue()
+    """What megatron-core stores for a module without FP8 state: ``torch.save([None])`` (written without torch)."""
+    return mlay.torch_save_bytes([None])
 
 
 # -------------------------------------------------------------------------------------- consumers
@@ -147,21 +141,24 @@ def yaml_text(value: object, indent: int = 0) -> str:
 
 def common_state_bytes(common: dict) -> bytes:
     """The ``common_state`` bytes entry megatron-core >= 0.17 writes: ``torch.save([common])``."""
-    buf = io.BytesIO()
-    torch.save([common], buf)
-    return buf.getvalue()
+    return mlay.torch_save_bytes([common])
+
+
+_TRAIN_STATE = [("step", "int64"), ("consumed_train_samples", "int64"), ("skipped_train_samples", "int64"),
+                ("consumed_valid_samples", "int64"), ("floating_point_operations_so_far", "float32"),
+                ("do_train", "bool"), ("do_valid", "bool"), ("do_test", "bool")]
+_SCALAR = {"int64": "<q", "float32": "<f", "bool": "<?"}
 
 
 def train_state_bytes(iteration: int) -> bytes:
-    """Megatron-Bridge's ``train_state.pt`` for a checkpoint at step ``iteration`` that has trained nothing."""
-    zero = torch.tensor(0)
-    state = {"step": torch.tensor(iteration), "consumed_train_samples": zero.clone(),
-             "skipped_train_samples": zero.clone(), "consumed_valid_samples": zero.clone(),
-             "floating_point_operations_so_far": torch.tensor(0.0), "do_train": torch.tensor(False),
-             "do_valid": torch.tensor(False), "do_test": torch.tensor(False)}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    """Megatron-Bridge's ``train_state.pt`` for a checkpoint at step ``iteration`` that has trained nothing: a dict
+    of scalar tensors (``torch.save`` of them, written without torch)."""
+    state, storages = {}, {}
+    for i, (name, dtype) in enumerate(_TRAIN_STATE):
+        value = iteration if name == "step" else 0
+        state[name] = mlay.small_tensor(str(i), BY_NAME[dtype])
+        storages[str(i)] = (BY_NAME[dtype], struct.pack(_SCALAR[dtype], value))
+    return mlay.torch_save_bytes(state, storages)
 
 
 # ------------------------------------------------------------------------------------------ folders
@@ -328,10 +325,8 @@ def common_state(iteration: int | None, meta: dict, args: object | None = None) 
 
 def write_common(folder: Path, common: dict) -> None:
     """``common.pt`` (what megatron-core 0.16 reads, and 0.19 prefers when present) and ``metadata.json``."""
-    buf = io.BytesIO()
-    torch.save(common, buf)
     with create_file(folder / COMMON) as f:
-        f.write(buf.getvalue())
+        f.write(mlay.torch_save_bytes(common))
     with create_file(folder / METADATA_JSON) as f:
         f.write(json.dumps(BACKEND).encode())
 

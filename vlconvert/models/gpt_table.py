@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vlconvert import ops
-from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType, to_torch
+from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType
 from vlconvert.models.base import ModelInfo, Skeleton
 from vlconvert.models.megatron_table import Param, Src, _whole
 
@@ -179,7 +179,7 @@ def megatron_lm_args(info: ModelInfo, text: dict, *, qk_norm: bool, qkv_bias: bo
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp or tp, virtual_pipeline_model_parallel_size=None,
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None, world_size=tp * pp,
-        data_parallel_size=1, params_dtype=to_torch(dtype), bf16=dtype == BFLOAT16, fp16=dtype == FLOAT16,
+        data_parallel_size=1, params_dtype=dtype, bf16=dtype == BFLOAT16, fp16=dtype == FLOAT16,
         fp16_lm_cross_entropy=False, ckpt_format="torch_dist", use_dist_ckpt=True, no_save_optim=True,
         no_save_rng=True, async_save=False, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
         transformer_impl="transformer_engine", multi_latent_attention=False, heterogeneous_layers_config_path=None,

@@ -103,7 +103,7 @@ class DCPTarget(Target):
                 writer.open_file(file_name, [(e.key, e.shape, e.dtype, e.nesting) for e in entries])
                 for entry in entries:
                     if writer.skipping:  # --resume kept this file: its records are known, nothing to read
-                        writer.write(entry.key, torch.empty(entry.shape, device="meta"), entry.nesting)
+                        writer.write(entry.key, TensorBlocks(entry.shape, entry.dtype, ()), entry.nesting)
                         advance(nbytes(entry.shape, entry.dtype))
                         continue
                     if isinstance(entry, RuntimeEntry) and entry.tensor is not None:

@@ -20,7 +20,6 @@ from vlconvert.dtypes import DType
 from vlconvert.layouts import megatron as mlay
 from vlconvert.layouts import torch_dist as tdl
 from vlconvert.layouts.dcp import TensorBlocks
-from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import RankTensor, hf_vision_tensors, plan_megatron_ranks
 from vlconvert.plan import ConversionPlan, PlannedFile, out_dtype
@@ -192,7 +191,7 @@ def write_torch_dist(conv: Conversion, stage: Path, plan: ConversionPlan, advanc
             size = (*gk.stack, *t.shape)
             offsets = (*gk.index, *([0] * len(t.shape)))
             if writer.skipping:
-                writer.write_chunk(gk.key, torch.empty((1,) * len(gk.index) + t.shape, device="meta"), offsets, size)
+                writer.write_chunk(gk.key, TensorBlocks((1,) * len(gk.index) + t.shape, t.dtype, ()), offsets, size)
             else:
                 blocks = TensorBlocks((1,) * len(gk.index) + t.shape, t.dtype,
                                       conv.rank_blocks(t))
