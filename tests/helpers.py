@@ -12,6 +12,22 @@ from safetensors import safe_open
 
 from vlconvert.cli import main
 
+# Runs the CLI in-process in a fresh interpreter (`python -c CLI_PROBE ARGS`), then prints its exit code and the
+# modules it loaded: transformers, torch.distributed.checkpoint, torch.
+CLI_PROBE = """
+import sys
+from vlconvert.cli import main
+code = 0
+try:
+    main(sys.argv[1:], prog_name="vlconvert", standalone_mode=False)
+except SystemExit as exc:
+    code = exc.code or 0
+print("EXIT:", code)
+print("TRANSFORMERS:", ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "transformers")))
+print("DCP:", ",".join(sorted(m for m in sys.modules if m.startswith("torch.distributed.checkpoint"))))
+print("TORCH:", "torch" in sys.modules)
+"""
+
 
 def load_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (small) safetensors folder."""

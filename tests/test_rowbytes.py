@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLI_PROBE
 
 from vlconvert import rowbytes
 from vlconvert.dtypes import as_dtype
@@ -79,19 +80,8 @@ def test_reading_past_the_end_of_a_file_is_one_user_error(tmp_path) -> None:
             rowbytes.read(f, 90, (5, 4), as_dtype(torch.int16), "truncated!")
 
 
-# Runs the CLI, then says whether torch was imported. With _TORCH_PATH first, every reader's byte path is off,
-# so rows are put together by the torch operations they replace.
-_PROBE = """
-import sys
-from vlconvert.cli import main
-code = 0
-try:
-    main(sys.argv[1:], prog_name="vlconvert", standalone_mode=False)
-except SystemExit as exc:
-    code = exc.code or 0
-print("EXIT:", code)
-print("TORCH:", "torch" in sys.modules)
-"""
+# helpers.CLI_PROBE runs the CLI and says whether torch was imported. With _TORCH_PATH first, every reader's byte
+# path is off, so rows are put together by the torch operations they replace.
 _TORCH_PATH = """
 from vlconvert.sources.base import Source
 from vlconvert.sources.hf import HFSource
@@ -147,7 +137,7 @@ def test_routes_that_only_move_bytes_need_no_torch_and_write_the_torch_paths_byt
     for label, prelude in (("bytes", ""), ("torch", _TORCH_PATH)):
         out = tmp_path / label
         argv = [a.format(out=out, **megatron_sources) for a in ROUTES[name]]
-        result = subprocess.run([sys.executable, "-c", prelude + _PROBE, *argv, "-q"], cwd=ROOT, capture_output=True,
+        result = subprocess.run([sys.executable, "-c", prelude + CLI_PROBE, *argv, "-q"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=300, check=False)
         assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
         if label == "bytes":

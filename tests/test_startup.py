@@ -11,25 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CLI_PROBE
 
 from vlconvert.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs the CLI in-process in a fresh interpreter, then reports the exit code and the transformers modules loaded.
-_PROBE = """
-import sys
-from vlconvert.cli import main
-code = 0
-try:
-    main(sys.argv[1:], prog_name="vlconvert", standalone_mode=False)
-except SystemExit as exc:
-    code = exc.code or 0
-print("EXIT:", code)
-print("TRANSFORMERS:", ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "transformers")))
-print("DCP:", ",".join(sorted(m for m in sys.modules if m.startswith("torch.distributed.checkpoint"))))
-print("TORCH:", "torch" in sys.modules)
-"""
 
 
 def test_python_m_vlconvert_help() -> None:
@@ -77,14 +64,14 @@ def test_verify_manifest_does_not_import_torch(tmp_path) -> None:
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
-    result = subprocess.run([sys.executable, "-c", _PROBE, "verify", "--manifest", str(tmp_path / "out")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", CLI_PROBE, "verify", "--manifest", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert "EXIT: 1" in result.stdout and "TORCH: False" in result.stdout, result.stdout + result.stderr
     assert shard.name in result.stdout, result.stdout
 
 
 def _probe(args: list[str]) -> dict[str, str]:
-    result = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", CLI_PROBE, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
@@ -178,10 +165,10 @@ def test_plans_and_metadata_do_not_import_torch(tmp_path, dcp_sources, name: str
     and what they print is what they print once torch is imported (same plan either way)."""
     argv = [a.format(out=tmp_path / "out", **dcp_sources) for a in PLAN_ONLY[name]]
     json_flag = ["--json"]
-    result = subprocess.run([sys.executable, "-c", _PROBE, *argv, *json_flag], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv, *json_flag], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, check=False)
     assert "EXIT: 0" in result.stdout and "TORCH: False" in result.stdout, result.stdout[-2000:] + result.stderr
-    with_torch = subprocess.run([sys.executable, "-c", "import torch\n" + _PROBE, *argv, *json_flag], cwd=ROOT,
+    with_torch = subprocess.run([sys.executable, "-c", "import torch\n" + CLI_PROBE, *argv, *json_flag], cwd=ROOT,
                                 capture_output=True, text=True, timeout=300, check=False)
     assert "TORCH: True" in with_torch.stdout
     assert _report(result.stdout) == _report(with_torch.stdout)
@@ -218,7 +205,7 @@ def test_byte_only_routes_never_import_torch_and_write_the_same_bytes(tmp_path, 
     for label, prelude in (("without", ""), ("with", "import torch\n")):
         out = tmp_path / label
         argv = [a.format(out=out, **dcp_sources) for a in BYTE_ONLY[name]]
-        result = subprocess.run([sys.executable, "-c", prelude + _PROBE, *argv, "-q"], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-c", prelude + CLI_PROBE, *argv, "-q"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=300, check=False)
         assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
         assert f"TORCH: {label == 'with'}" in result.stdout
@@ -241,7 +228,7 @@ def test_without_torch_installed_plans_and_copies_work_and_tensor_work_is_one_li
     """Plans and routes that move bytes (hf->megatron at tp 2 included) need no torch at all; a route that computes
     (a dtype cast) says in one line that it needs torch (exit 1, nothing published) instead of a traceback."""
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", _NO_TORCH + _PROBE, *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-c", _NO_TORCH + CLI_PROBE, *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300, check=False)
 
     assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "a"), "--to", "megatron", "--dry-run").stdout

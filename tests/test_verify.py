@@ -204,7 +204,7 @@ def test_assembled_rows_and_experts_are_compared_as_bytes_without_torch(fixtures
     import subprocess
     import sys
 
-    from helpers import run_cli
+    from helpers import CLI_PROBE, run_cli
 
     from vlconvert.comparison import assembled_bytes_equal
     from vlconvert.sources import open_source
@@ -219,11 +219,7 @@ def test_assembled_rows_and_experts_are_compared_as_bytes_without_torch(fixtures
         assert assembled_bytes_equal(a, b, name, tuple(shape), dtype), name
     a.close()
     b.close()
-    probe = ("import sys\nfrom vlconvert.cli import main\ncode = 0\ntry:\n"
-             "    main(sys.argv[1:], prog_name='vlconvert', standalone_mode=False)\n"
-             "except SystemExit as exc:\n    code = exc.code or 0\nprint('EXIT:', code)\n"
-             "print('TORCH:', 'torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", probe, "verify", str(moe), str(out), "--assets-dir", str(moe)],
+    result = subprocess.run([sys.executable, "-c", CLI_PROBE, "verify", str(moe), str(out), "--assets-dir", str(moe)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert "EXIT: 0" in result.stdout and "TORCH: False" in result.stdout, result.stdout + result.stderr
     assert "70 equal" in result.stdout

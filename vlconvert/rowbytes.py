@@ -84,17 +84,21 @@ def read(f: io.BufferedReader | io.RawIOBase, start: int, shape: tuple[int, ...]
     """Bytes ``start:`` of open file ``f`` as rows of ``shape`` and ``dtype``, read with plain reads into fresh
     (pooled) memory; a file that ends early is one :class:`UserError`, ``truncated``."""
     out = empty(shape, dtype)
-    nbytes = out.nbytes
-    if nbytes:
-        view = memoryview(out.data.reshape(-1))
-        f.seek(start)
-        got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise UserError(truncated)
-            got += n
+    if out.nbytes:
+        read_into(f, start, memoryview(out.data.reshape(-1)), truncated)
     return out
+
+
+def read_into(f: io.BufferedReader | io.RawIOBase, start: int, view: memoryview, truncated: str) -> None:
+    """Fill ``view`` with bytes ``start:`` of open file ``f`` (plain reads, no mmap); a file that ends early is one
+    :class:`UserError`, ``truncated``."""
+    f.seek(start)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise UserError(truncated)
+        got += n
 
 
 def columns(block: ByteRows, start: int, stop: int) -> ByteRows:

@@ -19,14 +19,7 @@ def read_exact(f: io.BufferedReader | io.RawIOBase, start: int, nbytes: int, tru
     resident memory stays the range's size); a file that ends early is one :class:`UserError`, ``truncated``."""
     out = buffers.empty((nbytes,), torch.uint8)
     if nbytes:
-        view = memoryview(out.numpy())
-        f.seek(start)
-        got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise UserError(truncated)
-            got += n
+        rowbytes.read_into(f, start, memoryview(out.numpy()), truncated)
     return out
 
 
