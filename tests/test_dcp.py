@@ -166,9 +166,10 @@ def test_fsdp2_training_checkpoint_three_ranks_to_hf(tmp_path):
 
 def test_fsdp2_row_chunks_put_together_as_bytes_equal_the_torch_path(tmp_path, monkeypatch):
     """A real FSDP2 save cuts each tensor in row chunks, one per rank: rows that cross chunks, a TP rank's columns
-    and experts turned to [in, out] are put together as bytes (``Source.row_bytes`` over the chunks' spans, no
-    torch); every file written equals what torch's operations write (the byte path switched off)."""
+    and experts turned from [in, out] to [out, in] are put together as bytes (``Source.row_bytes`` over the chunks'
+    spans, no torch); every file written equals what torch's operations write (the byte path switched off)."""
     from vlconvert.sources.base import Source
+    from vlconvert.sources.dcp import DCPSource
     from vlconvert.sources.hf import HFSource
     from vlconvert.sources.megatron import MegatronSource
 
@@ -189,7 +190,7 @@ def test_fsdp2_row_chunks_put_together_as_bytes_equal_the_torch_path(tmp_path, m
         run_cli("convert", train, tmp_path / f"{name}-bytes", *args, "--dtype", "keep", "--assets-dir",
                 FIX / "tiny-moe", "-q")
     assert any(taken)
-    for cls in (Source, HFSource, MegatronSource):
+    for cls in (Source, DCPSource, HFSource, MegatronSource):
         monkeypatch.setattr(cls, "row_bytes", lambda self, *args: None)
         monkeypatch.setattr(cls, "expert_bytes", lambda self, *args: None)
     for name, args in routes.items():

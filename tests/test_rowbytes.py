@@ -84,9 +84,10 @@ def test_reading_past_the_end_of_a_file_is_one_user_error(tmp_path) -> None:
 # path is off, so rows are put together by the torch operations they replace.
 _TORCH_PATH = """
 from vlconvert.sources.base import Source
+from vlconvert.sources.dcp import DCPSource
 from vlconvert.sources.hf import HFSource
 from vlconvert.sources.megatron import MegatronSource
-for cls in (Source, HFSource, MegatronSource):
+for cls in (Source, DCPSource, HFSource, MegatronSource):
     cls.row_bytes = lambda self, *args: None
     cls.expert_bytes = lambda self, *args: None
 """
@@ -110,6 +111,10 @@ ROUTES = {  # routes that put rows together in memory without arithmetic; {name}
     "moe-hf-to-torch_dist-swift": ["convert", MOE, "{out}", "--to", "torch_dist", "--tp", "2", "--ep", "2",
                                    "--for", "ms-swift"],
     "moe-torch_dist-to-hf": ["convert", "{moe_td}", "{out}", "--to", "hf", "--assets-dir", MOE],
+    "moe-dcp-released-to-megatron": ["convert", "{moe_dcp}", "{out}", "--to", "megatron", "--tp", "2", "--ep", "2",
+                                     "--assets-dir", MOE],
+    "moe-dcp-released-to-hf-tf5": ["convert", "{moe_dcp}", "{out}", "--to", "hf", "--experts-layout", "transformers5",
+                                   "--assets-dir", MOE],
     "moe-torch_dist-to-megatron": ["convert", "{moe_td}", "{out}", "--to", "megatron", "--tp", "2", "--assets-dir",
                                    MOE],
 }
@@ -124,7 +129,8 @@ def megatron_sources(tmp_path_factory) -> dict[str, Path]:
     run_cli("convert", MOE, base / "moe_tp2_ep2", "--to", "megatron", "--tp", "2", "--ep", "2", "-q")
     run_cli("convert", MOE_TF5, base / "moe_tf5_seq", "--to", "megatron", "--tp", "2", "--experts", "sequential", "-q")
     run_cli("convert", MOE, base / "moe_td", "--to", "torch_dist", "--tp", "2", "--ep", "2", "-q")
-    return {name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td")}
+    run_cli("convert", MOE, base / "moe_dcp", "--to", "dcp", "-q")
+    return {name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td", "moe_dcp")}
 
 
 @pytest.mark.parametrize("name", list(ROUTES))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vlconvert import buffers, rowbytes
@@ -19,6 +19,22 @@ from vlconvert.publish import note_input, open_input
 from vlconvert.rowbytes import ByteRows
 
 DEFAULT_GROUP_BYTES = parse_size("5GB")  # how non-HF sources are grouped, as an HF writer would shard them
+
+
+def read_spans(span_at: Callable[[int], FileSpan | None], start: int, stop: int) -> ByteRows | None:
+    """Rows ``start:stop`` read from the file spans holding them in turn (``span_at(row)``: the span from ``row``,
+    which may end early, where a chunk ends), or None if a row lies in no span."""
+    parts: list[ByteRows] = []
+    r = start
+    while r < stop:
+        span = span_at(r)
+        if span is None or not span.shape or span.shape[0] <= 0:
+            return None
+        with open_input(span.path) as f:
+            parts.append(rowbytes.read(f, span.offset, span.shape, span.dtype,
+                                       f"'{span.path}' is truncated: ended while reading tensor data"))
+        r += span.shape[0]
+    return rowbytes.concat_rows(parts) if parts else None
 
 
 def preview(keys: list[str]) -> str:
@@ -66,17 +82,7 @@ class Source:
         from several places, or an expert turned to ``[out, in]``), or None when that needs arithmetic or the
         reader has no byte path (the caller then uses :meth:`rows`). Here: the rows read from the
         :meth:`row_span` pieces that hold them (a DCP tensor cut in row chunks), None if a row has none."""
-        parts: list[ByteRows] = []
-        r = start
-        while r < stop:
-            span = self.row_span(src, r, stop)
-            if span is None or span.shape[0] <= 0:
-                return None
-            with open_input(span.path) as f:
-                parts.append(rowbytes.read(f, span.offset, span.shape, span.dtype,
-                                           f"'{span.path}' is truncated: ended while reading tensor data"))
-            r += span.shape[0]
-        return rowbytes.concat_rows(parts) if parts else None
+        return read_spans(lambda r: self.row_span(src, r, stop), start, stop)
 
     def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
         """:meth:`expert` as bytes in the stored dtype without torch, or None (see :meth:`row_bytes`)."""
