@@ -160,8 +160,7 @@ def verify_sources(a: Source, b: Source, tolerance: float = 0.0,
                 r = TensorResult(name, "shape_mismatch", None, list(shape_a), list(shape_b),
                                  dtype_name(dtype_a), dtype_name(dtype_b))
                 nbytes = 0
-            elif dtype_a == dtype_b and (stored_bytes_equal(a, b, name, tuple(shape_a))
-                                         or assembled_bytes_equal(a, b, name, tuple(shape_a), dtype_a)):
+            elif dtype_a == dtype_b and _bytes_equal(a, b, name, tuple(shape_a), dtype_a):
                 r = TensorResult(name, "equal", 0.0, list(shape_a), list(shape_b), dtype_name(dtype_a),
                                  dtype_name(dtype_b))
                 nbytes = math.prod(shape_a) * element_size(dtype_a)
@@ -183,11 +182,33 @@ def stored_bytes_equal(a: Source, b: Source, name: str, shape: tuple[int, ...]) 
     (no torch). False when a side must be read (assembled, merged, dequantized) or the bytes differ: the
     tensor comparison then says how. Fused expert tensors always take that path: a side may store them
     transposed, with the same shape when the matrices are square."""
+    spans = _stored_spans(a, b, name, shape)
+    return spans is not None and _spans_equal(*spans)
+
+
+def _bytes_equal(a: Source, b: Source, name: str, shape: tuple[int, ...], dtype: DType) -> bool:
+    """Whether ``name`` is bitwise equal on both sides, known from bytes alone: the stored bytes where both sides
+    store every row verbatim (a difference there is final: each tensor is read once more, as a tensor, to
+    measure it), else the bytes both sides put together (:func:`assembled_bytes_equal`). False also when
+    bytes cannot tell."""
+    spans = _stored_spans(a, b, name, shape)
+    if spans is not None:
+        return _spans_equal(*spans)
+    return assembled_bytes_equal(a, b, name, shape, dtype)
+
+
+def _stored_spans(a: Source, b: Source, name: str, shape: tuple[int, ...]
+                  ) -> tuple[list[FileSpan], list[FileSpan]] | None:
+    """The file spans holding every row of ``name`` on each side, or None if a side stores a row otherwise. Fused
+    experts: None (a side may store them transposed, with the same shape when the matrices are square)."""
     if not shape or any(s.skeleton is None or s.skeleton.family.is_expert(name) for s in (a, b)):
-        return False
+        return None
     spans_a, spans_b = _row_spans(a, name, shape), _row_spans(b, name, shape)
-    if spans_a is None or spans_b is None:
-        return False
+    return None if spans_a is None or spans_b is None else (spans_a, spans_b)
+
+
+def _spans_equal(spans_a: list[FileSpan], spans_b: list[FileSpan]) -> bool:
+    """Whether two lists of spans hold the same bytes, compared piece by piece (stops at the first difference)."""
     left, right = _SpanBytes(spans_a), _SpanBytes(spans_b)
     try:
         while True:

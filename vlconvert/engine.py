@@ -40,6 +40,7 @@ from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exp
     PlannedFile,
     Result,
     rank_tensor_blocks,
+    rows_as_bytes,
     rows_per_block,
     source_row_blocks,
 )
@@ -677,7 +678,7 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: DType, block
         return
     shape = tuple(source.spec(name)[0])
     if not shape:
-        scalar = source.row_bytes(Src(name), 0, 1) if source.spec(name)[1] == dtype else None
+        scalar = rows_as_bytes(source, Src(name), 0, 1, dtype)
         yield scalar if scalar is not None else _cast(source.rows(Src(name), 0, 1), dtype)
         return
     yield from source_row_blocks(source, Src(name), 0, shape[0], dtype, rows_per_block(shape, dtype, block))

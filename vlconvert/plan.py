@@ -140,6 +140,12 @@ def rows_per_block(shape: tuple[int, ...], dtype: DType, block: int = ROW_BLOCK)
     return max(1, block // max(1, row_bytes))
 
 
+def rows_as_bytes(source: Source, src: Src, start: int, stop: int, dtype: DType) -> ByteRows | None:
+    """Rows ``start:stop`` of ``src`` as bytes (:meth:`Source.row_bytes`, no torch) when they are wanted in the
+    dtype they are stored in; None when a cast is needed or the reader must compute them."""
+    return source.row_bytes(src, start, stop) if source.spec(src.hf)[1] == dtype else None
+
+
 def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK
                        ) -> Iterator[torch.Tensor | ByteRows | FileSpan]:
     """One Megatron rank tensor as row blocks of about ``block`` bytes: its row map (or its column block)
@@ -151,10 +157,9 @@ def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK
         return
     if t.axis == 1:
         src, a, b = t.segs[0]
-        same_dtype = source.spec(src.hf)[1] == t.dtype
         for r in range(0, t.shape[0], step):
             end = min(t.shape[0], r + step)
-            rows = source.row_bytes(src, r, end) if same_dtype else None
+            rows = rows_as_bytes(source, src, r, end, t.dtype)
             if rows is not None:  # no torch: the columns copied as bytes
                 yield rowbytes.columns(rows, a, b)
             else:
@@ -181,6 +186,6 @@ def source_row_blocks(source: Source, src: Src, start: int, stop: int, dtype: DT
             yield span
             r += span.shape[0]
             continue
-        rows = source.row_bytes(src, r, end) if source.spec(src.hf)[1] == dtype else None
+        rows = rows_as_bytes(source, src, r, end, dtype)
         yield rows if rows is not None else source.rows(src, r, end).to(to_torch(dtype))
         r = end

@@ -174,29 +174,38 @@ def write_rank_file(path: Path, entries: list[RankEntry], produce: Callable[[int
         return total
     buf = io.BytesIO()
     _dump(payload, buf)
-    prefix = "archive"
-    digest = hashlib.sha1(buf.getvalue()).hexdigest()
     written = 0
     with create_file(path) as f:
         zf = _ZipStream(f)
-        for name, data in ((f"{prefix}/data.pkl", buf.getvalue()), (f"{prefix}/.format_version", b"1"),
-                           (f"{prefix}/.storage_alignment", b"64"), (f"{prefix}/byteorder", b"little")):
-            zf.add(name, data)
+        _begin_archive(zf, buf.getvalue())
         for i, e in enumerate(entries):
             produced = produce(i, e)
             if is_tensor(produced) or is_byte_rows(produced):
                 _check_block(e, produced, whole=True)
-                zf.add(f"{prefix}/data/{i}", _raw(produced))
+                zf.add(f"archive/data/{i}", block_buffer(produced))
             else:  # row blocks, in order: one is held at a time
-                zf.add_stream(f"{prefix}/data/{i}", e.nbytes, (_raw(_check_block(e, b)) for b in produced))
+                zf.add_stream(f"archive/data/{i}", e.nbytes, (block_buffer(_check_block(e, b)) for b in produced))
             written += e.nbytes
             if on_bytes:
                 on_bytes(e.nbytes)
             del produced
-        zf.add(f"{prefix}/version", b"3\n")
-        zf.add(f"{prefix}/.data/serialization_id", digest.encode())
-        zf.close()
+        _end_archive(zf, buf.getvalue())
     return written
+
+
+def _begin_archive(zf: _ZipStream, pickled: bytes) -> None:
+    """The records ``torch.save`` writes before the storages: the pickle, then the format's facts."""
+    for name, data in (("archive/data.pkl", pickled), ("archive/.format_version", b"1"),
+                       ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
+        zf.add(name, data)
+
+
+def _end_archive(zf: _ZipStream, pickled: bytes) -> None:
+    """The records after the storages, then the central directory (the id: the pickle's sha1, so the same
+    archive always has the same bytes)."""
+    zf.add("archive/version", b"3\n")
+    zf.add("archive/.data/serialization_id", hashlib.sha1(pickled).hexdigest().encode())
+    zf.close()
 
 
 def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tensor | Iterable[torch.Tensor],
@@ -209,19 +218,15 @@ def write_torch_record(f, shape: tuple[int, ...], dtype: DType, data: torch.Tens
     buf = io.BytesIO()
     _dump(_TensorRef(_StorageRef("0", dtype, numel), tuple(shape)), buf)
     zf = _ZipStream(f)
-    for name, raw in (("archive/data.pkl", buf.getvalue()), ("archive/.format_version", b"1"),
-                      ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
-        zf.add(name, raw)
+    _begin_archive(zf, buf.getvalue())
     if is_tensor(data) or is_byte_rows(data):
-        zf.add("archive/data/0", _raw(_check_block(entry, data, whole=True)))
+        zf.add("archive/data/0", block_buffer(_check_block(entry, data, whole=True)))
     else:
         if any(d != 1 for d in shape[:lead]):
             raise ValueError(f"leading dims of {shape} are not 1")
         rows = RankEntry("tensor", tuple(shape[lead:]), dtype)
-        zf.add_stream("archive/data/0", entry.nbytes, (_raw(_check_block(rows, b)) for b in data))
-    zf.add("archive/version", b"3\n")
-    zf.add("archive/.data/serialization_id", hashlib.sha1(buf.getvalue()).hexdigest().encode())
-    zf.close()
+        zf.add_stream("archive/data/0", entry.nbytes, (block_buffer(_check_block(rows, b)) for b in data))
+    _end_archive(zf, buf.getvalue())
 
 
 class _MemoryFile:
@@ -240,34 +245,25 @@ class _MemoryFile:
         return self.buffer.write(data)
 
 
-def torch_save_bytes(obj: object, storages: dict[str, tuple[DType, bytes]] | None = None) -> bytes:
+def torch_save_bytes(obj: object, storages: dict[str, bytes] | None = None) -> bytes:
     """``torch.save(obj)`` without torch: ``obj`` is plain data (dtypes as :class:`DType`, argparse namespaces...)
-    whose tensors are :func:`small_tensor` references to ``storages`` (key -> (dtype, little-endian bytes)).
+    whose tensors are :func:`small_tensor` references to ``storages`` (key -> little-endian bytes).
     Written by the pure-Python pickler with torch's names and laid out as the rank files are, so ``torch.load``
     reads it; the bytes are the same whether torch is imported or not."""
     buf = io.BytesIO()
     _NamingPickler(buf, protocol=2).dump(obj)
     out = _MemoryFile()
     zf = _ZipStream(out)  # type: ignore[arg-type]
-    for name, data in (("archive/data.pkl", buf.getvalue()), ("archive/.format_version", b"1"),
-                       ("archive/.storage_alignment", b"64"), ("archive/byteorder", b"little")):
-        zf.add(name, data)
-    for key, (_, data) in (storages or {}).items():
+    _begin_archive(zf, buf.getvalue())
+    for key, data in (storages or {}).items():
         zf.add(f"archive/data/{key}", data)
-    zf.add("archive/version", b"3\n")
-    zf.add("archive/.data/serialization_id", hashlib.sha1(buf.getvalue()).hexdigest().encode())
-    zf.close()
+    _end_archive(zf, buf.getvalue())
     return out.buffer.getvalue()
 
 
 def small_tensor(key: str, dtype: DType, shape: tuple[int, ...] = ()) -> _TensorRef:
     """A reference that pickles as a contiguous CPU tensor held in storage ``key`` (see :func:`torch_save_bytes`)."""
     return _TensorRef(_StorageRef(key, dtype, math.prod(shape)), shape)
-
-
-def _raw(block: torch.Tensor | ByteRows | FileSpan):
-    """The bytes of a block, as a buffer (no copy for a contiguous tensor); a FileSpan stays one."""
-    return block_buffer(block)
 
 
 def _check_block(e: RankEntry, block: torch.Tensor | ByteRows | FileSpan, whole: bool = False

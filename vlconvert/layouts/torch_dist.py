@@ -157,7 +157,7 @@ def train_state_bytes(iteration: int) -> bytes:
     for i, (name, dtype) in enumerate(_TRAIN_STATE):
         value = iteration if name == "step" else 0
         state[name] = mlay.small_tensor(str(i), BY_NAME[dtype])
-        storages[str(i)] = (BY_NAME[dtype], struct.pack(_SCALAR[dtype], value))
+        storages[str(i)] = struct.pack(_SCALAR[dtype], value)
     return mlay.torch_save_bytes(state, storages)
 
 

@@ -84,6 +84,25 @@ class Source:
         :meth:`row_span` pieces that hold them (a DCP tensor cut in row chunks), None if a row has none."""
         return read_spans(lambda r: self.row_span(src, r, stop), start, stop)
 
+    _turned: tuple[Src, ByteRows] | None = None  # the last expert turned to [out, in] by _turned_expert_rows
+
+    def _stored_expert_bytes(self, name: str, expert: int) -> ByteRows | None:
+        """Expert ``expert`` of fused tensor ``name`` as the reader stores it (one matrix), as bytes; None where the
+        reader cannot (then nothing is turned as bytes)."""
+        return None
+
+    def _turned_expert_rows(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        """Rows ``start:stop`` of expert ``src`` in Megatron's ``[out, in]``, turned as bytes from the ``[in, out]``
+        matrix the reader stores. The turned matrix is kept until another expert is asked for: a writer asks for
+        one expert's rows block after block."""
+        if self._turned is None or self._turned[0] != src:
+            self._turned = None  # one matrix held at a time
+            stored = self._stored_expert_bytes(src.hf, src.expert)
+            if stored is None:
+                return None
+            self._turned = (src, rowbytes.transposed(stored))
+        return self._turned[1].rows(start, stop)
+
     def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
         """:meth:`expert` as bytes in the stored dtype without torch, or None (see :meth:`row_bytes`)."""
         src = Src(name, expert)

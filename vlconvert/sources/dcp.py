@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlconvert import buffers, rowbytes
+from vlconvert import buffers
 from vlconvert.dtypes import DType
 from vlconvert.errors import UsageError, UserError
 from vlconvert.layouts.dcp import DCPReader
@@ -110,7 +110,6 @@ class DCPSource(Source):
         self.tied_lm_head_dropped = skeleton.info.tied and output in self.keys.mapped
         self._mapped = {n: k for n, k in self.keys.mapped.items() if not (skeleton.info.tied and n == output)}
         self._experts: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-        self._bytes_cache: tuple[Src, ByteRows] | None = None  # one expert turned to [out, in] (row_bytes)
         # canonical name -> (DCP key, leading index, first row) where the DCP holds the model's run-time tensors
         self._runtime: dict[str, tuple[str, tuple[int, ...], int]] = {}
         runtime = skeleton.family.runtime_tensors(skeleton)
@@ -234,15 +233,9 @@ class DCPSource(Source):
         return self.reader.span(key, expert * view[1], (expert + 1) * view[1])
 
     def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
-        if src.expert is None or src.hf in self._runtime or self.expert_layout(src.hf)[0] != "released":
-            return super().row_bytes(src, start, stop)
-        if self._bytes_cache is None or self._bytes_cache[0] != src:  # stored [in, out]: turned to [out, in]
-            self._bytes_cache = None
-            stored = self._stored_expert_bytes(src.hf, src.expert)
-            if stored is None:
-                return None
-            self._bytes_cache = (src, rowbytes.transposed(stored))
-        return self._bytes_cache[1].rows(start, stop)
+        if src.expert is not None and src.hf not in self._runtime and self.expert_layout(src.hf)[0] == "released":
+            return self._turned_expert_rows(src, start, stop)  # stored [in, out]
+        return super().row_bytes(src, start, stop)
 
     def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
         if self.expert_layout(name)[0] == layout:
@@ -254,7 +247,9 @@ class DCPSource(Source):
         key, view = self.key(name), self.expert_layout(name)[1]
         first, last = (expert, expert + 1) if view is None else (expert * view[1], (expert + 1) * view[1])
         block = read_spans(lambda r: self.reader.span(key, r, last), first, last)
-        return None if block is None else block.reshape(block.shape[1:]) if view is None else block
+        if block is None or view is not None:  # MindSpeed's 2-D view: the rows are the matrix
+            return block
+        return block.reshape(block.shape[1:])  # [1, in, out] -> [in, out]
 
     def expert(self, name: str, expert: int, layout: str) -> torch.Tensor:
         stored, view = self.expert_layout(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlconvert import buffers, rowbytes
+from vlconvert import buffers
 from vlconvert.dtypes import DType
 from vlconvert.errors import UserError
 from vlconvert.layouts.filebytes import FileSpan
@@ -46,7 +46,6 @@ class HFSource(Source):
         self.notes: list[str] = []
         self._layouts: dict[str, str] = {}
         self._expert_cache: tuple[Src, torch.Tensor] | None = None
-        self._bytes_cache: tuple[Src, ByteRows] | None = None  # the same, as bytes (row_bytes)
         files = {f: i for i, f in enumerate(self.checkpoint.shards)}
         self._where = {n: (files[t.file], t.start) for n, t in self.checkpoint.tensors.items()}
 
@@ -128,19 +127,16 @@ class HFSource(Source):
     def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
         if src.expert is None:
             return self.checkpoint.read_row_bytes(src.hf, start, stop)
-        if self._bytes_cache is None or self._bytes_cache[0] != src:
-            self._bytes_cache = None  # one expert matrix held at a time
-            stored = self._stored_expert_bytes(src.hf, src.expert)
-            released = self.stored_layout(src.hf) == "released"  # stored [in, out]: turned to [out, in]
-            self._bytes_cache = (src, rowbytes.transposed(stored) if released else stored)
-        return self._bytes_cache[1].rows(start, stop)
+        if self.stored_layout(src.hf) == "released":  # stored [in, out]
+            return self._turned_expert_rows(src, start, stop)
+        return super().row_bytes(src, start, stop)  # transformers5: the stored rows
 
     def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
         if self.stored_layout(name) == layout:
             return self._stored_expert_bytes(name, expert)
         return super().expert_bytes(name, expert, layout)
 
-    def _stored_expert_bytes(self, name: str, expert: int) -> ByteRows:
+    def _stored_expert_bytes(self, name: str, expert: int) -> ByteRows | None:
         block = self.checkpoint.read_row_bytes(name, expert, expert + 1)
         return block.reshape(block.shape[1:])
 

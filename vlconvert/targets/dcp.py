@@ -17,7 +17,7 @@ from vlconvert.layouts.hf import describe_weights
 from vlconvert.lazy import torch
 from vlconvert.models.base import RuntimeTensor
 from vlconvert.models.megatron_table import RankTensor, Src
-from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype
+from vlconvert.plan import ConversionPlan, DCPEntry, PlannedFile, out_dtype, rows_as_bytes
 from vlconvert.publish import copy_file, write_bytes
 from vlconvert.rowbytes import ByteRows
 from vlconvert.targets.base import Conversion, Target, counted, nbytes
@@ -141,7 +141,7 @@ def runtime_blocks(conv: Conversion, entry: RuntimeEntry) -> Iterator[torch.Tens
         return
     per, offset, parts = entry.shape[1], 0, []
     for src, start, stop in tensor.segs:
-        rows = conv.source.row_bytes(src, start, stop) if conv.source.spec(src.hf)[1] == tensor.dtype else None
+        rows = rows_as_bytes(conv.source, src, start, stop, tensor.dtype)
         parts.append(rows if rows is not None else conv.source.rows(src, start, stop).to(to_torch(tensor.dtype)))
         offset += stop - start
         if offset % per == 0:
