@@ -71,7 +71,7 @@ def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:
         ("convert hf->torch_dist tiny MoE (bridge)", [*vlc, "convert", "fixtures/tiny-moe",
                                                       str(manifest_folder.parent / "w6"), "--to", "torch_dist",
                                                       "--tp", "2", "--ep", "2", "--overwrite"]),
-        ("convert hf->megatron --dtype fp16 (casts)", [*vlc, "convert", "fixtures/tiny-dense-tied",
+        ("convert hf->megatron --dtype fp16 (cast)", [*vlc, "convert", "fixtures/tiny-dense-tied",
                                                        str(manifest_folder.parent / "w5"), "--to", "megatron",
                                                        "--tp", "2", "--dtype", "fp16", "--overwrite"]),
         ("vlconvert doctor", [*vlc, "doctor"]),

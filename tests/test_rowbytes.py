@@ -57,6 +57,40 @@ def test_operations_give_torchs_bytes(dtype: torch.dtype) -> None:
     assert rowbytes.raw(_as_rows(three).reshape((6, 4))).tobytes() == _bytes_of(three.reshape(6, 4))
 
 
+def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
+    """Every 16-bit pattern of ``dtype`` (bf16, fp16); for fp32, 2**20 random patterns and, for each of the 2**16
+    upper halves, the lower halves at and around the ties of bf16 (bit 15) and of fp16 (bit 12, deeper for its
+    subnormals)."""
+    if dtype != torch.float32:
+        return torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    uppers = torch.arange(2**16, dtype=torch.int64) << 16
+    lowers = torch.tensor([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF])
+    random = torch.randint(0, 2**32, (2**20,), generator=torch.Generator().manual_seed(5))
+    patterns = torch.cat([(uppers[:, None] + lowers[None, :]).reshape(-1), random])
+    return torch.where(patterns >= 2**31, patterns - 2**32, patterns).to(torch.int32).view(torch.float32)
+
+
+CASTS = [(a, b) for a in (torch.bfloat16, torch.float16, torch.float32)
+         for b in (torch.bfloat16, torch.float16, torch.float32) if a != b]
+
+
+@pytest.mark.parametrize(("stored", "dtype"), CASTS, ids=str)
+def test_cast_rounds_every_value_as_torch_does(stored: torch.dtype, dtype: torch.dtype) -> None:
+    """Every bf16 and fp16 value, and fp32 values at every exponent around each rounding tie (subnormals, +-inf,
+    overflow to inf included): the cast's bytes are torch's. A block holding a NaN is left to torch (None)."""
+    values = _every_pattern(stored)
+    nan = torch.isnan(values)
+    finite = values[~nan].reshape(-1, 2)
+    got = rowbytes.cast(_as_rows(finite), as_dtype(dtype))
+    assert got is not None and got.shape == tuple(finite.shape) and got.dtype == as_dtype(dtype)
+    assert rowbytes.raw(got).tobytes() == _bytes_of(finite.to(dtype))
+    assert nan.any() and rowbytes.cast(_as_rows(values[nan.nonzero()[0, 0] - 5:][:99]), as_dtype(dtype)) is None
+    columns = rowbytes.columns(_as_rows(finite), 1, 2)  # a block cut from another (its own memory)
+    assert rowbytes.raw(rowbytes.cast(columns, as_dtype(dtype))).tobytes() == _bytes_of(finite[:, 1:2].to(dtype))
+    with pytest.raises(ValueError, match="no byte cast"):
+        rowbytes.cast(_as_rows(finite), as_dtype(torch.int64))
+
+
 def test_large_blocks_come_from_the_pool_and_are_reused_once_free() -> None:
     from vlconvert import buffers
 
@@ -117,6 +151,18 @@ ROUTES = {  # routes that put rows together in memory without arithmetic; {name}
                                    "--assets-dir", MOE],
     "moe-torch_dist-to-megatron": ["convert", "{moe_td}", "{out}", "--to", "megatron", "--tp", "2", "--assets-dir",
                                    MOE],
+    # casts between bf16, fp16 and fp32 (rowbytes.cast); the fp16 sources round to bf16 (more mantissa bits)
+    "dense-hf-to-megatron-tp2-fp32": ["convert", DENSE, "{out}", "--to", "megatron", "--tp", "2", "--dtype", "fp32"],
+    "dense-megatron-tp2-to-hf-fp16": ["convert", "{dense_tp2}", "{out}", "--to", "hf", "--assets-dir", DENSE,
+                                      "--dtype", "fp16"],
+    "dense-dcp-fp16-to-hf-auto": ["convert", "{dense_dcp16}", "{out}", "--to", "hf", "--assets-dir", DENSE],
+    "dense-dcp-fp16-to-megatron-tp2": ["convert", "{dense_dcp16}", "{out}", "--to", "megatron", "--tp", "2",
+                                       "--assets-dir", DENSE, "--dtype", "bf16"],
+    "moe-hf-to-dcp-fp32": ["convert", MOE, "{out}", "--to", "dcp", "--dtype", "fp32"],
+    "moe-dcp-fp16-to-megatron-tp2-ep2": ["convert", "{moe_dcp16}", "{out}", "--to", "megatron", "--tp", "2", "--ep",
+                                         "2", "--assets-dir", MOE, "--dtype", "bf16"],
+    "moe-dcp-fp16-to-hf-tf5": ["convert", "{moe_dcp16}", "{out}", "--to", "hf", "--experts-layout", "transformers5",
+                               "--assets-dir", MOE],
 }
 
 
@@ -130,7 +176,10 @@ def megatron_sources(tmp_path_factory) -> dict[str, Path]:
     run_cli("convert", MOE_TF5, base / "moe_tf5_seq", "--to", "megatron", "--tp", "2", "--experts", "sequential", "-q")
     run_cli("convert", MOE, base / "moe_td", "--to", "torch_dist", "--tp", "2", "--ep", "2", "-q")
     run_cli("convert", MOE, base / "moe_dcp", "--to", "dcp", "-q")
-    return {name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td", "moe_dcp")}
+    run_cli("convert", DENSE, base / "dense_dcp16", "--to", "dcp", "--dtype", "fp16", "-q")
+    run_cli("convert", MOE, base / "moe_dcp16", "--to", "dcp", "--dtype", "fp16", "-q")
+    return {name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td", "moe_dcp",
+                                           "dense_dcp16", "moe_dcp16")}
 
 
 @pytest.mark.parametrize("name", list(ROUTES))

@@ -181,7 +181,7 @@ def _report(stdout: str) -> str:
                      if not line.startswith(("EXIT:", "TRANSFORMERS:", "DCP:", "TORCH:")))
 
 
-BYTE_ONLY = {  # routes whose every tensor is copied byte for byte: they need no torch at all
+BYTE_ONLY = {  # routes that copy or cast bytes and compute nothing else: they need no torch at all
     "hf-to-dcp": ROUTES["hf-to-dcp"],
     "hf-to-dcp-moe-tf5": ["convert", str(ROOT / "fixtures" / "tiny-moe-tf5"), "{out}", "--to", "dcp"],
     "hf-to-hf-reshard": ["convert", TIED, "{out}", "--to", "hf", "--max-shard-size", "200KB"],
@@ -193,6 +193,8 @@ BYTE_ONLY = {  # routes whose every tensor is copied byte for byte: they need no
     "hf-to-torch_dist-megatron-lm": [*ROUTES["hf-to-torch_dist"], "--tp", "2", "--for", "megatron-lm"],
     "hf-to-torch_dist-bridge": [*ROUTES["hf-to-torch_dist"], "--for", "megatron-bridge"],
     "megatron-to-hf": ["convert", "{megatron}", "{out}", "--to", "hf", "--assets-dir", TIED],
+    "hf-to-megatron-tp2-fp16": [*ROUTES["hf-to-megatron"], "--dtype", "fp16"],  # rowbytes.cast
+    "dcp-to-hf-fp32": [*ROUTES["dcp-to-hf"], "--dtype", "fp32"],
 }
 
 
@@ -225,8 +227,9 @@ sys.meta_path.insert(0, NoTorch())
 
 
 def test_without_torch_installed_plans_and_copies_work_and_tensor_work_is_one_line(tmp_path) -> None:
-    """Plans and routes that move bytes (hf->megatron at tp 2 included) need no torch at all; a route that computes
-    (a dtype cast) says in one line that it needs torch (exit 1, nothing published) instead of a traceback."""
+    """Plans, routes that move bytes (hf->megatron at tp 2 included) and casts between float dtypes need no torch at
+    all; a command that computes (new embeddings as means of others) says in one line that it needs torch (exit 1,
+    nothing published) instead of a traceback."""
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", _NO_TORCH + CLI_PROBE, *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300, check=False)
@@ -236,8 +239,11 @@ def test_without_torch_installed_plans_and_copies_work_and_tensor_work_is_one_li
     assert (tmp_path / "dcp" / ".metadata").is_file()
     assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "mg"), "--to", "megatron", "--tp", "2", "-q").stdout
     assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").is_file()  # columns and padding: bytes
-    result = run("convert", TIED, str(tmp_path / "fp16"), "--to", "megatron", "--tp", "2", "--dtype", "fp16", "-q")
+    assert "EXIT: 0" in run("convert", TIED, str(tmp_path / "fp16"), "--to", "megatron", "--tp", "2", "--dtype", "fp16",
+                            "-q").stdout  # a cast between bf16, fp16 and fp32: rowbytes.cast
+    assert (tmp_path / "fp16" / "latest_checkpointed_iteration.txt").is_file()
+    result = run("retag-think", TIED, "--out", str(tmp_path / "retag"), "--strategy", "special")  # embedding means
     lines = result.stderr.strip().splitlines()
     assert "EXIT: 1" in result.stdout and len(lines) == 1, result.stdout + result.stderr
     assert lines[0] == "error: this command works on tensors and needs torch, which is not installed: pip install torch"
-    assert not (tmp_path / "fp16").exists()
+    assert not (tmp_path / "retag").exists()

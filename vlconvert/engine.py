@@ -39,6 +39,7 @@ from vlconvert.plan import (  # noqa: F401 - PlannedFile, ConversionPlan: re-exp
     ConversionPlan,
     PlannedFile,
     Result,
+    expert_as_bytes,
     rank_tensor_blocks,
     rows_as_bytes,
     rows_per_block,
@@ -672,7 +673,7 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: DType, block
             if span is not None and span.dtype == dtype:
                 yield span.reshape((1, *span.shape))
                 continue
-            matrix = source.expert_bytes(name, e, layout) if source.spec(name)[1] == dtype else None
+            matrix = expert_as_bytes(source, name, e, layout, dtype)
             yield matrix.reshape((1, *matrix.shape)) if matrix is not None else \
                 _cast(source.expert(name, e, layout), dtype).unsqueeze(0)
         return

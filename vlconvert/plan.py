@@ -141,9 +141,26 @@ def rows_per_block(shape: tuple[int, ...], dtype: DType, block: int = ROW_BLOCK)
 
 
 def rows_as_bytes(source: Source, src: Src, start: int, stop: int, dtype: DType) -> ByteRows | None:
-    """Rows ``start:stop`` of ``src`` as bytes (:meth:`Source.row_bytes`, no torch) when they are wanted in the
-    dtype they are stored in; None when a cast is needed or the reader must compute them."""
-    return source.row_bytes(src, start, stop) if source.spec(src.hf)[1] == dtype else None
+    """Rows ``start:stop`` of ``src`` in ``dtype`` as bytes (:meth:`Source.row_bytes`, no torch), cast between bf16,
+    fp16 and fp32 by :func:`rowbytes.cast`; None when the reader must compute them or the cast is torch's."""
+    if source.spec(src.hf)[1] != dtype and not rowbytes.can_cast(source.spec(src.hf)[1], dtype):
+        return None
+    return in_dtype(source.row_bytes(src, start, stop), dtype)
+
+
+def expert_as_bytes(source: Source, name: str, expert: int, layout: str, dtype: DType) -> ByteRows | None:
+    """One expert matrix of fused tensor ``name`` in ``layout`` and ``dtype`` as bytes, as :func:`rows_as_bytes`."""
+    if source.spec(name)[1] != dtype and not rowbytes.can_cast(source.spec(name)[1], dtype):
+        return None
+    return in_dtype(source.expert_bytes(name, expert, layout), dtype)
+
+
+def in_dtype(rows: ByteRows | None, dtype: DType) -> ByteRows | None:
+    """``rows`` in ``dtype`` (a byte cast where they are stored in another); None where there are none or the
+    cast must be torch's (a NaN)."""
+    if rows is None or rows.dtype == dtype:
+        return rows
+    return rowbytes.cast(rows, dtype) if rowbytes.can_cast(rows.dtype, dtype) else None
 
 
 def rank_tensor_blocks(t: RankTensor, source: Source, block: int = ROW_BLOCK

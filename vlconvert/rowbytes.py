@@ -4,8 +4,9 @@ Most of what a conversion writes lies verbatim in a source file (:class:`~vlconv
 copied file to file). The rest must be put together in memory: the columns of a row-parallel matrix a TP rank
 holds, a matrix gathered back from its TP ranks, an expert matrix turned from ``[in, out]`` to ``[out, in]``,
 vocabulary padding. None of that changes a value, so it is done here on bytes with numpy (0.15 s to import)
-instead of torch (1.5 s to import on a small machine, 3.5-4 s with a CUDA build). Anything that computes (a
-dtype cast, a LoRA merge, FP8 dequantization, a family's value op) still takes torch tensors.
+instead of torch (1.5 s to import on a small machine, 3.5-4 s with a CUDA build). A cast between bf16, fp16 and
+fp32 (:func:`cast`) is done here too, rounding as torch does. Anything else that computes (a LoRA merge, FP8
+dequantization, a family's value op) still takes torch tensors.
 
 A :class:`ByteRows` is a block a writer takes like a tensor block: ``shape``, ``dtype`` (a
 :class:`~vlconvert.dtypes.DType`), ``nbytes`` and :func:`raw`. Its memory comes from the process's buffer pool
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlconvert import buffers
-from vlconvert.dtypes import DType, to_torch
+from vlconvert.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType, to_torch
 from vlconvert.errors import UserError
 from vlconvert.lazy import LazyModule, torch
 
@@ -145,6 +146,48 @@ def transposed(block: ByteRows) -> ByteRows:
     out = empty((cols, rows), block.dtype)
     kind = getattr(numpy, _UINT[item])
     numpy.copyto(out.data.view(kind), block.data.view(kind).T)
+    return out
+
+
+CAST_DTYPES = (BFLOAT16, FLOAT16, FLOAT32)
+
+
+def can_cast(stored: DType, dtype: DType) -> bool:
+    """Whether :func:`cast` converts ``stored`` to ``dtype`` (bf16, fp16 and fp32, either way)."""
+    return stored != dtype and stored in CAST_DTYPES and dtype in CAST_DTYPES
+
+
+def cast(block: ByteRows, dtype: DType) -> ByteRows | None:
+    """``block``'s values in float ``dtype`` (bf16, fp16 or fp32), rounded as torch rounds them on the CPU: to the
+    nearest value, ties to even; out of range to +-inf; subnormals kept. bf16 is the top half of an fp32, so
+    fp32 -> bf16 adds the rounding bias to the 32-bit pattern (``0x7fff`` plus the lowest kept bit) and keeps the top
+    16 bits; fp16 is numpy's own float16, which rounds the same way; bf16 <-> fp16 passes through fp32, as torch
+    does. None for a block holding a NaN: torch writes NaN bits that differ with the pair of dtypes and the CPU
+    (``0xffff``, ``0x7fc0``, ``0x7e00`` ...), so such a block goes to torch and the output stays torch's bytes."""
+    if not can_cast(block.dtype, dtype):
+        raise ValueError(f"no byte cast from {block.dtype} to {dtype}")
+    flat = numpy.ascontiguousarray(block.data).reshape(-1)
+    out = empty(block.shape, dtype)
+    if block.dtype == FLOAT32:
+        values = flat.view(numpy.float32)
+    elif block.dtype == FLOAT16:
+        values = flat.view(numpy.float16)
+    else:  # bf16: the top half of an fp32 pattern, exactly
+        values = numpy.left_shift(flat.view(numpy.uint16).astype(numpy.uint32), 16).view(numpy.float32)
+    if numpy.isnan(values).any():
+        return None
+    target = out.data.reshape(-1)
+    if dtype == BFLOAT16:
+        bits = values.astype(numpy.float32, copy=False).view(numpy.uint32)
+        rounded = numpy.right_shift(bits, 16)
+        numpy.bitwise_and(rounded, 1, out=rounded)
+        rounded += 0x7FFF
+        rounded += bits
+        rounded >>= 16
+        numpy.copyto(target.view(numpy.uint16), rounded, casting="unsafe")
+    else:
+        with numpy.errstate(over="ignore"):  # a value out of fp16's range is +-inf, as in torch
+            numpy.copyto(target.view(numpy.float16 if dtype == FLOAT16 else numpy.float32), values, casting="unsafe")
     return out
 
 
