@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,12 +30,10 @@ PLAN_CONFIG = "fixtures/configs/Qwen3-VL-235B-A22B-Instruct.json"
 
 
 def vlconvert_command() -> list[str]:
-    """The installed ``vlconvert`` console script next to this interpreter (no pyenv shim in between)."""
+    """The installed ``vlconvert`` console script next to this interpreter (no pyenv shim in between), else this
+    interpreter's ``-m vlconvert`` (another environment's script on PATH would time another torch)."""
     script = Path(sys.executable).parent / "vlconvert"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("vlconvert")
-    return [found] if found else [sys.executable, "-m", "vlconvert"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vlconvert"]
 
 
 def cases(manifest_folder: Path) -> list[tuple[str, list[str]]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CLI_PROBE
+from test_qwen3_5 import _build as _build_qwen3_5
 
 from vlconvert import rowbytes
 from vlconvert.dtypes import as_dtype
@@ -91,6 +92,23 @@ def test_cast_rounds_every_value_as_torch_does(stored: torch.dtype, dtype: torch
         rowbytes.cast(_as_rows(finite), as_dtype(torch.int64))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("value", [-1.0, 1.0])
+def test_add_computes_as_torch_in_fp32_and_rounds_back(dtype: torch.dtype, value: float) -> None:
+    """A family's value op (Qwen3.5's ``minus_one``): ``(t.float() + value).to(t.dtype)``, every value's bytes as
+    torch's; the block itself is left as it was; a NaN or a dtype without the op leaves it to torch (None)."""
+    values = _every_pattern(dtype)
+    finite = values[~torch.isnan(values)]
+    block = _as_rows(finite)
+    before = rowbytes.raw(block).tobytes()
+    got = rowbytes.add(block, value)
+    assert got is not None and got.dtype == as_dtype(dtype) and got.shape == tuple(finite.shape)
+    assert rowbytes.raw(got).tobytes() == _bytes_of((finite.float() + value).to(dtype))
+    assert rowbytes.raw(block).tobytes() == before
+    assert rowbytes.add(_as_rows(values), value) is None
+    assert rowbytes.add(_as_rows(torch.arange(6)), value) is None
+
+
 def test_large_blocks_come_from_the_pool_and_are_reused_once_free() -> None:
     from vlconvert import buffers
 
@@ -121,7 +139,8 @@ from vlconvert.sources.base import Source
 from vlconvert.sources.dcp import DCPSource
 from vlconvert.sources.hf import HFSource
 from vlconvert.sources.megatron import MegatronSource
-for cls in (Source, DCPSource, HFSource, MegatronSource):
+from vlconvert.sources.torch_dist import TorchDistSource
+for cls in (Source, DCPSource, HFSource, MegatronSource, TorchDistSource):
     cls.row_bytes = lambda self, *args: None
     cls.expert_bytes = lambda self, *args: None
 """
@@ -163,6 +182,13 @@ ROUTES = {  # routes that put rows together in memory without arithmetic; {name}
                                          "2", "--assets-dir", MOE, "--dtype", "bf16"],
     "moe-dcp-fp16-to-hf-tf5": ["convert", "{moe_dcp16}", "{out}", "--to", "hf", "--experts-layout", "transformers5",
                                "--assets-dir", MOE],
+    # Qwen3.5: the GDN output norm's gain goes through the family's value op (minus_one: rowbytes.add)
+    "q35-dense-hf-to-megatron-tp2": ["convert", "{q35_dense}", "{out}", "--to", "megatron", "--tp", "2"],
+    "q35-dense-hf-to-megatron-tp2-fp32": ["convert", "{q35_dense}", "{out}", "--to", "megatron", "--tp", "2", "--dtype",
+                                          "fp32"],
+    "q35-megatron-tp2-to-hf": ["convert", "{q35_mg}", "{out}", "--to", "hf", "--assets-dir", "{q35_dense}"],
+    "q35-torch_dist-to-hf": ["convert", "{q35_td}", "{out}", "--to", "hf", "--assets-dir", "{q35_dense}"],
+    "q35-moe-hf-to-megatron-tp2-ep2": ["convert", "{q35_moe}", "{out}", "--to", "megatron", "--tp", "2", "--ep", "2"],
 }
 
 
@@ -178,8 +204,11 @@ def megatron_sources(tmp_path_factory) -> dict[str, Path]:
     run_cli("convert", MOE, base / "moe_dcp", "--to", "dcp", "-q")
     run_cli("convert", DENSE, base / "dense_dcp16", "--to", "dcp", "--dtype", "fp16", "-q")
     run_cli("convert", MOE, base / "moe_dcp16", "--to", "dcp", "--dtype", "fp16", "-q")
-    return {name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td", "moe_dcp",
-                                           "dense_dcp16", "moe_dcp16")}
+    q35 = {"q35_dense": _build_qwen3_5(base, moe=False), "q35_moe": _build_qwen3_5(base, moe=True)}
+    run_cli("convert", q35["q35_dense"], base / "q35_mg", "--to", "megatron", "--tp", "2", "-q")
+    run_cli("convert", q35["q35_dense"], base / "q35_td", "--to", "torch_dist", "--tp", "2", "-q")
+    return {**q35, **{name: base / name for name in ("dense_tp2", "moe_tp2_ep2", "moe_tf5_seq", "moe_td", "moe_dcp",
+                                                     "dense_dcp16", "moe_dcp16", "q35_mg", "q35_td")}}
 
 
 @pytest.mark.parametrize("name", list(ROUTES))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlconvert import buffers, hashing, splitting
+from vlconvert import buffers, hashing, rowbytes, splitting
 from vlconvert import workers as workers_mod
 from vlconvert.dtypes import DType, as_dtype, element_size, is_torch_dtype, parse_dtype, to_torch
 from vlconvert.errors import UsageError, UserError
@@ -685,14 +685,30 @@ def canonical_blocks(source: Source, name: str, layout: str, dtype: DType, block
     yield from source_row_blocks(source, Src(name), 0, shape[0], dtype, rows_per_block(shape, dtype, block))
 
 
-def _valued_blocks(tensor: RankTensor, source: Source) -> Iterator[torch.Tensor]:
-    """A (small) tensor with a value op: its rows read whole and mapped by the family (HF -> Megatron)."""
+def _valued_blocks(tensor: RankTensor, source: Source) -> Iterator[torch.Tensor | ByteRows]:
+    """A (small) tensor with a value op: its rows read whole and mapped by the family (HF -> Megatron); as bytes
+    where the rows and the family's op can be (no torch), else with torch."""
+    rows = _rank_tensor_bytes(tensor, source)
+    valued = None if rows is None else source.skeleton.family.to_megatron_value_bytes(tensor, rows)
+    if valued is not None:
+        yield valued.reshape(tuple(tensor.shape))
+        return
     if tensor.axis == 1:
         src, a, b = tensor.segs[0]
         rows = source.rows(src, 0, tensor.shape[0])[:, a:b]
     else:
         rows = torch.cat([source.rows(src, a, b) for src, a, b in tensor.segs])
     yield source.skeleton.family.to_megatron_value(tensor, rows.to(to_torch(tensor.dtype))).contiguous()
+
+
+def _rank_tensor_bytes(tensor: RankTensor, source: Source) -> ByteRows | None:
+    """A (small) rank tensor's rows in its dtype, put together whole as bytes; None where a piece cannot be."""
+    if tensor.axis == 1:
+        src, a, b = tensor.segs[0]
+        rows = rows_as_bytes(source, src, 0, tensor.shape[0], tensor.dtype)
+        return None if rows is None else rowbytes.columns(rows, a, b)
+    parts = [rows_as_bytes(source, src, a, b, tensor.dtype) for src, a, b in tensor.segs]
+    return None if any(p is None for p in parts) else rowbytes.concat_rows(parts)
 
 
 def resident_bytes() -> int:

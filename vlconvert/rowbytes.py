@@ -166,16 +166,37 @@ def cast(block: ByteRows, dtype: DType) -> ByteRows | None:
     (``0xffff``, ``0x7fc0``, ``0x7e00`` ...), so such a block goes to torch and the output stays torch's bytes."""
     if not can_cast(block.dtype, dtype):
         raise ValueError(f"no byte cast from {block.dtype} to {dtype}")
-    flat = numpy.ascontiguousarray(block.data).reshape(-1)
-    out = empty(block.shape, dtype)
-    if block.dtype == FLOAT32:
-        values = flat.view(numpy.float32)
-    elif block.dtype == FLOAT16:
-        values = flat.view(numpy.float16)
-    else:  # bf16: the top half of an fp32 pattern, exactly
-        values = numpy.left_shift(flat.view(numpy.uint16).astype(numpy.uint32), 16).view(numpy.float32)
+    values = _values(block)
+    return None if numpy.isnan(values).any() else _rounded(values, block.shape, dtype)
+
+
+def add(block: ByteRows, value: float) -> ByteRows | None:
+    """``block + value`` in its own dtype, computed as torch's ``(t.float() + value).to(t.dtype)``: in fp32, then
+    rounded by :func:`cast`'s rule (a family's value op, e.g. Qwen3.5's zero-centred norm gains). None for a dtype
+    other than bf16, fp16 and fp32 and for a block holding a NaN (then torch computes it)."""
+    if block.dtype not in CAST_DTYPES:
+        return None
+    values = _values(block).astype(numpy.float32)  # a copy: the block's own bytes stay as they are
     if numpy.isnan(values).any():
         return None
+    with numpy.errstate(over="ignore"):
+        values += numpy.float32(value)
+    return None if numpy.isnan(values).any() else _rounded(values, block.shape, block.dtype)
+
+
+def _values(block: ByteRows) -> Any:
+    """The block's values as a flat numpy float array: fp32 and fp16 as stored, bf16 widened to fp32 (exact)."""
+    flat = numpy.ascontiguousarray(block.data).reshape(-1)
+    if block.dtype == FLOAT32:
+        return flat.view(numpy.float32)
+    if block.dtype == FLOAT16:
+        return flat.view(numpy.float16)
+    return numpy.left_shift(flat.view(numpy.uint16).astype(numpy.uint32), 16).view(numpy.float32)
+
+
+def _rounded(values: Any, shape: tuple[int, ...], dtype: DType) -> ByteRows:
+    """Float ``values`` (no NaN) as rows of ``shape`` in ``dtype``, rounded to nearest, ties to even."""
+    out = empty(shape, dtype)
     target = out.data.reshape(-1)
     if dtype == BFLOAT16:
         bits = values.astype(numpy.float32, copy=False).view(numpy.uint32)

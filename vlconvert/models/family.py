@@ -33,6 +33,7 @@ from vlconvert.dtypes import BFLOAT16
 from vlconvert.errors import UserError
 from vlconvert.lazy import torch
 from vlconvert.models.base import ModelInfo, RuntimeTensor, Skeleton, TensorSpec, runtime_experts_layout
+from vlconvert.rowbytes import ByteRows
 
 if TYPE_CHECKING:
     from vlconvert.models.megatron_table import Param
@@ -185,6 +186,15 @@ class Family:
     def to_hf_value(self, p: object, tensor: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`to_megatron_value`."""
         return tensor
+
+    def to_megatron_value_bytes(self, p: object, rows: ByteRows) -> ByteRows | None:
+        """:meth:`to_megatron_value` on rows held as bytes (no torch), the same bytes; None where the family has no
+        byte form of ``p``'s value op (the caller then computes it with torch)."""
+        return rows if getattr(p, "value_op", None) is None else None
+
+    def to_hf_value_bytes(self, p: object, rows: ByteRows) -> ByteRows | None:
+        """:meth:`to_hf_value` on rows held as bytes, as :meth:`to_megatron_value_bytes`."""
+        return rows if getattr(p, "value_op", None) is None else None
 
     def source_shape(self, skeleton: Skeleton, src: object) -> tuple[int, ...]:
         """Shape of a source matrix (``Src``): a whole tensor, or one expert of a fused one as ``[out, in]``."""

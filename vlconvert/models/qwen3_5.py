@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vlconvert import ops
+from vlconvert import ops, rowbytes
 from vlconvert.dtypes import BFLOAT16, FLOAT32, parse_dtype
 from vlconvert.errors import UsageError, UserError
 from vlconvert.lazy import torch
@@ -39,6 +39,7 @@ from vlconvert.models.base import ModelInfo, RuntimeTensor, TensorSpec, read_con
 from vlconvert.models.base import Skeleton as BaseSkeleton
 from vlconvert.models.family import EXPERT_STYLES, SPECS, Family, MegatronPrefixes, Roles
 from vlconvert.models.megatron_table import Param, Src
+from vlconvert.rowbytes import ByteRows
 
 FAMILIES = {"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 LM = "model.language_model."
@@ -639,6 +640,24 @@ def to_hf_value(p: Param, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def to_megatron_value_bytes(p: Param, rows: ByteRows) -> ByteRows | None:
+    """:func:`to_megatron_value` on rows held as bytes (:func:`rowbytes.add`: the same fp32 arithmetic and
+    rounding); None where torch must compute it (a NaN, an unknown op)."""
+    return _value_bytes(p, rows, -1.0)
+
+
+def to_hf_value_bytes(p: Param, rows: ByteRows) -> ByteRows | None:
+    """:func:`to_hf_value` on rows held as bytes, as :func:`to_megatron_value_bytes`."""
+    return _value_bytes(p, rows, 1.0)
+
+
+def _value_bytes(p: Param, rows: ByteRows, offset: float) -> ByteRows | None:
+    op = getattr(p, "value_op", None)
+    if op is None:
+        return rows
+    return rowbytes.add(rows, offset) if op == "minus_one" else None
+
+
 def minus_one_is_exact(tensor: torch.Tensor) -> bool:
     """True when HF -> Megatron -> HF of a ``minus_one`` tensor gives back the same bits in its dtype.
 
@@ -757,6 +776,12 @@ class Qwen35Family(Family):
 
     def to_hf_value(self, p: Param, tensor: torch.Tensor) -> torch.Tensor:
         return to_hf_value(p, tensor)
+
+    def to_megatron_value_bytes(self, p: Param, rows: ByteRows) -> ByteRows | None:
+        return to_megatron_value_bytes(p, rows)
+
+    def to_hf_value_bytes(self, p: Param, rows: ByteRows) -> ByteRows | None:
+        return to_hf_value_bytes(p, rows)
 
     def bridge_model_config(self, info: ModelInfo, **sizes: Any) -> dict:
         return bridge_model_config(_info(info), **sizes)

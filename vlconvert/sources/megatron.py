@@ -101,8 +101,13 @@ class MegatronSource(RankMappedSource):
         if self.stacked(src):
             return None
         pieces = self.pieces[src]
-        if pieces[0].value_op is not None:  # undone with arithmetic: tensors
-            return None
+        rows = self._row_bytes(src, pieces, start, stop)
+        if rows is None or pieces[0].value_op is None:
+            return rows
+        return self.skeleton.family.to_hf_value_bytes(pieces[0], rows)  # stored as the family's value op: undone
+
+    def _row_bytes(self, src: Src, pieces: list[_Piece], start: int, stop: int) -> ByteRows | None:
+        """The stored rows ``start:stop`` of ``src`` as bytes (TP columns gathered, row pieces joined)."""
         shape = self.matrix_shape(src)
         if pieces[0].axis == 1:
             ordered = sorted(pieces, key=lambda p: p.start)

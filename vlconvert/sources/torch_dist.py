@@ -22,7 +22,8 @@ from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import RankTensor, Src, hf_vision_tensors, plan_megatron_ranks
 from vlconvert.models.registry import build_skeleton, load_config, megatron_language_prefixes
 from vlconvert.publish import note_input
-from vlconvert.sources.base import RankMappedSource, check_config_sizes, skeleton_for
+from vlconvert.rowbytes import ByteRows
+from vlconvert.sources.base import RankMappedSource, check_config_sizes, read_spans, skeleton_for
 
 _ALT_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 HF_VISION_PREFIXES = ("visual.visual.", "vision_model.")
@@ -238,11 +239,25 @@ class TorchDistSource(RankMappedSource):
         return [n for n in self.skeleton.hf_keys() if (Src(n, 0) if stacked(n) else Src(n)) in self.pieces]
 
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
-        if self.stacked(src):
+        if self.stacked(src) or self._value_op_of(src) is not None:  # stored through the family's value op: read
             return None
+        return self._stored_span(src, start, stop)
+
+    def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        tensor = None if self.stacked(src) else self._value_op_of(src)
+        if tensor is None:
+            return super().row_bytes(src, start, stop)
+        rows = read_spans(lambda r: self._stored_span(src, r, stop), start, stop)  # as stored, then undone
+        return None if rows is None else self.skeleton.family.to_hf_value_bytes(tensor, rows)
+
+    def _value_op_of(self, src: Src) -> RankTensor | None:
+        """The rank tensor that stores ``src`` through the family's value op, or None where none does."""
+        tensor = self.tensors[self.pieces[src][0].tensor]
+        return tensor if tensor.value_op is not None else None
+
+    def _stored_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        """Where rows ``start:`` of ``src`` lie as stored (before any value op is undone)."""
         for p in self.pieces[src]:
-            if self.tensors[p.tensor].value_op is not None:  # stored through the family's value op: read
-                return None
             if p.axis == 1 or p.start <= start < p.stop:  # axis 1: the whole source (tp 1)
                 key, index = self.locations[p.tensor]
                 shift, end = (0, stop) if p.axis == 1 else (p.offset - p.start, min(stop, p.stop))
