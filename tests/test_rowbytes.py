@@ -3,6 +3,7 @@ that write them without importing torch, file for file the output of the torch p
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,33 @@ def test_reading_past_the_end_of_a_file_is_one_user_error(tmp_path) -> None:
         assert rowbytes.raw(block).tobytes() == bytes(range(10, 50))
         with pytest.raises(UserError, match="truncated!"):
             rowbytes.read(f, 90, (5, 4), as_dtype(torch.int16), "truncated!")
+
+
+def test_a_tensor_holding_a_nan_is_cast_by_torch_and_the_rest_as_bytes(tmp_path) -> None:
+    """A NaN in one tensor: that block is cast by torch (the byte cast returns None), every other tensor as bytes;
+    each output tensor equals torch's cast of its source, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from vlconvert.engine import Converter
+
+    src = tmp_path / "nan"
+    shutil.copytree(FIXTURES / "tiny-dense-tied", src)
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(k for k, t in tensors.items() if t.dim() == 2 and t.dtype == torch.bfloat16)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(torch.int16)[1, 2] = 0x7F81  # a signalling NaN with a payload: CPUs and numpy differ on it
+    save_file(tensors, shard, metadata={"format": "pt"})
+    Converter(src, tmp_path / "out", to="hf", dtype="fp16").run()
+    out = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        out.update(load_file(f))
+    source = {}
+    for f in src.glob("model-*.safetensors"):
+        source.update(load_file(f))
+    assert out.keys() == source.keys() and torch.isnan(out[name][1, 2])
+    for key, tensor in source.items():
+        assert _bytes_of(out[key]) == _bytes_of(tensor.to(torch.float16)), key
 
 
 # helpers.CLI_PROBE runs the CLI and says whether torch was imported. With _TORCH_PATH first, every reader's byte
