@@ -5,8 +5,8 @@ copied file to file). The rest must be put together in memory: the columns of a 
 holds, a matrix gathered back from its TP ranks, an expert matrix turned from ``[in, out]`` to ``[out, in]``,
 vocabulary padding. None of that changes a value, so it is done here on bytes with numpy (0.15 s to import)
 instead of torch (1.5 s to import on a small machine, 3.5-4 s with a CUDA build). A cast between bf16, fp16 and
-fp32 (:func:`cast`) is done here too, rounding as torch does. Anything else that computes (a LoRA merge, FP8
-dequantization, a family's value op) still takes torch tensors.
+fp32 (:func:`cast`) is done here too, rounding as torch does, and so is adding a constant in fp32 (:func:`add`, a
+family's value op). Anything else that computes (a LoRA merge, FP8 dequantization) still takes torch tensors.
 
 A :class:`ByteRows` is a block a writer takes like a tensor block: ``shape``, ``dtype`` (a
 :class:`~vlconvert.dtypes.DType`), ``nbytes`` and :func:`raw`. Its memory comes from the process's buffer pool
