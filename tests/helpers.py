@@ -28,6 +28,20 @@ print("DCP:", ",".join(sorted(m for m in sys.modules if m.startswith("torch.dist
 print("TORCH:", "torch" in sys.modules)
 """
 
+# Put before CLI_PROBE, it switches every reader's byte path off, so rows are put together (and cast) by the torch
+# operations the byte path replaces: a route run both ways must write the same files.
+TORCH_PATH = """
+from vlconvert.sources.base import Source
+from vlconvert.sources.dcp import DCPSource
+from vlconvert.sources.hf import HFSource
+from vlconvert.sources.megatron import MegatronSource
+from vlconvert.sources.torch_dist import TorchDistSource
+from vlconvert.sources.verl import VerlSource
+for cls in (Source, DCPSource, HFSource, MegatronSource, TorchDistSource, VerlSource):
+    cls.row_bytes = lambda self, *args: None
+    cls.expert_bytes = lambda self, *args: None
+"""
+
 
 def load_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (small) safetensors folder."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI_PROBE
+from helpers import CLI_PROBE, TORCH_PATH
 from test_qwen3_5 import _build as _build_qwen3_5
 
 from vlconvert import rowbytes
@@ -160,19 +160,6 @@ def test_a_tensor_holding_a_nan_is_cast_by_torch_and_the_rest_as_bytes(tmp_path)
         assert _bytes_of(out[key]) == _bytes_of(tensor.to(torch.float16)), key
 
 
-# helpers.CLI_PROBE runs the CLI and says whether torch was imported. With _TORCH_PATH first, every reader's byte
-# path is off, so rows are put together by the torch operations they replace.
-_TORCH_PATH = """
-from vlconvert.sources.base import Source
-from vlconvert.sources.dcp import DCPSource
-from vlconvert.sources.hf import HFSource
-from vlconvert.sources.megatron import MegatronSource
-from vlconvert.sources.torch_dist import TorchDistSource
-for cls in (Source, DCPSource, HFSource, MegatronSource, TorchDistSource):
-    cls.row_bytes = lambda self, *args: None
-    cls.expert_bytes = lambda self, *args: None
-"""
-
 DENSE, MOE, MOE_TF5 = (str(FIXTURES / n) for n in ("tiny-dense-untied", "tiny-moe", "tiny-moe-tf5"))
 ROUTES = {  # routes that put rows together in memory without arithmetic; {name}: a source made below
     "dense-hf-to-megatron-tp2": ["convert", DENSE, "{out}", "--to", "megatron", "--tp", "2"],
@@ -246,7 +233,7 @@ def test_routes_that_only_move_bytes_need_no_torch_and_write_the_torch_paths_byt
     and [out, in], vocabulary padding: put together as bytes, torch is never imported, and every file written
     (manifest included) is the one the torch operations write."""
     outs = {}
-    for label, prelude in (("bytes", ""), ("torch", _TORCH_PATH)):
+    for label, prelude in (("bytes", ""), ("torch", TORCH_PATH)):
         out = tmp_path / label
         argv = [a.format(out=out, **megatron_sources) for a in ROUTES[name]]
         result = subprocess.run([sys.executable, "-c", prelude + CLI_PROBE, *argv, "-q"], cwd=ROOT, capture_output=True,

@@ -25,12 +25,14 @@ from vlconvert import buffers
 from vlconvert.dtypes import DType, to_torch
 from vlconvert.errors import UsageError, UserError
 from vlconvert.errors import one_line as _one_line
+from vlconvert.layouts.filebytes import FileSpan
 from vlconvert.layouts.megatron import LazyTensor, Opaque, RankFile, _RestrictedUnpickler, check_pickle
 from vlconvert.lazy import torch
 from vlconvert.models.base import Skeleton
 from vlconvert.models.megatron_table import Src
 from vlconvert.publish import note_input
-from vlconvert.sources.base import Source, skeleton_for
+from vlconvert.rowbytes import ByteRows
+from vlconvert.sources.base import Source, read_spans, skeleton_for
 from vlconvert.sources.dcp import map_dcp_keys, stored_expert_layout
 
 MODEL_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -115,7 +117,8 @@ class _VerlUnpickler(_RestrictedUnpickler):
             return _DTensorType
         if (module, name) == ("torch.serialization", "_get_layout"):
             return _layout
-        if module.startswith("torch.distributed."):
+        if module.startswith("torch.distributed.") or (module, name) == ("torch", "device"):
+            # a DTensor's device (and mesh) are kept as inert records: reading one needs no torch
             return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
         if module == "torch" or (module, name) in {("torch._utils", "_rebuild_tensor_v2"),
                                                     ("torch._utils", "_rebuild_parameter"),
@@ -273,6 +276,42 @@ class VerlSource(Source):
         if not parts:
             return torch.empty((0, *shape[1:]), dtype=to_torch(self.ranks[0].tensors[key].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
+        if src.expert is not None:
+            return None
+        return self._key_span(self.key(src.hf), start, stop)  # stored as the canonical tensor, cut on dim 0
+
+    def _key_span(self, key: str, start: int, stop: int) -> FileSpan | None:
+        """Where rows ``start:`` (up to ``stop``, or where the rank's shard ends) of stored tensor ``key`` lie."""
+        if not self._shapes[key]:
+            return None
+        for piece in self._pieces[key]:
+            if piece.start <= start < piece.stop:
+                return self.ranks[piece.rank].span(key, start - piece.start, min(stop, piece.stop) - piece.start)
+        return None
+
+    def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
+        if src.expert is None:
+            return super().row_bytes(src, start, stop)  # the rows' spans, shard after shard
+        layout, view = stored_expert_layout(src.hf, self._shapes[self.key(src.hf)], self.skeleton)
+        if view is not None:  # refused by rows()
+            return None
+        if layout == "released":  # stored [in, out]
+            return self._turned_expert_rows(src, start, stop)
+        matrix = self._stored_expert_bytes(src.hf, src.expert)
+        return None if matrix is None else matrix.rows(start, stop)
+
+    def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
+        stored, view = stored_expert_layout(name, self._shapes[self.key(name)], self.skeleton)
+        if view is None and stored == layout:
+            return self._stored_expert_bytes(name, expert)
+        return super().expert_bytes(name, expert, layout)
+
+    def _stored_expert_bytes(self, name: str, expert: int) -> ByteRows | None:
+        key = self.key(name)
+        block = read_spans(lambda r: self._key_span(key, r, expert + 1), expert, expert + 1)
+        return None if block is None else block.reshape(block.shape[1:])
 
     def rows(self, src: Src, start: int, stop: int) -> torch.Tensor:
         key = self.key(src.hf)
