@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,6 +14,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from vlconvert.cli import main
+
+_ROOT = Path(__file__).resolve().parents[1]  # the checkout: relative fixture paths resolve from it
 
 # Runs the CLI in-process in a fresh interpreter (`python -c CLI_PROBE ARGS`), then prints its exit code and the
 # modules it loaded: transformers, torch.distributed.checkpoint, torch.
@@ -41,6 +46,22 @@ for cls in (Source, DCPSource, HFSource, MegatronSource, TorchDistSource, VerlSo
     cls.row_bytes = lambda self, *args: None
     cls.expert_bytes = lambda self, *args: None
 """
+
+
+def assert_byte_path_writes_the_torch_paths_files(argv: Callable[[Path], list[str]], tmp_path: Path) -> None:
+    """Run the CLI twice in fresh interpreters, ``argv(out)`` plus ``-q``: with the byte path (torch must never be
+    imported) and with :data:`TORCH_PATH` first. Both outputs must hold the same files with the same bytes."""
+    outs = {}
+    for label, prelude in (("bytes", ""), ("torch", TORCH_PATH)):
+        out = tmp_path / label
+        result = subprocess.run([sys.executable, "-c", prelude + CLI_PROBE, *argv(out), "-q"], cwd=_ROOT,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+        if label == "bytes":
+            assert "TORCH: False" in result.stdout
+        outs[label] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert sorted(outs["bytes"]) == sorted(outs["torch"]) and len(outs["torch"]) > 3
+    assert outs["bytes"] == outs["torch"]
 
 
 def load_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -4,13 +4,11 @@ that write them without importing torch, file for file the output of the torch p
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI_PROBE, TORCH_PATH
+from helpers import assert_byte_path_writes_the_torch_paths_files
 from test_qwen3_5 import _build as _build_qwen3_5
 
 from vlconvert import rowbytes
@@ -232,15 +230,5 @@ def test_routes_that_only_move_bytes_need_no_torch_and_write_the_torch_paths_byt
     """Column shares of row-parallel weights, matrices gathered from TP ranks, experts turned between [in, out]
     and [out, in], vocabulary padding: put together as bytes, torch is never imported, and every file written
     (manifest included) is the one the torch operations write."""
-    outs = {}
-    for label, prelude in (("bytes", ""), ("torch", TORCH_PATH)):
-        out = tmp_path / label
-        argv = [a.format(out=out, **megatron_sources) for a in ROUTES[name]]
-        result = subprocess.run([sys.executable, "-c", prelude + CLI_PROBE, *argv, "-q"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300, check=False)
-        assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-        if label == "bytes":
-            assert "TORCH: False" in result.stdout
-        outs[label] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    assert sorted(outs["bytes"]) == sorted(outs["torch"]) and len(outs["torch"]) > 3
-    assert outs["bytes"] == outs["torch"]
+    assert_byte_path_writes_the_torch_paths_files(
+        lambda out: [a.format(out=out, **megatron_sources) for a in ROUTES[name]], tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI_PROBE, TORCH_PATH, load_hf_tensors, run_cli, tensor_bytes
+from helpers import assert_byte_path_writes_the_torch_paths_files, load_hf_tensors, run_cli, tensor_bytes
 
 from vlconvert.sources import detect_layout
 from vlconvert.sources.verl import VerlRankFile
@@ -104,18 +104,8 @@ def test_verl_routes_read_shards_as_bytes_without_torch(verl, tmp_path, route):
     """verl's DTensor shards (3 uneven shards of the dense fixture, the MoE's fused experts) are read as byte spans,
     cast and turned without torch: every file equals the one the torch path writes."""
     name, args = VERL_ROUTES[route]
-    outs = {}
-    for label, prelude in (("bytes", ""), ("torch", TORCH_PATH)):
-        out = tmp_path / label
-        argv = [a.format(actor=verl[name], out=out) for a in args]
-        result = subprocess.run([sys.executable, "-c", prelude + CLI_PROBE, *argv, "-q"], cwd=FIX.parent,
-                                capture_output=True, text=True, timeout=300, check=False)
-        assert "EXIT: 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-        if label == "bytes":
-            assert "TORCH: False" in result.stdout
-        outs[label] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    assert sorted(outs["bytes"]) == sorted(outs["torch"]) and len(outs["torch"]) > 3
-    assert outs["bytes"] == outs["torch"]
+    assert_byte_path_writes_the_torch_paths_files(lambda out: [a.format(actor=verl[name], out=out) for a in args],
+                                                  tmp_path)
 
 
 def test_a_rank_file_that_would_run_code_is_refused_and_nothing_runs(verl, tmp_path):
