@@ -277,10 +277,18 @@ class VerlSource(Source):
             return torch.empty((0, *shape[1:]), dtype=to_torch(self.ranks[0].tensors[key].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _expert_layout(self, name: str) -> tuple[str, tuple[int, ...] | None]:
+        """How fused expert tensor ``name`` is stored: its orientation, and a 3-D view for a 2-D one (not read)."""
+        return stored_expert_layout(name, self._shapes[self.key(name)], self.skeleton)
+
     def row_span(self, src: Src, start: int, stop: int) -> FileSpan | None:
-        if src.expert is not None:
+        key = self.key(src.hf)
+        if src.expert is None:
+            return self._key_span(key, start, stop)  # stored as the canonical tensor, cut on dim 0
+        if self._expert_layout(src.hf) != ("transformers5", None):  # stored [in, out]: Megatron's rows are columns
             return None
-        return self._key_span(self.key(src.hf), start, stop)  # stored as the canonical tensor, cut on dim 0
+        span = self._key_span(key, src.expert, src.expert + 1)  # one expert: never cut between shards
+        return None if span is None else span.reshape(span.shape[1:]).rows(start, stop)
 
     def _key_span(self, key: str, start: int, stop: int) -> FileSpan | None:
         """Where rows ``start:`` (up to ``stop``, or where the rank's shard ends) of stored tensor ``key`` lie."""
@@ -292,21 +300,14 @@ class VerlSource(Source):
         return None
 
     def row_bytes(self, src: Src, start: int, stop: int) -> ByteRows | None:
-        if src.expert is None:
-            return super().row_bytes(src, start, stop)  # the rows' spans, shard after shard
-        layout, view = stored_expert_layout(src.hf, self._shapes[self.key(src.hf)], self.skeleton)
-        if view is not None:  # refused by rows()
-            return None
-        if layout == "released":  # stored [in, out]
+        if src.expert is not None and self._expert_layout(src.hf) == ("released", None):  # stored [in, out]
             return self._turned_expert_rows(src, start, stop)
-        matrix = self._stored_expert_bytes(src.hf, src.expert)
-        return None if matrix is None else matrix.rows(start, stop)
+        return super().row_bytes(src, start, stop)  # the rows' spans, shard after shard
 
     def expert_bytes(self, name: str, expert: int, layout: str) -> ByteRows | None:
-        stored, view = stored_expert_layout(name, self._shapes[self.key(name)], self.skeleton)
-        if view is None and stored == layout:
+        if layout == "released" and self._expert_layout(name) == ("released", None):
             return self._stored_expert_bytes(name, expert)
-        return super().expert_bytes(name, expert, layout)
+        return super().expert_bytes(name, expert, layout)  # transformers5: the rows' spans
 
     def _stored_expert_bytes(self, name: str, expert: int) -> ByteRows | None:
         key = self.key(name)
@@ -318,7 +319,7 @@ class VerlSource(Source):
         if src.expert is None:
             return self._stored_rows(key, start, stop)
         if self._expert_cache is None or self._expert_cache[0] != src:
-            layout, view = stored_expert_layout(src.hf, self._shapes[key], self.skeleton)
+            layout, view = self._expert_layout(src.hf)
             if view is not None:
                 raise UserError(f"'{key}' is a 2-D view of fused experts: not supported in a verl checkpoint")
             block = self._stored_rows(key, src.expert, src.expert + 1)[0]
