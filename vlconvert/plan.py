@@ -143,16 +143,21 @@ def rows_per_block(shape: tuple[int, ...], dtype: DType, block: int = ROW_BLOCK)
 def rows_as_bytes(source: Source, src: Src, start: int, stop: int, dtype: DType) -> ByteRows | None:
     """Rows ``start:stop`` of ``src`` in ``dtype`` as bytes (:meth:`Source.row_bytes`, no torch), cast between bf16,
     fp16 and fp32 by :func:`rowbytes.cast`; None when the reader must compute them or the cast is torch's."""
-    if source.spec(src.hf)[1] != dtype and not rowbytes.can_cast(source.spec(src.hf)[1], dtype):
+    if not _reachable_as_bytes(source.spec(src.hf)[1], dtype):
         return None
     return in_dtype(source.row_bytes(src, start, stop), dtype)
 
 
 def expert_as_bytes(source: Source, name: str, expert: int, layout: str, dtype: DType) -> ByteRows | None:
     """One expert matrix of fused tensor ``name`` in ``layout`` and ``dtype`` as bytes, as :func:`rows_as_bytes`."""
-    if source.spec(name)[1] != dtype and not rowbytes.can_cast(source.spec(name)[1], dtype):
+    if not _reachable_as_bytes(source.spec(name)[1], dtype):
         return None
     return in_dtype(source.expert_bytes(name, expert, layout), dtype)
+
+
+def _reachable_as_bytes(stored: DType, dtype: DType) -> bool:
+    """Whether rows stored in ``stored`` can be had in ``dtype`` as bytes: the same dtype, or a byte cast."""
+    return stored == dtype or rowbytes.can_cast(stored, dtype)
 
 
 def in_dtype(rows: ByteRows | None, dtype: DType) -> ByteRows | None:

@@ -176,12 +176,11 @@ def add(block: ByteRows, value: float) -> ByteRows | None:
     other than bf16, fp16 and fp32 and for a block holding a NaN (then torch computes it)."""
     if block.dtype not in CAST_DTYPES:
         return None
-    values = _values(block).astype(numpy.float32)  # a copy: the block's own bytes stay as they are
+    values = _values(block)
     if numpy.isnan(values).any():
         return None
-    with numpy.errstate(over="ignore"):
-        values += numpy.float32(value)
-    return None if numpy.isnan(values).any() else _rounded(values, block.shape, block.dtype)
+    summed = numpy.add(values, numpy.float32(value), dtype=numpy.float32)  # a new array: the block stays as it was
+    return _rounded(summed, block.shape, block.dtype)
 
 
 def _values(block: ByteRows) -> Any:
